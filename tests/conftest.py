@@ -1,0 +1,31 @@
+"""Test setup shared by every test module.
+
+JAX must see 8 fake CPU devices before it starts (sharding tests), and absl flags must count as
+parsed because grain worker processes and library code read them.
+"""
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+# Real scanner files made by others (see ../shared/data/real/README.md).
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir():
+  if not REAL_DATA.exists():
+    pytest.fail(f"real CT fixtures missing: {REAL_DATA} (the shared/ folder beside the checkout)")
+  return REAL_DATA
