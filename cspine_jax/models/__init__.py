@@ -1,0 +1,38 @@
+"""Flax NNX models of cspine_jax.
+
+Modules: `layers` (depthwise conv, drop path, attention pooling), `convnext` (ConvNeXt encoder, timm
+naming), `efficientnet_v2` (EfficientNetV2 encoder), `sequence` (stage-2 encoder + BiLSTM +
+attention pooling), `stage1` (presence/area/box heads), `cnn3d` (3D CNN baseline), `slice2d` (2D
+single-head / multi-head baselines), `registry` (`make_encoder`, `make_model`).
+
+Encoder contract (every image encoder: `convnext.ConvNeXt`, `efficientnet_v2.EfficientNetV2`)
+---------------------------------------------------------------------------------------------
+Construction::
+
+  Encoder(variant: str, *, in_chans: int = 3, drop_path_rate: float = 0.0,
+          dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **variant_specific)
+
+  - `variant` names a size from the module's `VARIANTS` dict (e.g. "atto", "tiny"; "test" is a
+    tiny size for fast tests); unknown names raise ValueError listing the known ones.
+  - `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype` (float32).
+  - Randomness (drop path / dropout) draws from the Rngs' 'dropout' stream given at construction.
+
+Attributes and calls::
+
+  encoder.num_features: int                      # width of the pooled feature vector
+  encoder.forward_features(x) -> (N, h, w, C)    # last feature map, compute dtype
+  encoder(x) -> (N, num_features) float32        # pooled "pre-logits" features
+
+  - `x` is (N, H, W, in_chans) float, channels-last (NHWC), already normalised; H and W should be
+    multiples of 32.
+  - Pooled features are returned in float32 whatever the compute dtype, so heads and losses run
+    in float32.
+
+Train / eval mode follows NNX attributes, never a call argument: stochastic modules carry
+`deterministic` (drop path, dropout) and BatchNorm carries `use_running_average`. New modules
+start in training mode (deterministic=False, like `nnx.Dropout`); switch with `model.eval()` /
+`model.train()` or `nnx.view(model, deterministic=True, use_running_average=True)`.
+
+Registry: `registry.make_encoder("convnext_atto" | "efficientnet_v2_s" | ..., *, rngs, **kw)`
+splits the name at the family prefix and passes the rest as `variant`.
+"""
