@@ -180,7 +180,7 @@ def _read_header(path: pathlib.Path) -> _Slice | str:
     return f"unreadable DICOM ({type(e).__name__}: {e})"
   try:
     if "PixelData" not in ds:
-      return "no pixel data (not an image)"
+      return "no pixel data (not an image, or the file is truncated)"
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if not tsyntax:
       return "no transfer syntax in the file meta header"
