@@ -1,0 +1,289 @@
+"""grain input pipelines over the ArrayRecord record sets (``OUT/TASK/*.array_record``).
+
+One pipeline for every task: read a record by index from the task's shards, decode it with
+``records.schema.decode``, augment it at train time (one random rotation + horizontal flip per record,
+shared by every image of a stage-2 sequence or 3D volume), normalise uint8 -> float32, batch.
+The :class:`grain.DataLoader` shuffles by seed, shards by JAX process and runs worker processes; its
+iterator state (``get_state``/``set_state``) goes into the training checkpoint so a resumed run gets
+exactly the next batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import grain
+import numpy as np
+from scipy import ndimage
+
+from cspine_jax.records import schema
+
+# The image field each task's records carry (see docs/ARCHITECTURE.md).
+IMAGE_FIELD = {"stage1": "image", "stage2": "images", "cnn3d": "volume", "slices2d": "image"}
+# ImageNet statistics for 3-channel (2.5D) images; single-channel volumes are centred at 0.5.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ShardError(RuntimeError):
+  """A shard (or one record in it) that cannot be read; the message names the shard file."""
+
+
+def shard_paths(records_dir: str | pathlib.Path, task: str) -> list[pathlib.Path]:
+  """The task's shard files, sorted; checks them against ``manifest.json`` when there is one."""
+  if task not in IMAGE_FIELD:
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(IMAGE_FIELD)}")
+  folder = pathlib.Path(records_dir) / task
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder}: no record folder for task {task!r} (run data_prep.prepare)")
+  paths = sorted(folder.glob("*.array_record"))
+  if not paths:
+    raise FileNotFoundError(f"{folder}: no *.array_record shards")
+  manifest = folder / "manifest.json"
+  if manifest.exists():
+    try:
+      meta = json.loads(manifest.read_text())
+    except ValueError as e:
+      raise ShardError(f"{manifest}: not valid JSON ({e})") from e
+    listed = _manifest_shards(meta)
+    missing = [name for name in listed if not (folder / name).exists()]
+    if missing:
+      raise ShardError(f"{manifest}: lists shards that are missing: {missing[:5]}")
+  return paths
+
+
+def _manifest_shards(meta: Any) -> list[str]:
+  """Shard file names listed by a manifest (tolerates a list of names or of dicts with 'path')."""
+  shards = meta.get("shards", []) if isinstance(meta, dict) else []
+  names = []
+  for s in shards:
+    name = s if isinstance(s, str) else (s.get("path") or s.get("file") or s.get("name"))
+    if name:
+      names.append(pathlib.Path(name).name)
+  return names
+
+
+class RecordSource:
+  """A random-access grain data source over a task's shards, optionally restricted to some records.
+
+  Items are decoded records (numpy arrays and scalars) plus ``record_id``: the record's index in the
+  whole shard set, which stays valid across folds and processes (evaluation gathers by it).
+  Picklable (grain worker processes get a copy): the readers open lazily in each process.
+  """
+
+  def __init__(self, paths: Sequence[str | pathlib.Path], indices: Sequence[int] | None = None):
+    self.paths = [str(p) for p in paths]
+    self._reader = None
+    self._counts = self._count_records()
+    self._offsets = np.cumsum([0] + self._counts)
+    total = int(self._offsets[-1])
+    self.indices = np.arange(total) if indices is None else np.asarray(indices, np.int64)
+    if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= total):
+      raise IndexError(f"record indices out of range for {total} records in {self.paths[:1]}...")
+
+  def _count_records(self) -> list[int]:
+    counts = []
+    for p in self.paths:
+      try:
+        counts.append(len(grain.sources.ArrayRecordDataSource([p])))
+      except Exception as e:  # array_record raises a bare RuntimeError on truncated files.
+        raise ShardError(f"{p}: unreadable ArrayRecord shard (truncated or corrupt): "
+                         f"{type(e).__name__} {e}") from e
+    return counts
+
+  def subset(self, indices: Sequence[int]) -> "RecordSource":
+    """The same shards restricted to the given global record ids."""
+    out = object.__new__(RecordSource)
+    out.paths, out._reader, out._counts, out._offsets = self.paths, None, self._counts, self._offsets
+    out.indices = np.asarray(indices, np.int64)
+    return out
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_reader"] = None
+    return state
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def shard_of(self, record_id: int) -> str:
+    return self.paths[int(np.searchsorted(self._offsets, record_id, side="right")) - 1]
+
+  def read(self, record_id: int) -> bytes:
+    """Raw bytes of one record by global id (errors name the shard)."""
+    if self._reader is None:
+      self._reader = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      return self._reader[int(record_id)]
+    except Exception as e:
+      raise ShardError(f"{self.shard_of(record_id)}: cannot read record {record_id}: "
+                       f"{type(e).__name__} {e}") from e
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record_id = int(self.indices[index])
+    data = self.read(record_id)
+    try:
+      record = schema.decode(data)
+    except schema.RecordError as e:
+      raise ShardError(f"{self.shard_of(record_id)}: record {record_id}: {e}") from e
+    record["record_id"] = record_id
+    return record
+
+
+def record_table(source: RecordSource, fields: Iterable[str] = ("study_uid", "fold")) -> dict[str, np.ndarray]:
+  """Scalar fields of every record in ``source`` (one pass over the records), keyed by field name.
+
+  Used for fold filtering and for assembling per-study predictions by ``record_id``.
+  """
+  fields = list(fields)
+  cols: dict[str, list] = {f: [] for f in fields}
+  cols["record_id"] = []
+  for i in range(len(source)):
+    rec = source[i]
+    for f in fields:
+      if f not in rec:
+        raise ShardError(f"{source.shard_of(rec['record_id'])}: record {rec['record_id']} has no "
+                         f"field {f!r} (fields: {sorted(rec)})")
+      cols[f].append(rec[f])
+    cols["record_id"].append(rec["record_id"])
+  return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def fold_indices(table: Mapping[str, np.ndarray], fold: int, train: bool) -> np.ndarray:
+  """Global record ids of the training part (fold != k) or the held-out part (fold == k).
+
+  ``fold < 0`` means no hold-out: everything is training data and the held-out part is empty.
+  """
+  folds = np.asarray(table["fold"])
+  ids = np.asarray(table["record_id"])
+  if fold < 0:
+    return ids if train else ids[:0]
+  return ids[folds != fold] if train else ids[folds == fold]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOptions:
+  """Train-time augmentation (the seed method: small random rotation, random horizontal flip)."""
+  max_rotation_deg: float = 10.0
+  flip_prob: float = 0.5
+
+
+class Augment(grain.transforms.RandomMap):
+  """One rotation angle and one flip decision per record, applied to all of its images.
+
+  The image array is (..., H, W, C); rows/columns are the last spatial axes, so a stage-2 sequence
+  (8, H, W, 3) or a volume (D, H, W, 1) is rotated/flipped as a whole. Stage-1 normalised boxes
+  follow the image (the box of the rotated corners, clipped to the image).
+  """
+
+  def __init__(self, task: str, options: AugmentOptions):
+    self.field = IMAGE_FIELD[task]
+    self.options = options
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    angle = float(rng.uniform(-self.options.max_rotation_deg, self.options.max_rotation_deg))
+    flip = bool(rng.random() < self.options.flip_prob)
+    element = dict(element)
+    element[self.field] = augment_images(element[self.field], angle, flip)
+    if "box" in element:
+      h, w = element[self.field].shape[-3:-1]
+      element["box"] = augment_box(element["box"], angle, flip, h, w)
+    return element
+
+
+def augment_images(images: np.ndarray, angle: float, flip: bool) -> np.ndarray:
+  """Rotates (degrees, counter-clockwise on screen) then flips left-right images (..., H, W, C)."""
+  nd = images.ndim
+  out = images
+  if angle:
+    out = ndimage.rotate(out, angle, axes=(nd - 2, nd - 3), reshape=False, order=1, mode="constant",
+                         cval=0, prefilter=False)
+  if flip:
+    out = out[..., ::-1, :]
+  return np.ascontiguousarray(out)
+
+
+def augment_box(box: np.ndarray, angle: float, flip: bool, h: int, w: int) -> np.ndarray:
+  """The normalised box (x0, y0, x1, y1) after :func:`augment_images`; an all-zero box stays zero."""
+  box = np.asarray(box, np.float32)
+  if not np.any(box):
+    return box
+  x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
+  xs = np.array([x0, x1, x1, x0]) - w / 2
+  ys = np.array([y0, y0, y1, y1]) - h / 2
+  t = np.deg2rad(angle)
+  # Image rows grow downwards, so a counter-clockwise turn on screen maps (x, y) -> this.
+  rx = xs * np.cos(t) + ys * np.sin(t) + w / 2
+  ry = -xs * np.sin(t) + ys * np.cos(t) + h / 2
+  nx0, nx1 = rx.min(), rx.max()
+  if flip:
+    nx0, nx1 = w - nx1, w - nx0
+  out = np.array([nx0 / w, ry.min() / h, nx1 / w, ry.max() / h], np.float32)
+  return np.clip(out, 0.0, 1.0)
+
+
+class Normalize(grain.transforms.Map):
+  """uint8 images -> float32 ``(x / 255 - mean) / std``; drops string fields (not batchable)."""
+
+  def __init__(self, task: str):
+    self.field = IMAGE_FIELD[task]
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in element.items():
+      if isinstance(v, str) or v is None:
+        continue
+      out[k] = np.asarray(v)
+    img = out[self.field]
+    if img.dtype != np.uint8:
+      raise TypeError(f"record {element.get('record_id')}: {self.field} is {img.dtype}, expected uint8")
+    x = img.astype(np.float32) * (1.0 / 255.0)
+    if img.shape[-1] == 3:
+      mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    else:
+      mean, std = np.float32(0.5), np.float32(0.5)
+    out[self.field] = (x - mean) / std
+    return out
+
+
+def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool, seed: int,
+                augment: AugmentOptions | None = None, workers: int = 0,
+                num_epochs: int | None = None,
+                shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
+  """A grain DataLoader: (shuffle, shard, decode, augment, normalise, batch).
+
+  Training: shuffled by ``seed``, repeated (``num_epochs=None`` = forever), full batches only.
+  Evaluation: in order, one pass, the last batch may be short (the caller pads it).
+  ``shard_options`` defaults to this JAX process's share (``ShardByJaxProcess``).
+  """
+  if len(source) == 0:
+    raise ValueError(f"no records to load for task {task!r} from {source.paths[:1]}...")
+  if shard_options is None:
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=train)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard_options, shuffle=train,
+      num_epochs=num_epochs if train else 1, seed=seed)
+  ops: list = []
+  if train and augment is not None:
+    ops.append(Augment(task, augment))
+  ops += [Normalize(task), grain.transforms.Batch(batch_size, drop_remainder=train)]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          worker_count=workers, worker_buffer_size=2)
+
+
+def local_num_records(num_records: int, shard_options: grain.sharding.ShardOptions) -> int:
+  """How many of ``num_records`` this process's shard holds (grain's contiguous split)."""
+  start, end = _even_split(num_records, shard_options)
+  return end - start
+
+
+def _even_split(n: int, opts: grain.sharding.ShardOptions) -> tuple[int, int]:
+  # Same split as grain's (private) core.sharding.even_split used by IndexSampler.
+  if opts.drop_remainder:
+    per = n // opts.shard_count
+    return opts.shard_index * per, (opts.shard_index + 1) * per
+  per, rem = divmod(n, opts.shard_count)
+  start = opts.shard_index * per + min(opts.shard_index, rem)
+  return start, start + per + (1 if opts.shard_index < rem else 0)
