@@ -1,0 +1,148 @@
+"""Figures for evaluation and training: reliability diagram, learning curves.
+
+Matplotlib with the Agg backend (no display needed); each function writes one PNG and returns its path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cspine_jax import labels as labels_lib  # noqa: E402
+
+# Keys of a training log line that are the x axis or bookkeeping, not curves.
+_X_KEYS = ("step", "epoch")
+_SKIP_KEYS = frozenset({"step", "epoch", "time", "elapsed", "wall", "fold", "seconds"})
+
+
+def reliability_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
+  """Equal-width bins of predicted probability: mean prediction, observed rate, count per bin."""
+  y = np.asarray(y, np.float64).ravel()
+  p = np.asarray(p, np.float64).ravel()
+  which = np.minimum((p * bins).astype(int), bins - 1)
+  rows = []
+  for b in range(bins):
+    sel = which == b
+    if sel.any():
+      rows.append({"bin": b, "predicted": p[sel].mean(), "observed": y[sel].mean(),
+                   "count": int(sel.sum())})
+  return pd.DataFrame(rows)
+
+
+def reliability_plot(labels: pd.DataFrame, predictions: pd.DataFrame, path: str | os.PathLike,
+                     bins: int = 10, title: str = "Reliability") -> pathlib.Path:
+  """Observed fracture rate against predicted probability, patient_overall and vertebrae pooled.
+
+  ``labels`` and ``predictions`` are wide frames with the same studies in the same order.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+  groups = (("patient_overall", ["patient_overall"]), ("C1-C7 pooled", list(labels_lib.VERTEBRAE)))
+  for ax, (name, cols) in zip(axes, groups):
+    y = labels[cols].to_numpy(np.float64)
+    p = predictions[cols].to_numpy(np.float64)
+    curve = reliability_curve(y, p, bins)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
+    if len(curve):
+      sizes = 20 + 180 * curve["count"] / curve["count"].max()
+      ax.plot(curve["predicted"], curve["observed"], color="tab:blue", lw=1.5)
+      ax.scatter(curve["predicted"], curve["observed"], s=sizes, color="tab:blue", zorder=3,
+                 label="bins (size = count)")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03), xlabel="predicted probability", ylabel="observed rate",
+           title=f"{name} (n={y.size})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
+  """A JSON-lines log (one object per line; blank lines skipped) as a frame."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f"{path}: line {n} is not JSON: {e}") from None
+      if not isinstance(obj, dict):
+        raise ValueError(f"{path}: line {n} is not a JSON object")
+      rows.append(obj)
+  return pd.DataFrame(rows)
+
+
+def curve_columns(log: pd.DataFrame) -> tuple[str | None, list[str]]:
+  """(x column or None, numeric curve columns) of a training log frame."""
+  x = next((k for k in _X_KEYS if k in log.columns), None)
+  curves = [c for c in log.columns if c not in _SKIP_KEYS and not c.startswith("lr")
+            and pd.api.types.is_numeric_dtype(log[c]) and log[c].notna().any()]
+  return x, curves
+
+
+def learning_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike,
+                    title: str = "Learning curves") -> pathlib.Path:
+  """One panel per log (e.g. per model/fold): every numeric metric against step (or epoch).
+
+  Losses share the left axis; other metrics (scores, AUCs, accuracies) get a right axis when present.
+  """
+  n = max(len(logs), 1)
+  cols = min(n, 3)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+  for ax in axes.ravel()[len(logs):]:
+    ax.axis("off")
+  for ax, (name, log_path) in zip(axes.ravel(), logs.items()):
+    log = read_jsonl(log_path)
+    x_col, curves = curve_columns(log)
+    xs = log[x_col] if x_col else pd.Series(np.arange(len(log)))
+    other = [c for c in curves if "loss" not in c]
+    twin = ax.twinx() if other and len(other) < len(curves) else None
+    for i, c in enumerate(curves):
+      target = twin if (twin is not None and c in other) else ax
+      ok = log[c].notna()
+      target.plot(xs[ok], log[c][ok], marker="." if ok.sum() < 30 else None, lw=1.3,
+                  color=f"C{i % 10}", label=c)
+    ax.set(title=name, xlabel=x_col or "log line")
+    ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    if twin is not None:
+      h2, n2 = twin.get_legend_handles_labels()
+      handles, names = handles + h2, names + n2
+    if handles:
+      ax.legend(handles, names, fontsize=7, loc="best")
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
+def table_figure(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> pathlib.Path:
+  """A table as a picture (for PNG run summaries); floats with 4 decimals."""
+  text = df.map(lambda v: f"{v:.4f}" if isinstance(v, float) and np.isfinite(v) else
+                ("-" if isinstance(v, float) else str(v)))
+  fig, ax = plt.subplots(figsize=(1.6 * len(df.columns) + 1, 0.4 * len(df) + 1))
+  ax.axis("off")
+  table = ax.table(cellText=text.to_numpy(), colLabels=list(df.columns), loc="center")
+  table.auto_set_font_size(False)
+  table.set_fontsize(9)
+  table.scale(1, 1.3)
+  if title:
+    ax.set_title(title)
+  return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

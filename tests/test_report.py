@@ -1,0 +1,111 @@
+"""Evaluation tables and pictures."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cspine_jax import labels, metrics
+from cspine_jax.infer import aggregate
+from cspine_jax.report import plots, study_png, tables
+
+
+def _frames(n=24, seed=0):
+  rng = np.random.default_rng(seed)
+  uids = [f"1.2.{i}" for i in range(n)]
+  y = (rng.random((n, 7)) < 0.2).astype(float)
+  y[0, 2] = 1  # at least one positive
+  y[1] = 0
+  lab = aggregate.wide_frame(uids, y, y.max(1))
+  lab[list(labels.TARGETS)] = lab[list(labels.TARGETS)].astype(int)
+  p = np.clip(0.6 * y + 0.4 * rng.random((n, 7)), 0, 1)
+  pred = aggregate.wide_frame(uids, p, top_n=7)
+  return lab, pred
+
+
+def test_scores_equal_metric_module():
+  lab, pred = _frames()
+  folds = {u: i % 3 for i, u in enumerate(lab["StudyInstanceUID"])}
+  table = tables.score_table(lab, pred, folds)
+  assert table["split"].tolist() == ["all", "fold 0", "fold 1", "fold 2"]
+  assert table["score"][0] == pytest.approx(metrics.competition_loss(lab, pred))
+  ids = [u for u, f in folds.items() if f == 1]
+  sub = lambda df: df[df["StudyInstanceUID"].isin(ids)]
+  assert table["score"][2] == pytest.approx(metrics.competition_loss(sub(lab), sub(pred)))
+  assert table["studies"].tolist() == [24, 8, 8, 8]
+
+
+def test_top_n_table_recomputes_overall():
+  lab, pred = _frames()
+  table = tables.top_n_table(lab, pred)
+  assert table["N"].tolist() == list(range(1, 8))
+  p = pred.copy()
+  vert = p[list(labels.VERTEBRAE)].to_numpy()
+  p["patient_overall"] = vert.max(1)
+  assert table["score"][0] == pytest.approx(metrics.competition_loss(lab, p))
+  # N=7 equals the frame as built (wide_frame used top-7).
+  assert table["score"][6] == pytest.approx(metrics.competition_loss(lab, pred))
+
+
+def test_auc_and_results_table():
+  lab, pred = _frames()
+  auc = tables.auc_table(lab, pred)
+  assert auc["target"].tolist() == list(labels.TARGETS) + ["vertebrae (pooled)"]
+  from sklearn.metrics import roc_auc_score
+  assert auc["auc"][0] == pytest.approx(roc_auc_score(lab["patient_overall"], pred["patient_overall"]))
+  prior = tables.prior_predictions(lab, lab["StudyInstanceUID"])
+  np.testing.assert_allclose(prior["C3"], lab["C3"].mean())
+  res = tables.results_table(lab, {"Two-stage": pred, "3D CNN": prior, "mine": pred},
+                             train_labels=lab)
+  assert res["model"].tolist() == ["3D CNN", "Two-stage", "mine", "Prior (train means)"]
+  assert res["score"][1] == pytest.approx(metrics.competition_loss(lab, pred))
+  assert res["score"][3] == pytest.approx(metrics.competition_loss(lab, prior))
+  assert res["seed_score"][1] == pytest.approx(0.3691)
+  text = tables.format_table(res, "Results")
+  assert text.startswith("Results") and "Two-stage" in text
+
+
+def test_results_table_on_a_subset_of_studies():
+  lab, pred = _frames()
+  res = tables.results_table(lab, {"half": pred.iloc[:12]})
+  assert res["studies"][0] == 12
+  with pytest.raises(metrics.PredictionError):
+    tables.score_table(lab, pred.assign(StudyInstanceUID=[f"9.{i}" for i in range(24)]))
+
+
+def test_reliability_and_curves(tmp_path):
+  lab, pred = _frames()
+  curve = plots.reliability_curve(np.array([0, 1, 1, 0]), np.array([0.05, 0.95, 0.9, 0.15]), bins=2)
+  assert curve["observed"].tolist() == [0.0, 1.0] and curve["count"].tolist() == [2, 2]
+  out = plots.reliability_plot(lab, pred, tmp_path / "rel.png")
+  assert Image.open(out).size[0] > 300
+  log = tmp_path / "train.jsonl"
+  log.write_text("\n".join(json.dumps({"step": s, "loss": 1 / (s + 1), "val_score": 0.5 - s / 100})
+                           for s in range(10)) + "\n\n")
+  x, curves = plots.curve_columns(plots.read_jsonl(log))
+  assert x == "step" and curves == ["loss", "val_score"]
+  out = plots.learning_curves({"stage2 fold 0": log}, tmp_path / "curves.png")
+  assert Image.open(out).size[0] > 300
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"step": 1}\nnot json\n')
+  with pytest.raises(ValueError, match="bad.jsonl: line 2"):
+    plots.read_jsonl(bad)
+
+
+def test_study_png(tmp_path):
+  s, h, w = 70, 64, 64
+  vol = np.full((s, h, w), -1000, np.float32)
+  vol[:, 28:40, 26:38] = 700  # a bright column standing in for the spine
+  ranges = [(i * 10, i * 10 + 9) for i in range(7)]
+  boxes = [(26, 28, 38, 40)] * 6 + [None]
+  probs = [0.05, 0.9, 0.1, 0.2, 0.3, 0.5, 0.7]
+  assert study_png.spine_centre(vol.shape, boxes) == (34, 32)
+  out = study_png.render_study(vol, tmp_path / "s.png", ranges=ranges, boxes=boxes, probs=probs,
+                               overall=0.95, title="1.2.3", slice_spacing=1.0)
+  img = np.asarray(Image.open(out).convert("RGB"))
+  assert img.shape[0] > 200
+  # Red-ish rectangles (high probabilities) are drawn.
+  assert ((img[..., 0] > 180) & (img[..., 1] < 90) & (img[..., 2] < 90)).sum() > 50
+  with pytest.raises(ValueError, match="7 ranges"):
+    study_png.render_study(vol, tmp_path / "x.png", ranges=ranges[:3], boxes=boxes)
