@@ -326,7 +326,8 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
     if key == main_orient:
       kept.append(s)
     else:
-      skipped.append((s.name, f"orientation {list(key)} differs from the series' {list(main_orient)}"))
+      skipped.append(
+          (s.name, f"orientation {list(key)} differs from the series' {list(main_orient)}"))
   slices = kept
   orientation = np.mean([s.orientation for s in slices], axis=0)
   normal = np.cross(orientation[:3], orientation[3:])
@@ -353,7 +354,8 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
     if len(slices) < min_slices or len(slices) < min_fraction * total:
       raise SeriesError(
           f"{folder}: too few usable slices {stage}: {len(slices)} of {total} files "
-          f"(need at least {min_slices} and {min_fraction:.0%}); skipped: {_describe_skips(skipped)}")
+          f"(need at least {min_slices} and {min_fraction:.0%}); "
+          f"skipped: {_describe_skips(skipped)}")
   check_count("before decoding")
 
   # Decode straight into one preallocated volume, in volume order.
