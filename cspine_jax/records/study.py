@@ -1,0 +1,256 @@
+"""Per-study processing shared by every record set (stage1, stage2, cnn3d, slices2d).
+
+One study is read once (``io.dicom.read_series``, plus ``io.nifti.load_mask`` when it has a
+segmentation) and turned into uint8 images with a few vectorised steps:
+
+- :func:`window`: HU -> uint8 through a level/width window (bone window 400/1800 by default), one
+  fused numpy pass per slice block.
+- :func:`resize_slices`: uint8 (N, h, w) -> (N, H, W) with PIL's antialiased bilinear filter, one
+  C call per slice (cheap on uint8; measured faster than a batched float resize on 2 cores).
+- :func:`stack_25d`: slices i-1, i, i+1 into channels 0, 1, 2 (edges repeat the end slice). The
+  volume is resized once and the 2.5D images are gathered from it, so no slice is resized 3 times.
+- :func:`crop_box` crops before resizing (stage2), so only the vertebra's pixels are resampled.
+
+Everything a worker needs travels in a small picklable :class:`StudyInput`; the arrays never cross
+process boundaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from cspine_jax import labels as labels_lib
+from cspine_jax.io import dicom
+from cspine_jax.records import vertebrae as vertebrae_lib
+
+NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+
+
+class StudyError(ValueError):
+  """A study that cannot be turned into records; the message names the study and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Preprocessing options; every field is part of a record set's identity (see manifest.json).
+
+  image_size:    (H, W) of the 2D images (stage1, stage2, slices2d); paper 224.
+  window_level, window_width: HU window mapped to 0..255 (bone window 400 / 1800).
+  num_folds, fold_seed: the stratified split (folds.assign_folds).
+  stage2_slices: slices sampled per vertebra (a multiple of 3: stacked 3 by 3 into 2.5D images).
+  crop_margin:   margin added on each side of a vertebra's box, as a fraction of its width/height.
+  cube_size:     D = H = W of the cnn3d volume (paper 224; CPU default 64).
+  cnn3d_crop:    crop the cnn3d volume to the C1-C7 slices and box when masks / --vertebrae know them.
+  """
+  image_size: tuple[int, int] = (224, 224)
+  window_level: float = 400.0
+  window_width: float = 1800.0
+  num_folds: int = 5
+  fold_seed: int = 0
+  stage2_slices: int = 24
+  crop_margin: float = 0.1
+  cube_size: int = 64
+  cnn3d_crop: bool = False
+
+  def __post_init__(self):
+    size = tuple(int(s) for s in self.image_size)
+    object.__setattr__(self, "image_size", size)
+    if len(size) != 2 or min(size) < 1:
+      raise ValueError(f"image_size must be two positive ints (H, W), got {self.image_size}")
+    if self.window_width <= 0:
+      raise ValueError(f"window_width must be positive, got {self.window_width}")
+    if self.num_folds < 1:
+      raise ValueError(f"num_folds must be >= 1, got {self.num_folds}")
+    if self.stage2_slices < 3 or self.stage2_slices % 3:
+      raise ValueError(f"stage2_slices must be a positive multiple of 3, got {self.stage2_slices}")
+    if self.crop_margin < 0:
+      raise ValueError(f"crop_margin must be >= 0, got {self.crop_margin}")
+    if self.cube_size < 2:
+      raise ValueError(f"cube_size must be >= 2, got {self.cube_size}")
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["image_size"] = list(self.image_size)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyInput:
+  """What a worker needs to process one study (small and picklable).
+
+  labels:           the 8 targets (patient_overall, C1..C7) from train.csv, or None (test study).
+  vertebrae:        the 7 stage-1 predictions for this study from a --vertebrae file, or None.
+  fracture_numbers: file numbers of the slices listed in train_bounding_boxes.csv.
+  """
+  uid: str
+  image_dir: str
+  mask_path: str | None
+  fold: int
+  labels: tuple[int, ...] | None = None
+  vertebrae: tuple[vertebrae_lib.VertebraPrediction, ...] | None = None
+  fracture_numbers: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+  """A vertebra's inclusive sorted-index slice range and pixel box (x0, y0, x1, y1) on the series."""
+  first: int
+  last: int
+  box: tuple[int, int, int, int]
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A study read from disk: the series and, when requested and available, its aligned mask."""
+  study: StudyInput
+  series: dicom.Series
+  mask: np.ndarray | None
+
+
+def load(study: StudyInput, *, with_mask: bool) -> Loaded:
+  """Reads the series (and the mask when ``with_mask`` and the study has one)."""
+  series = dicom.read_series(study.image_dir, warn=False)
+  mask = None
+  if with_mask and study.mask_path is not None:
+    from cspine_jax.io import nifti  # nibabel is only imported by workers that need masks.
+    mask = nifti.load_mask(study.mask_path, series)
+    if mask.shape != series.volume.shape:
+      raise StudyError(f"{study.mask_path}: mask shape {mask.shape} differs from the series "
+                       f"{series.volume.shape}")
+  return Loaded(study, series, mask)
+
+
+# ----------------------------------------------------------------------------- image helpers
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+  """HU (any shape) -> uint8: level - width/2 -> 0, level + width/2 -> 255, rounded, clipped."""
+  lo = np.float32(level - width / 2)
+  scale = np.float32(255.0 / width)
+  out = np.empty(hu.shape, np.uint8)
+  # Blocks of slices keep the float temporaries small (cache friendly, bounded memory).
+  flat_in = hu.reshape(-1, *hu.shape[-2:]) if hu.ndim >= 2 else hu.reshape(1, 1, -1)
+  flat_out = out.reshape(flat_in.shape)
+  block = max(1, (1 << 20) // max(1, flat_in[0].size))
+  for s in range(0, flat_in.shape[0], block):
+    t = np.subtract(flat_in[s:s + block], lo, dtype=np.float32)
+    t *= scale
+    t += np.float32(0.5)
+    np.clip(t, 0, 255, out=t)
+    flat_out[s:s + block] = t  # Truncation after +0.5 rounds to nearest.
+  return out
+
+
+def resize_slices(slices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """uint8 (N, h, w) -> uint8 (N, H, W), antialiased bilinear (PIL), one call per slice."""
+  height, width = size
+  n = slices.shape[0]
+  if slices.shape[1:] == (height, width):
+    return np.ascontiguousarray(slices)
+  out = np.empty((n, height, width), np.uint8)
+  for i in range(n):
+    img = Image.fromarray(np.ascontiguousarray(slices[i]))
+    out[i] = np.asarray(img.resize((width, height), Image.BILINEAR))
+  return out
+
+
+def neighbour_indices(centers: np.ndarray, num_slices: int) -> np.ndarray:
+  """(N,) slice indices -> (N, 3) indices i-1, i, i+1 clipped to the volume (edges repeat)."""
+  centers = np.asarray(centers, np.int64)
+  return np.clip(centers[:, None] + np.array([-1, 0, 1]), 0, num_slices - 1)
+
+
+def stack_25d(slices: np.ndarray, centers: Sequence[int] | None = None) -> np.ndarray:
+  """(S, H, W) -> (N, H, W, 3): 2.5D images centred on ``centers`` (default: every slice)."""
+  if centers is None:
+    centers = np.arange(slices.shape[0])
+  idx = neighbour_indices(np.asarray(centers), slices.shape[0])
+  return np.stack([slices[idx[:, c]] for c in range(3)], axis=-1)
+
+
+def evenly_spaced(first: int, last: int, n: int) -> np.ndarray:
+  """``n`` indices spread evenly over first..last inclusive (np.linspace, rounded)."""
+  return np.round(np.linspace(first, last, n)).astype(np.int64)
+
+
+def crop_box(box: Sequence[float], margin: float, height: int, width: int) -> tuple[int, int, int, int]:
+  """Pixel box grown by ``margin`` x its size on each side, clipped to the image, >= 1 pixel."""
+  x0, y0, x1, y1 = (float(b) for b in box)
+  mx, my = margin * (x1 - x0), margin * (y1 - y0)
+  cx0 = max(0, int(math.floor(x0 - mx)))
+  cy0 = max(0, int(math.floor(y0 - my)))
+  cx1 = min(width, int(math.ceil(x1 + mx)))
+  cy1 = min(height, int(math.ceil(y1 + my)))
+  if cx1 <= cx0 or cy1 <= cy0:
+    raise StudyError(f"empty crop for box {tuple(box)} on a {height}x{width} image")
+  return cx0, cy0, cx1, cy1
+
+
+def slice_images(loaded: Loaded, options: Options) -> np.ndarray:
+  """Every slice of the study as a windowed, resized 2.5D image: uint8 (S, H, W, 3)."""
+  win = window(loaded.series.volume, options.window_level, options.window_width)
+  return stack_25d(resize_slices(win, options.image_size))
+
+
+# ----------------------------------------------------------------------------- vertebra extents
+
+
+def extents(loaded: Loaded) -> list[Extent | None]:
+  """C1..C7 slice ranges and boxes: from the mask when loaded, else from the --vertebrae entries.
+
+  A vertebra absent from the study is None (never invented). Raises StudyError when the study has
+  neither a mask nor stage-1 predictions.
+  """
+  if loaded.mask is not None:
+    return [None if e is None else Extent(e.first, e.last, tuple(int(b) for b in e.box))
+            for e in labels_lib.vertebra_extents(loaded.mask)]
+  study = loaded.study
+  if study.vertebrae is None:
+    raise StudyError(f"study {study.uid}: no segmentation and no entry in the --vertebrae file, "
+                     "so its vertebrae cannot be located")
+  out: list[Extent | None] = []
+  for v, pred in enumerate(study.vertebrae):
+    span = vertebrae_lib.resolve(pred, loaded.series.numbers, loaded.series.volume.shape)
+    if span is None:
+      out.append(None)
+    else:
+      first, last, box = span
+      out.append(Extent(first, last, box))
+  return out
+
+
+def presence(loaded: Loaded, ext: list[Extent | None] | None = None) -> np.ndarray:
+  """bool (S, 7): from the mask's pixels when loaded, else from the extents' slice ranges."""
+  if loaded.mask is not None:
+    return labels_lib.slice_labels(loaded.mask).presence
+  ext = extents(loaded) if ext is None else ext
+  out = np.zeros((loaded.series.volume.shape[0], NUM_VERTEBRAE), bool)
+  for v, e in enumerate(ext):
+    if e is not None:
+      out[e.first:e.last + 1, v] = True
+  return out
+
+
+def require_labels(study: StudyInput) -> np.ndarray:
+  """The study's 8 targets as float32, or StudyError for a study without train.csv labels."""
+  if study.labels is None:
+    raise StudyError(f"study {study.uid}: no row in train.csv, so no targets")
+  return np.asarray(study.labels, np.float32)
+
+
+def study_paths(data_dir: str | pathlib.Path, uid: str, split: str = "train") -> tuple[str, str | None]:
+  """(image folder, mask path or None) of a study; the uid is validated before it becomes a path."""
+  labels_lib.check_uid(uid)
+  data_dir = pathlib.Path(data_dir)
+  image_dir = data_dir / f"{split}_images" / uid
+  mask = None
+  for name in (f"{uid}.nii", f"{uid}.nii.gz"):
+    if (data_dir / "segmentations" / name).is_file():
+      mask = str(data_dir / "segmentations" / name)
+      break
+  return str(image_dir), mask
