@@ -1,0 +1,171 @@
+"""Stage-1 pseudo-labels: where each vertebra lies in every study (the ``--vertebrae`` file).
+
+The stage-1 fold ensemble (probabilities averaged over the folds' models) scores every slice of a
+study: per-slice presence probabilities of C1..C7 and one normalised box of the visible vertebrae.
+From them, per vertebra (documented rules, tested exactly with an oracle model):
+
+* Range: the slices whose presence probability reaches ``threshold`` (0.5); of their contiguous runs
+  the longest one wins (ties: the larger summed probability), so a stray confident slice far away
+  cannot stretch the range. No slice over the threshold -> the vertebra is absent.
+* Box: the per-slice boxes over the range, restricted to the slices where this vertebra is the only
+  one called present (the per-slice box covers every visible vertebra, so slices shared with a
+  neighbour would widen it; when no slice is exclusive, all the range's slices are used). The box is
+  the union of those boxes (``box_quantile=0``) or, to damp outliers, the ``q`` / ``1 - q``
+  quantiles of their low / high edges. Degenerate (empty) per-slice boxes are ignored; when none is
+  left the whole image stands in.
+* Confidence: the mean presence probability over the range (absent: 1 - the peak probability).
+
+On studies with a segmentation :func:`compare_with_masks` reports the slice-range IoU and the box
+IoU against ``labels.vertebra_extents`` of the aligned mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import sys
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from cspine_jax import labels as labels_lib
+from cspine_jax.records import vertebrae as vertebrae_lib
+
+NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+# A stage-1 scorer: uint8 2.5D images (N, H, W, 3) -> (presence probabilities (N, 7), boxes (N, 4)
+# normalised x0, y0, x1, y1). Models, fold ensembles and test oracles all fit this shape.
+Stage1Fn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """The derivation's knobs (see the module docstring)."""
+  threshold: float = 0.5
+  box_quantile: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 < self.threshold < 1.0:
+      raise ValueError(f"presence threshold must be in (0, 1), got {self.threshold}")
+    if not 0.0 <= self.box_quantile < 0.5:
+      raise ValueError(f"box_quantile must be in [0, 0.5), got {self.box_quantile}")
+
+
+def longest_run(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple[int, int] | None:
+  """(first, last) inclusive of the longest run of True; ties go to the larger sum of ``weights``."""
+  mask = np.asarray(mask, bool)
+  if not mask.any():
+    return None
+  edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+  starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+  lengths = ends - starts + 1
+  w = np.ones(mask.shape) if weights is None else np.asarray(weights, np.float64)
+  sums = np.array([w[a:b + 1].sum() for a, b in zip(starts, ends)])
+  best = np.lexsort((-sums, -lengths))[0]  # longest first, then the heaviest
+  return int(starts[best]), int(ends[best])
+
+
+def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
+  return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def combine_boxes(boxes: np.ndarray, quantile: float = 0.0) -> tuple[float, float, float, float]:
+  """Normalised (N, 4) boxes -> one box: union (q=0) or q / 1-q quantiles of the low / high edges."""
+  boxes = np.clip(np.asarray(boxes, np.float64).reshape(-1, 4), 0.0, 1.0)
+  boxes = boxes[_valid_boxes(boxes)]
+  if len(boxes) == 0:
+    return (0.0, 0.0, 1.0, 1.0)
+  lo = np.quantile(boxes[:, :2], quantile, axis=0)
+  hi = np.quantile(boxes[:, 2:], 1.0 - quantile, axis=0)
+  x0, y0 = lo
+  x1, y1 = np.maximum(hi, lo + 1e-6)
+  return float(x0), float(y0), float(min(x1, 1.0)), float(min(y1, 1.0))
+
+
+def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | None = None,
+           rules: Rules = Rules()) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
+  """Per-slice stage-1 outputs of one study -> the 7 vertebra predictions (module docstring rules).
+
+  Args:
+    presence: (S, 7) presence probabilities, slices in sorted (head-to-feet) order.
+    boxes: (S, 4) normalised per-slice boxes.
+    numbers: the series' file numbers (``Series.numbers``) so ranges survive skipped files.
+    rules: threshold and box quantile.
+  """
+  presence = np.asarray(presence, np.float64)
+  boxes = np.asarray(boxes, np.float64)
+  s = presence.shape[0]
+  if presence.shape != (s, NUM_VERTEBRAE) or boxes.shape != (s, 4) or s == 0:
+    raise ValueError(f"expected presence (S, 7) and boxes (S, 4) with S > 0, got {presence.shape}, "
+                     f"{boxes.shape}")
+  numbers = np.full(s, -1, np.int64) if numbers is None else np.asarray(numbers, np.int64)
+  if numbers.shape != (s,):
+    raise ValueError(f"{numbers.shape[0]} file numbers for {s} slices")
+  called = presence >= rules.threshold
+  out = []
+  for v in range(NUM_VERTEBRAE):
+    run = longest_run(called[:, v], presence[:, v])
+    if run is None:
+      out.append(vertebrae_lib.absent(confidence=float(1.0 - presence[:, v].max())))
+      continue
+    first, last = run
+    span = slice(first, last + 1)
+    exclusive = called[span].sum(1) == 1
+    chosen = boxes[span][exclusive] if exclusive.any() else boxes[span]
+    if not _valid_boxes(np.clip(chosen, 0, 1)).any():
+      chosen = boxes[span]
+    out.append(vertebrae_lib.VertebraPrediction(
+        present=True, first_index=first, last_index=last, first_number=int(numbers[first]),
+        last_number=int(numbers[last]), box=combine_boxes(chosen, rules.box_quantile),
+        confidence=float(presence[span, v].mean())))
+  return tuple(out)
+
+
+def range_iou(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float:
+  """IoU of two inclusive slice ranges (1.0 when both are absent, 0.0 when one is)."""
+  if a is None or b is None:
+    return float(a is None and b is None)
+  inter = max(0, min(a[1], b[1]) - max(a[0], b[0]) + 1)
+  union = (a[1] - a[0] + 1) + (b[1] - b[0] + 1) - inter
+  return inter / union
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+  """IoU of two (x0, y0, x1, y1) boxes (same units)."""
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = iw * ih
+  area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
+  union = area(a) + area(b) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def compare(pred: Sequence[vertebrae_lib.VertebraPrediction], mask: np.ndarray,
+            numbers: np.ndarray) -> list[dict]:
+  """Per vertebra: range IoU and box IoU (pixels) of a study's predictions against its mask."""
+  truth = labels_lib.vertebra_extents(mask)
+  rows = []
+  for v, (p, t) in enumerate(zip(pred, truth)):
+    got = vertebrae_lib.resolve(p, numbers, mask.shape)
+    rows.append({"vertebra": labels_lib.VERTEBRAE[v],
+                 "range_iou": range_iou(None if got is None else got[:2],
+                                        None if t is None else (t.first, t.last)),
+                 "box_iou": (box_iou(got[2], t.box) if got is not None and t is not None
+                             else float(got is None and t is None))})
+  return rows
+
+
+def summarise(rows: Iterable[dict]) -> dict[str, float]:
+  """Mean range and box IoU over (study, vertebra) rows."""
+  rows = list(rows)
+  if not rows:
+    return {"pairs": 0, "range_iou": float("nan"), "box_iou": float("nan")}
+  return {"pairs": len(rows), "range_iou": float(np.mean([r["range_iou"] for r in rows])),
+          "box_iou": float(np.mean([r["box_iou"] for r in rows]))}
+
+
+def oracle_outputs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """What a perfect stage-1 model would say about a study: mask presences and normalised boxes."""
+  sl = labels_lib.slice_labels(mask)
+  _, h, w = mask.shape
+  return sl.presence.astype(np.float64), sl.box / np.array([w, h, w, h], np.float64)
