@@ -10,7 +10,7 @@ exactly the next batch.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,7 +18,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
-from cspine_jax.records import schema
+from cspine_jax.records import schema, shards
 
 # The image field each task's records carry (see docs/ARCHITECTURE.md).
 IMAGE_FIELD = {"stage1": "image", "stage2": "images", "cnn3d": "volume", "slices2d": "image"}
@@ -31,38 +31,63 @@ class ShardError(RuntimeError):
   """A shard (or one record in it) that cannot be read; the message names the shard file."""
 
 
-def shard_paths(records_dir: str | pathlib.Path, task: str) -> list[pathlib.Path]:
-  """The task's shard files, sorted; checks them against ``manifest.json`` when there is one."""
+@dataclasses.dataclass(frozen=True)
+class RecordIndex:
+  """What the manifest says about every record of a task, in global record-id order.
+
+  A shard holds one study (``records.pipeline``), so a record's study and fold are its shard's.
+  """
+  task: str
+  paths: list[pathlib.Path]
+  study_uid: np.ndarray  # (N,) str
+  fold: np.ndarray       # (N,) int
+  num_folds: int
+
+  def __len__(self) -> int:
+    return len(self.fold)
+
+  def ids(self, fold: int, train: bool) -> np.ndarray:
+    """Record ids of the training part (fold != k) or the held-out part (fold == k).
+
+    ``fold < 0`` means no hold-out: everything trains and the held-out part is empty.
+    """
+    all_ids = np.arange(len(self))
+    if fold < 0:
+      return all_ids if train else all_ids[:0]
+    if fold >= self.num_folds:
+      raise ValueError(f"fold {fold} out of range: the {self.task} records have {self.num_folds} folds")
+    return all_ids[self.fold != fold] if train else all_ids[self.fold == fold]
+
+  def source(self) -> "RecordSource":
+    """A :class:`RecordSource` over all the shards, checked against the manifest's counts."""
+    src = RecordSource(self.paths)
+    if len(src) != len(self):
+      raise ShardError(f"{self.paths[0].parent}: shards hold {len(src)} records, the manifest "
+                       f"{len(self)}; re-run data_prep.prepare")
+    return src
+
+
+def record_index(records_dir: str | os.PathLike, task: str) -> RecordIndex:
+  """Reads ``records_dir/task/manifest.json`` (written last by data_prep.prepare)."""
   if task not in IMAGE_FIELD:
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(IMAGE_FIELD)}")
-  folder = pathlib.Path(records_dir) / task
-  if not folder.is_dir():
-    raise FileNotFoundError(f"{folder}: no record folder for task {task!r} (run data_prep.prepare)")
-  paths = sorted(folder.glob("*.array_record"))
-  if not paths:
-    raise FileNotFoundError(f"{folder}: no *.array_record shards")
-  manifest = folder / "manifest.json"
-  if manifest.exists():
-    try:
-      meta = json.loads(manifest.read_text())
-    except ValueError as e:
-      raise ShardError(f"{manifest}: not valid JSON ({e})") from e
-    listed = _manifest_shards(meta)
-    missing = [name for name in listed if not (folder / name).exists()]
-    if missing:
-      raise ShardError(f"{manifest}: lists shards that are missing: {missing[:5]}")
-  return paths
-
-
-def _manifest_shards(meta: Any) -> list[str]:
-  """Shard file names listed by a manifest (tolerates a list of names or of dicts with 'path')."""
-  shards = meta.get("shards", []) if isinstance(meta, dict) else []
-  names = []
-  for s in shards:
-    name = s if isinstance(s, str) else (s.get("path") or s.get("file") or s.get("name"))
-    if name:
-      names.append(pathlib.Path(name).name)
-  return names
+  task_dir = pathlib.Path(records_dir) / task
+  manifest = shards.read_manifest(task_dir)
+  if manifest.get("task", task) != task:
+    raise ShardError(f"{task_dir}/{shards.MANIFEST}: holds task {manifest.get('task')!r}, not {task!r}")
+  rows = manifest.get("shards") or []
+  if not rows:
+    raise ShardError(f"{task_dir}/{shards.MANIFEST}: lists no shards")
+  paths, uids, folds = [], [], []
+  for row in rows:
+    path = task_dir / row["file"]
+    if not path.is_file():
+      raise ShardError(f"{path}: listed in the manifest but missing")
+    paths.append(path)
+    uids += [row["study_uid"]] * int(row["num_records"])
+    folds += [int(row["fold"])] * int(row["num_records"])
+  return RecordIndex(task, paths, np.asarray(uids), np.asarray(folds, np.int64),
+                     int(manifest.get("num_folds", max(folds) + 1)))
 
 
 class RecordSource:
@@ -130,37 +155,6 @@ class RecordSource:
       raise ShardError(f"{self.shard_of(record_id)}: record {record_id}: {e}") from e
     record["record_id"] = record_id
     return record
-
-
-def record_table(source: RecordSource, fields: Iterable[str] = ("study_uid", "fold")) -> dict[str, np.ndarray]:
-  """Scalar fields of every record in ``source`` (one pass over the records), keyed by field name.
-
-  Used for fold filtering and for assembling per-study predictions by ``record_id``.
-  """
-  fields = list(fields)
-  cols: dict[str, list] = {f: [] for f in fields}
-  cols["record_id"] = []
-  for i in range(len(source)):
-    rec = source[i]
-    for f in fields:
-      if f not in rec:
-        raise ShardError(f"{source.shard_of(rec['record_id'])}: record {rec['record_id']} has no "
-                         f"field {f!r} (fields: {sorted(rec)})")
-      cols[f].append(rec[f])
-    cols["record_id"].append(rec["record_id"])
-  return {k: np.asarray(v) for k, v in cols.items()}
-
-
-def fold_indices(table: Mapping[str, np.ndarray], fold: int, train: bool) -> np.ndarray:
-  """Global record ids of the training part (fold != k) or the held-out part (fold == k).
-
-  ``fold < 0`` means no hold-out: everything is training data and the held-out part is empty.
-  """
-  folds = np.asarray(table["fold"])
-  ids = np.asarray(table["record_id"])
-  if fold < 0:
-    return ids if train else ids[:0]
-  return ids[folds != fold] if train else ids[folds == fold]
 
 
 @dataclasses.dataclass(frozen=True)

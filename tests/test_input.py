@@ -7,7 +7,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from cspine_jax import input as cinput
-from cspine_jax.records import schema
+from cspine_jax.records import schema, shards
 
 
 def make_record(task: str, i: int, size: int = 16, rng: np.random.Generator | None = None) -> dict:
@@ -36,19 +36,29 @@ def make_record(task: str, i: int, size: int = 16, rng: np.random.Generator | No
   raise ValueError(task)
 
 
-def write_task_shards(out: pathlib.Path, task: str, n: int, shards: int = 2, size: int = 16,
+def write_task_shards(out: pathlib.Path, task: str, n: int, size: int = 16, num_folds: int = 3,
                       records=None) -> pathlib.Path:
-  """Writes ``n`` records of ``task`` into ``out/task/*.array_record``; returns ``out``."""
+  """Writes ``n`` records of ``task`` as ``out/task`` (one shard per study + manifest); returns out."""
   folder = out / task
   folder.mkdir(parents=True, exist_ok=True)
   recs = records if records is not None else [make_record(task, i, size) for i in range(n)]
-  per = -(-len(recs) // shards)
-  for s in range(shards):
-    w = ArrayRecordWriter(str(folder / f"{task}-{s:05d}-of-{shards:05d}.array_record"), "group_size:1")
-    for r in recs[s * per:(s + 1) * per]:
-      w.write(schema.encode(r))
-    w.close()
+  by_study: dict[str, list] = {}
+  for r in recs:
+    by_study.setdefault(r["study_uid"], []).append(r)
+  rows = []
+  for uid, group in by_study.items():
+    name = f"{uid}.array_record"
+    count = shards.write_shard(folder / name, group)
+    rows.append({"file": name, "study_uid": uid, "fold": group[0]["fold"] % num_folds,
+                 "num_records": count})
+  shards.write_json(folder / shards.MANIFEST, {
+      "schema_version": schema.SCHEMA_VERSION, "task": task, "num_folds": num_folds,
+      "num_records": len(recs), "shards": rows})
   return out
+
+
+def open_source(out: pathlib.Path, task: str) -> cinput.RecordSource:
+  return cinput.record_index(out, task).source()
 
 
 def _ids(loader, limit=None):
@@ -61,8 +71,8 @@ def _ids(loader, limit=None):
 
 
 def test_each_record_once_per_epoch_across_two_processes(tmp_path):
-  write_task_shards(tmp_path, "stage2", 22, shards=3)
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "stage2"))
+  write_task_shards(tmp_path, "stage2", 22)
+  src = open_source(tmp_path, "stage2")
   seen = []
   for shard in range(2):
     opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
@@ -76,7 +86,7 @@ def test_each_record_once_per_epoch_across_two_processes(tmp_path):
 
 def test_same_seed_same_order_other_seed_other_order(tmp_path):
   write_task_shards(tmp_path, "stage2", 16)
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "stage2"))
+  src = open_source(tmp_path, "stage2")
   opts = grain.sharding.NoSharding()
   kw = dict(batch_size=4, train=True, num_epochs=2, shard_options=opts)
   a = _ids(cinput.make_loader(src, "stage2", seed=1, **kw))
@@ -117,7 +127,7 @@ def test_box_follows_the_image():
 
 def test_normalised_float_batches(tmp_path):
   write_task_shards(tmp_path, "cnn3d", 6)
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "cnn3d"))
+  src = open_source(tmp_path, "cnn3d")
   loader = cinput.make_loader(src, "cnn3d", batch_size=4, train=False, seed=0,
                               shard_options=grain.sharding.NoSharding())
   batches = list(loader)
@@ -129,7 +139,7 @@ def test_normalised_float_batches(tmp_path):
 
 def test_state_restore_resumes_the_exact_next_batch(tmp_path):
   write_task_shards(tmp_path, "stage1", 20)
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "stage1"))
+  src = open_source(tmp_path, "stage1")
   make = lambda: cinput.make_loader(src, "stage1", batch_size=3, train=True, seed=5,
                                     augment=cinput.AugmentOptions(),
                                     shard_options=grain.sharding.NoSharding())
@@ -147,38 +157,50 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path):
     np.testing.assert_array_equal(got["box"], want["box"])
 
 
-def test_fold_filter(tmp_path):
+def test_fold_filter_from_the_manifest(tmp_path):
   write_task_shards(tmp_path, "slices2d", 30)
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "slices2d"))
-  table = cinput.record_table(src)
-  tr = cinput.fold_indices(table, 1, train=True)
-  va = cinput.fold_indices(table, 1, train=False)
+  index = cinput.record_index(tmp_path, "slices2d")
+  src = index.source()
+  tr, va = index.ids(1, train=True), index.ids(1, train=False)
   assert sorted(np.concatenate([tr, va]).tolist()) == list(range(30))
-  assert set(table["fold"][va]) == {1} and 1 not in set(table["fold"][tr])
   sub = src.subset(va)
-  assert all(sub[i]["fold"] == 1 for i in range(len(sub)))
-  assert len(cinput.fold_indices(table, -1, train=False)) == 0
+  assert len(sub) == len(va) > 0 and all(sub[i]["fold"] == 1 for i in range(len(sub)))
+  assert all(sub[i]["study_uid"] == index.study_uid[va[i]] for i in range(len(sub)))
+  assert all(src.subset(tr)[i]["fold"] != 1 for i in range(len(tr)))
+  assert len(index.ids(-1, train=False)) == 0 and len(index.ids(-1, train=True)) == 30
+  with pytest.raises(ValueError, match="fold 5"):
+    index.ids(5, train=True)
+
+
+def test_missing_manifest_or_shard(tmp_path):
+  write_task_shards(tmp_path, "stage2", 14)
+  victim = sorted((tmp_path / "stage2").glob("*.array_record"))[0]
+  victim.unlink()
+  with pytest.raises(cinput.ShardError, match=victim.name):
+    cinput.record_index(tmp_path, "stage2")
+  (tmp_path / "stage2" / "manifest.json").unlink()
+  with pytest.raises(ValueError, match="manifest"):
+    cinput.record_index(tmp_path, "stage2")
 
 
 def test_truncated_shard_is_named(tmp_path):
-  write_task_shards(tmp_path, "stage2", 8, shards=2)
+  write_task_shards(tmp_path, "stage2", 14)
   bad = sorted((tmp_path / "stage2").glob("*.array_record"))[1]
   data = bad.read_bytes()
   bad.write_bytes(data[: len(data) // 2])
   with pytest.raises(cinput.ShardError, match=bad.name):
-    cinput.RecordSource(cinput.shard_paths(tmp_path, "stage2"))
+    open_source(tmp_path, "stage2")
 
 
 def test_corrupt_record_is_named(tmp_path):
-  recs = [make_record("stage2", i) for i in range(4)]
   folder = tmp_path / "stage2"
   folder.mkdir()
   w = ArrayRecordWriter(str(folder / "x.array_record"), "group_size:1")
-  for r in recs[:3]:
-    w.write(schema.encode(r))
-  w.write(schema.encode(recs[3])[:60])  # a record cut inside its header / arrays
+  for i in range(3):
+    w.write(schema.encode(make_record("stage2", i)))
+  w.write(schema.encode(make_record("stage2", 3))[:60])  # a record cut inside its header
   w.close()
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "stage2"))
+  src = cinput.RecordSource([folder / "x.array_record"])
   assert src[0]["vertebra"] == 0
   with pytest.raises(cinput.ShardError, match=r"x\.array_record.*record 3"):
     src[3]
@@ -187,7 +209,7 @@ def test_corrupt_record_is_named(tmp_path):
 def test_workers_are_deterministic(tmp_path):
   # grain batches inside each worker, so batches depend on the worker count, not on the run.
   write_task_shards(tmp_path, "stage2", 12)
-  src = cinput.RecordSource(cinput.shard_paths(tmp_path, "stage2"))
+  src = open_source(tmp_path, "stage2")
   kw = dict(batch_size=3, train=True, seed=0, num_epochs=1, augment=cinput.AugmentOptions(),
             shard_options=grain.sharding.NoSharding(), workers=2)
   a = list(cinput.make_loader(src, "stage2", **kw))
