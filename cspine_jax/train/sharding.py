@@ -1,0 +1,77 @@
+"""Device mesh and sharding rules: batch split over a 'data' axis, parameters by a named rule.
+
+``param_rule="replicated"`` copies every parameter/optimizer array to all devices (data parallel);
+``param_rule="fsdp"`` splits each large array along its largest axis divisible by the mesh size
+(ZeRO-3 style). Switching between them is a config change (``train.param_sharding``); the step
+functions get their shardings from here and never hard-code a layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+RULES = ("replicated", "fsdp")
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh named 'data' over all (or the first ``num_devices``) devices."""
+  n = num_devices or jax.device_count()
+  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data', the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def array_spec(shape: tuple[int, ...], mesh: Mesh, rule: str, min_size: int = 2 ** 14) -> P:
+  """The PartitionSpec of one parameter/optimizer array under ``rule``."""
+  if rule not in RULES:
+    raise ValueError(f"unknown parameter sharding rule {rule!r}; expected one of {RULES}")
+  n = mesh.shape[DATA_AXIS]
+  if rule == "replicated" or n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  # Largest axis divisible by the number of devices; small or indivisible arrays stay replicated.
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % n == 0:
+      spec = [None] * len(shape)
+      spec[axis] = DATA_AXIS
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rule: str = "replicated") -> Any:
+  """A tree of NamedSharding matching ``abstract_state`` (arrays or ShapeDtypeStructs)."""
+  def one(x):
+    shape = getattr(x, "shape", ())
+    return NamedSharding(mesh, array_spec(tuple(shape), mesh, rule))
+  return jax.tree.map(one, abstract_state)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's batch -> global arrays split over 'data' (each host passes its own part)."""
+  sharding = batch_sharding(mesh)
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.dtype.kind in "OUS":
+      continue  # strings stay on the host
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """The per-process batch size; the global batch must split evenly over the devices."""
+  local_devices = mesh.local_mesh.size if hasattr(mesh, "local_mesh") else jax.local_device_count()
+  if batch_size % local_devices:
+    raise ValueError(f"per-process batch size {batch_size} does not split over {local_devices} "
+                     "local devices; choose a multiple")
+  return batch_size
