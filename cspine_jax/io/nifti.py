@@ -69,10 +69,6 @@ def _index_map(series: Series, affine: np.ndarray, mask_shape, path, tolerance: 
   origin, row_step, col_step = _series_to_nifti_index(series, affine)
   row_axis, row_sign = _axis_of(row_step)
   col_axis, col_sign = _axis_of(col_step)
-  if row_axis == col_axis:
-    raise _mapping_error(path, mask_shape, series.shape,
-                         f"rows and columns both run along NIfTI axis {row_axis} (grids not aligned)")
-  slice_axis = 3 - row_axis - col_axis
   row_unit = np.zeros(3)
   row_unit[row_axis] = row_sign
   col_unit = np.zeros(3)
@@ -83,6 +79,11 @@ def _index_map(series: Series, affine: np.ndarray, mask_shape, path, tolerance: 
   corners = np.array([[0, 0], [height - 1, 0], [0, width - 1], [height - 1, width - 1]], np.float64)
   drift = corners[:, :1] * (row_step - row_unit) + corners[:, 1:] * (col_step - col_unit)  # (4, 3)
   misfit = float(np.abs((origin - nearest)[:, None, :] + drift[None]).max())
+  if row_axis == col_axis:
+    raise _mapping_error(path, mask_shape, series.shape,
+                         f"rows and columns both run mostly along NIfTI axis {row_axis}: grids not "
+                         f"aligned (misfit {misfit:.3f} voxels)")
+  slice_axis = 3 - row_axis - col_axis
   if misfit > tolerance:
     raise _mapping_error(path, mask_shape, series.shape,
                          f"series voxels fall up to {misfit:.3f} voxels from the nearest mask voxel "
@@ -112,18 +113,24 @@ def _label_array(img: nib.Nifti1Image, path) -> np.ndarray:
     raise MaskError(f"{path}: cannot read NIfTI voxel data: {e}") from e
   if data.ndim == 4 and data.shape[3] == 1:
     data = data[..., 0]
-  if np.issubdtype(data.dtype, np.floating):
-    if not np.all(np.isfinite(data)):
-      raise MaskError(f"{path}: mask holds NaN or infinite values")
-    rounded = np.rint(data)
-    if np.abs(data - rounded).max(initial=0.0) > 1e-3:
-      raise MaskError(f"{path}: mask values are not whole-number labels")
-    data = rounded
-  elif not (np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
+  is_float = np.issubdtype(data.dtype, np.floating)
+  if not (is_float or np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
     raise MaskError(f"{path}: unsupported mask dtype {data.dtype}")
-  if data.size and (data.min() < 0 or data.max() > 255):
-    raise MaskError(f"{path}: labels span {data.min()}..{data.max()}, outside 0..255")
-  return data.astype(np.uint8, copy=False)
+  out = np.empty(data.shape, np.uint8)
+  # Converted a few planes at a time: a float64 RSNA mask is ~600 MB, its temporaries need not be.
+  for start in range(0, data.shape[0], 16):
+    chunk = data[start:start + 16]
+    if is_float:
+      if not np.all(np.isfinite(chunk)):
+        raise MaskError(f"{path}: mask holds NaN or infinite values")
+      rounded = np.rint(chunk)
+      if np.abs(chunk - rounded).max(initial=0.0) > 1e-3:
+        raise MaskError(f"{path}: mask values are not whole-number labels")
+      chunk = rounded
+    if chunk.size and (chunk.min() < 0 or chunk.max() > 255):
+      raise MaskError(f"{path}: labels span {data.min()}..{data.max()}, outside 0..255")
+    out[start:start + 16] = chunk
+  return out
 
 
 def load_mask(nii_path: str | os.PathLike, series: Series, *, tolerance: float = 0.25) -> np.ndarray:
