@@ -128,7 +128,7 @@ def run_study(task: str, study: study_lib.StudyInput, options: study_lib.Options
   return study.uid, n, None
 
 
-def _check_identity(task_dir: pathlib.Path, identity: dict[str, Any]) -> None:
+def check_identity(task_dir: pathlib.Path, identity: dict[str, Any]) -> None:
   path = task_dir / IDENTITY
   if not path.exists():
     shards.write_json(path, identity)
@@ -142,7 +142,7 @@ def _check_identity(task_dir: pathlib.Path, identity: dict[str, Any]) -> None:
                        f"arguments ({details}); use another --out or delete the folder")
 
 
-def _done(task_dir: pathlib.Path, uid: str) -> bool:
+def is_done(task_dir: pathlib.Path, uid: str) -> bool:
   return ((task_dir / shard_name(uid)).exists() or (task_dir / f"{uid}{BAD_SUFFIX}").exists())
 
 
@@ -217,9 +217,9 @@ def prepare(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task: str,
   plan = make_plan(data_dir, task, options, vertebrae_file)
   task_dir = pathlib.Path(out_dir) / task
   task_dir.mkdir(parents=True, exist_ok=True)
-  _check_identity(task_dir, plan.identity())
+  check_identity(task_dir, plan.identity())
   shards.remove_temporaries(task_dir)  # Left by a killed run; their studies are redone.
-  todo = [s for s in plan.studies if not _done(task_dir, s.uid)]
+  todo = [s for s in plan.studies if not is_done(task_dir, s.uid)]
   start = time.perf_counter()
   _run_all(plan, todo, task_dir, workers, progress, start_method)
   manifest = build_manifest(plan, task_dir, time.perf_counter() - start)
