@@ -156,18 +156,53 @@ class _Slice:
   transfer_syntax: str
 
 
-def _float_list(ds: Any, keyword: str, length: int) -> list[float] | None:
-  value = ds.get(keyword)
-  if value is None:
-    return None
+# Tags read straight from the raw elements: pydicom's value conversion (DS validation, MultiValue)
+# cost about 10x the raw parse and made the header the largest overhead over decoding.
+_IMAGE_POSITION = 0x00200032
+_IMAGE_ORIENTATION = 0x00200037
+_PIXEL_SPACING = 0x00280030
+_INSTANCE_NUMBER = 0x00200013
+_RESCALE_INTERCEPT = 0x00281052
+_RESCALE_SLOPE = 0x00281053
+_SERIES_UID = 0x0020000E
+_STUDY_UID = 0x0020000D
+
+
+def _text(ds: Any, tag: int) -> list[str]:
+  """The values of a text element (DS, IS, UI are ASCII) as strings; [] when absent or empty."""
+  elem = ds.get_item(tag)
+  if elem is None:
+    return []
+  value = elem.value
+  if isinstance(value, (bytes, bytearray)):  # Raw, as read from the file.
+    text = value.decode("latin-1").strip(" \x00")
+    return [v.strip(" \x00") for v in text.split("\\")] if text else []
+  if value is None or value == "":
+    return []
+  items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+  return [str(v) for v in items]
+
+
+def _floats(ds: Any, tag: int, length: int) -> list[float] | None:
+  """``length`` finite numbers from a DS element, or None when absent or malformed."""
   try:
-    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
-    values = [float(v) for v in items]
-  except (TypeError, ValueError):
+    values = [float(v) for v in _text(ds, tag)]
+  except ValueError:
     return None
-  if len(values) != length or not np.all(np.isfinite(values)):
+  if len(values) != length or not all(np.isfinite(values)):
     return None
   return values
+
+
+def _number(ds: Any, tag: int, default: float | None) -> float | None:
+  """A single DS/IS value, or ``default`` when absent; ValueError when malformed."""
+  values = _text(ds, tag)
+  return float(values[0]) if values else default
+
+
+def _uid(ds: Any, tag: int) -> str:
+  values = _text(ds, tag)
+  return values[0] if values else ""
 
 
 def _read_header(path: pathlib.Path) -> _Slice | str:
@@ -184,6 +219,7 @@ def _read_header(path: pathlib.Path) -> _Slice | str:
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if not tsyntax:
       return "no transfer syntax in the file meta header"
+    # Group 0028 values below are converted by pixel decoding anyway (and cached in ds).
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
       return f"multi-frame image ({ds.NumberOfFrames} frames) is not supported"
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -191,30 +227,29 @@ def _read_header(path: pathlib.Path) -> _Slice | str:
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
       return "missing Rows/Columns"
-    position = _float_list(ds, "ImagePositionPatient", 3)
+    position = _floats(ds, _IMAGE_POSITION, 3)
     if position is None:
       return "missing or invalid ImagePositionPatient"
-    orientation = _float_list(ds, "ImageOrientationPatient", 6)
-    if orientation is None or np.linalg.norm(np.cross(orientation[:3], orientation[3:])) < 1e-3:
+    orientation = _floats(ds, _IMAGE_ORIENTATION, 6)
+    if orientation is None:
       return "missing or invalid ImageOrientationPatient"
     if not pydicom.uid.UID(tsyntax).is_compressed:
       # A truncated uncompressed file can still parse; catch it here, before decoding.
-      expected = pydicom.pixels.utils.get_expected_length(ds, "bytes")
+      expected = int(rows) * int(cols) * ((int(ds.get("BitsAllocated") or 16) + 7) // 8)
       if len(ds.PixelData) < expected:
         return f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)"
-    spacing = _float_list(ds, "PixelSpacing", 2)
-    instance = ds.get("InstanceNumber")
-    slope = ds.get("RescaleSlope", 1.0)
-    intercept = ds.get("RescaleIntercept", 0.0)
+    spacing = _floats(ds, _PIXEL_SPACING, 2)
+    try:  # Only a fallback for `reversed`; a malformed one must not cost the slice.
+      instance = _number(ds, _INSTANCE_NUMBER, None)
+    except ValueError:
+      instance = None
     return _Slice(
         name=path.name, number=file_number(path.name), ds=ds,
         position=np.asarray(position, np.float64), orientation=np.asarray(orientation, np.float64),
         size=(int(rows), int(cols)), pixel_spacing=tuple(spacing) if spacing else None,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        instance_number=int(instance) if instance not in (None, "") else None,
-        slope=float(slope if slope not in (None, "") else 1.0),
-        intercept=float(intercept if intercept not in (None, "") else 0.0),
+        series_uid=_uid(ds, _SERIES_UID), study_uid=_uid(ds, _STUDY_UID),
+        instance_number=int(instance) if instance is not None else None,
+        slope=_number(ds, _RESCALE_SLOPE, 1.0), intercept=_number(ds, _RESCALE_INTERCEPT, 0.0),
         transfer_syntax=str(tsyntax))
   except Exception as e:  # noqa: BLE001 - malformed element values.
     return f"invalid header ({type(e).__name__}: {e})"
@@ -227,7 +262,7 @@ def _majority(values: list[Any]) -> Any:
 
 def _decode_into(sl: _Slice, out: np.ndarray) -> None:
   """Decodes ``sl``'s pixels as HU into ``out`` (float32 (H, W)), resizing when sizes differ."""
-  arr = pydicom.pixels.pixel_array(sl.ds)
+  arr = pydicom.pixels.pixel_array(sl.ds, view_only=True)  # Read-only is enough: we copy it.
   if arr.ndim != 2:
     raise ValueError(f"decoded pixel array has shape {arr.shape}, expected 2-D")
   if arr.shape != sl.size:
@@ -331,6 +366,8 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
   slices = kept
   orientation = np.mean([s.orientation for s in slices], axis=0)
   normal = np.cross(orientation[:3], orientation[3:])
+  if np.linalg.norm(normal) < 1e-3:
+    raise SeriesError(f"{folder}: degenerate ImageOrientationPatient {list(orientation)}")
   normal /= np.linalg.norm(normal)
 
   # Head to feet: order by the projection on the normal, falling in the superior (+z) sense.
