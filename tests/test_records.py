@@ -101,7 +101,7 @@ def test_vertebrae_file_roundtrip(tmp_path):
     (lambda t: t.replace("1.2.3,C2", "1.2.3,C9", 1), "vertebra 'C9'"),
     (lambda t: "\n".join(l for l in t.splitlines() if ",C5," not in l or "1.2.4" not in l),
      r"1.2.4 has no row for \['C5'\]"),
-    (lambda t: t.replace("0.100000,0.200000,0.500000", "0.600000,0.200000,0.500000", 1),
+    (lambda t: t.replace("0.10000000,0.20000000,0.50000000", "0.60000000,0.20000000,0.50000000", 1),
      "not a normalised box"),
     (lambda t: t + t.splitlines()[1] + "\n", "duplicate row"),
 ])
@@ -210,3 +210,17 @@ def test_options_validation():
   with pytest.raises(ValueError, match="image_size"):
     study.Options(image_size=(0, 4))
   assert study.Options(image_size=[32, 48]).to_json()["image_size"] == [32, 48]
+
+
+def test_pixel_box_survives_the_file(tmp_path):
+  rng = np.random.default_rng(0)
+  preds, boxes = {}, {}
+  for i in range(50):
+    x0, y0 = rng.integers(0, 400, 2)
+    box = (int(x0), int(y0), int(x0 + rng.integers(1, 112)), int(y0 + rng.integers(1, 112)))
+    boxes[f"1.9.{i}"] = box
+    norm = (box[0] / 512, box[1] / 512, box[2] / 512, box[3] / 512)
+    preds[f"1.9.{i}"] = (vertebrae.VertebraPrediction(True, 0, 1, 0, 1, norm, 1.0),) * 7
+  vertebrae.write_vertebrae(tmp_path / "v.csv", preds)
+  for uid, p in vertebrae.read_vertebrae(tmp_path / "v.csv").items():
+    assert vertebrae.resolve(p[0], np.arange(2), (2, 512, 512))[2] == boxes[uid]

@@ -12,6 +12,7 @@ import os
 import pathlib
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 from array_record.python import array_record_module
 
 from cspine_jax.records import schema
@@ -72,6 +73,24 @@ def read_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 def read_records(paths: Sequence[str | os.PathLike]) -> Iterator[dict[str, Any]]:
   for p in paths:
     yield from read_shard(p)
+
+
+def canonical(record: dict[str, Any]) -> tuple:
+  """A hashable, order-free form of a decoded record (compare record sets as multisets).
+
+  Arrays become (dtype, shape, bytes); bytes become str (TFDS returns strings as bytes); numpy
+  scalars become Python values.
+  """
+  out = []
+  for k, v in sorted(record.items()):
+    if isinstance(v, np.ndarray) and v.ndim > 0:
+      v = (v.dtype.name, v.shape, v.tobytes())
+    elif isinstance(v, (np.ndarray, np.generic)):
+      v = v.item()
+    if isinstance(v, bytes):
+      v = v.decode()
+    out.append((k, v))
+  return tuple(out)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

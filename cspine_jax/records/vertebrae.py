@@ -31,6 +31,9 @@ COLUMNS = ("StudyInstanceUID", "vertebra", "present", "first_index", "last_index
            "last_number", "x0", "y0", "x1", "y1", "confidence")
 
 
+_ROUND_TOL = 1e-3  # Pixels; far above the 1e-8 of the written fractions, far below a pixel.
+
+
 class VertebraeFileError(ValueError):
   """A malformed predictions file; the message names the file, the line and the problem."""
 
@@ -66,7 +69,7 @@ def write_vertebrae(path: str | os.PathLike, predictions: Mapping[str, Sequence[
       for name, p in zip(labels_lib.VERTEBRAE, preds):
         if p.present:
           w.writerow([uid, name, 1, p.first_index, p.last_index, p.first_number, p.last_number,
-                      *(f"{b:.6f}" for b in p.box), f"{p.confidence:.6f}"])
+                      *(f"{b:.8f}" for b in p.box), f"{p.confidence:.6f}"])
         else:
           w.writerow([uid, name, 0, "", "", "", "", "", "", "", "", f"{p.confidence:.6f}"])
   os.replace(tmp, path)
@@ -148,9 +151,9 @@ def resolve(pred: VertebraPrediction, numbers: np.ndarray, shape: Sequence[int]
       raise ValueError(f"predicted slices {first}..{last} lie outside a series of {num_slices} "
                        f"slices, and file numbers {pred.first_number}..{pred.last_number} are not "
                        "in the series")
-  x0, y0, x1, y1 = pred.box
-  box = (int(math.floor(x0 * width)), int(math.floor(y0 * height)),
-         max(int(math.ceil(x1 * width)), int(math.floor(x0 * width)) + 1),
-         max(int(math.ceil(y1 * height)), int(math.floor(y0 * height)) + 1))
-  box = (min(box[0], width - 1), min(box[1], height - 1), min(box[2], width), min(box[3], height))
-  return first, last, box
+  # Outward rounding, with a tolerance so that a pixel box written as fractions comes back exact.
+  x0 = min(int(math.floor(pred.box[0] * width + _ROUND_TOL)), width - 1)
+  y0 = min(int(math.floor(pred.box[1] * height + _ROUND_TOL)), height - 1)
+  x1 = min(max(int(math.ceil(pred.box[2] * width - _ROUND_TOL)), x0 + 1), width)
+  y1 = min(max(int(math.ceil(pred.box[3] * height - _ROUND_TOL)), y0 + 1), height)
+  return first, last, (x0, y0, x1, y1)
