@@ -55,7 +55,8 @@ REPORTS: list[Callable[[Inputs], str]] = [_summary, _scores, _aucs, _top_n]
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--labels", required=True, help="train.csv (StudyInstanceUID, patient_overall, C1..C7)")
+  parser.add_argument("--labels", required=True,
+                      help="train.csv (StudyInstanceUID, patient_overall, C1..C7)")
   parser.add_argument("--predictions", required=True, help="predictions CSV, wide or Kaggle long")
   parser.add_argument("--folds", help="CSV with StudyInstanceUID, fold (default: the predictions' "
                       "own fold column, if any)")

@@ -101,7 +101,8 @@ def _long_to_wide(df: pd.DataFrame, what: str) -> pd.DataFrame:
   parts = row_ids.str.fullmatch(_LONG_ROW_RE.pattern)
   if not parts.all():
     bad = row_ids[~parts].iloc[0]
-    raise PredictionError(f"{what}: row_id {bad!r} is not <StudyInstanceUID>_<patient_overall|C1..C7>")
+    raise PredictionError(
+        f"{what}: row_id {bad!r} is not <StudyInstanceUID>_<patient_overall|C1..C7>")
   split = row_ids.str.extract(_LONG_ROW_RE.pattern)
   dup = row_ids[row_ids.duplicated()]
   if len(dup):
@@ -142,7 +143,8 @@ def read_predictions(path_or_df: str | os.PathLike | pd.DataFrame) -> pd.DataFra
   return _validate_wide(df, what)
 
 
-def _align(labels: pd.DataFrame, predictions: pd.DataFrame) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+def _align(labels: pd.DataFrame,
+           predictions: pd.DataFrame) -> tuple[pd.Index, np.ndarray, np.ndarray]:
   """(uids, y (N, 8), p (N, 8)) in the labels' order; every labelled study must be predicted."""
   lab = _validate_wide(labels, "labels")
   pred = read_predictions(predictions)

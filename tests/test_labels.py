@@ -85,7 +85,8 @@ def _real_vertebrae(real_data_dir):
   """The real label map as (S, H, W) head to feet, T11..L5 relabelled 1..7 like C1..C7."""
   img = nib.as_closest_canonical(nib.load(real_data_dir / "totalseg_nifti" / "seg.nii.gz"))
   data = np.asarray(img.dataobj).astype(np.uint8)  # RAS: (x, y, z)
-  vol = np.ascontiguousarray(data.transpose(2, 1, 0)[::-1, ::-1])  # z from head down; rows anterior first
+  # z from the head down; rows from anterior to posterior, like a DICOM axial slice.
+  vol = np.ascontiguousarray(data.transpose(2, 1, 0)[::-1, ::-1])
   out = np.where((vol >= 27) & (vol <= 33), 34 - vol.astype(np.int16), 0).astype(np.uint8)
   out[vol == 26] = 20  # S1 stays as a label > 7, to be ignored
   return out
@@ -138,7 +139,8 @@ TRAIN_HEADER = "StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n"
 
 
 def test_read_train_csv(tmp_path):
-  path = _write(tmp_path, "train.csv", TRAIN_HEADER + "1.2.3,1,0,1,0,0,0,0,0\n1.2.4,0,0,0,0,0,0,0,0\n")
+  path = _write(tmp_path, "train.csv",
+                TRAIN_HEADER + "1.2.3,1,0,1,0,0,0,0,0\n1.2.4,0,0,0,0,0,0,0,0\n")
   df = labels.read_train_csv(path)
   assert list(df.columns) == ["StudyInstanceUID", *labels.TARGETS]
   assert df["StudyInstanceUID"].tolist() == ["1.2.3", "1.2.4"]
@@ -148,8 +150,10 @@ def test_read_train_csv(tmp_path):
 @pytest.mark.parametrize("body,message", [
     ("1.2.3,1,0,2,0,0,0,0,0\n", r"row 0 \(line 2\): C2='2' is not 0 or 1"),
     ("1.2.3,1,0,1,0,0,0,0,\n", r"row 0 \(line 2\): C7='' is not 0 or 1"),
-    ("1.2.3,1,0,1,0,0,0,0,0\n1.2.3,0,0,0,0,0,0,0,0\n", r"row 1 \(line 3\): duplicate StudyInstanceUID 1.2.3"),
-    ("1.2.3,1,0,1,0,0,0,0,0\n../x,0,0,0,0,0,0,0,0\n", r"row 1 \(line 3\): invalid StudyInstanceUID '../x'"),
+    ("1.2.3,1,0,1,0,0,0,0,0\n1.2.3,0,0,0,0,0,0,0,0\n",
+     r"row 1 \(line 3\): duplicate StudyInstanceUID 1.2.3"),
+    ("1.2.3,1,0,1,0,0,0,0,0\n../x,0,0,0,0,0,0,0,0\n",
+     r"row 1 \(line 3\): invalid StudyInstanceUID '../x'"),
 ])
 def test_read_train_csv_errors(tmp_path, body, message):
   path = _write(tmp_path, "train.csv", TRAIN_HEADER + body)
@@ -167,7 +171,8 @@ def test_read_train_csv_missing_column_and_file(tmp_path):
 
 def test_read_bounding_boxes(tmp_path):
   header = "StudyInstanceUID,x,y,width,height,slice_number\n"
-  path = _write(tmp_path, "boxes.csv", header + "1.2.3,10.5,20,30.25,40,133\n1.2.3,11,21,30,40,134\n")
+  path = _write(tmp_path, "boxes.csv",
+                header + "1.2.3,10.5,20,30.25,40,133\n1.2.3,11,21,30,40,134\n")
   df = labels.read_bounding_boxes(path)
   assert df["slice_number"].tolist() == [133, 134] and df["slice_number"].dtype == np.int64
   assert df["x"].tolist() == [10.5, 11.0] and df["width"].iloc[0] == 30.25

@@ -45,7 +45,8 @@ def test_hand_computed_values():
 
   study0 = (14 * lo(0.7) + 2 * lo(0.7) + 6 * lo(0.3)) / 22
   study1 = lo(0.8)  # all negative: the weights cancel
-  study2 = (14 * lo(0.9) + 1 * lo(0.9) + 2 * lo(0.5) + 3 * lo(0.5) + 2 * lo(0.6) + 2 * lo(0.99)) / 24
+  study2 = (14 * lo(0.9) + 1 * lo(0.9) + 2 * lo(0.5) + 3 * lo(0.5) + 2 * lo(0.6)
+            + 2 * lo(0.99)) / 24
   np.testing.assert_allclose(metrics.weighted_log_loss(Y, p), [study0, study1, study2], rtol=1e-12)
   per_study = metrics.per_study_loss(LABELS, _wide(UIDS, p))
   assert list(per_study.index) == UIDS

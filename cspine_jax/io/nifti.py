@@ -33,7 +33,8 @@ def _best_affine(img: nib.Nifti1Image, path: pathlib.Path) -> np.ndarray:
   header = img.header
   if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
     # nibabel would fall back to a bare scaling with no orientation: that cannot place the mask.
-    raise MaskError(f"{path}: NIfTI has neither sform nor qform (both codes 0): no geometry to align by")
+    raise MaskError(
+        f"{path}: NIfTI has neither sform nor qform (both codes 0): no geometry to align by")
   affine = np.asarray(img.affine, np.float64)
   if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
     raise MaskError(f"{path}: NIfTI affine is singular or not finite:\n{affine}")
@@ -133,7 +134,8 @@ def _label_array(img: nib.Nifti1Image, path) -> np.ndarray:
   return out
 
 
-def load_mask(nii_path: str | os.PathLike, series: Series, *, tolerance: float = 0.25) -> np.ndarray:
+def load_mask(nii_path: str | os.PathLike, series: Series, *,
+              tolerance: float = 0.25) -> np.ndarray:
   """Reads a NIfTI label map (.nii / .nii.gz) and returns it as uint8 (S, H, W) on ``series``' grid.
 
   ``tolerance`` is the largest distance (in mask voxels, any axis) allowed between a series voxel
