@@ -70,3 +70,117 @@ def test_noisy_presence_and_absent_vertebra(tmp_path):
   assert back[2].first_index == preds[2].first_index
   with pytest.raises(ValueError, match="expected presence"):
     pseudo_labels.derive(presence[:, :6], boxes)
+
+
+# ----------------------------------------------------------------------------- end-to-end inference
+
+import json
+import pathlib
+import shutil
+
+import pandas as pd
+
+from cspine_jax import metrics
+from cspine_jax.infer import aggregate, predict
+from cspine_jax.records import study as study_lib
+
+OPTIONS = study_lib.Options(image_size=(32, 32), stage2_slices=6)
+
+
+def _stage1(images):
+  """Test double: C1..C7 in consecutive thirds of the 20-slice series, one central box."""
+  n = len(images)
+  idx = np.asarray(images[:, 0, 0, 1], np.float64)  # the test's slices carry their index here
+  presence = np.zeros((n, 7))
+  for v in range(7):
+    presence[:, v] = ((idx >= 2 * v) & (idx <= 2 * v + 3)).astype(float) * 0.9
+  return presence, np.tile([[0.25, 0.3, 0.75, 0.8]], (n, 1))
+
+
+def _stage2(seqs):
+  """Test double: probability from the crops' mean brightness (any deterministic map works)."""
+  return seqs.reshape(len(seqs), -1).mean(1) / 255.0
+
+
+def _models():
+  return predict.Models(stage1=_stage1, stage2=_stage2, options=OPTIONS, top_n=7)
+
+
+@pytest.fixture
+def studies(tmp_path, real_data_dir):
+  root = tmp_path / "test_images"
+  src = real_data_dir / "totalseg_ct" / "dicom_jpeg_lossless"
+  shutil.copytree(src, root / "1.2.826.0.1.3680043.10001")
+  shutil.copytree(src, root / "1.2.826.0.1.3680043.10002")
+  bad = root / "1.2.826.0.1.3680043.10003"
+  bad.mkdir()
+  (bad / "1.dcm").write_bytes(b"not a dicom file")
+  return root
+
+
+def test_submission_format_fallback_and_error_report(tmp_path, studies, monkeypatch):
+  # The double marks each slice image with its index so ranges are predictable.
+  real_images = study_lib.slice_images
+  def marked(loaded, options):
+    images = real_images(loaded, options).copy()
+    images[:, 0, 0, 1] = np.arange(len(images))
+    return images
+  monkeypatch.setattr(study_lib, "slice_images", marked)
+  prior = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
+  folders = predict.find_studies(studies)
+  assert [f.name[-5:] for f in folders] == ["10001", "10002", "10003"]
+  writer = predict.study_writer(tmp_path / "json", tmp_path / "png")
+  result = predict.run(folders, _models(), prior, batch_size=8, studies_per_batch=2,
+                       on_study=writer)
+  paths = predict.write_outputs(result, tmp_path / "sub" / "submission.csv")
+  sub = pd.read_csv(paths["submission"], dtype={"row_id": str})
+  assert list(sub.columns) == ["row_id", "fractured"]
+  assert len(sub) == 24
+  uids = [f.name for f in folders]
+  assert sub["row_id"].tolist() == [f"{u}_{t}" for u in uids for t in labels.TARGETS]
+  assert sub["fractured"].between(0, 1).all()
+  wide = metrics.read_predictions(paths["submission"])
+  # The unreadable study got the prior, the others top-7 of their vertebrae.
+  np.testing.assert_allclose(wide.iloc[2][list(labels.TARGETS)].astype(float), prior, atol=1e-6)
+  p = wide.iloc[0][list(labels.VERTEBRAE)].to_numpy(float)
+  assert wide.iloc[0]["patient_overall"] == pytest.approx(aggregate.top_n_overall(p, 7), abs=1e-6)
+  errors = json.loads(paths["errors"].read_text())
+  assert len(errors) == 1 and errors[0]["StudyInstanceUID"] == uids[2]
+  assert "SeriesError" in errors[0]["reason"]
+  info = json.loads((tmp_path / "json" / f"{uids[0]}.json").read_text())
+  assert info["status"] == "ok" and info["shape"] == [20, 512, 512]
+  c2 = info["vertebrae"]["C2"]
+  assert (c2["first_index"], c2["last_index"]) == (2, 5)
+  assert c2["box_pixels"] == [128, 153, 384, 410]
+  assert json.loads((tmp_path / "json" / f"{uids[2]}.json").read_text())["status"] == "fallback"
+  assert (tmp_path / "png" / f"{uids[0]}.png").stat().st_size > 1000
+  assert set(result.seconds) == set(predict.STAGES)
+
+
+def test_single_study_folder_and_prior(tmp_path, studies):
+  one = studies / "1.2.826.0.1.3680043.10001"
+  assert predict.find_studies(one) == [one]
+  with pytest.raises(predict.PredictError):
+    predict.find_studies(tmp_path / "missing")
+  train = pd.DataFrame({"StudyInstanceUID": ["1.1", "1.2"], "patient_overall": [1, 0],
+                        **{c: [0, 0] for c in labels.VERTEBRAE}})
+  train.loc[0, "C2"] = 1
+  train.to_csv(tmp_path / "train.csv", index=False)
+  prior = predict.load_prior(tmp_path / "train.csv")
+  np.testing.assert_allclose(prior, [0.5, 0, 0.5, 0, 0, 0, 0, 0])
+  predict.write_prior(tmp_path / "prior.json", train)
+  np.testing.assert_allclose(predict.load_prior(tmp_path / "prior.json"), prior)
+  (tmp_path / "bad.json").write_text('{"C1": 0.1}')
+  with pytest.raises(predict.PredictError, match="bad.json"):
+    predict.load_prior(tmp_path / "bad.json")
+
+
+def test_in_batches_pads_to_one_shape():
+  shapes = []
+  def fn(x):
+    shapes.append(x.shape)
+    return x.sum(1), x[:, 0]
+  a, b = predict.in_batches(fn, np.arange(14.).reshape(7, 2), 3)
+  assert shapes == [(3, 2)] * 3
+  np.testing.assert_allclose(a, np.arange(14.).reshape(7, 2).sum(1))
+  assert len(b) == 7

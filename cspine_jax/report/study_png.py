@@ -43,6 +43,17 @@ def _slab(volume: np.ndarray, axis: int, centre: int) -> np.ndarray:
   return np.take(volume, np.arange(lo, hi), axis=axis).max(axis=axis)
 
 
+def _zoom(boxes: Sequence[Sequence[float]], a: int, b: int, size: int) -> tuple[float, float]:
+  """Horizontal limits: the boxes' union along one axis widened by its own extent on each side
+  (so labels fit), at least 40% of the image; the whole image when there are no boxes."""
+  if not boxes:
+    return -0.5, size - 0.5
+  lo, hi = min(bx[a] for bx in boxes), max(bx[b] for bx in boxes)
+  half = max(1.5 * (hi - lo), 0.4 * size) / 2
+  centre = (lo + hi) / 2
+  return max(-0.5, centre - half), min(size - 0.5, centre + half)
+
+
 def render_study(volume: np.ndarray, path: str | os.PathLike, *, ranges: Sequence[Range],
                  boxes: Sequence[Box], probs: Sequence[float] | None = None,
                  overall: float | None = None, pixel_spacing: tuple[float, float] = (1.0, 1.0),
@@ -75,7 +86,9 @@ def render_study(volume: np.ndarray, path: str | os.PathLike, *, ranges: Sequenc
            ("coronal (row %d)" % row_c, coronal, 0, 2, slice_spacing / pixel_spacing[1]))
 
   # Height from the views' physical proportions so the figure has no empty bands.
-  tall = max(s * aspect / image.shape[1] for _, image, _, _, aspect in views)
+  present = [bx for bx in boxes if bx is not None]
+  tall = max(s * aspect / np.subtract(*_zoom(present, a, b, image.shape[1])[::-1])
+             for _, image, a, b, aspect in views)
   fig, axes = plt.subplots(1, 2, figsize=(10, float(np.clip(4.3 * tall + 1.2, 3.5, 12))),
                            layout="constrained")
   for ax, (name, image, a, b, aspect) in zip(axes, views):
@@ -99,7 +112,7 @@ def render_study(volume: np.ndarray, path: str | os.PathLike, *, ranges: Sequenc
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("row (anterior -> posterior)" if a == 1 else "column")
     ax.set_ylabel("slice index (head -> feet)")
-    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_xlim(*_zoom([bx for bx in boxes if bx is not None], a, b, image.shape[1]))
     ax.set_ylim(s - 0.5, -0.5)
   head = title or "study"
   if overall is not None:

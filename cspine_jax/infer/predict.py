@@ -1,0 +1,345 @@
+"""Two-stage inference from raw DICOM to the Kaggle submission.
+
+    python -m cspine_jax.predict --studies DIR --workdir RUN --out submission.csv
+        [--prior train.csv|prior.json] [--top_n 7] [--json_dir D] [--png_dir D] [--batch_size 32]
+
+DIR is a ``test_images/`` folder of study folders or one study folder of scanner files. Per study:
+read (``io.dicom.read_series``, in a background thread that decodes the next study while the models
+run) -> stage 1 on every slice (the fold ensemble, batched over slices) -> vertebra ranges and boxes
+(``infer.pseudo_labels.derive``) -> crops (``records.stage2.vertebra_images``, the training
+preprocessing) -> stage 2 (fold ensemble, batched over the vertebrae of several studies) ->
+per-vertebra probabilities -> patient_overall = top-N (``infer.aggregate``).
+
+Writes the long-format submission (``row_id,fractured``; 8 rows per study), one JSON per study
+(probabilities, ranges, boxes) and ``<out>.errors.json`` listing every study that fell back to the
+prior (with the reason). A study that cannot be read or processed gets the prior's probabilities and
+the run goes on; a folder whose name is not a StudyInstanceUID and whose files carry none cannot be
+named in a submission, so it is only reported.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cspine_jax import labels as labels_lib
+from cspine_jax.infer import aggregate
+from cspine_jax.infer import pseudo_labels
+from cspine_jax.io import dicom
+from cspine_jax.records import stage2 as stage2_lib
+from cspine_jax.records import study as study_lib
+from cspine_jax.records import vertebrae as vertebrae_lib
+
+NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+# uint8 stage-2 sequences (N, n/3, H, W, 3) -> (N,) fracture probabilities.
+Stage2Fn = Callable[[np.ndarray], np.ndarray]
+STAGES = ("decode", "stage1", "crops", "stage2")
+
+
+class PredictError(ValueError):
+  """Inference that cannot start (no studies, a bad run folder, a bad prior)."""
+
+
+@dataclasses.dataclass
+class Models:
+  """Everything inference needs from a training run."""
+  stage1: pseudo_labels.Stage1Fn
+  stage2: Stage2Fn
+  options: study_lib.Options  # the preprocessing the models were trained with
+  rules: pseudo_labels.Rules = pseudo_labels.Rules()
+  top_n: int = aggregate.DEFAULT_TOP_N
+
+
+@dataclasses.dataclass
+class StudyResult:
+  """One study's outcome; ``error`` set means its probabilities are the prior's."""
+  uid: str | None
+  folder: str
+  probs: np.ndarray | None = None  # (8,) patient_overall, C1..C7
+  vertebrae: tuple[vertebrae_lib.VertebraPrediction, ...] | None = None
+  shape: tuple[int, int, int] | None = None
+  error: str | None = None
+
+  def to_json(self, numbers: np.ndarray | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"StudyInstanceUID": self.uid, "folder": self.folder,
+                           "status": "fallback" if self.error else "ok"}
+    if self.error:
+      out["error"] = self.error
+    if self.probs is not None:
+      out["probabilities"] = {t: float(p) for t, p in zip(labels_lib.TARGETS, self.probs)}
+    if self.shape is not None:
+      out["shape"] = list(self.shape)
+    if self.vertebrae is not None:
+      out["vertebrae"] = {name: _vertebra_json(p, numbers, self.shape)
+                          for name, p in zip(labels_lib.VERTEBRAE, self.vertebrae)}
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+  """All studies' results plus the seconds spent per stage (decode is the reader thread's time)."""
+  results: list[StudyResult]
+  seconds: dict[str, float]
+
+  def wide(self) -> pd.DataFrame:
+    rows = [r for r in self.results if r.uid is not None and r.probs is not None]
+    probs = np.array([r.probs for r in rows]).reshape(-1, 8)
+    return aggregate.wide_frame([r.uid for r in rows], probs[:, 1:], probs[:, 0])
+
+  def errors(self) -> list[dict[str, str | None]]:
+    return [{"StudyInstanceUID": r.uid, "folder": r.folder, "reason": r.error}
+            for r in self.results if r.error]
+
+
+def _vertebra_json(p: vertebrae_lib.VertebraPrediction, numbers, shape) -> dict[str, Any]:
+  if not p.present:
+    return {"present": False, "confidence": p.confidence}
+  out = {"present": True, "first_index": p.first_index, "last_index": p.last_index,
+         "first_number": p.first_number, "last_number": p.last_number,
+         "box": [round(b, 6) for b in p.box], "confidence": p.confidence}
+  if numbers is not None and shape is not None:
+    out["box_pixels"] = list(vertebrae_lib.resolve(p, numbers, shape)[2])
+  return out
+
+
+# ----------------------------------------------------------------------------- studies and reading
+
+
+def find_studies(path: str | os.PathLike) -> list[pathlib.Path]:
+  """Study folders under ``path``: its sub-folders, or ``path`` itself when it holds files."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise PredictError(f"{path}: not a folder of studies or of DICOM files")
+  subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+  if subdirs:
+    return subdirs
+  if any(p.is_file() for p in path.iterdir()):
+    return [path]
+  raise PredictError(f"{path}: empty (no study folders, no files)")
+
+
+def study_uid(folder: pathlib.Path, series: dicom.Series | None) -> str | None:
+  """The folder's name when it is a UID (the RSNA layout), else the files' StudyInstanceUID."""
+  for candidate in (folder.name, series.study_uid if series is not None else ""):
+    try:
+      return labels_lib.check_uid(candidate)
+    except ValueError:
+      continue
+  return None
+
+
+def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2
+               ) -> Iterator[tuple[Any, Any, BaseException | None, float]]:
+  """Yields (item, loaded, error, seconds) in order while a thread loads up to ``depth`` ahead.
+
+  DICOM decoding (pydicom + the C JPEG decoders) overlaps with the models this way; an exception
+  of one item is handed back with it instead of stopping the stream.
+  """
+  q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+  stop = threading.Event()
+
+  def worker():
+    for item in items:
+      if stop.is_set():
+        return
+      start = time.perf_counter()
+      try:
+        out = (item, load(item), None)
+      except Exception as e:  # noqa: BLE001 - handed to the consumer with its item
+        out = (item, None, e)
+      q.put(out + (time.perf_counter() - start,))
+    q.put(None)
+
+  thread = threading.Thread(target=worker, name="dicom-prefetch", daemon=True)
+  thread.start()
+  try:
+    while (got := q.get()) is not None:
+      yield got
+  finally:
+    stop.set()
+    while thread.is_alive():  # unblock a worker waiting on a full queue
+      try:
+        q.get_nowait()
+      except queue.Empty:
+        thread.join(0.05)
+
+
+# ----------------------------------------------------------------------------- the two stages
+
+
+def in_batches(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> list[Any]:
+  """``fn`` over fixed-size batches of ``x`` (the last one padded by repeating its final row, so a
+  jitted model sees one shape), outputs trimmed back to ``len(x)`` and concatenated per output."""
+  outs = []
+  for start in range(0, len(x), batch_size):
+    chunk = x[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
+    got = fn(chunk)
+    got = got if isinstance(got, tuple) else (got,)
+    outs.append(tuple(np.asarray(g)[:n] for g in got))
+  return [np.concatenate(parts) for parts in zip(*outs)]
+
+
+def locate(series: dicom.Series, models: Models, batch_size: int
+           ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
+  """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4))."""
+  loaded = study_lib.Loaded(study=None, series=series, mask=None)
+  images = study_lib.slice_images(loaded, models.options)
+  presence, boxes = in_batches(models.stage1, images, batch_size)
+  preds = pseudo_labels.derive(presence, boxes, series.numbers, models.rules)
+  return preds, presence, boxes
+
+
+def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction],
+          options: study_lib.Options) -> np.ndarray:
+  """The 7 stage-2 sequences (7, n/3, H, W, 3) uint8; an absent vertebra gets zeros as in training."""
+  h, w = options.image_size
+  out = np.zeros((NUM_VERTEBRAE, options.stage2_slices // 3, h, w, 3), np.uint8)
+  for v, p in enumerate(preds):
+    span = vertebrae_lib.resolve(p, series.numbers, series.volume.shape)
+    if span is not None:
+      out[v] = stage2_lib.vertebra_images(series.volume, study_lib.Extent(*span), options)
+  return out
+
+
+def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
+        batch_size: int = 32, studies_per_batch: int = 4,
+        on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
+        progress: bool = False) -> Run:
+  """Predicts every study folder; failures fall back to ``prior`` (8 probabilities)."""
+  prior = np.asarray(prior, np.float64)
+  seconds = dict.fromkeys(STAGES, 0.0)
+  results: list[StudyResult] = []
+  pending: list[tuple[StudyResult, dicom.Series, np.ndarray]] = []
+
+  def flush():
+    if not pending:
+      return
+    start = time.perf_counter()
+    seqs = np.concatenate([c for _, _, c in pending])
+    (probs,) = in_batches(models.stage2, seqs, batch_size)
+    probs = np.clip(probs.reshape(len(pending), NUM_VERTEBRAE), 0.0, 1.0)
+    seconds["stage2"] += time.perf_counter() - start
+    for (res, series, _), p in zip(pending, probs):
+      res.probs = np.concatenate([aggregate.top_n_overall(p, models.top_n)[None], p])
+      if on_study:
+        on_study(res, series)
+    pending.clear()
+
+  from tqdm import tqdm
+  bar = tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
+  load = lambda f: dicom.read_series(f, warn=False)
+  for folder, series, error, dt in prefetched(list(folders), load):
+    seconds["decode"] += dt
+    res = StudyResult(uid=study_uid(folder, series), folder=str(folder))
+    results.append(res)
+    try:
+      if error is not None:
+        raise error
+      res.shape = tuple(series.volume.shape)
+      t0 = time.perf_counter()
+      res.vertebrae, _, _ = locate(series, models, batch_size)
+      t1 = time.perf_counter()
+      seqs = crops(series, res.vertebrae, models.options)
+      seconds["stage1"] += t1 - t0
+      seconds["crops"] += time.perf_counter() - t1
+    except Exception as e:  # noqa: BLE001 - one bad study must not stop the run
+      res.error = f"{type(e).__name__}: {e}"
+      res.probs = prior.copy() if res.uid is not None else None
+      if res.uid is None:
+        res.error += " (and no StudyInstanceUID: neither the folder name nor the files give one)"
+      if on_study:
+        on_study(res, series)
+      bar.update()
+      continue
+    if res.uid is None:
+      res.error = "no StudyInstanceUID: neither the folder name nor the files give one"
+      if on_study:
+        on_study(res, series)
+      bar.update()
+      continue
+    pending.append((res, series, seqs))
+    if len(pending) >= studies_per_batch:
+      flush()
+    bar.update()
+  flush()
+  bar.close()
+  return Run(results, seconds)
+
+
+# ----------------------------------------------------------------------------- prior and outputs
+
+
+def load_prior(path: str | os.PathLike) -> np.ndarray:
+  """The fallback probabilities (8,): label means of a train.csv, or a prior.json {target: p}."""
+  path = pathlib.Path(path)
+  if path.suffix.lower() == ".json":
+    try:
+      data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      raise PredictError(f"{path}: cannot read the prior: {e}") from e
+    try:
+      prior = np.array([float(data[t]) for t in labels_lib.TARGETS])
+    except (KeyError, TypeError, ValueError) as e:
+      raise PredictError(f"{path}: needs a probability for each of {labels_lib.TARGETS}: {e}") from e
+  else:
+    prior = labels_lib.read_train_csv(path)[list(labels_lib.TARGETS)].to_numpy(np.float64).mean(0)
+  if not np.all((prior >= 0) & (prior <= 1)):
+    raise PredictError(f"{path}: prior probabilities must lie in [0, 1], got {prior.tolist()}")
+  return prior
+
+
+def write_prior(path: str | os.PathLike, train_labels: pd.DataFrame) -> None:
+  """Saves the training label means as prior.json (what a run folder keeps for fallbacks)."""
+  means = train_labels[list(labels_lib.TARGETS)].to_numpy(np.float64).mean(0)
+  pathlib.Path(path).write_text(json.dumps(dict(zip(labels_lib.TARGETS, means.tolist())), indent=1))
+
+
+def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path]:
+  """Submission CSV (long format) and ``<out>.errors.json``; returns their paths."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  aggregate.to_long(result.wide()).to_csv(out, index=False, float_format="%.6f")
+  errors = out.with_name(out.name + ".errors.json")
+  errors.write_text(json.dumps(result.errors(), indent=1))
+  return {"submission": out, "errors": errors}
+
+
+def study_writer(json_dir: str | os.PathLike | None, png_dir: str | os.PathLike | None
+                 ) -> Callable[[StudyResult, dicom.Series | None], None]:
+  """A callback writing each finished study's JSON (and PNG) as soon as it is known."""
+  json_dir = pathlib.Path(json_dir) if json_dir else None
+  png_dir = pathlib.Path(png_dir) if png_dir else None
+  for d in (json_dir, png_dir):
+    if d:
+      d.mkdir(parents=True, exist_ok=True)
+
+  def write(res: StudyResult, series: dicom.Series | None) -> None:
+    name = res.uid or pathlib.Path(res.folder).name
+    numbers = series.numbers if series is not None else None
+    if json_dir:
+      (json_dir / f"{name}.json").write_text(json.dumps(res.to_json(numbers), indent=1))
+    if png_dir and series is not None and res.vertebrae is not None and not res.error:
+      from cspine_jax.report import study_png
+      spans = [vertebrae_lib.resolve(p, series.numbers, series.volume.shape)
+               for p in res.vertebrae]
+      study_png.render_study(
+          series.volume, png_dir / f"{name}.png",
+          ranges=[None if s is None else s[:2] for s in spans],
+          boxes=[None if s is None else s[2] for s in spans], probs=res.probs[1:],
+          overall=float(res.probs[0]), pixel_spacing=series.pixel_spacing,
+          slice_spacing=series.slice_spacing, title=name)
+
+  return write
