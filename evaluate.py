@@ -1,11 +1,16 @@
 """Scores predictions with the competition metric and prints evaluation tables.
 
   python evaluate.py --labels train.csv --predictions PRED.csv [--folds FOLDS.csv] [--subset]
+      [--predictions NAME=OTHER.csv ...] [--train_labels TRAIN.csv] [--plot reliability.png]
 
 PRED.csv is wide (StudyInstanceUID, patient_overall, C1..C7) or Kaggle long (row_id, fractured).
 Every labelled study must be predicted unless --subset says to score only the predicted ones (the
 count left out is printed). Reports print first; the last line is always
 ``competition_score: <value>`` so scripts can read it with ``tail -n 1``.
+
+The first --predictions is the one scored; more (``NAME=PATH``, e.g. ``"3D CNN=cnn3d_oof.csv"``) join
+it in the results table beside the constant-prior baseline (the label means of --train_labels,
+default --labels). --plot writes the first predictions' reliability diagram.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ class Inputs:
   labels: pd.DataFrame
   predictions: pd.DataFrame
   folds: dict[str, int]
+  # All named predictions (the scored one first) and the labels whose means are the prior.
+  models: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
+  train_labels: pd.DataFrame | None = None
 
 
 def _summary(inp: Inputs) -> str:
@@ -49,15 +57,33 @@ def _top_n(inp: Inputs) -> str:
                              "patient_overall recomputed as top-N of C1..C7")
 
 
+def _prior(inp: Inputs) -> str:
+  train = inp.labels if inp.train_labels is None else inp.train_labels
+  return tables.format_table(tables.prior_table(inp.labels, inp.predictions, train),
+                             "Against the constant prior (training label means)")
+
+
+def _results(inp: Inputs) -> str:
+  train = inp.labels if inp.train_labels is None else inp.train_labels
+  models = inp.models or {"predictions": inp.predictions}
+  return tables.format_table(tables.results_table(inp.labels, models, train),
+                             "Results (seed_score: the slides' cross-validation)")
+
+
 # Reports run in this order, each printing a block before the final score line; add new ones here.
-REPORTS: list[Callable[[Inputs], str]] = [_summary, _scores, _aucs, _top_n]
+REPORTS: list[Callable[[Inputs], str]] = [_summary, _scores, _aucs, _top_n, _prior, _results]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--labels", required=True,
                       help="train.csv (StudyInstanceUID, patient_overall, C1..C7)")
-  parser.add_argument("--predictions", required=True, help="predictions CSV, wide or Kaggle long")
+  parser.add_argument("--predictions", required=True, action="append",
+                      help="predictions CSV, wide or Kaggle long, as PATH or NAME=PATH; repeat it "
+                      "to compare models (the first is scored)")
+  parser.add_argument("--train_labels", help="train.csv whose label means are the prior baseline "
+                      "(default: --labels)")
+  parser.add_argument("--plot", help="write the reliability diagram of the first predictions here")
   parser.add_argument("--folds", help="CSV with StudyInstanceUID, fold (default: the predictions' "
                       "own fold column, if any)")
   parser.add_argument("--subset", action="store_true",
@@ -68,7 +94,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def evaluate(args: argparse.Namespace) -> tuple[float, list[str]]:
   """(score, report blocks) for parsed arguments; raises TableError / PredictionError on bad input."""
   labels = labels_lib.read_train_csv(args.labels)
-  predictions = metrics.read_predictions(args.predictions)
+  specs = [args.predictions] if isinstance(args.predictions, str) else list(args.predictions)
+  named = [tables.split_named(s, "predictions" if i == 0 else f"model {i + 1}")
+           for i, s in enumerate(specs)]
+  models = {name: metrics.read_predictions(path) for name, path in named}
+  predictions_path = named[0][1]
+  predictions = models[named[0][0]]
+  train_labels = labels_lib.read_train_csv(args.train_labels) if args.train_labels else None
   blocks = []
   if args.subset:
     predicted = labels["StudyInstanceUID"].isin(set(predictions["StudyInstanceUID"]))
@@ -76,11 +108,15 @@ def evaluate(args: argparse.Namespace) -> tuple[float, list[str]]:
                   f"({int((~predicted).sum())} without predictions left out)")
     labels = labels[predicted].reset_index(drop=True)
   score = metrics.competition_loss(labels, predictions)
-  folds = tables.read_folds(args.folds or args.predictions)
+  folds = tables.read_folds(args.folds or predictions_path)
   if args.folds and not folds:
     raise labels_lib.TableError(f"{args.folds}: needs StudyInstanceUID and fold columns")
-  inp = Inputs(labels, predictions, folds)
+  inp = Inputs(labels, predictions, folds, models, train_labels)
   blocks += [report(inp) for report in REPORTS]
+  if args.plot:
+    from cspine_jax.report import plots
+    lab, pred = tables.aligned(labels, predictions)
+    blocks.append(f"reliability diagram: {plots.reliability_plot(lab, pred, args.plot)}")
   return score, blocks
 
 

@@ -26,7 +26,8 @@ def _subset(df: pd.DataFrame, uids: Sequence[str]) -> pd.DataFrame:
   return df.set_index("StudyInstanceUID").loc[list(uids)].reset_index()
 
 
-def _aligned(labels: pd.DataFrame, predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def aligned(labels: pd.DataFrame, predictions: pd.DataFrame
+            ) -> tuple[pd.DataFrame, pd.DataFrame]:
   """Validated frames restricted to the labelled studies, in the labels' order."""
   pred = metrics.read_predictions(predictions)
   lab = labels[labels["StudyInstanceUID"].astype(str).isin(set(pred["StudyInstanceUID"]))]
@@ -47,7 +48,7 @@ def prior_predictions(train_labels: pd.DataFrame, uids: Sequence[str]) -> pd.Dat
 def score_table(labels: pd.DataFrame, predictions: pd.DataFrame,
                 folds: Mapping[str, int] | None = None) -> pd.DataFrame:
   """Competition metric overall and per fold: columns (split, studies, score)."""
-  lab, pred = _aligned(labels, predictions)
+  lab, pred = aligned(labels, predictions)
   rows = [{"split": "all", "studies": len(lab), "score": metrics.competition_loss(lab, pred)}]
   if folds:
     uid = lab["StudyInstanceUID"].astype(str)
@@ -61,7 +62,7 @@ def score_table(labels: pd.DataFrame, predictions: pd.DataFrame,
 
 def auc_table(labels: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
   """ROC AUC per target (NaN where the labels hold one class only) plus the positives count."""
-  lab, pred = _aligned(labels, predictions)
+  lab, pred = aligned(labels, predictions)
   rows = []
   for t in labels_lib.TARGETS:
     y = lab[t].to_numpy(np.float64)
@@ -78,7 +79,7 @@ def auc_table(labels: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
 def top_n_table(labels: pd.DataFrame, predictions: pd.DataFrame,
                 ns: Sequence[int] = tuple(range(1, 8))) -> pd.DataFrame:
   """Metric with patient_overall recomputed from C1..C7 by top-N, N = 1..7 (N=1 is the max)."""
-  lab, pred = _aligned(labels, predictions)
+  lab, pred = aligned(labels, predictions)
   return pd.DataFrame([{"N": n, "score": metrics.competition_loss(lab, aggregate.with_top_n(pred, n))}
                        for n in ns])
 
@@ -97,10 +98,10 @@ def results_table(labels: pd.DataFrame, models: Mapping[str, pd.DataFrame],
     entries.append(("Prior (train means)", prior_predictions(train_labels, uids)))
   rows = []
   for name, pred in entries:
-    lab, aligned = _aligned(labels, pred)
-    aucs = auc_table(lab, aligned).set_index("target")["auc"]
+    lab, got = aligned(labels, pred)
+    aucs = auc_table(lab, got).set_index("target")["auc"]
     rows.append({"model": name, "studies": len(lab),
-                 "score": metrics.competition_loss(lab, aligned),
+                 "score": metrics.competition_loss(lab, got),
                  "patient_auc": aucs["patient_overall"], "vertebra_auc": aucs["vertebrae (pooled)"],
                  "seed_score": SEED_SCORES.get(name, float("nan"))})
   return pd.DataFrame(rows)
@@ -125,3 +126,22 @@ def format_table(df: pd.DataFrame, title: str = "") -> str:
   """Fixed-width text with 4-decimal floats (what the CLIs print)."""
   body = df.to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
   return f"{title}\n{body}" if title else body
+
+
+def prior_table(labels: pd.DataFrame, predictions: pd.DataFrame,
+                train_labels: pd.DataFrame) -> pd.DataFrame:
+  """The model's metric next to the constant-prior baseline's on the same studies, and their ratio."""
+  lab, pred = aligned(labels, predictions)
+  model = metrics.competition_loss(lab, pred)
+  prior = metrics.competition_loss(
+      lab, prior_predictions(train_labels, lab["StudyInstanceUID"].astype(str).tolist()))
+  return pd.DataFrame([{"model": model, "prior": prior, "model / prior": model / prior}])
+
+
+def split_named(spec: str, default_name: str) -> tuple[str, str]:
+  """``NAME=PATH`` -> (NAME, PATH); a plain PATH (or one whose prefix holds a path separator)
+  -> (default_name, PATH)."""
+  name, sep, path = spec.partition("=")
+  if not sep or not name or os.sep in name or (os.altsep and os.altsep in name) or not path:
+    return default_name, spec
+  return name, path
