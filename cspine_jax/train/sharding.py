@@ -64,6 +64,10 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     v = np.asarray(v)
     if v.dtype.kind in "OUS":
       continue  # strings stay on the host
+    if v.dtype == np.int64:  # jax runs without x64; say so explicitly instead of warning
+      v = v.astype(np.int32)
+    elif v.dtype == np.float64:
+      v = v.astype(np.float32)
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
 

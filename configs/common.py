@@ -1,0 +1,75 @@
+"""Fields shared by every training config (big_vision style: ``get_config(arg)`` per file).
+
+Every field can be overridden on the command line, e.g. ``--config.optimizer.lr=3e-4``.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base(task: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  # Data: data_dir None => a synthetic RSNA-format set generated and prepared once beside workdir.
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.records_dir = ml_collections.FieldReference(None, field_type=str)
+  c.vertebrae_file = ml_collections.FieldReference(None, field_type=str)  # stage-1 output for stage 2
+  c.fold = 0          # -1 = every fold in one command (workdir/fold_k)
+  c.num_folds = 5
+  c.synthetic = ml_collections.ConfigDict(dict(num_studies=40, seed=0, size="small"))
+  # records.study.Options for data_prep.prepare (part of the record set's identity).
+  c.prepare = ml_collections.ConfigDict(dict(image_size=(224, 224), num_folds=c.get_ref("num_folds"),
+                                             stage2_slices=24, cube_size=64))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = "float32"  # compute dtype ("bfloat16": bf16 compute, float32 params)
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, weight_decay=1e-5, b1=0.9, b2=0.999, clip_norm=1.0,
+      warmup_steps=-1, warmup_fraction=0.05, end_factor=0.0))
+
+  c.input = ml_collections.ConfigDict(dict(batch_size=8, workers=2))
+  c.input.augment = ml_collections.ConfigDict(dict(enabled=True, max_rotation_deg=10.0, flip_prob=0.5))
+
+  c.loss = ml_collections.ConfigDict(dict(box="smooth_l1", box_weight=1.0))
+  c.eval = ml_collections.ConfigDict(dict(overall="top_n", top_n=7))
+
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=20, max_steps=0, stop_at_step=0, log_every=10, checkpoint_every=0, checkpoint_keep=2,
+      keep_best=1, async_checkpoints=True, param_sharding="replicated", progress=True,
+      tensorboard=True))
+  return c
+
+
+def cpu(c: ml_collections.ConfigDict, image_size: int = 64) -> ml_collections.ConfigDict:
+  """Shrinks a config to run on a laptop CPU: small images, small synthetic set, few epochs."""
+  c.prepare.image_size = (image_size, image_size)
+  c.synthetic.num_studies = 20
+  c.input.workers = 1
+  c.train.epochs = 2
+  c.train.log_every = 5
+  c.optimizer.lr = 3e-4
+  return c
+
+
+def parse_arg(arg: str | None) -> tuple[str, dict[str, str]]:
+  """``"cpu,epochs=3"`` -> ("cpu", {"epochs": "3"}); the variant is the first bare word."""
+  variant, kv = "", {}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      kv[k.strip()] = v.strip()
+    elif not variant:
+      variant = part
+    else:
+      raise ValueError(f"config argument {arg!r}: more than one variant ({variant!r}, {part!r})")
+  return variant, kv
+
+
+def check_variant(variant: str, known: tuple[str, ...], name: str) -> None:
+  if variant not in known:
+    raise ValueError(f"{name}: unknown variant {variant!r}; choose one of {known}")

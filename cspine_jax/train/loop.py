@@ -1,0 +1,367 @@
+"""``train_and_evaluate(config, workdir)``: data, model, optimizer, resume, steps, validation, logs.
+
+Per fold (``config.fold`` = k, or -1 for every fold in turn under ``workdir/fold_k``): the records
+of folds != k train, fold k is validated at the end of every epoch with the competition metric
+(stage 1: its BCE / box loss / presence accuracy), checkpoints keep the last K and the best
+validation score, and the best epoch's out-of-fold predictions are written as a wide CSV
+(StudyInstanceUID, patient_overall, C1..C7, fold). A NaN/Inf loss stops the run with its step
+number; the last good checkpoint stays. Each JAX process reads its own share of the records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+from flax import nnx
+
+from cspine_jax import input as input_lib
+from cspine_jax import metrics as metrics_lib
+from cspine_jax.train import checkpoints as ckpt_lib
+from cspine_jax.train import logging as log_lib
+from cspine_jax.train import sharding as sharding_lib
+from cspine_jax.train import steps as steps_lib
+from cspine_jax.train import tasks as tasks_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN/Inf; ``step`` is the step that produced it."""
+
+  def __init__(self, step: int, loss: float, workdir: pathlib.Path, last_good: int | None):
+    self.step = step
+    super().__init__(
+        f"training loss is {loss} at step {step} ({workdir}); stopped. The last good checkpoint is "
+        f"{'step ' + str(last_good) if last_good is not None else 'none'} (kept); lower "
+        "optimizer.lr or check the records")
+
+
+# ---- distributed set-up -------------------------------------------------------------------------
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def wants_distributed(env: dict[str, str] | None = None) -> bool:
+  """True when the environment describes several hosts (explicit coordinator, SLURM, TPU pod)."""
+  env = os.environ if env is None else env
+  if any(env.get(k) for k in _MULTIHOST_ENV):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return True
+  return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls ``jax.distributed.initialize()`` once when several hosts take part (before any jax op)."""
+  if wants_distributed():
+    try:
+      jax.distributed.initialize()
+    except RuntimeError as e:
+      if "already" not in str(e):
+        raise
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def resolve_records(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """The records folder holding ``config.task``; prepares it (and a synthetic set) when missing.
+
+  records_dir set: used as is (prepared from data_dir when its manifest is missing).
+  data_dir set, no records_dir: records under ``workdir/records``.
+  Neither: a synthetic RSNA-format set is generated and prepared once under
+  ``<workdir parent>/synthetic_<n>_<seed>`` and reused by later runs.
+  """
+  task = config.task
+  data_dir = config.get("data_dir")
+  records_dir = config.get("records_dir")
+  if records_dir is None:
+    if data_dir is None:
+      syn = config.synthetic
+      cache = workdir.absolute().parent / f"synthetic_{syn.num_studies}_{syn.seed}_{syn.size}"
+      data_dir = cache / "rsna"
+      records_dir = cache / "records"
+      if not (data_dir / "train.csv").exists():
+        from cspine_jax import synthetic  # pylint: disable=g-import-not-at-top
+        if jax.process_index() == 0:
+          synthetic.generate(data_dir, syn.num_studies, syn.seed, size=syn.size)
+    else:
+      records_dir = workdir / "records"
+  records_dir = pathlib.Path(records_dir)
+  if not (records_dir / task / "manifest.json").exists():
+    if data_dir is None:
+      raise FileNotFoundError(f"{records_dir / task}: no records (manifest.json) and no data_dir "
+                              "to prepare them from")
+    from cspine_jax.records import pipeline, study  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      options = study.Options(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                                 for k, v in config.prepare.to_dict().items()})
+      pipeline.prepare(data_dir, records_dir, task, options,
+                       vertebrae_file=config.get("vertebrae_file"),
+                       workers=max(1, config.input.workers), progress=False)
+  return records_dir
+
+
+@dataclasses.dataclass
+class FoldData:
+  index: input_lib.RecordIndex
+  train: input_lib.RecordSource
+  val: input_lib.RecordSource
+  local_batch: int
+  steps_per_epoch: int
+
+
+def make_data(config: ml_collections.ConfigDict, records_dir: pathlib.Path, fold: int,
+              mesh: jax.sharding.Mesh) -> FoldData:
+  index = input_lib.record_index(records_dir, config.task)
+  source = index.source()
+  train = source.subset(index.ids(fold, train=True))
+  val = source.subset(index.ids(fold, train=False))
+  if config.input.batch_size % jax.process_count():
+    raise ValueError(f"input.batch_size {config.input.batch_size} does not split over "
+                     f"{jax.process_count()} processes")
+  local_batch = sharding_lib.check_batch_size(config.input.batch_size // jax.process_count(), mesh)
+  shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  per_epoch = input_lib.local_num_records(len(train), shard) // local_batch
+  if per_epoch < 1:
+    raise ValueError(f"{records_dir / config.task}: {len(train)} training records (fold {fold}) "
+                     f"make no full batch of {config.input.batch_size}")
+  return FoldData(index, train, val, local_batch, per_epoch)
+
+
+def _augment(config) -> input_lib.AugmentOptions | None:
+  aug = config.input.augment
+  if not aug.enabled:
+    return None
+  return input_lib.AugmentOptions(max_rotation_deg=aug.max_rotation_deg, flip_prob=aug.flip_prob)
+
+
+# ---- model --------------------------------------------------------------------------------------
+def build_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
+  """``models.make_model(config.model, rngs=...)`` with the configured compute dtype."""
+  from cspine_jax import models  # pylint: disable=g-import-not-at-top
+  return models.make_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed: int,
+                 model: nnx.Module | None = None) -> steps_lib.Trainer:
+  opt = config.optimizer
+  warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(opt.warmup_fraction * total_steps)
+  schedule = steps_lib.make_schedule(opt.lr, total_steps, warmup, opt.end_factor)
+  tx = steps_lib.make_tx(schedule, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
+                         b1=opt.b1, b2=opt.b2)
+  task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight)
+  model = model if model is not None else build_model(config, seed)
+  trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding)
+  trainer.schedule = schedule
+  return trainer
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  n = len(batch["record_id"])
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.dtype.kind in "OUS":
+      continue
+    pad = np.zeros((size - n,) + v.shape[1:], v.dtype)
+    if k == "record_id":
+      pad -= 1
+    out[k] = np.concatenate([v, pad]) if n < size else v
+  out["mask"] = (np.arange(size) < n).astype(np.float32)
+  return out
+
+
+def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.ConfigDict,
+             fold: int) -> tuple[dict[str, float], pd.DataFrame | None]:
+  """Held-out scores and (for the fracture models) the per-study wide predictions of fold k."""
+  batch = data.local_batch
+  shard = grain.sharding.ShardByJaxProcess(drop_remainder=False)
+  loader = input_lib.make_loader(data.val, config.task, batch_size=batch, train=False,
+                                 seed=config.seed, workers=config.input.workers)
+  # Every host runs the same number of steps (the largest share), padding with empty batches.
+  counts = [input_lib.local_num_records(len(data.val), grain.sharding.ShardOptions(
+      i, shard.shard_count, False)) for i in range(shard.shard_count)]
+  num_batches = math.ceil(max(counts) / batch)
+  it = iter(loader)
+  template = None
+  collected: dict[str, list[np.ndarray]] = {}
+  sums: dict[str, float] = {}
+  total = 0.0
+  for _ in range(num_batches):
+    local = next(it, None)
+    if local is None:
+      local = {k: v[:0] for k, v in template.items()}
+    template = template or local
+    local = _pad(local, batch)
+    out, m = trainer.eval_step(trainer.state, sharding_lib.shard_batch(local, trainer.mesh))
+    out = jax.device_get(out)
+    keep = out["mask"] > 0
+    n = float(keep.sum())
+    for k, v in jax.device_get(m).items():
+      sums[k] = sums.get(k, 0.0) + float(v) * n
+    total += n
+    for k, v in out.items():
+      collected.setdefault(k, []).append(np.asarray(v)[keep])
+  coll = {k: np.concatenate(v) for k, v in collected.items()}
+  scores = {f"val_{k}": v / max(total, 1.0) for k, v in sums.items()}
+  if config.task == "stage1":
+    scores.update({f"val_{k}": v for k, v in tasks_lib.stage1_scores(coll).items()})
+    scores["score"] = scores["val_loss"]
+    return scores, None
+  labels_df, preds = tasks_lib.study_frames(config.task, coll, data.index.study_uid,
+                                            overall=config.eval.overall, top_n=config.eval.top_n)
+  scores["score"] = scores["val_competition_loss"] = metrics_lib.competition_loss(labels_df, preds)
+  preds = preds.copy()
+  preds["fold"] = fold
+  return scores, preds
+
+
+# ---- training -----------------------------------------------------------------------------------
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records_dir: pathlib.Path,
+               fold: int) -> dict[str, Any]:
+  """Trains (or resumes) one fold in ``workdir``; returns its summary (also in summary.json)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding_lib.make_mesh()
+  data = make_data(config, records_dir, fold, mesh)
+  tc = config.train
+  total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * data.steps_per_epoch
+  trainer = make_trainer(config, total_steps, mesh, config.seed + fold)
+  loader = input_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
+                                 seed=config.seed + fold, augment=_augment(config),
+                                 workers=config.input.workers)
+  it = iter(loader)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.checkpoint_keep,
+                               keep_best=tc.keep_best, async_save=tc.async_checkpoints)
+  writer = log_lib.MetricWriter(workdir, tensorboard=tc.tensorboard)
+  meta = {"task": config.task, "fold": fold, "model": config.model.to_dict(), "best_score": None,
+          "best_step": None}
+  step = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    trainer.state, saved = ckpt.restore(latest, trainer.state, it)
+    step = int(saved["step"])
+    meta.update(best_score=saved.get("best_score"), best_step=saved.get("best_step"))
+    writer.truncate_after(step)
+    log.info("resumed %s at step %d", workdir, step)
+  last_good = latest
+  stop_at = tc.stop_at_step if tc.stop_at_step > 0 else total_steps
+  bar = _progress(total_steps, step, tc.progress)
+  pending = None  # (step, metrics) of the previous step, checked after the next is dispatched
+  window: dict[str, list[float]] = {}
+  t0, t_steps = time.perf_counter(), 0
+
+  def check(pending_item):
+    s, m = pending_item
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not math.isfinite(m["loss"]):
+      ckpt.close()
+      writer.close()
+      if bar is not None:
+        bar.close()
+      raise NonFiniteLossError(s, m["loss"], workdir, last_good)
+    return s, m
+
+  try:
+    while step < min(total_steps, stop_at):
+      batch = sharding_lib.shard_batch(next(it), mesh)
+      trainer.state, m = trainer.train_step(trainer.state, batch)
+      step += 1
+      if pending is not None:
+        s, mp = check(pending)
+        for k, v in mp.items():
+          window.setdefault(k, []).append(v)
+        if bar is not None:
+          bar.set_postfix(loss=f"{mp['loss']:.4f}")
+          bar.update(1)
+        if s % tc.log_every == 0:
+          rate = t_steps / max(time.perf_counter() - t0, 1e-9)
+          writer.write(s, {k: float(np.mean(v)) for k, v in window.items()},
+                       lr=float(trainer.schedule(s - 1)), steps_per_s=rate,
+                       epoch=s / data.steps_per_epoch)
+          window.clear()
+          t0, t_steps = time.perf_counter(), 0
+      pending = (step, m)
+      t_steps += 1
+      end_of_epoch = step % data.steps_per_epoch == 0 or step == total_steps
+      timed = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
+      if end_of_epoch or timed or step == stop_at:
+        s, mp = check(pending)  # never checkpoint a non-finite state
+        pending = None
+        for k, v in mp.items():
+          window.setdefault(k, []).append(v)
+        if bar is not None:
+          bar.update(1)
+        if s % tc.log_every == 0:
+          writer.write(s, {k: float(np.mean(v)) for k, v in window.items()},
+                       lr=float(trainer.schedule(s - 1)), epoch=s / data.steps_per_epoch)
+          window.clear()
+        score = None
+        if end_of_epoch and len(data.val):
+          scores, preds = evaluate(trainer, data, config, fold)
+          score = scores["score"]
+          writer.write(step, scores, epoch=step / data.steps_per_epoch)
+          if meta["best_score"] is None or score < meta["best_score"]:
+            meta.update(best_score=score, best_step=step)
+            if preds is not None and jax.process_index() == 0:
+              preds.to_csv(workdir / "oof_predictions.csv", index=False)
+        ckpt.save(step, trainer.state, it, meta, score=score)
+        last_good = step
+    if pending is not None:
+      check(pending)
+  finally:
+    if bar is not None:
+      bar.close()
+  ckpt.close()
+  writer.close()
+  summary = {"fold": fold, "step": step, "total_steps": total_steps,
+             "steps_per_epoch": data.steps_per_epoch, "best_score": meta["best_score"],
+             "best_step": meta["best_step"], "finished": step >= total_steps}
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if writer.path.exists():
+      try:
+        from cspine_jax.report import plots  # pylint: disable=g-import-not-at-top
+        plots.learning_curves({f"{config.task} fold {fold}": writer.path},
+                              workdir / "learning_curves.png")
+      except (ImportError, ValueError) as e:
+        log.warning("no learning-curve plot: %s", e)
+  return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
+  """Trains the configured task; ``config.fold = -1`` runs every fold and merges their OOF CSVs."""
+  maybe_initialize_distributed()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  records_dir = resolve_records(config, workdir)
+  if config.fold >= 0:
+    return train_fold(config, workdir, records_dir, config.fold)
+  num_folds = input_lib.record_index(records_dir, config.task).num_folds
+  results = [train_fold(config, workdir / f"fold_{k}", records_dir, k) for k in range(num_folds)]
+  out: dict[str, Any] = {"folds": results}
+  parts = [workdir / f"fold_{k}" / "oof_predictions.csv" for k in range(num_folds)]
+  if jax.process_index() == 0 and all(p.exists() for p in parts):
+    oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in parts],
+                    ignore_index=True)
+    oof.to_csv(workdir / "oof_predictions.csv", index=False)
+    out["oof_predictions"] = str(workdir / "oof_predictions.csv")
+    (workdir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+  return out

@@ -1,0 +1,75 @@
+"""Training losses on logits, weighted like the competition metric (metrics.py holds the weights).
+
+* stage 2 (one vertebra per sample): BCE weighted 1 for a negative, 2 for a positive vertebra.
+* 3D CNN and the 2D slice models: 8 targets (patient_overall, C1..C7) with the metric's 7/14 and
+  1/2 weights (``metrics.weighted_mean``), averaged over the batch.
+* stage 1: BCE on the 7 presence targets + L1 / smooth-L1 on the normalised box for the slices
+  that show any vertebra.
+All losses take an optional per-sample ``mask`` (0 for padding rows) and run under jit.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cspine_jax import metrics
+
+Array = jax.Array
+
+
+def _masked_mean(values: Array, weights: Array) -> Array:
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def bce(logits: Array, labels: Array) -> Array:
+  """Elementwise sigmoid binary cross-entropy, computed in float32."""
+  return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32))
+
+
+def vertebra_bce(logits: Array, labels: Array, mask: Array | None = None) -> Array:
+  """Per-vertebra samples: BCE weighted like the metric's vertebra targets (1 neg / 2 pos)."""
+  labels = labels.astype(jnp.float32)
+  w = metrics.NEGATIVE_WEIGHTS[1] + labels * (metrics.POSITIVE_WEIGHTS[1] - metrics.NEGATIVE_WEIGHTS[1])
+  if mask is not None:
+    w = w * mask
+  return _masked_mean(bce(logits, labels), w)
+
+
+def target_bce(logits: Array, labels: Array, mask: Array | None = None) -> Array:
+  """(B, 8) logits and labels ordered like labels.TARGETS -> the metric-weighted BCE, mean over B."""
+  if logits.shape[-1] != len(metrics.TARGETS):
+    raise ValueError(f"expected {len(metrics.TARGETS)} target logits, got shape {logits.shape}")
+  labels = labels.astype(jnp.float32)
+  per_study = metrics.weighted_mean(labels, bce(logits, labels))
+  return _masked_mean(per_study, jnp.ones_like(per_study) if mask is None else mask)
+
+
+def slice_targets(fracture: Array) -> Array:
+  """Per-slice (B, 7) fracture labels -> (B, 8) with patient_overall = any vertebra fractured."""
+  fracture = fracture.astype(jnp.float32)
+  return jnp.concatenate([jnp.max(fracture, axis=-1, keepdims=True), fracture], axis=-1)
+
+
+def box_loss(pred: Array, target: Array, weight: Array, kind: str = "smooth_l1",
+             beta: float = 0.05) -> Array:
+  """Mean box regression loss over rows with ``weight`` > 0 (normalised coordinates)."""
+  diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  if kind == "l1":
+    per = diff
+  elif kind == "smooth_l1":
+    per = jnp.where(diff < beta, 0.5 * diff ** 2 / beta, diff - 0.5 * beta)
+  else:
+    raise ValueError(f"unknown box loss {kind!r}; expected 'l1' or 'smooth_l1'")
+  return _masked_mean(jnp.mean(per, axis=-1), weight)
+
+
+def presence_bce(logits: Array, labels: Array, mask: Array | None = None) -> Array:
+  """Unweighted mean BCE over (B, 7) presence targets."""
+  per = jnp.mean(bce(logits, labels), axis=-1)
+  return _masked_mean(per, jnp.ones_like(per) if mask is None else mask)
+
+
+def is_finite(loss: Array) -> Array:
+  """True when the loss is neither NaN nor infinite (the train loop stops otherwise)."""
+  return jnp.isfinite(loss)

@@ -1,0 +1,244 @@
+"""What differs between the trained models: inputs, loss, predictions, and the validation score.
+
+A :class:`Task` tells the generic step/loop code which batch field feeds the model, how its outputs
+become a loss (``losses``) and probabilities, which fields travel with the predictions through the
+device (so every host sees the whole evaluated batch), and how the held-out predictions become the
+per-study wide frame scored by ``metrics.competition_loss``.
+
+Model outputs accepted (``models.make_model``): stage 2 ``(B,)``/``(B, 1)`` logits; 3D CNN ``(B, 8)``
+logits; slice models a dict with ``presence`` (B, 7) and ``fracture`` (B, 7 or 8) logits, or a
+``(B, 14)`` array (presence then fracture); stage 1 a dict with ``presence`` (B, 7) logits, ``box``
+(B, 4) normalised box and optionally ``area`` (B, 7) logits (or a tuple in that order).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from cspine_jax import labels as labels_lib
+from cspine_jax import metrics
+from cspine_jax.infer import aggregate
+from cspine_jax.train import losses
+
+Array = jax.Array
+NV = labels_lib.NUM_VERTEBRAE
+
+
+def _unpack(outputs: Any, names: tuple[str, ...], sizes: tuple[int, ...]) -> dict[str, Array]:
+  """A model's outputs as a dict: from a dict, a tuple in ``names`` order, or one concatenated array."""
+  if isinstance(outputs, Mapping):
+    missing = [n for n in names if n not in outputs]
+    if missing:
+      raise ValueError(f"model outputs lack {missing}; got {sorted(outputs)}")
+    return {n: outputs[n] for n in outputs}
+  if isinstance(outputs, (tuple, list)):
+    return dict(zip(names, outputs))
+  if outputs.shape[-1] != sum(sizes):
+    raise ValueError(f"model output of shape {outputs.shape}; expected last axis {sum(sizes)} "
+                     f"({dict(zip(names, sizes))}) or a dict")
+  out, start = {}, 0
+  for n, k in zip(names, sizes):
+    out[n] = outputs[..., start:start + k]
+    start += k
+  return out
+
+
+def _log1m_prod(fracture_logits: Array) -> tuple[Array, Array]:
+  """log p and log(1 - p) of ``1 - prod(1 - sigmoid(z))`` (any vertebra), computed stably."""
+  log_none = jnp.sum(jax.nn.log_sigmoid(-fracture_logits), axis=-1)
+  log_any = jnp.log(-jnp.expm1(jnp.minimum(log_none, -1e-7)))
+  return log_any, log_none
+
+
+def fracture_losses(fracture_logits: Array, targets8: Array) -> Array:
+  """Per-study metric-weighted BCE over 8 targets from 7 (overall = 1 - prod) or 8 fracture logits."""
+  z = fracture_logits.astype(jnp.float32)
+  y = targets8.astype(jnp.float32)
+  if z.shape[-1] == NV + 1:
+    per = losses.bce(z, y)
+  else:
+    log_any, log_none = _log1m_prod(z)
+    overall = -(y[..., 0] * log_any + (1 - y[..., 0]) * log_none)
+    per = jnp.concatenate([overall[..., None], losses.bce(z, y[..., 1:])], axis=-1)
+  return metrics.weighted_mean(y, per)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  input_field: str
+  # (outputs, batch, mask) -> (loss, metrics dict); runs under jit.
+  loss: Callable[[Any, Mapping[str, Array], Array], tuple[Array, dict[str, Array]]]
+  # outputs -> dict of probabilities (and boxes), names distinct from the batch fields; under jit.
+  predict: Callable[[Any], dict[str, Array]]
+  # Batch fields returned with the predictions (labels, ids) for the host-side evaluation.
+  carry: tuple[str, ...]
+  # Extra model keyword arguments taken from batch fields (kwarg name -> field).
+  kwargs: tuple[tuple[str, str], ...] = ()
+
+  def model_inputs(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    return batch[self.input_field], {k: batch[f] for k, f in self.kwargs}
+
+
+# ---- stage 2: one vertebra sequence per sample --------------------------------------------------
+def _stage2_logits(outputs: Any) -> Array:
+  z = outputs["logits"] if isinstance(outputs, Mapping) else outputs
+  return z.reshape(z.shape[0])
+
+
+def _stage2_loss(outputs, batch, mask):
+  z = _stage2_logits(outputs)
+  loss = losses.vertebra_bce(z, batch["label"], mask)
+  return loss, {"loss": loss}
+
+
+STAGE2 = Task("stage2", "images", _stage2_loss,
+              lambda out: {"prob": jax.nn.sigmoid(_stage2_logits(out).astype(jnp.float32))},
+              ("label", "vertebra"), kwargs=(("vertebra", "vertebra"),))
+
+
+# ---- 3D CNN: one study per sample, 8 targets ----------------------------------------------------
+def _cnn3d_logits(outputs: Any) -> Array:
+  return outputs["logits"] if isinstance(outputs, Mapping) else outputs
+
+
+def _cnn3d_loss(outputs, batch, mask):
+  loss = losses.target_bce(_cnn3d_logits(outputs), batch["labels"], mask)
+  return loss, {"loss": loss}
+
+
+CNN3D = Task("cnn3d", "volume", _cnn3d_loss,
+             lambda out: {"prob": jax.nn.sigmoid(_cnn3d_logits(out).astype(jnp.float32))},
+             ("labels",))
+
+
+# ---- 2D slice models (single-/multi-head): presence + fracture per slice ------------------------
+def _slice_outputs(outputs: Any) -> dict[str, Array]:
+  return _unpack(outputs, ("presence", "fracture"), (NV, NV))
+
+
+def _slices2d_loss(outputs, batch, mask):
+  out = _slice_outputs(outputs)
+  presence = losses.presence_bce(out["presence"], batch["presence"], mask)
+  per = fracture_losses(out["fracture"], losses.slice_targets(batch["fracture"]))
+  fracture = jnp.sum(per * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  loss = presence + fracture
+  return loss, {"loss": loss, "presence_bce": presence, "fracture_bce": fracture}
+
+
+def _slices2d_predict(outputs):
+  out = _slice_outputs(outputs)
+  frac = out["fracture"].astype(jnp.float32)
+  return {"presence_prob": jax.nn.sigmoid(out["presence"].astype(jnp.float32)),
+          "fracture_prob": jax.nn.sigmoid(frac[..., -NV:])}
+
+
+SLICES2D = Task("slices2d", "image", _slices2d_loss, _slices2d_predict, ("presence", "fracture"))
+
+
+# ---- stage 1: presence (+ area) + box per slice -------------------------------------------------
+def _stage1_outputs(outputs: Any) -> dict[str, Array]:
+  return _unpack(outputs, ("presence", "box", "area"), (NV, 4, NV))
+
+
+def _stage1_loss(outputs, batch, mask, box_kind: str = "smooth_l1", box_weight: float = 1.0):
+  out = _stage1_outputs(outputs)
+  presence = losses.presence_bce(out["presence"], batch["presence"], mask)
+  shown = (jnp.max(batch["presence"], axis=-1) > 0).astype(jnp.float32) * mask
+  box = losses.box_loss(out["box"], batch["box"], shown, box_kind)
+  loss = presence + box_weight * box
+  metrics_ = {"presence_bce": presence, "box_loss": box}
+  if "area" in out and "area" in batch:
+    area = losses.presence_bce(out["area"], batch["area"], mask)
+    loss = loss + area
+    metrics_["area_bce"] = area
+  metrics_["loss"] = loss
+  return loss, metrics_
+
+
+def _stage1_predict(outputs):
+  out = _stage1_outputs(outputs)
+  return {"presence_prob": jax.nn.sigmoid(out["presence"].astype(jnp.float32)),
+          "box_pred": out["box"].astype(jnp.float32)}
+
+
+STAGE1 = Task("stage1", "image", _stage1_loss, _stage1_predict, ("presence", "box"))
+
+TASKS = {t.name: t for t in (STAGE1, STAGE2, CNN3D, SLICES2D)}
+
+
+def get(name: str, *, box_loss: str = "smooth_l1", box_weight: float = 1.0) -> Task:
+  """The task by name; ``box_loss``/``box_weight`` configure stage 1's box regression."""
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+  if name == "stage1":
+    return dataclasses.replace(STAGE1, loss=functools.partial(
+        _stage1_loss, box_kind=box_loss, box_weight=box_weight))
+  return TASKS[name]
+
+
+# ---- host-side validation -----------------------------------------------------------------------
+def _wide_labels(uids, y8: np.ndarray) -> pd.DataFrame:
+  df = pd.DataFrame(np.asarray(y8, np.float64), columns=list(labels_lib.TARGETS))
+  df.insert(0, "StudyInstanceUID", list(uids))
+  return df
+
+
+def study_frames(task: str, collected: Mapping[str, np.ndarray], study_uid: np.ndarray,
+                 overall: str = "top_n", top_n: int = aggregate.DEFAULT_TOP_N
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """(labels, predictions) wide frames, one row per study, from the gathered evaluation outputs.
+
+  ``collected`` holds ``record_id`` plus the task's predictions and carried fields (padding rows
+  already removed); ``study_uid`` maps record ids to studies. ``overall`` is how slice models
+  derive patient_overall: "max" (single-head) or "top_n" (1 - prod over the top-N vertebrae).
+  """
+  uids = np.asarray(study_uid)[np.asarray(collected["record_id"], np.int64)]
+  order = list(dict.fromkeys(uids.tolist()))  # studies in first-seen order
+  row = {u: i for i, u in enumerate(order)}
+  rows = np.array([row[u] for u in uids], np.int64)
+  if task == "cnn3d":
+    p = np.zeros((len(order), 8))
+    y = np.zeros((len(order), 8))
+    p[rows], y[rows] = collected["prob"], collected["labels"]
+    pred = aggregate.wide_frame(order, p[:, 1:], p[:, 0])
+    return _wide_labels(order, y), pred
+  if task == "stage2":
+    p = np.full((len(order), NV), np.nan)
+    y = np.zeros((len(order), NV))
+    v = np.asarray(collected["vertebra"], np.int64)
+    p[rows, v], y[rows, v] = collected["prob"], collected["label"]
+    if np.isnan(p).any():  # A vertebra without a record: its column's mean stands in.
+      p = np.where(np.isnan(p), np.nanmean(p, axis=0, keepdims=True), p)
+      p = np.nan_to_num(p, nan=0.5)
+    pred = aggregate.wide_frame(order, p, top_n=top_n)
+  elif task == "slices2d":
+    p = np.zeros((len(order), NV))
+    y = np.zeros((len(order), NV))
+    for i in range(len(order)):
+      sel = rows == i
+      p[i] = aggregate.pool_slices(collected["fracture_prob"][sel], collected["presence_prob"][sel])
+      y[i] = np.max(collected["fracture"][sel], axis=0)
+    over = aggregate.max_overall(p) if overall == "max" else aggregate.top_n_overall(p, top_n)
+    pred = aggregate.wide_frame(order, p, over)
+  else:
+    raise ValueError(f"task {task!r} has no per-study predictions")
+  y8 = np.concatenate([y.max(axis=1, keepdims=True), y], axis=1)
+  return _wide_labels(order, y8), pred
+
+
+def stage1_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Held-out stage-1 figures: presence BCE, accuracy at 0.5, box L1 on slices showing a vertebra."""
+  p = np.clip(collected["presence_prob"], 1e-7, 1 - 1e-7)
+  y = collected["presence"]
+  bce = float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+  acc = float(np.mean((p >= 0.5) == (y >= 0.5)))
+  shown = y.max(axis=1) > 0
+  box = float(np.mean(np.abs(collected["box_pred"][shown] - collected["box"][shown]))) if shown.any() else 0.0
+  return {"presence_bce": bce, "presence_accuracy": acc, "box_l1": box}
