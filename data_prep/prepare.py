@@ -3,7 +3,7 @@
     python -m data_prep.prepare --data_dir DIR --out OUT --task {stage1,stage2,cnn3d,slices2d}
         [--workers N] [--vertebrae FILE] [--image_size 224 [224]] [--num_folds 5] [--fold_seed 0]
         [--window_level 400] [--window_width 1800] [--stage2_slices 24] [--crop_margin 0.1]
-        [--cube_size 64] [--cnn3d_crop] [--start_method spawn] [--no_progress]
+        [--cube_size 64] [--cnn3d_crop] [--start_method auto] [--no_progress]
 
 Writes OUT/TASK/<StudyInstanceUID>.array_record (one shard per study) and OUT/TASK/manifest.json.
 Re-running the same command after a crash finishes the set; other arguments on the same OUT/TASK
@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--vertebrae", default=None,
                       help="stage-1 predictions CSV (records/vertebrae.py) for unsegmented studies")
-  parser.add_argument("--start_method", default="spawn", choices=["spawn", "forkserver", "fork"])
+  parser.add_argument("--start_method", default="auto", choices=["auto", "spawn", "forkserver", "fork"],
+                      help="worker start; auto = fork when safe (no threads, no JAX), else spawn")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   try:
@@ -69,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, OSError) as e:
     print(f"prepare: error: {e}", file=sys.stderr)
     return 2
+  if manifest["skipped_studies"]:
+    reasons = sorted({s["reason"] for s in manifest["skipped_studies"]})
+    print(f"prepare: {len(manifest['skipped_studies'])} studies not used by {args.task}: "
+          f"{'; '.join(reasons)}", file=sys.stderr)
   for bad in manifest["bad_studies"]:
     print(f"prepare: bad study {bad['study_uid']}: {bad['reason']}", file=sys.stderr)
   print(f"{args.task}: {manifest['num_records']} records from {manifest['num_studies']} studies "

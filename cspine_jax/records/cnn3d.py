@@ -18,8 +18,8 @@ NAME = "cnn3d"
 KEY_FIELDS = ("study_uid",)
 
 
-def wants(study: study_lib.StudyInput) -> bool:
-  return study.labels is not None
+def skip_reason(study: study_lib.StudyInput) -> str | None:
+  return None if study.labels is not None else "no train.csv labels"
 
 
 def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:

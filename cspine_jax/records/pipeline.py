@@ -19,6 +19,8 @@ import json
 import multiprocessing
 import os
 import pathlib
+import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -46,12 +48,17 @@ class PrepareError(ValueError):
 
 @dataclasses.dataclass
 class Plan:
-  """Everything decided before any study is read: the studies, their folds, the run's identity."""
+  """Everything decided before any study is read: the studies, their folds, the run's identity.
+
+  ``folds`` covers every train.csv study (all record sets of a folder agree on it); ``studies``
+  only those the task uses.
+  """
   task: str
   data_dir: pathlib.Path
   options: study_lib.Options
   studies: list[study_lib.StudyInput]
   folds: dict[str, int]
+  skipped: dict[str, str]  # Studies of train.csv this task does not use, and why.
   vertebrae_file: str | None
   vertebrae_sha256: str | None
 
@@ -99,8 +106,9 @@ def make_plan(data_dir: str | os.PathLike, task: str, options: study_lib.Options
     studies.append(study_lib.StudyInput(
         uid=uid, image_dir=image_dir, mask_path=mask, fold=folds[uid], labels=tuple(row),
         vertebrae=located.get(uid), fracture_numbers=tuple(sorted(set(box_numbers.get(uid, ()))))))
-  studies = [s for s in studies if TASKS[task].wants(s)]
-  return Plan(task, data_dir, options, studies, folds,
+  skipped = {s.uid: r for s in studies if (r := TASKS[task].skip_reason(s)) is not None}
+  studies = [s for s in studies if s.uid not in skipped]
+  return Plan(task, data_dir, options, studies, folds, skipped,
               None if vertebrae_file is None else str(vertebrae_file),
               None if vertebrae_file is None else _sha256(vertebrae_file))
 
@@ -158,7 +166,7 @@ def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib
         run_study(plan.task, s, plan.options, str(task_dir))
         bar.update()
       return
-    ctx = multiprocessing.get_context(start_method)
+    ctx = multiprocessing.get_context(resolve_start_method(start_method))
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
       futures = [pool.submit(run_study, plan.task, s, plan.options, str(task_dir)) for s in todo]
       try:
@@ -170,6 +178,16 @@ def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib
         raise
   finally:
     bar.close()
+
+
+def resolve_start_method(start_method: str) -> str:
+  """'auto': fork (workers start at once, nothing re-imported) when this process runs no other
+  thread and has not imported JAX (whose threads do not survive a fork), else spawn."""
+  if start_method != "auto":
+    return start_method
+  safe = (threading.active_count() == 1 and "jax" not in sys.modules
+          and "fork" in multiprocessing.get_all_start_methods())
+  return "fork" if safe else "spawn"
 
 
 def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None = None
@@ -197,7 +215,8 @@ def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None =
       "num_records": sum(r["num_records"] for r in shard_rows),
       "num_studies": len(shard_rows), "num_folds": num_folds,
       "records_per_fold": records_per_fold, "studies_per_fold": studies_per_fold,
-      "folds": {s.uid: s.fold for s in plan.studies},
+      "folds": dict(sorted(plan.folds.items())),
+      "skipped_studies": [{"study_uid": u, "reason": r} for u, r in sorted(plan.skipped.items())],
       "vertebrae_file": plan.vertebrae_file,
       "features": {k: {"shape": list(shape), "dtype": np.dtype(dt).name}
                    for k, (shape, dt) in feats.items()},
@@ -211,7 +230,7 @@ def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None =
 def prepare(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task: str,
             options: study_lib.Options | None = None, *,
             vertebrae_file: str | os.PathLike | None = None, workers: int = 1,
-            progress: bool = True, start_method: str = "spawn") -> dict[str, Any]:
+            progress: bool = True, start_method: str = "auto") -> dict[str, Any]:
   """Builds (or finishes) ``out_dir/task``; returns the manifest written there."""
   options = options or study_lib.Options()
   plan = make_plan(data_dir, task, options, vertebrae_file)

@@ -21,8 +21,8 @@ NAME = "slices2d"
 KEY_FIELDS = ("study_uid", "index")
 
 
-def wants(study: study_lib.StudyInput) -> bool:
-  return study.labels is not None
+def skip_reason(study: study_lib.StudyInput) -> str | None:
+  return study_lib.unlocated_reason(study)
 
 
 def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:

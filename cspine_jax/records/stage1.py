@@ -17,9 +17,9 @@ NAME = "stage1"
 KEY_FIELDS = ("study_uid", "index")
 
 
-def wants(study: study_lib.StudyInput) -> bool:
+def skip_reason(study: study_lib.StudyInput) -> str | None:
   """Only the studies with a segmentation have stage-1 targets."""
-  return study.mask_path is not None
+  return None if study.mask_path is not None else "no segmentation"
 
 
 def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:

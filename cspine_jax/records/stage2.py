@@ -20,8 +20,8 @@ NAME = "stage2"
 KEY_FIELDS = ("study_uid", "vertebra")
 
 
-def wants(study: study_lib.StudyInput) -> bool:
-  return study.labels is not None
+def skip_reason(study: study_lib.StudyInput) -> str | None:
+  return study_lib.unlocated_reason(study)
 
 
 def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -236,6 +236,15 @@ def presence(loaded: Loaded, ext: list[Extent | None] | None = None) -> np.ndarr
   return out
 
 
+def unlocated_reason(study: StudyInput) -> str | None:
+  """Why a study's vertebrae cannot be located (no labels / no mask and no --vertebrae entry)."""
+  if study.labels is None:
+    return "no train.csv labels"
+  if study.mask_path is None and study.vertebrae is None:
+    return "no segmentation and no entry in the --vertebrae file"
+  return None
+
+
 def require_labels(study: StudyInput) -> np.ndarray:
   """The study's 8 targets as float32, or StudyError for a study without train.csv labels."""
   if study.labels is None:
