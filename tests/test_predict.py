@@ -97,7 +97,7 @@ def _stage1(images):
   return presence, np.tile([[0.25, 0.3, 0.75, 0.8]], (n, 1))
 
 
-def _stage2(seqs):
+def _stage2(seqs, vertebra):
   """Test double: probability from the crops' mean brightness (any deterministic map works)."""
   return seqs.reshape(len(seqs), -1).mean(1) / 255.0
 
@@ -180,7 +180,7 @@ def test_in_batches_pads_to_one_shape():
   def fn(x):
     shapes.append(x.shape)
     return x.sum(1), x[:, 0]
-  a, b = predict.in_batches(fn, np.arange(14.).reshape(7, 2), 3)
+  a, b = predict.in_batches(fn, [np.arange(14.).reshape(7, 2)], 3)
   assert shapes == [(3, 2)] * 3
   np.testing.assert_allclose(a, np.arange(14.).reshape(7, 2).sum(1))
   assert len(b) == 7

@@ -41,8 +41,8 @@ from cspine_jax.records import study as study_lib
 from cspine_jax.records import vertebrae as vertebrae_lib
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
-# uint8 stage-2 sequences (N, n/3, H, W, 3) -> (N,) fracture probabilities.
-Stage2Fn = Callable[[np.ndarray], np.ndarray]
+# uint8 stage-2 sequences (N, n/3, H, W, 3) and their vertebra indices (N,) -> (N,) probabilities.
+Stage2Fn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 STAGES = ("decode", "stage1", "crops", "stage2")
 
 
@@ -55,9 +55,14 @@ class Models:
   """Everything inference needs from a training run."""
   stage1: pseudo_labels.Stage1Fn
   stage2: Stage2Fn
-  options: study_lib.Options  # the preprocessing the models were trained with
+  options: study_lib.Options  # stage 2's preprocessing (as its records were made)
   rules: pseudo_labels.Rules = pseudo_labels.Rules()
   top_n: int = aggregate.DEFAULT_TOP_N
+  stage1_options: study_lib.Options | None = None  # stage 1's, when it differs from stage 2's
+
+  def __post_init__(self):
+    if self.stage1_options is None:
+      self.stage1_options = self.options
 
 
 @dataclasses.dataclass
@@ -177,16 +182,18 @@ def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2
 # ----------------------------------------------------------------------------- the two stages
 
 
-def in_batches(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> list[Any]:
-  """``fn`` over fixed-size batches of ``x`` (the last one padded by repeating its final row, so a
-  jitted model sees one shape), outputs trimmed back to ``len(x)`` and concatenated per output."""
+def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int
+               ) -> list[np.ndarray]:
+  """``fn(*chunks)`` over fixed-size batches of the equally long ``arrays`` (the last batch padded
+  by repeating its final row, so a jitted model sees one shape); each output trimmed back and
+  concatenated."""
   outs = []
-  for start in range(0, len(x), batch_size):
-    chunk = x[start:start + batch_size]
-    n = len(chunk)
+  for start in range(0, len(arrays[0]), batch_size):
+    chunks = [a[start:start + batch_size] for a in arrays]
+    n = len(chunks[0])
     if n < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
-    got = fn(chunk)
+      chunks = [np.concatenate([c, np.repeat(c[-1:], batch_size - n, 0)]) for c in chunks]
+    got = fn(*chunks)
     got = got if isinstance(got, tuple) else (got,)
     outs.append(tuple(np.asarray(g)[:n] for g in got))
   return [np.concatenate(parts) for parts in zip(*outs)]
@@ -196,8 +203,8 @@ def locate(series: dicom.Series, models: Models, batch_size: int
            ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
   """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4))."""
   loaded = study_lib.Loaded(study=None, series=series, mask=None)
-  images = study_lib.slice_images(loaded, models.options)
-  presence, boxes = in_batches(models.stage1, images, batch_size)
+  images = study_lib.slice_images(loaded, models.stage1_options)
+  presence, boxes = in_batches(models.stage1, [images], batch_size)
   preds = pseudo_labels.derive(presence, boxes, series.numbers, models.rules)
   return preds, presence, boxes
 
@@ -229,7 +236,8 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
       return
     start = time.perf_counter()
     seqs = np.concatenate([c for _, _, c in pending])
-    (probs,) = in_batches(models.stage2, seqs, batch_size)
+    vertebra = np.tile(np.arange(NUM_VERTEBRAE), len(pending))
+    (probs,) = in_batches(models.stage2, [seqs, vertebra], batch_size)
     probs = np.clip(probs.reshape(len(pending), NUM_VERTEBRAE), 0.0, 1.0)
     seconds["stage2"] += time.perf_counter() - start
     for (res, series, _), p in zip(pending, probs):
@@ -343,3 +351,195 @@ def study_writer(json_dir: str | os.PathLike | None, png_dir: str | os.PathLike 
           slice_spacing=series.slice_spacing, title=name)
 
   return write
+
+
+# ----------------------------------------------------------------------------- trained models
+
+SPEC = "inference.json"  # RUN/inference.json: the preprocessing and the patient_overall rule
+PRIOR = "prior.json"     # RUN/prior.json: training label means, the fallback probabilities
+
+
+def fold_dirs(stage_dir: str | os.PathLike) -> list[pathlib.Path]:
+  """Run folders of a stage: ``fold_k/`` sub-folders with checkpoints, or the folder itself."""
+  stage_dir = pathlib.Path(stage_dir)
+  folds = sorted((d for d in stage_dir.glob("fold_*") if (d / "checkpoints").is_dir()),
+                 key=lambda d: d.name)
+  if folds:
+    return folds
+  if (stage_dir / "checkpoints").is_dir():
+    return [stage_dir]
+  raise PredictError(f"{stage_dir}: no trained model (expected fold_*/checkpoints/ or checkpoints/)")
+
+
+def restore_model(run_dir: str | os.PathLike, step: int | None = None):
+  """(model in eval mode, checkpoint meta) of one training run folder (best step, else latest).
+
+  The model is rebuilt from the config saved in the checkpoint's meta (``models.make_model``) and
+  only its arrays are taken from the saved (model, optimizer) state.
+  """
+  import jax
+  import ml_collections
+  from flax import nnx
+  from orbax import checkpoint as ocp
+  from cspine_jax import models
+  from cspine_jax.train import checkpoints as ckpt_lib
+
+  ckpt = ckpt_lib.Checkpointer(pathlib.Path(run_dir) / "checkpoints", async_save=False)
+  try:
+    step = step if step is not None else ckpt.best_step()
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+      raise PredictError(f"{run_dir}/checkpoints: no checkpoint saved")
+    meta = ckpt.read_meta(step)
+    model = models.make_model(ml_collections.ConfigDict(meta["model"]), rngs=nnx.Rngs(0))
+    saved = dict(ckpt.manager.item_metadata(step)[ckpt_lib.STATE])
+    abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in saved.items()}
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        **{ckpt_lib.STATE: ocp.args.StandardRestore(abstract)}))[ckpt_lib.STATE]
+  finally:
+    ckpt.close()
+  # The trainer saved nnx.state((model, optimizer)): the model's arrays are the "0." entries.
+  flat = {k[2:]: v for k, v in restored.items() if k.startswith("0.")}
+  like = nnx.state(model)
+  want = set(ckpt_lib.flatten_state(like))
+  if want - set(flat):
+    raise PredictError(f"{run_dir}: checkpoint step {step} lacks {sorted(want - set(flat))[:5]} "
+                       f"for model {meta.get('model')}")
+  nnx.update(model, ckpt_lib.unflatten_state(flat, like))
+  model.eval()
+  return model, dict(meta, step=step)
+
+
+class FoldEnsemble:
+  """The fold models of one task; calling it averages their probabilities (the method's rule).
+
+  ``ensemble(batch)`` takes a dict of numpy arrays holding the task's uint8 image field (and the
+  fields its model reads, e.g. stage 2's ``vertebra``) and returns the task's predictions averaged
+  over the folds (``train.tasks``: stage 1 ``presence_prob``/``box_pred``, stage 2 ``prob``, ...).
+  Images are normalised exactly as in training (``input.Normalize``).
+  """
+
+  def __init__(self, stage_dir: str | os.PathLike, task: str | None = None):
+    import jax
+    from flax import nnx
+    from cspine_jax import input as input_lib
+    from cspine_jax.train import tasks as tasks_lib
+
+    restored = [restore_model(d) for d in fold_dirs(stage_dir)]
+    self.metas = [m for _, m in restored]
+    names = {m.get("task") for m in self.metas}
+    if task is None and len(names) == 1:
+      task = names.pop()
+    if task is None or any(m.get("task") not in (None, task) for m in self.metas):
+      raise PredictError(f"{stage_dir}: fold models of tasks {sorted(map(str, names))}, "
+                         f"expected {task}")
+    self.task = tasks_lib.get(task)
+    self.normalize = input_lib.Normalize(task)
+    self.graphdef, _ = nnx.split(restored[0][0])
+    self.states = [nnx.split(m)[1] for m, _ in restored]
+
+    def forward(state, batch):
+      model = nnx.merge(self.graphdef, state)
+      x, kwargs = self.task.model_inputs(batch)
+      return self.task.predict(model(x, **kwargs))
+
+    self._forward = jax.jit(forward)
+
+  def __len__(self) -> int:
+    return len(self.states)
+
+  def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import jax
+    batch = self.normalize.map(dict(batch))
+    outs = [jax.device_get(self._forward(s, batch)) for s in self.states]
+    return {k: aggregate.ensemble_mean([o[k] for o in outs]) for k in outs[0]}
+
+
+def write_spec(run_dir: str | os.PathLike, stage1_options: study_lib.Options,
+               stage2_options: study_lib.Options, *, top_n: int = aggregate.DEFAULT_TOP_N,
+               rules: pseudo_labels.Rules = pseudo_labels.Rules()) -> pathlib.Path:
+  """Saves RUN/inference.json: what :func:`load_models` needs besides the checkpoints."""
+  path = pathlib.Path(run_dir) / SPEC
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"stage1_options": stage1_options.to_json(),
+                              "stage2_options": stage2_options.to_json(), "top_n": top_n,
+                              "rules": dataclasses.asdict(rules)}, indent=1))
+  return path
+
+
+def _options(d: Mapping[str, Any]) -> study_lib.Options:
+  return study_lib.Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
+  """RUN/stage1 and RUN/stage2 fold ensembles plus RUN/inference.json -> :class:`Models`."""
+  run_dir = pathlib.Path(run_dir)
+  spec_path = run_dir / SPEC
+  try:
+    spec = json.loads(spec_path.read_text())
+    stage1_options, stage2_options = (_options(spec["stage1_options"]),
+                                      _options(spec["stage2_options"]))
+    rules = pseudo_labels.Rules(**spec.get("rules", {}))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise PredictError(f"{spec_path}: cannot read the inference spec ({e}); it is written by "
+                       "the demo / predict.write_spec with the records' preprocessing options")
+  stage1 = FoldEnsemble(run_dir / "stage1", "stage1")
+  stage2 = FoldEnsemble(run_dir / "stage2", "stage2")
+
+  def stage1_fn(images):
+    out = stage1({"image": images})
+    return out["presence_prob"], out["box_pred"]
+
+  def stage2_fn(images, vertebra):
+    return stage2({"images": images, "vertebra": vertebra.astype(np.int32)})["prob"]
+
+  return Models(stage1=stage1_fn, stage2=stage2_fn, options=stage2_options,
+                stage1_options=stage1_options, rules=rules,
+                top_n=int(top_n if top_n is not None else spec.get("top_n", aggregate.DEFAULT_TOP_N)))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m cspine_jax.predict",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--studies", required=True, help="test_images/ folder, or one study folder")
+  p.add_argument("--workdir", required=True, help="run folder: stage1/, stage2/, inference.json")
+  p.add_argument("--out", required=True, help="submission CSV (row_id,fractured)")
+  p.add_argument("--prior", help="train.csv or prior.json for fallbacks (default RUN/prior.json)")
+  p.add_argument("--top_n", type=int, help="patient_overall over the top-N vertebrae (default: "
+                 "the run's, 7)")
+  p.add_argument("--json_dir", help="per-study JSON folder (default: <out>_studies/)")
+  p.add_argument("--png_dir", help="write a per-study PNG here")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--studies_per_batch", type=int, default=4)
+  p.add_argument("--no_progress", action="store_true")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse(argv)
+  out = pathlib.Path(args.out)
+  try:
+    folders = find_studies(args.studies)
+    prior = load_prior(args.prior or pathlib.Path(args.workdir) / PRIOR)
+    models = load_models(args.workdir, args.top_n)
+  except (PredictError, labels_lib.TableError) as e:
+    print(f"predict: error: {e}", file=sys.stderr)
+    return 2
+  json_dir = args.json_dir or out.with_name(out.stem + "_studies")
+  result = run(folders, models, prior, batch_size=args.batch_size,
+               studies_per_batch=args.studies_per_batch,
+               on_study=study_writer(json_dir, args.png_dir), progress=not args.no_progress)
+  paths = write_outputs(result, out)
+  n_err = len(result.errors())
+  per = {k: v / max(len(folders), 1) for k, v in result.seconds.items()}
+  print(f"predict: {len(folders)} studies ({n_err} fell back to the prior) -> {paths['submission']}"
+        f"; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
+  print("seconds per study: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
