@@ -284,7 +284,8 @@ def test_scout_with_other_orientation_is_skipped(tmp_path):
   s = read_quiet(tmp_path)
   assert s.shape[0] == 3
   (name, reason), = s.skipped
-  assert name == "scout.dcm" and reason.startswith("orientation")
+  assert (name, reason) == ("scout.dcm", "orientation [0.0, 1.0, 0.0, 0.0, 0.0, -1.0] differs from "
+                                         "the series' [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]")
 
 
 def test_warn_false_records_without_warning(tmp_path):

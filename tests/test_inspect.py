@@ -82,3 +82,15 @@ def test_errors_go_to_stderr(tmp_path, capsys):
   captured = capsys.readouterr()
   assert captured.out == ""
   assert f"error: {tmp_path}: empty folder" in captured.err
+
+
+def test_reversed_numbered_study(real_ct, tmp_path, capsys):
+  # The real files are named in head-to-feet order; number them so that n rises from feet to head.
+  files = sorted((real_ct / "dicom_jpeg_lossless").iterdir())[:5]
+  for n, p in zip(range(41, 36, -1), files):
+    shutil.copy(p, tmp_path / f"{n}.dcm")
+  assert inspect_cli.main([str(tmp_path)]) == 0
+  assert "order:            reversed (file numbers 41 (top) .. 37 (bottom))" in capsys.readouterr().out
+  info = run_json(capsys, [str(tmp_path)])
+  assert info["reversed"] is True
+  assert (info["first_number"], info["last_number"]) == (41, 37)

@@ -354,7 +354,8 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
                       + "; pass series_uid= to pick one")
 
   # Orientation: the majority's; other planes (scouts) do not belong in the volume.
-  orient_key = [tuple(np.round(s.orientation, _ORIENTATION_DECIMALS)) for s in slices]
+  orient_key = [tuple(round(float(v), _ORIENTATION_DECIMALS) + 0.0 for v in s.orientation)
+                for s in slices]
   main_orient = _majority(orient_key)
   kept = []
   for s, key in zip(slices, orient_key):
