@@ -1,0 +1,156 @@
+"""Preprocessing throughput (slices/s) against two baselines measured in the same run.
+
+    python benchmarks/prep_throughput.py [--num_studies 4] [--workers 2] [--repeats 2]
+        [--data_dir EXISTING_RSNA_FOLDER]
+
+Without --data_dir it generates full-size (512 x 512) synthetic studies first (not timed).
+(a) decode floor: pydicom read + pixel decode of every file, one process, nothing more.
+(b) this pipeline: data_prep.prepare's stage2 and stage1 tasks (224 px, paper defaults) with
+    --workers processes, output written to a temporary folder.
+(c) notebook loop: one process reads every file, sorts by position, stacks, applies the rescale and
+    the window in float64, builds each 2.5D RGB image and resizes it with PIL.
+The last lines print b/a (target >= 1/1.3 = 0.77) and b/c (target >= 3), each the ratio of slices/s.
+Each configuration is repeated and the best run is kept (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from cspine_jax import labels as labels_lib  # noqa: E402
+from cspine_jax.records import pipeline  # noqa: E402
+from cspine_jax.records import study as study_lib  # noqa: E402
+from cspine_jax.records import vertebrae as vertebrae_lib  # noqa: E402
+
+
+def decode_floor(files: list[pathlib.Path]) -> None:
+  import pydicom
+  for f in files:
+    pydicom.dcmread(f).pixel_array  # noqa: B018 - decoding is the point.
+
+
+def notebook_loop(study_dirs: list[pathlib.Path], size: int = 224) -> int:
+  """What a typical Kaggle notebook does for 2.5D slices, one study after another."""
+  import pydicom
+  from PIL import Image
+  n = 0
+  for d in study_dirs:
+    slices = []
+    for f in sorted(d.glob("*.dcm")):
+      ds = pydicom.dcmread(f)
+      img = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+      slices.append((float(ds.ImagePositionPatient[2]), img))
+    slices.sort(key=lambda t: -t[0])  # Head to feet.
+    vol = np.stack([s[1] for s in slices])
+    lo, hi = 400 - 1800 / 2, 400 + 1800 / 2
+    vol = (np.clip((vol - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    out = []
+    for i in range(len(vol)):
+      rgb = np.stack([vol[max(i - 1, 0)], vol[i], vol[min(i + 1, len(vol) - 1)]], -1)
+      out.append(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)))
+    n += len(out)
+  return n
+
+
+def vertebrae_from_ground_truth(gt: dict, path: pathlib.Path) -> None:
+  """A --vertebrae file from the generator's truth, so stage2 can use the unsegmented studies."""
+  preds = {}
+  for uid, info in gt["studies"].items():
+    if info["split"] != "train":
+      continue
+    _, h, w = info["shape"]
+    row = []
+    for name in labels_lib.VERTEBRAE:
+      v = info["vertebrae"].get(name)
+      row.append(vertebrae_lib.absent() if v is None else vertebrae_lib.VertebraPrediction(
+          True, v["first"], v["last"], v["first_number"], v["last_number"],
+          (v["box"][0] / w, v["box"][1] / h, v["box"][2] / w, v["box"][3] / h), 1.0))
+    preds[uid] = tuple(row)
+  vertebrae_lib.write_vertebrae(path, preds)
+
+
+def best_of(repeats: int, fn) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--num_studies", type=int, default=4)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--workers", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=2)
+  args = p.parse_args(argv)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    if args.data_dir is None:
+      from cspine_jax.synthetic import generate
+      data = tmp / "rsna"
+      t = time.perf_counter()
+      generate(data, args.num_studies, seed=args.seed, size="full")
+      print(f"generated {args.num_studies} studies in {time.perf_counter() - t:.1f} s (not timed)")
+    else:
+      data = pathlib.Path(args.data_dir)
+    train = labels_lib.read_train_csv(data / "train.csv")
+    uids = [labels_lib.check_uid(u) for u in train["StudyInstanceUID"]]
+    dirs = [data / "train_images" / u for u in uids]
+    files = [f for d in dirs for f in sorted(d.glob("*.dcm"))]
+    vfile = None
+    if (data / "ground_truth.json").exists():
+      vfile = tmp / "vertebrae.csv"
+      vertebrae_from_ground_truth(json.loads((data / "ground_truth.json").read_text()), vfile)
+    segmented = [d for u, d in zip(uids, dirs) if study_lib.study_paths(data, u)[1]]
+    n_all = len(files)
+    n_seg = sum(len(list(d.glob("*.dcm"))) for d in segmented)
+    print(f"{len(uids)} studies, {n_all} slices ({n_seg} in {len(segmented)} segmented studies)")
+
+    results = {}
+    results["a"] = n_all / best_of(args.repeats, lambda: decode_floor(files))
+    print(f"(a) decode floor (1 process):            {results['a']:8.1f} slices/s")
+    opts = study_lib.Options()  # Paper defaults: 224 px, bone window, 24 slices per vertebra.
+    run = [0]
+
+    def prep(task):
+      run[0] += 1
+      m = pipeline.prepare(data, tmp / f"out{run[0]}", task, opts, vertebrae_file=vfile,
+                           workers=args.workers, progress=False)
+      if m["bad_studies"]:
+        raise RuntimeError(f"bad studies in the benchmark: {m['bad_studies']}")
+      return m
+
+    stage2_slices = sum(len(list((data / "train_images" / s["study_uid"]).glob("*.dcm")))
+                        for s in prep("stage2")["shards"])
+    results["b2"] = stage2_slices / best_of(args.repeats, lambda: prep("stage2"))
+    print(f"(b) stage2, {args.workers} workers:                {results['b2']:8.1f} slices/s")
+    if n_seg:
+      results["b1"] = n_seg / best_of(args.repeats, lambda: prep("stage1"))
+      print(f"(b) stage1, {args.workers} workers:                {results['b1']:8.1f} slices/s")
+    results["c"] = n_all / best_of(args.repeats, lambda: notebook_loop(dirs))
+    print(f"(c) notebook loop (1 process):           {results['c']:8.1f} slices/s")
+    for key, name in (("b2", "stage2"), ("b1", "stage1")):
+      if key in results:
+        print(f"b/a {name}: {results[key] / results['a']:.2f} (target >= {1 / 1.3:.2f})")
+    for key, name in (("b2", "stage2"), ("b1", "stage1")):
+      if key in results:
+        print(f"b/c {name}: {results[key] / results['c']:.2f} (target >= 3)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
