@@ -5,10 +5,11 @@
 ordered head to feet along the slice normal, plus per-slice metadata and the geometry.
 
 Each file is read once (``dcmread``) and its pixels decoded once, straight into one preallocated
-float32 volume (rescale applied in the same numpy pass). The decoders (pylibjpeg's libjpeg /
-openjpeg / rle, pyjpegls) were measured to hold the GIL: decoding in a thread pool gave no speed-up
-on two cores (20 J2K slices x3: 2.40 s serial vs 2.62 s with 2 threads), so there is no thread
-option; parallelise over studies with processes instead.
+float32 volume (rescale applied in the same numpy pass). There is no thread option: the decoders
+of JPEG Lossless / JPEG-LS / JPEG 2000 (pylibjpeg-libjpeg, pyjpegls/CharLS, pylibjpeg-openjpeg)
+never release the GIL (their extension modules do not even import PyEval_SaveThread), and on an
+idle 2-core machine 2 threads decoded 20 J2K slices x3 in 2.62 s against 2.40 s serially.
+Parallelise over studies with processes instead.
 
 Documented choices for imperfect folders (every choice is recorded in ``Series.skipped`` or
 ``Series.warnings``; nothing is dropped silently):
