@@ -448,10 +448,22 @@ class FoldEnsemble:
   def __len__(self) -> int:
     return len(self.states)
 
-  def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  @property
+  def folds(self) -> list[int | None]:
+    """The held-out fold of each member (from its checkpoint meta)."""
+    return [m.get("fold") for m in self.metas]
+
+  def __call__(self, batch: Mapping[str, np.ndarray], fold: int | None = None
+               ) -> dict[str, np.ndarray]:
+    """Averaged predictions; ``fold=k`` uses only the model that held fold k out (out-of-fold)."""
     import jax
     batch = self.normalize.map(dict(batch))
-    outs = [jax.device_get(self._forward(s, batch)) for s in self.states]
+    states = self.states
+    if fold is not None:
+      states = [s for s, f in zip(self.states, self.folds) if f == fold]
+      if not states:
+        raise PredictError(f"no fold model held out fold {fold} (members: {self.folds})")
+    outs = [jax.device_get(self._forward(s, batch)) for s in states]
     return {k: aggregate.ensemble_mean([o[k] for o in outs]) for k in outs[0]}
 
 

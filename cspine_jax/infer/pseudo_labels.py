@@ -169,3 +169,64 @@ def oracle_outputs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   sl = labels_lib.slice_labels(mask)
   _, h, w = mask.shape
   return sl.presence.astype(np.float64), sl.box / np.array([w, h, w, h], np.float64)
+
+
+def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options, out_path: str | os.PathLike,
+                  *, rules: Rules = Rules(), batch_size: int = 32,
+                  holdout: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+                  folds: Mapping[str, int] | None = None, progress: bool = False,
+                  log: Callable[[str], None] = print) -> dict:
+  """Runs stage 1 on every study of ``data_dir``/train.csv and writes the ``--vertebrae`` file.
+
+  ``options`` are the stage-1 records' ``records.study.Options`` (same windowing and resizing as in
+  training). On the studies with a segmentation the derived ranges and boxes are compared with the
+  mask (``labels.vertebra_extents``): with the ensemble (``stage1``, which has seen those studies in
+  training) and, when ``holdout(images, fold)`` and ``folds`` are given, out-of-fold with the fold
+  model that did not train on the study. Unreadable studies are listed and left out of the file.
+  Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs}.
+  """
+  from cspine_jax.infer import predict  # the reader thread and batching live there
+  from cspine_jax.io import dicom, nifti
+  from cspine_jax.records import study as study_lib
+
+  data_dir = pathlib.Path(data_dir)
+  uids = labels_lib.read_train_csv(data_dir / "train.csv")["StudyInstanceUID"].tolist()
+  inputs = [(uid,) + study_lib.study_paths(data_dir, uid) for uid in uids]
+
+  def load(item):
+    uid, image_dir, mask_path = item
+    series = dicom.read_series(image_dir, warn=False)
+    mask = nifti.load_mask(mask_path, series) if mask_path else None
+    return series, mask
+
+  located, failed, rows_ens, rows_oof = {}, [], [], []
+  from tqdm import tqdm
+  bar = tqdm(total=len(inputs), unit="study", desc="pseudo-labels", disable=not progress)
+  for (uid, _, _), loaded, error, _ in predict.prefetched(inputs, load):
+    bar.update()
+    if error is not None:
+      failed.append((uid, f"{type(error).__name__}: {error}"))
+      continue
+    series, mask = loaded
+    images = study_lib.slice_images(study_lib.Loaded(None, series, None), options)
+    presence, boxes = predict.in_batches(stage1, [images], batch_size)
+    located[uid] = derive(presence, boxes, series.numbers, rules)
+    if mask is not None:
+      rows_ens += compare(located[uid], mask, series.numbers)
+      if holdout is not None and folds is not None and uid in folds:
+        k = folds[uid]
+        p_oof, b_oof = predict.in_batches(lambda x: holdout(x, k), [images], batch_size)
+        rows_oof += compare(derive(p_oof, b_oof, series.numbers, rules), mask, series.numbers)
+  bar.close()
+  vertebrae_lib.write_vertebrae(out_path, located)
+  result = {"studies": len(located), "failed": failed, "ensemble": summarise(rows_ens),
+            "out_of_fold": summarise(rows_oof)}
+  log(f"pseudo-labels: {len(located)} studies -> {out_path} ({len(failed)} unreadable)")
+  for name in ("ensemble", "out_of_fold"):
+    s = result[name]
+    if s["pairs"]:
+      log(f"  vs masks ({name}, {s['pairs']} study-vertebra pairs): slice-range IoU "
+          f"{s['range_iou']:.3f}, box IoU {s['box_iou']:.3f}")
+  for uid, reason in failed:
+    log(f"  unreadable {uid}: {reason}")
+  return result
