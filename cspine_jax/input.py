@@ -10,6 +10,7 @@ exactly the next batch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
@@ -132,6 +133,14 @@ class RecordSource:
 
   def __len__(self) -> int:
     return len(self.indices)
+
+  def __repr__(self) -> str:
+    # grain compares this in saved iterator states: it names the records, not the object.
+    digest = hashlib.sha1(np.asarray(self.indices, np.int64).tobytes())
+    for p in self.paths:
+      digest.update(pathlib.Path(p).name.encode())
+    return (f"RecordSource({pathlib.Path(self.paths[0]).parent.name}, shards={len(self.paths)}, "
+            f"records={len(self.indices)}, sha1={digest.hexdigest()[:16]})")
 
   def shard_of(self, record_id: int) -> str:
     return self.paths[int(np.searchsorted(self._offsets, record_id, side="right")) - 1]

@@ -20,7 +20,10 @@ RULES = ("replicated", "fsdp")
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D mesh named 'data' over all (or the first ``num_devices``) devices."""
   n = num_devices or jax.device_count()
-  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
+  # Auto axes: the compiler propagates shardings from the inputs/out_shardings (jax 0.10's
+  # default is Explicit, which would make every model op name its output sharding).
+  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,184 @@
+"""Training machinery: sharded steps, losses, NaN stop, kill-and-resume, validation outputs."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs import stage2 as stage2_config
+from cspine_jax import metrics
+from cspine_jax.train import loop, losses, sharding, steps, tasks
+from test_input import write_task_shards
+
+
+class TinySeq(nnx.Module):
+  """A stage-2-shaped model (B, T, H, W, 3) -> (B,) logits, small enough for CPU tests."""
+
+  def __init__(self, width: int = 8, *, rngs: nnx.Rngs, nan_after: int = 0):
+    self.conv = nnx.Conv(3, width, (3, 3), strides=(2, 2), rngs=rngs)
+    self.drop = nnx.Dropout(0.2, rngs=rngs)
+    self.head = nnx.Linear(width, 1, rngs=rngs)
+    # A test hook: the forward pass turns NaN once it has run ``nan_after`` training steps.
+    self.nan_after = nan_after
+    self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, images, vertebra=None):
+    b, t = images.shape[:2]
+    x = images.reshape((b * t,) + images.shape[2:])
+    f = jax.nn.relu(self.conv(x)).mean((1, 2)).reshape(b, t, -1).mean(1)
+    out = self.head(self.drop(f))[:, 0]
+    if self.nan_after:
+      self.calls.value = self.calls.value + 1
+      out = jnp.where(self.calls.value > self.nan_after, jnp.nan, out)
+    return out
+
+
+def tiny_config(**train):
+  c = stage2_config.get_config("cpu")
+  c.train.update(dict(log_every=1, progress=False, tensorboard=True, async_checkpoints=True, **train))
+  c.input.batch_size = 8
+  c.input.workers = 0
+  c.optimizer.lr = 3e-3
+  c.optimizer.warmup_steps = 1
+  c.num_folds = 3
+  return c
+
+
+def _batch(n=16, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  label = (np.arange(n) % 3 == 0).astype(np.float32)
+  images = rng.normal(size=(n, 8, size, size, 3)) + 1.5 * label[:, None, None, None, None]
+  return {"images": images.astype(np.float32), "label": label,
+          "vertebra": (np.arange(n) % 7).astype(np.int32),
+          "record_id": np.arange(n, dtype=np.int32)}
+
+
+def test_sharded_steps_lower_the_loss():
+  assert jax.device_count() == 8
+  mesh = sharding.make_mesh()
+  tx = steps.make_tx(steps.make_schedule(1e-2, 30, 2), weight_decay=1e-5, clip_norm=1.0)
+  trainer = steps.Trainer(TinySeq(rngs=nnx.Rngs(0)), tx, tasks.get("stage2"), mesh)
+  batch = sharding.shard_batch(_batch(), mesh)
+  assert batch["images"].sharding.spec == P("data")
+  assert len(batch["images"].sharding.device_set) == 8
+  kernel = trainer.state[0]["conv"]["kernel"].value
+  assert kernel.sharding.spec == P() and len(kernel.sharding.device_set) == 8
+  first = None
+  for _ in range(25):
+    trainer.state, m = trainer.train_step(trainer.state, batch)
+    first = first if first is not None else float(m["loss"])
+  assert float(m["loss"]) < 0.7 * first
+  kernel = trainer.state[0]["conv"]["kernel"].value
+  assert kernel.sharding.spec == P()  # out_shardings keep the layout after donation
+  assert trainer.step == 25
+  out, em = trainer.eval_step(trainer.state, batch)
+  assert out["prob"].shape == (16,) and out["prob"].sharding.is_fully_replicated
+  np.testing.assert_array_equal(np.asarray(out["record_id"]), np.arange(16))
+
+
+def test_fsdp_rule_shards_large_arrays():
+  mesh = sharding.make_mesh()
+  assert sharding.array_spec((64, 512), mesh, "fsdp") == P(None, "data")
+  assert sharding.array_spec((3,), mesh, "fsdp") == P()
+  assert sharding.array_spec((64, 512), mesh, "replicated") == P()
+  tx = steps.make_tx(optax.constant_schedule(1e-3), weight_decay=0.0, clip_norm=None)
+  model = TinySeq(width=2048, rngs=nnx.Rngs(0))  # conv kernel (3, 3, 3, 2048): split on the last axis
+  trainer = steps.Trainer(model, tx, tasks.get("stage2"), mesh, param_rule="fsdp")
+  fsdp = P(None, None, None, "data")
+  assert trainer.state[0]["conv"]["kernel"].value.sharding.spec == fsdp
+  moments = [x for x in jax.tree.leaves(trainer.state[1]) if x.shape == (3, 3, 3, 2048)]
+  assert len(moments) == 2 and all(x.sharding.spec == fsdp for x in moments)  # Adam mu, nu
+  assert trainer.state[0]["head"]["kernel"].value.sharding.spec == P()  # small: replicated
+  trainer.state, m = trainer.train_step(trainer.state, sharding.shard_batch(_batch(), mesh))
+  assert math.isfinite(float(m["loss"]))
+  assert trainer.state[0]["conv"]["kernel"].value.sharding.spec == fsdp
+  with pytest.raises(ValueError, match="unknown parameter sharding rule"):
+    sharding.array_spec((8,), mesh, "zero9")
+
+
+def test_losses_use_the_metric_weights():
+  logits = jnp.array([0.0, 0.0])
+  # 1 negative (weight 1) + 1 positive (weight 2): same BCE each, so the weighted mean is log 2.
+  np.testing.assert_allclose(losses.vertebra_bce(logits, jnp.array([0.0, 1.0])), math.log(2), rtol=1e-6)
+  z = jnp.array([[2.0, -1.0, 0.5, 0.0, 1.0, -2.0, 3.0, 0.1]])
+  y = jnp.array([[1.0, 0, 1, 0, 0, 0, 1, 0]])
+  want = metrics.weighted_log_loss(np.asarray(y), np.asarray(jax.nn.sigmoid(z)))
+  np.testing.assert_allclose(losses.target_bce(z, y), want.mean(), rtol=1e-5)
+  # 7 fracture logits: patient_overall = 1 - prod(1 - p), checked against the metric.
+  z7 = z[:, 1:]
+  p7 = jax.nn.sigmoid(z7)
+  p8 = np.concatenate([1 - np.prod(1 - np.asarray(p7), -1, keepdims=True), np.asarray(p7)], -1)
+  np.testing.assert_allclose(tasks.fracture_losses(z7, y), metrics.weighted_log_loss(np.asarray(y), p8),
+                             rtol=1e-4)
+  assert not bool(losses.is_finite(jnp.float32(jnp.nan)))
+
+
+def test_schedule_warmup_and_cosine():
+  s = steps.make_schedule(1e-3, 100, 10)
+  assert float(s(0)) == 0.0 and abs(float(s(10)) - 1e-3) < 1e-9 and float(s(100)) < 1e-8
+  assert float(s(5)) == pytest.approx(5e-4)
+
+
+def _records(tmp_path, n=42):
+  return write_task_shards(tmp_path / "records", "stage2", n, size=16)
+
+
+def _read_log(workdir):
+  return [json.loads(l) for l in (workdir / "log.jsonl").read_text().splitlines()]
+
+
+def _train_losses(workdir):
+  return {r["step"]: r["loss"] for r in _read_log(workdir) if "loss" in r}
+
+
+def test_kill_and_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, "build_model", lambda config, seed: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
+  records = _records(tmp_path)
+  cfg = tiny_config(max_steps=6, checkpoint_every=0)
+  cfg.records_dir = str(records)
+  full = loop.train_fold(cfg, tmp_path / "full", records, 0)
+  assert full["finished"] and full["steps_per_epoch"] == 3 and full["best_score"] is not None
+  # Interrupted run: stops (as if killed) after step 4, then a new call resumes from step 4.
+  part = loop.train_fold(tiny_config(max_steps=6, stop_at_step=4), tmp_path / "part", records, 0)
+  assert part["step"] == 4 and not part["finished"]
+  resumed = loop.train_fold(tiny_config(max_steps=6), tmp_path / "part", records, 0)
+  assert resumed["finished"]
+  a, b = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "part")
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for s in a:
+    assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7), s
+  # Validation each epoch with the competition metric; OOF predictions of the best epoch.
+  vals = [r for r in _read_log(tmp_path / "full") if "val_competition_loss" in r]
+  assert [r["step"] for r in vals] == [3, 6]
+  oof = pd.read_csv(tmp_path / "full" / "oof_predictions.csv", dtype={"StudyInstanceUID": str})
+  assert list(oof.columns) == ["StudyInstanceUID", "patient_overall"] + [f"C{i}" for i in range(1, 8)] + ["fold"]
+  assert len(oof) == 2 and set(oof["fold"]) == {0}
+  p = oof[[f"C{i}" for i in range(1, 8)]].to_numpy()
+  np.testing.assert_allclose(oof["patient_overall"], 1 - np.prod(1 - p, axis=1), rtol=1e-6)
+  assert (tmp_path / "full" / "learning_curves.png").stat().st_size > 1000
+  assert any((tmp_path / "full" / "tensorboard").iterdir())
+
+
+def test_nan_loss_stops_with_the_step_number(tmp_path, monkeypatch):
+  monkeypatch.setattr(loop, "build_model",
+                      lambda config, seed: TinySeq(rngs=nnx.Rngs(seed), nan_after=4))
+  records = _records(tmp_path)
+  cfg = tiny_config(max_steps=9)
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 5 .*last good checkpoint is step 3"):
+    loop.train_fold(cfg, tmp_path / "run", records, 0)
+  ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert ckpts == ["3"]
+
+
+def test_distributed_environment_detection():
+  assert not loop.wants_distributed({})
+  assert loop.wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+  assert not loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
+  assert loop.wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
