@@ -12,7 +12,7 @@ import sys
 import time
 
 from cspine_jax.synthetic import generate
-from cspine_jax.synthetic.generate import SIZES
+from cspine_jax.synthetic.studies import SIZES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,7 +283,7 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
     if i in corrupt_of:
       spec = dataclasses.replace(spec, corrupt=tuple(corrupt_of[i]))
     entry, rows = write_study(spec, out)
-    studies[spec.uid] = entry
+    studies[spec.uid] = {"index": i, **entry}
     if split == "train":
       flags = [int(v in entry["fractured"]) for v in anat.CERVICAL]
       train_rows.append((spec.uid, int(any(flags)), *flags))
@@ -294,5 +294,5 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   writers.write_csv(out / "train_bounding_boxes.csv", writers.BOX_COLUMNS, box_rows)
   (out / "ground_truth.json").write_text(json.dumps(
       {"version": GROUND_TRUTH_VERSION, "seed": seed, "size": size, "studies": studies},
-      indent=1, sort_keys=True) + "\n")
+      indent=1) + "\n")
   return out
