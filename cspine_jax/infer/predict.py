@@ -419,24 +419,25 @@ class FoldEnsemble:
   Images are normalised exactly as in training (``input.Normalize``).
   """
 
-  def __init__(self, stage_dir: str | os.PathLike, task: str | None = None):
+  def __init__(self, members: Sequence[tuple[Any, Mapping[str, Any]]], task: str):
+    """``members``: (model, meta) pairs (meta: the checkpoint's, holding "fold" and "task")."""
     import jax
     from flax import nnx
     from cspine_jax import input as input_lib
     from cspine_jax.train import tasks as tasks_lib
 
-    restored = [restore_model(d) for d in fold_dirs(stage_dir)]
-    self.metas = [m for _, m in restored]
-    names = {m.get("task") for m in self.metas}
-    if task is None and len(names) == 1:
-      task = names.pop()
-    if task is None or any(m.get("task") not in (None, task) for m in self.metas):
-      raise PredictError(f"{stage_dir}: fold models of tasks {sorted(map(str, names))}, "
-                         f"expected {task}")
+    if not members:
+      raise PredictError(f"a {task} ensemble needs at least one model")
+    self.metas = [dict(m) for _, m in members]
+    wrong = [m.get("task") for m in self.metas if m.get("task") not in (None, task)]
+    if wrong:
+      raise PredictError(f"fold models of task {wrong[0]!r} given for a {task} ensemble")
     self.task = tasks_lib.get(task)
     self.normalize = input_lib.Normalize(task)
-    self.graphdef, _ = nnx.split(restored[0][0])
-    self.states = [nnx.split(m)[1] for m, _ in restored]
+    for model, _ in members:
+      model.eval()
+    self.graphdef, _ = nnx.split(members[0][0])
+    self.states = [nnx.split(m)[1] for m, _ in members]
 
     def forward(state, batch):
       model = nnx.merge(self.graphdef, state)
@@ -444,6 +445,11 @@ class FoldEnsemble:
       return self.task.predict(model(x, **kwargs))
 
     self._forward = jax.jit(forward)
+
+  @classmethod
+  def load(cls, stage_dir: str | os.PathLike, task: str) -> "FoldEnsemble":
+    """Every fold model trained under ``stage_dir`` (fold_*/checkpoints, best step each)."""
+    return cls([restore_model(d) for d in fold_dirs(stage_dir)], task)
 
   def __len__(self) -> int:
     return len(self.states)
@@ -495,8 +501,18 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise PredictError(f"{spec_path}: cannot read the inference spec ({e}); it is written by "
                        "the demo / predict.write_spec with the records' preprocessing options")
-  stage1 = FoldEnsemble(run_dir / "stage1", "stage1")
-  stage2 = FoldEnsemble(run_dir / "stage2", "stage2")
+  return ensemble_models(FoldEnsemble.load(run_dir / "stage1", "stage1"),
+                         FoldEnsemble.load(run_dir / "stage2", "stage2"), stage1_options,
+                         stage2_options, rules=rules,
+                         top_n=int(top_n if top_n is not None else
+                                   spec.get("top_n", aggregate.DEFAULT_TOP_N)))
+
+
+def ensemble_models(stage1: FoldEnsemble, stage2: FoldEnsemble, stage1_options: study_lib.Options,
+                    stage2_options: study_lib.Options, *,
+                    rules: pseudo_labels.Rules = pseudo_labels.Rules(),
+                    top_n: int = aggregate.DEFAULT_TOP_N) -> Models:
+  """:class:`Models` whose two stages are fold ensembles."""
 
   def stage1_fn(images):
     out = stage1({"image": images})
@@ -506,8 +522,7 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
     return stage2({"images": images, "vertebra": vertebra.astype(np.int32)})["prob"]
 
   return Models(stage1=stage1_fn, stage2=stage2_fn, options=stage2_options,
-                stage1_options=stage1_options, rules=rules,
-                top_n=int(top_n if top_n is not None else spec.get("top_n", aggregate.DEFAULT_TOP_N)))
+                stage1_options=stage1_options, rules=rules, top_n=top_n)
 
 
 # ----------------------------------------------------------------------------- command line
