@@ -1,4 +1,5 @@
 """Tests for cspine_jax.io.dicom: real scanner series, every encoding, bad files and folders."""
+import dataclasses
 import pathlib
 import shutil
 import warnings
@@ -357,3 +358,81 @@ def test_describe_is_json_ready(real_data_dir, tmp_path):
                                      "name": "JPEG Lossless, Non-Hierarchical, First-Order "
                                              "Prediction (Process 14 [Selection Value 1])"}]
   assert d["skipped"][0]["file"] == "README"
+
+
+# --- Synthetic RSNA-format studies (cspine_jax.synthetic) against their ground truth ---------
+
+# Every storage variant the generator writes, each with a different file numbering and damage.
+SYNTHETIC_VARIANTS = [
+    dict(transfer_syntax="explicit", reversed=False, first_number=1, instance_mode="match",
+         corrupt=()),
+    dict(transfer_syntax="implicit", reversed=True, first_number=0, instance_mode="reversed",
+         corrupt=("empty",)),
+    dict(transfer_syntax="rle", reversed=True, first_number=80, instance_mode="offset",
+         signed=False, bits_stored=12, corrupt=("truncated",)),  # Numbers cross 99 -> 100.
+    dict(transfer_syntax="jpegls", reversed=False, first_number=37, instance_mode="reversed",
+         signed=False, bits_stored=16, corrupt=("garbled", "truncated")),
+    dict(transfer_syntax="j2k", reversed=True, first_number=480, instance_mode="match",
+         signed=True, intercept=0.0, corrupt=("garbled",)),
+]
+
+
+def check_against_ground_truth(series, entry, expected_hu=None):
+  """Compares a read Series with the generator's ground_truth.json entry for its study."""
+  from cspine_jax.synthetic import writers
+  assert series.shape == tuple(entry["shape"])
+  assert series.reversed == entry["reversed"]
+  assert series.transfer_syntaxes == [entry["transfer_syntax"]]
+  assert sorted(name for name, _ in series.skipped) == sorted(entry["corrupt_files"])
+  numbers = writers.file_numbers(entry["num_files"], entry["first_number"], entry["reversed"])
+  np.testing.assert_array_equal(series.numbers, numbers[:entry["num_slices"]])
+  assert series.file_names == [f"{n}.dcm" for n in numbers[:entry["num_slices"]]]
+  assert series.slice_spacing == pytest.approx(entry["slice_spacing"], abs=1e-5)
+  assert series.pixel_spacing == pytest.approx(tuple(entry["pixel_spacing"]))
+  np.testing.assert_allclose(series.orientation, entry["orientation"], atol=1e-6)
+  assert np.all(np.diff(series.positions @ series.normal) < 0)  # Head to feet.
+  for name, v in entry["vertebrae"].items():
+    if v is not None:
+      assert series.numbers[v["first"]] == v["first_number"], name
+      assert series.numbers[v["last"]] == v["last_number"], name
+  if expected_hu is not None:
+    np.testing.assert_array_equal(series.volume, expected_hu)
+
+
+@pytest.mark.parametrize("index,variant", list(enumerate(SYNTHETIC_VARIANTS)),
+                         ids=[v["transfer_syntax"] for v in SYNTHETIC_VARIANTS])
+def test_synthetic_variants_match_ground_truth(tmp_path, index, variant):
+  from cspine_jax.synthetic import studies, writers
+  variant = dict(variant)
+  corrupt = variant.pop("corrupt")
+  spec = studies.sample_study(7, index, "tiny", **variant)
+  spec = dataclasses.replace(spec, corrupt=corrupt)
+  phantom = studies.make_study(spec)
+  entry, _ = studies.write_study(spec, tmp_path, phantom)
+  assert entry["corrupt_files"] or not corrupt
+  readable = entry["num_slices"]
+  # Lossless storage: HU = stored + intercept, exactly (the writer clips to the stored range).
+  stored = writers.stored_values(phantom.hu[:readable], spec.options)
+  expected = (stored.astype(np.float32) + np.float32(spec.options.intercept))
+  s = read_quiet(tmp_path / "train_images" / spec.uid)
+  check_against_ground_truth(s, entry, expected)
+  assert s.study_uid == spec.uid
+  reasons = dict(s.skipped)
+  for name, mode in zip(entry["corrupt_files"], corrupt):
+    if mode in ("garbled", "empty"):
+      assert reasons[name].startswith("not a DICOM file"), reasons[name]
+    else:
+      assert reasons[name].startswith(("pixel data truncated", "pixel data cannot be decoded",
+                                       "no pixel data")), reasons[name]
+
+
+def test_synthetic_generate_folder(tmp_path):
+  """generate() output (RSNA layout + ground_truth.json), damaged files included."""
+  import json
+  from cspine_jax import synthetic
+  root = synthetic.generate(tmp_path, 3, seed=3, size="tiny", num_test=1, corrupt=3)
+  truth = json.loads((root / "ground_truth.json").read_text())
+  assert truth["version"] == 1 and len(truth["studies"]) == 4
+  assert sum(len(e["corrupt_files"]) for e in truth["studies"].values()) == 3
+  for uid, entry in truth["studies"].items():
+    check_against_ground_truth(read_quiet(root / f"{entry['split']}_images" / uid), entry)
