@@ -89,11 +89,12 @@ def _break_for(rng: np.random.Generator, bone: Bone, part: str, gap: float, shif
   if part == "dens":
     u0, v0, w0, _, _, w1, r = m["dens"]
     point = (u0, v0, w0 + rng.uniform(0.35, 0.6) * (w1 - w0))
-    # A type II/III line is oblique: tilt 35-55 degrees from the axial plane.
-    tilt = np.deg2rad(rng.uniform(35, 55))
+    # A type II/III line, steep (50-70 degrees from the axial plane) so that it shows as a line
+    # across the dens in many axial slices.
+    tilt = np.deg2rad(rng.uniform(50, 70))
     az = rng.uniform(0, 2 * np.pi)
     normal = _unit([np.sin(tilt) * np.cos(az), np.sin(tilt) * np.sin(az), np.cos(tilt)])
-    shift = (0.0, side * shift_mm, 0.0)
+    shift = (0.0, side * max(shift_mm, 3.0), 0.0)
     return Break(bone.label, "dens", point, normal, gap, shift, radius=3 * r)
   if part in ("arch", "ring"):
     if part == "arch":
@@ -125,7 +126,7 @@ def _break_for(rng: np.random.Generator, bone: Bone, part: str, gap: float, shif
 
 # Where the (first) break goes, per vertebra kind: (part, probability).
 _MAJOR = {"C1": (("ring", 0.7), ("lateral_mass", 0.3)),
-          "C2": (("dens", 0.45), ("body", 0.45), ("arch", 0.1))}
+          "C2": (("dens", 0.35), ("body", 0.55), ("arch", 0.1))}
 _MAJOR_TYPICAL = (("body", 0.75), ("arch", 0.25))
 _MINOR = {"C1": ("ring",), "C2": ("arch", "body"), "C7": ("arch", "spinous")}
 _MINOR_TYPICAL = ("arch",)
