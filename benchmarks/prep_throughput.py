@@ -1,9 +1,10 @@
 """Preprocessing throughput (slices/s) against two baselines measured in the same run.
 
-    python benchmarks/prep_throughput.py [--num_studies 4] [--workers 2] [--repeats 2]
-        [--data_dir EXISTING_RSNA_FOLDER]
+    python benchmarks/prep_throughput.py [--num_studies 2] [--transfer_syntax explicit]
+        [--workers 2] [--repeats 2] [--data_dir EXISTING_RSNA_FOLDER]
 
-Without --data_dir it generates full-size (512 x 512) synthetic studies first (not timed).
+Without --data_dir it generates full-size (mostly 512 x 512, 200-400 slices) segmented synthetic
+studies first (not timed).
 (a) decode floor: pydicom read + pixel decode of every file, one process, nothing more.
 (b) this pipeline: data_prep.prepare's stage2 and stage1 tasks (224 px, paper defaults) with
     --workers processes, output written to a temporary folder.
@@ -62,6 +63,19 @@ def notebook_loop(study_dirs: list[pathlib.Path], size: int = 224) -> int:
   return n
 
 
+def make_studies(root: pathlib.Path, num: int, seed: int, transfer_syntax: str) -> None:
+  """Full-size segmented training studies through the generator's lower-level API."""
+  from cspine_jax.synthetic import studies, writers
+  rows = []
+  for i in range(num):
+    spec = studies.sample_study(seed, i, "full", has_segmentation=True,
+                                transfer_syntax=transfer_syntax)
+    entry, _ = studies.write_study(spec, root)
+    flags = [int(v in entry["fractured"]) for v in labels_lib.VERTEBRAE]
+    rows.append((spec.uid, int(any(flags)), *flags))
+  writers.write_csv(root / "train.csv", writers.TRAIN_COLUMNS, rows)
+
+
 def vertebrae_from_ground_truth(gt: dict, path: pathlib.Path) -> None:
   """A --vertebrae file from the generator's truth, so stage2 can use the unsegmented studies."""
   preds = {}
@@ -91,7 +105,9 @@ def best_of(repeats: int, fn) -> float:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--data_dir", default=None)
-  p.add_argument("--num_studies", type=int, default=4)
+  p.add_argument("--num_studies", type=int, default=2, help="full studies hold 200-400 slices")
+  p.add_argument("--transfer_syntax", default="explicit",
+                 help="explicit, implicit, rle, jpegls or j2k (the generator's short names)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workers", type=int, default=2)
   p.add_argument("--repeats", type=int, default=2)
@@ -100,11 +116,11 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     if args.data_dir is None:
-      from cspine_jax.synthetic import generate
       data = tmp / "rsna"
       t = time.perf_counter()
-      generate(data, args.num_studies, seed=args.seed, size="full")
-      print(f"generated {args.num_studies} studies in {time.perf_counter() - t:.1f} s (not timed)")
+      make_studies(data, args.num_studies, args.seed, args.transfer_syntax)
+      print(f"generated {args.num_studies} full-size studies ({args.transfer_syntax}) in "
+            f"{time.perf_counter() - t:.1f} s (not timed)")
     else:
       data = pathlib.Path(args.data_dir)
     train = labels_lib.read_train_csv(data / "train.csv")

@@ -130,17 +130,17 @@ def load(study: StudyInput, *, with_mask: bool) -> Loaded:
 
 def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
   """HU (any shape) -> uint8: level - width/2 -> 0, level + width/2 -> 255, rounded, clipped."""
-  lo = np.float32(level - width / 2)
   scale = np.float32(255.0 / width)
+  # (hu - lo) * scale + 0.5 folded into one multiply-add: 4 passes over each block instead of 5.
+  offset = np.float32(0.5 - (level - width / 2) * 255.0 / width)
   out = np.empty(hu.shape, np.uint8)
   # Blocks of slices keep the float temporaries small (cache friendly, bounded memory).
   flat_in = hu.reshape(-1, *hu.shape[-2:]) if hu.ndim >= 2 else hu.reshape(1, 1, -1)
   flat_out = out.reshape(flat_in.shape)
   block = max(1, (1 << 20) // max(1, flat_in[0].size))
   for s in range(0, flat_in.shape[0], block):
-    t = np.subtract(flat_in[s:s + block], lo, dtype=np.float32)
-    t *= scale
-    t += np.float32(0.5)
+    t = np.multiply(flat_in[s:s + block], scale, dtype=np.float32)
+    t += offset
     np.clip(t, 0, 255, out=t)
     flat_out[s:s + block] = t  # Truncation after +0.5 rounds to nearest.
   return out
