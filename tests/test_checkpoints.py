@@ -72,6 +72,15 @@ def test_keeps_last_k_and_the_best(tmp_path):
   ck.wait()
   kept = sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
   assert kept == [2, 5, 6]  # best score (2) + the last two
+  assert ck.best_step() == 2 and ck.latest_step() == 6
+  ck.close()
+  # After a restart the scores are read back: more saves still keep the best.
+  ck = checkpoints.Checkpointer(tmp_path / "ck", keep=2, keep_best=1, async_save=False)
+  for s in (7, 8):
+    ck.save(s, trainer.state, it, {})
+  ck.wait()
+  kept = sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
+  assert kept == [2, 7, 8] and ck.best_step() == 2
   ck.close()
 
 

@@ -84,12 +84,16 @@ class Checkpointer:
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     self.directory = pathlib.Path(directory).absolute()
+    self.best_mode = best_mode
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
         ocm.BestN(get_metric_fn=lambda m: m["score"], reverse=best_mode == "min", n=keep_best,
                   keep_checkpoints_without_metrics=False),
     ])
+    # best_fn also makes orbax write each checkpoint's metrics, so BestN still knows the scores
+    # after a restart.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                           best_fn=lambda m: m["score"], best_mode=best_mode,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -116,16 +120,16 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
+    """The kept step with the best validation score (None when no checkpoint has a score)."""
     self.wait()
-    steps = [s for s in self.manager.all_steps()
-             if self._metrics(s) is not None]
-    if not steps:
+    scored = []
+    for step in self.manager.all_steps():
+      m = self.manager.metrics(step)
+      if m and m.get("score") is not None:
+        scored.append((float(m["score"]), step))
+    if not scored:
       return None
-    return self.manager.best_step()
-
-  def _metrics(self, step: int):
-    info = {c.step: c for c in self.manager._checkpoints}  # pylint: disable=protected-access
-    return getattr(info.get(step), "metrics", None)
+    return (min(scored) if self.best_mode == "min" else max(scored))[1]
 
   def read_meta(self, step: int) -> dict[str, Any]:
     self.wait()
