@@ -37,8 +37,9 @@ def mask_stats(volume: np.ndarray, mask: np.ndarray, bone_hu: float = BONE_HU) -
           for label in np.nonzero(counts)[0] if label != 0}
 
 
-def inspect_study(study_dir: str | os.PathLike[str], mask_path: str | os.PathLike[str] | None = None,
-                  *, series_uid: str | None = None) -> dict[str, Any]:
+def inspect_study(study_dir: str | os.PathLike[str],
+                  mask_path: str | os.PathLike[str] | None = None, *,
+                  series_uid: str | None = None) -> dict[str, Any]:
   """Reads the study (and mask) and returns ``dicom.describe`` plus ``labels`` and ``bone_hu``.
 
   Raises dicom.SeriesError, or the mask loader's error when the mask cannot be fitted.

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
-                         RLELossless, generate_uid)
+                         RLELossless)
 
 from cspine_jax.io import dicom
 

@@ -90,7 +90,8 @@ def test_reversed_numbered_study(real_ct, tmp_path, capsys):
   for n, p in zip(range(41, 36, -1), files):
     shutil.copy(p, tmp_path / f"{n}.dcm")
   assert inspect_cli.main([str(tmp_path)]) == 0
-  assert "order:            reversed (file numbers 41 (top) .. 37 (bottom))" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "order:            reversed (file numbers 41 (top) .. 37 (bottom))" in out
   info = run_json(capsys, [str(tmp_path)])
   assert info["reversed"] is True
   assert (info["first_number"], info["last_number"]) == (41, 37)
