@@ -14,6 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom import uid as dcm_uid
+from pydicom.encaps import encapsulate
+import pydicom.pixels
 
 from cspine_jax.synthetic.geometry import Geometry, to_nifti_layout
 
@@ -93,6 +95,47 @@ def write_series(folder: pathlib.Path | str, hu: np.ndarray, geometry: Geometry,
   series_uid = f"{opts.study_uid}.1"
   thickness = opts.slice_thickness or geometry.slice_spacing
   stored = stored_values(hu, opts)
+  # One dataset for the series; only the per-slice elements change (building each anew costs more
+  # than encoding the pixels of a tiny study).
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = dcm_uid.CTImageStorage
+  meta.TransferSyntaxUID = ts
+  meta.ImplementationClassUID = IMPLEMENTATION_UID
+  meta.ImplementationVersionName = "CSPINE_JAX_SYN"
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SpecificCharacterSet = "ISO_IR 100"
+  ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+  ds.SOPClassUID = dcm_uid.CTImageStorage
+  ds.StudyDate = "20220727"
+  ds.Modality = "CT"
+  ds.Manufacturer = "cspine_jax synthetic"
+  ds.PatientName = opts.study_uid.rsplit(".", 1)[-1]
+  ds.PatientID = opts.study_uid.rsplit(".", 1)[-1]
+  ds.BodyPartExamined = "CSPINE"
+  ds.SliceThickness = _ds_number(thickness)
+  ds.KVP = "120"
+  ds.PatientPosition = "HFS"
+  ds.StudyInstanceUID = opts.study_uid
+  ds.SeriesInstanceUID = series_uid
+  ds.SeriesNumber = 1
+  ds.ImageOrientationPatient = [_ds_number(x) for x in geometry.orientation]
+  ds.FrameOfReferenceUID = f"{opts.study_uid}.2"
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = "MONOCHROME2"
+  ds.Rows = h
+  ds.Columns = w
+  ds.PixelSpacing = [_ds_number(x) for x in geometry.pixel_spacing]
+  ds.BitsAllocated = 16
+  ds.BitsStored = opts.bits_stored
+  ds.HighBit = opts.bits_stored - 1
+  ds.PixelRepresentation = 1 if opts.signed else 0
+  ds.WindowCenter = "400"
+  ds.WindowWidth = "1800"
+  ds.RescaleIntercept = _ds_number(opts.intercept)
+  ds.RescaleSlope = "1"
+  ds.RescaleType = "HU"
+  encoder = pydicom.pixels.get_encoder(ts) if ts in _COMPRESSED else None
   names = []
   for s in range(s_total):
     n = int(numbers[s])
@@ -103,58 +146,22 @@ def write_series(folder: pathlib.Path | str, hu: np.ndarray, geometry: Geometry,
     else:
       inst = n
     sop = f"{series_uid}.{n}"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = dcm_uid.CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = dcm_uid.ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "CSPINE_JAX_SYN"
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = dcm_uid.CTImageStorage
     ds.SOPInstanceUID = sop
-    ds.StudyDate = "20220727"
-    ds.ContentDate = "20220727"
-    ds.Modality = "CT"
-    ds.Manufacturer = "cspine_jax synthetic"
-    ds.PatientName = opts.study_uid.rsplit(".", 1)[-1]
-    ds.PatientID = opts.study_uid.rsplit(".", 1)[-1]
-    ds.BodyPartExamined = "CSPINE"
-    ds.SliceThickness = _ds_number(thickness)
-    ds.KVP = "120"
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = opts.study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = ""
-    ds.SeriesNumber = 1
     ds.InstanceNumber = inst
     ds.ImagePositionPatient = [_ds_number(x) for x in geometry.positions[s]]
-    ds.ImageOrientationPatient = [_ds_number(x) for x in geometry.orientation]
-    ds.FrameOfReferenceUID = f"{opts.study_uid}.2"
     ds.SliceLocation = _ds_number(geometry.positions[s, 2])
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = h
-    ds.Columns = w
-    ds.PixelSpacing = [_ds_number(x) for x in geometry.pixel_spacing]
-    ds.BitsAllocated = 16
-    ds.BitsStored = opts.bits_stored
-    ds.HighBit = opts.bits_stored - 1
-    ds.PixelRepresentation = 1 if opts.signed else 0
-    ds.WindowCenter = "400"
-    ds.WindowWidth = "1800"
-    ds.RescaleIntercept = _ds_number(opts.intercept)
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    arr = stored[s]
-    ds.PixelData = arr.tobytes()
-    if ts in _COMPRESSED:
-      # generate_instance_uid=False: keep our SOP UID (pydicom would draw a random one).
-      ds.compress(ts, arr, generate_instance_uid=False)
+    arr = np.ascontiguousarray(stored[s])
+    if encoder is not None:
+      frame = encoder.encode(arr, rows=h, columns=w, samples_per_pixel=1, number_of_frames=1,
+                             bits_allocated=16, bits_stored=opts.bits_stored,
+                             pixel_representation=ds.PixelRepresentation,
+                             photometric_interpretation="MONOCHROME2")
+      ds.PixelData = encapsulate([frame])
+      ds["PixelData"].VR = "OB"
     else:
-      ds.file_meta.TransferSyntaxUID = ts
+      ds.PixelData = arr.tobytes()
+      ds["PixelData"].VR = "OW"
     name = f"{n}.dcm"
     ds.save_as(folder / name, enforce_file_format=True)
     names.append(name)
