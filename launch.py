@@ -1,14 +1,48 @@
 """Entry point: python launch.py --config=configs/stage2.py[:variant] [--workdir=DIR] [--config.x=y].
 
-Training arrives with the models-and-training work; until then this prints its usage.
+Trains the configured model (``cspine_jax.train.loop.train_and_evaluate``): e.g.
+
+  python launch.py --config=configs/stage2.py:cpu --workdir=runs/stage2_cpu
+  python launch.py --config=configs/stage2.py --config.data_dir=/data/rsna --config.fold=-1 \
+      --config.optimizer.lr=3e-4 --workdir=runs/stage2
+
+Every config field can be overridden with ``--config.<field>=<value>``. With no data_dir a small
+synthetic RSNA-format set is generated and prepared once beside the workdir.
+All work happens under ``if __name__ == "__main__"``: grain worker processes re-import this module.
 """
+import json
 import sys
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
-def main() -> int:
-  print(__doc__.strip())
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, optionally with a variant: configs/stage2.py:cpu",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, predictions); "
+                               "default runs/<config name>")
+
+
+def default_workdir(config_path: str) -> str:
+  """runs/<file stem>[_<variant>] for ``configs/stage2.py:cpu`` -> runs/stage2_cpu."""
+  path, _, variant = config_path.partition(":")
+  stem = path.rsplit("/", 1)[-1].removesuffix(".py")
+  return f"runs/{stem}_{variant.split(',')[0]}" if variant else f"runs/{stem}"
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
+  from cspine_jax.train import loop  # pylint: disable=g-import-not-at-top  # after flag parsing
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  result = loop.train_and_evaluate(config, workdir)
+  print(json.dumps(result, indent=1, default=str))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app.run(main))
