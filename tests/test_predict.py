@@ -214,3 +214,46 @@ def test_oracle_pseudo_labels_on_generated_studies(tmp_path, capsys):
   path = tmp_path / "vertebrae.csv"
   vertebrae_lib.write_vertebrae(path, located)
   assert vertebrae_lib.read_vertebrae(path).keys() == located.keys()
+
+
+def test_fold_ensemble_restores_checkpoints_and_averages(tmp_path, monkeypatch):
+  import ml_collections
+  from flax import nnx
+
+  from cspine_jax import input as input_lib
+  from cspine_jax import models
+  from cspine_jax.train import checkpoints
+  from test_checkpoints import make_iterator, make_trainer
+  from test_input import write_task_shards
+  from test_train import TinySeq
+
+  from cspine_jax.train import sharding
+  records = write_task_shards(tmp_path / "rec", "stage2", 21)
+  trainer, it = make_trainer(), make_iterator(records)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (5, 8, 16, 16, 3), dtype=np.uint8)
+  vertebra = np.arange(5, dtype=np.int32)
+  x = input_lib.Normalize("stage2").map({"images": images})["images"]
+  probs = []
+  for fold in (0, 1):  # two "fold models": the same run one step apart
+    trainer.state, _ = trainer.train_step(trainer.state,
+                                          sharding.shard_batch(next(it), trainer.mesh))
+    ck = checkpoints.Checkpointer(tmp_path / "run" / "stage2" / f"fold_{fold}" / "checkpoints")
+    ck.save(fold + 1, trainer.state, it, {"task": "stage2", "fold": fold, "model": {"width": 8}},
+            score=0.5)
+    ck.close()
+    # Expected outputs now: the next train step donates (deletes) these arrays.
+    probs.append(np.asarray(1 / (1 + np.exp(-np.asarray(trainer.model()(x, vertebra))))))
+  # The run's models are rebuilt from the config in the checkpoint meta.
+  monkeypatch.setattr(models, "make_model", lambda cfg, rngs: TinySeq(cfg.width, rngs=rngs),
+                      raising=False)
+  ens = predict.FoldEnsemble.load(tmp_path / "run" / "stage2", "stage2")
+  assert len(ens) == 2 and ens.folds == [0, 1]
+  got = ens({"images": images, "vertebra": vertebra})["prob"]
+  np.testing.assert_allclose(got, np.mean(probs, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ens({"images": images, "vertebra": vertebra}, fold=1)["prob"],
+                             probs[1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(predict.PredictError, match="fold 4"):
+    ens({"images": images, "vertebra": vertebra}, fold=4)
+  with pytest.raises(predict.PredictError, match="no trained model"):
+    predict.fold_dirs(tmp_path / "run" / "stage1")
