@@ -55,7 +55,8 @@ def test_wide_and_long_format():
   uids = ["1.2.3", "1.2.4"]
   probs = np.stack([P, np.full(7, 0.25)])
   wide = aggregate.wide_frame(uids, probs, top_n=1)
-  assert list(wide.columns) == ["StudyInstanceUID", "patient_overall"] + [f"C{i}" for i in range(1, 8)]
+  assert list(wide.columns) == (["StudyInstanceUID", "patient_overall"]
+                                + [f"C{i}" for i in range(1, 8)])
   np.testing.assert_allclose(wide["patient_overall"], [0.5, 0.25])
   np.testing.assert_allclose(aggregate.with_top_n(wide, 7)["patient_overall"][1], 1 - 0.75 ** 7)
   long = aggregate.to_long(wide)

@@ -53,7 +53,8 @@ def test_auc_and_results_table():
   auc = tables.auc_table(lab, pred)
   assert auc["target"].tolist() == list(labels.TARGETS) + ["vertebrae (pooled)"]
   from sklearn.metrics import roc_auc_score
-  assert auc["auc"][0] == pytest.approx(roc_auc_score(lab["patient_overall"], pred["patient_overall"]))
+  assert auc["auc"][0] == pytest.approx(
+      roc_auc_score(lab["patient_overall"], pred["patient_overall"]))
   prior = tables.prior_predictions(lab, lab["StudyInstanceUID"])
   np.testing.assert_allclose(prior["C3"], lab["C3"].mean())
   res = tables.results_table(lab, {"Two-stage": pred, "3D CNN": prior, "mine": pred},

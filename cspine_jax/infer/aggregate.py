@@ -34,7 +34,7 @@ def top_n_overall(vertebra_probs: np.ndarray, n: int = DEFAULT_TOP_N) -> np.ndar
 
 
 def max_overall(vertebra_probs: np.ndarray) -> np.ndarray:
-  """The single-head baseline's rule: the patient is as likely fractured as its likeliest vertebra."""
+  """The single-head baseline's rule: patient_overall = the likeliest vertebra's probability."""
   return top_n_overall(vertebra_probs, 1)
 
 

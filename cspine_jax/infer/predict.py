@@ -211,7 +211,8 @@ def locate(series: dicom.Series, models: Models, batch_size: int
 
 def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction],
           options: study_lib.Options) -> np.ndarray:
-  """The 7 stage-2 sequences (7, n/3, H, W, 3) uint8; an absent vertebra gets zeros as in training."""
+  """The 7 stage-2 sequences (7, n/3, H, W, 3) uint8; an absent vertebra gets zeros (as in
+  training)."""
   h, w = options.image_size
   out = np.zeros((NUM_VERTEBRAE, options.stage2_slices // 3, h, w, 3), np.uint8)
   for v, p in enumerate(preds):
@@ -301,7 +302,8 @@ def load_prior(path: str | os.PathLike) -> np.ndarray:
     try:
       prior = np.array([float(data[t]) for t in labels_lib.TARGETS])
     except (KeyError, TypeError, ValueError) as e:
-      raise PredictError(f"{path}: needs a probability for each of {labels_lib.TARGETS}: {e}") from e
+      raise PredictError(f"{path}: needs a probability for each of {labels_lib.TARGETS}: {e}"
+                         ) from e
   else:
     prior = labels_lib.read_train_csv(path)[list(labels_lib.TARGETS)].to_numpy(np.float64).mean(0)
   if not np.all((prior >= 0) & (prior <= 1)):
@@ -368,7 +370,8 @@ def fold_dirs(stage_dir: str | os.PathLike) -> list[pathlib.Path]:
     return folds
   if (stage_dir / "checkpoints").is_dir():
     return [stage_dir]
-  raise PredictError(f"{stage_dir}: no trained model (expected fold_*/checkpoints/ or checkpoints/)")
+  raise PredictError(f"{stage_dir}: no trained model (expected fold_*/checkpoints/ or "
+                     "checkpoints/)")
 
 
 def restore_model(run_dir: str | os.PathLike, step: int | None = None):

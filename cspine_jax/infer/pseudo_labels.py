@@ -52,7 +52,7 @@ class Rules:
 
 
 def longest_run(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple[int, int] | None:
-  """(first, last) inclusive of the longest run of True; ties go to the larger sum of ``weights``."""
+  """(first, last) inclusive of the longest run of True; ties: the larger sum of ``weights``."""
   mask = np.asarray(mask, bool)
   if not mask.any():
     return None
@@ -70,7 +70,7 @@ def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
 
 
 def combine_boxes(boxes: np.ndarray, quantile: float = 0.0) -> tuple[float, float, float, float]:
-  """Normalised (N, 4) boxes -> one box: union (q=0) or q / 1-q quantiles of the low / high edges."""
+  """Normalised (N, 4) boxes -> one box: union (q=0) or q / 1-q quantiles of low / high edges."""
   boxes = np.clip(np.asarray(boxes, np.float64).reshape(-1, 4), 0.0, 1.0)
   boxes = boxes[_valid_boxes(boxes)]
   if len(boxes) == 0:
@@ -171,7 +171,8 @@ def oracle_outputs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return sl.presence.astype(np.float64), sl.box / np.array([w, h, w, h], np.float64)
 
 
-def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options, out_path: str | os.PathLike,
+def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options,
+                  out_path: str | os.PathLike,
                   *, rules: Rules = Rules(), batch_size: int = 32,
                   holdout: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
                   folds: Mapping[str, int] | None = None, progress: bool = False,

@@ -1,6 +1,7 @@
 """Figures for evaluation and training: reliability diagram, learning curves.
 
-Matplotlib with the Agg backend (no display needed); each function writes one PNG and returns its path.
+Matplotlib with the Agg backend (no display needed); each function writes one PNG and returns its
+path.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def reliability_plot(labels: pd.DataFrame, predictions: pd.DataFrame, path: str 
       ax.plot(curve["predicted"], curve["observed"], color="tab:blue", lw=1.5)
       ax.scatter(curve["predicted"], curve["observed"], s=sizes, color="tab:blue", zorder=3,
                  label="bins (size = count)")
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03), xlabel="predicted probability", ylabel="observed rate",
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03), xlabel="predicted probability",
+           ylabel="observed rate",
            title=f"{name} (n={y.size})")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
@@ -93,7 +95,8 @@ def learning_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLi
                     title: str = "Learning curves") -> pathlib.Path:
   """One panel per log (e.g. per model/fold): every numeric metric against step (or epoch).
 
-  Losses share the left axis; other metrics (scores, AUCs, accuracies) get a right axis when present.
+  Losses share the left axis; other metrics (scores, AUCs, accuracies) get a right axis when
+  present.
   """
   n = max(len(logs), 1)
   cols = min(n, 3)

@@ -1,4 +1,4 @@
-"""Per-study picture: sagittal and coronal reformats with the vertebra ranges, boxes and probabilities.
+"""Per-study picture: sagittal and coronal reformats with vertebra ranges, boxes and probabilities.
 
 Both views pass through the spine's centre (the middle of the stage-1 boxes). Each vertebra is drawn
 as its slice range x box extent, coloured by its stage-2 fracture probability (green 0 -> red 1) and

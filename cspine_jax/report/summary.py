@@ -16,7 +16,7 @@ from cspine_jax.report import plots
 
 
 def find_logs(run_dir: str | os.PathLike) -> dict[str, pathlib.Path]:
-  """Every ``log.jsonl`` under a run folder, named by its relative folder (e.g. ``stage2/fold_0``)."""
+  """Every ``log.jsonl`` under a run folder, named by its folder (e.g. ``stage2/fold_0``)."""
   run_dir = pathlib.Path(run_dir)
   return {str(p.parent.relative_to(run_dir)) or ".": p
           for p in sorted(run_dir.rglob("log.jsonl")) if p.stat().st_size > 0}

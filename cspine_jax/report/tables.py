@@ -1,6 +1,7 @@
 """Evaluation tables for out-of-fold (or test) predictions.
 
-Every score here comes from :mod:`cspine_jax.metrics` (one implementation of the competition metric);
+Every score here comes from :mod:`cspine_jax.metrics` (one implementation of the competition
+metric);
 AUCs from scikit-learn. Frames are wide (StudyInstanceUID, patient_overall, C1..C7).
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ def top_n_table(labels: pd.DataFrame, predictions: pd.DataFrame,
                 ns: Sequence[int] = tuple(range(1, 8))) -> pd.DataFrame:
   """Metric with patient_overall recomputed from C1..C7 by top-N, N = 1..7 (N=1 is the max)."""
   lab, pred = aligned(labels, predictions)
-  return pd.DataFrame([{"N": n, "score": metrics.competition_loss(lab, aggregate.with_top_n(pred, n))}
+  return pd.DataFrame([{"N": n,
+                        "score": metrics.competition_loss(lab, aggregate.with_top_n(pred, n))}
                        for n in ns])
 
 
@@ -130,7 +132,7 @@ def format_table(df: pd.DataFrame, title: str = "") -> str:
 
 def prior_table(labels: pd.DataFrame, predictions: pd.DataFrame,
                 train_labels: pd.DataFrame) -> pd.DataFrame:
-  """The model's metric next to the constant-prior baseline's on the same studies, and their ratio."""
+  """The model's metric beside the constant prior's on the same studies, and their ratio."""
   lab, pred = aligned(labels, predictions)
   model = metrics.competition_loss(lab, pred)
   prior = metrics.competition_loss(
