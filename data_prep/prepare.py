@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--vertebrae", default=None,
                       help="stage-1 predictions CSV (records/vertebrae.py) for unsegmented studies")
-  parser.add_argument("--start_method", default="auto", choices=["auto", "spawn", "forkserver", "fork"],
+  parser.add_argument("--start_method", default="auto",
+                      choices=["auto", "spawn", "forkserver", "fork"],
                       help="worker start; auto = fork when safe (no threads, no JAX), else spawn")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)

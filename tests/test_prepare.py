@@ -94,7 +94,8 @@ def test_manifests_and_folds(data, built):
   assert set(folds) == set(train)
   for task, m in manifests.items():
     assert m["schema_version"] == 1 and m["task"] == task and m["folds"] == folds
-    assert m["num_records"] == sum(m["records_per_fold"]) == sum(s["num_records"] for s in m["shards"])
+    assert m["num_records"] == sum(m["records_per_fold"])
+    assert m["num_records"] == sum(s["num_records"] for s in m["shards"])
     assert m["options"] == OPTS.to_json() and m["bad_studies"] == []
     assert json.loads((out / task / "manifest.json").read_text()) == m
     for rec in pipeline.read_task(out, task):
@@ -125,7 +126,8 @@ def test_stage1_against_ground_truth(data, built):
     # Per-slice boxes lie inside the union of the visible vertebrae's boxes; together they span all.
     scale = np.array([w, h, w, h], np.float32)
     boxes = np.stack([r["box"] for r in recs]) * scale
-    gt_boxes = {labels_lib.VERTEBRAE.index(n): np.array(v["box"]) for n, v in _located(info).items()}
+    gt_boxes = {labels_lib.VERTEBRAE.index(n): np.array(v["box"])
+                for n, v in _located(info).items()}
     for i, r in enumerate(recs):
       assert r["image"].shape == (32, 32, 3) and r["image"].dtype == np.uint8
       assert r["box"].dtype == np.float32 and r["presence"].dtype == np.float32
@@ -203,7 +205,8 @@ def test_cnn3d_and_slices2d_against_ground_truth(data, built):
     np.testing.assert_array_equal(np.stack([r["presence"] for r in recs]), presence)
     numbers = () if box_rows is None else tuple(
         box_rows.loc[box_rows["StudyInstanceUID"] == uid, "slice_number"])
-    expected = slices2d.fracture_targets(presence, _gt_labels(info)[1:] > 0, series.numbers, numbers)
+    expected = slices2d.fracture_targets(presence, _gt_labels(info)[1:] > 0, series.numbers,
+                                         numbers)
     fracture = np.stack([r["fracture"] for r in recs]) > 0
     np.testing.assert_array_equal(fracture, expected)
     for name, fr_numbers in info["fracture_slices"].items():
@@ -267,7 +270,8 @@ def test_interrupted_run_resumes_to_the_same_records(data, built, tmp_path, monk
   with pytest.raises(KeyboardInterrupt):
     pipeline.prepare(root, tmp_path, "cnn3d", OPTS, progress=False)
   task_dir = tmp_path / "cnn3d"
-  assert len(list(task_dir.glob("*.array_record"))) == 2 and not (task_dir / "manifest.json").exists()
+  assert len(list(task_dir.glob("*.array_record"))) == 2
+  assert not (task_dir / "manifest.json").exists()
   (task_dir / "9.9.array_record.tmp-4242").write_bytes(b"half a shard from a killed writer")
   monkeypatch.setattr(pipeline.TASKS["cnn3d"], "process", original)
   m = pipeline.prepare(root, tmp_path, "cnn3d", OPTS, progress=False)

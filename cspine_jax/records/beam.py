@@ -5,9 +5,9 @@ Both call the same per-study code as the local command (``pipeline.records_of`` 
 ``pipeline.run_study``), so the three paths cannot drift apart. Beam is imported lazily: only
 these entry points need it.
 
-- :func:`keyed_examples`: one study -> ``(key, record)`` pairs for TFDS (``tfds_builder.py``). A study
-  that fails is logged and counted in the Beam counter ``cspine_records/bad_studies``; TFDS has no
-  manifest, so use the local command (or :func:`build_records`) when you need the list.
+- :func:`keyed_examples`: one study -> ``(key, record)`` pairs for TFDS (``tfds_builder.py``).
+  A study that fails is logged and counted in the Beam counter ``cspine_records/bad_studies``;
+  TFDS has no manifest, so use the local command (or :func:`build_records`) when you need the list.
 - :func:`build_records`: ``Create(studies) -> Map(run_study) -> manifest``: one atomic shard per
   study written by the workers, then ``manifest.json``, resumable like the local command. Needs an
   output folder every worker can write (a local disk for DirectRunner, a shared mount otherwise).

@@ -1,8 +1,8 @@
 """Local record-set builder: plan the studies, process them in worker processes, write the manifest.
 
-``prepare(data_dir, out_dir, task, options)`` writes ``out_dir/task/<StudyInstanceUID>.array_record``
-(one shard per study, written atomically by the worker that processed it) and, last,
-``out_dir/task/manifest.json``. Restarting with the same arguments skips the studies whose shard (or
+``prepare(data_dir, out_dir, task, options)`` writes
+``out_dir/task/<StudyInstanceUID>.array_record`` (one shard per study, written atomically by the
+worker that processed it) and, last, ``out_dir/task/manifest.json``. Restarting with the same arguments skips the studies whose shard (or
 bad-study note) already exists, so a killed run finishes without duplicating or losing a record; a
 restart with different options is refused (``options.json`` holds the run's identity).
 

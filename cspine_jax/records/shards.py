@@ -122,7 +122,8 @@ def read_manifest(task_dir: str | os.PathLike) -> dict[str, Any]:
   """The manifest of a finished record set; ValueError when missing or from another schema."""
   path = pathlib.Path(task_dir) / MANIFEST
   if not path.is_file():
-    raise ValueError(f"{path}: no manifest; the record set is unfinished (re-run data_prep.prepare)")
+    raise ValueError(f"{path}: no manifest; the record set is unfinished "
+                     "(re-run data_prep.prepare)")
   manifest = read_json(path)
   if manifest.get("schema_version") != schema.SCHEMA_VERSION:
     raise ValueError(f"{path}: schema_version {manifest.get('schema_version')}, this code reads "

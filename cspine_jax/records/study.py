@@ -45,7 +45,8 @@ class Options:
   stage2_slices: slices sampled per vertebra (a multiple of 3: stacked 3 by 3 into 2.5D images).
   crop_margin:   margin added on each side of a vertebra's box, as a fraction of its width/height.
   cube_size:     D = H = W of the cnn3d volume (paper 224; CPU default 64).
-  cnn3d_crop:    crop the cnn3d volume to the C1-C7 slices and box when masks / --vertebrae know them.
+  cnn3d_crop:    crop the cnn3d volume to the C1-C7 slices and box (from the mask or the
+                 --vertebrae file).
   """
   image_size: tuple[int, int] = (224, 224)
   window_level: float = 400.0
@@ -98,7 +99,7 @@ class StudyInput:
 
 @dataclasses.dataclass(frozen=True)
 class Extent:
-  """A vertebra's inclusive sorted-index slice range and pixel box (x0, y0, x1, y1) on the series."""
+  """A vertebra's inclusive sorted-index slice range and pixel box (x0, y0, x1, y1)."""
   first: int
   last: int
   box: tuple[int, int, int, int]
@@ -178,7 +179,8 @@ def evenly_spaced(first: int, last: int, n: int) -> np.ndarray:
   return np.round(np.linspace(first, last, n)).astype(np.int64)
 
 
-def crop_box(box: Sequence[float], margin: float, height: int, width: int) -> tuple[int, int, int, int]:
+def crop_box(box: Sequence[float], margin: float, height: int, width: int
+             ) -> tuple[int, int, int, int]:
   """Pixel box grown by ``margin`` x its size on each side, clipped to the image, >= 1 pixel."""
   x0, y0, x1, y1 = (float(b) for b in box)
   mx, my = margin * (x1 - x0), margin * (y1 - y0)
@@ -252,7 +254,8 @@ def require_labels(study: StudyInput) -> np.ndarray:
   return np.asarray(study.labels, np.float32)
 
 
-def study_paths(data_dir: str | pathlib.Path, uid: str, split: str = "train") -> tuple[str, str | None]:
+def study_paths(data_dir: str | pathlib.Path, uid: str, split: str = "train"
+                ) -> tuple[str, str | None]:
   """(image folder, mask path or None) of a study; the uid is validated before it becomes a path."""
   labels_lib.check_uid(uid)
   data_dir = pathlib.Path(data_dir)

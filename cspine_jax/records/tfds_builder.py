@@ -5,7 +5,7 @@ building and reading need no TensorFlow:
 
     python -m cspine_jax.records.tfds_builder --data_dir RSNA --out TFDS_DIR --task stage2 \\
         [--image_size 224] [...same options as data_prep.prepare...] \\
-        --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
+        --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"
 
     ds = tfds.data_source("cspine_records/stage2", data_dir=TFDS_DIR)        # predefined configs
     ds = tfds.builder_from_directory(PATH_TO_VERSION_DIR).as_data_source()  # any config
@@ -67,7 +67,8 @@ class CspineRecords(tfds.core.GeneratorBasedBuilder):
   """RSNA 2022 cervical spine CT -> stage1 / stage2 / cnn3d / slices2d records (split 'train')."""
 
   VERSION = tfds.core.Version(VERSION)
-  BUILDER_CONFIGS = [CspineConfig(task=t, options=_paper_options(t)) for t in sorted(pipeline.TASKS)]
+  BUILDER_CONFIGS = [CspineConfig(task=t, options=_paper_options(t))
+                     for t in sorted(pipeline.TASKS)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Point --manual_dir (download_config.manual_dir) at the RSNA 2022 folder holding train.csv, "
       "train_images/, segmentations/ and train_bounding_boxes.csv.")
