@@ -2,9 +2,10 @@
 
 ``prepare(data_dir, out_dir, task, options)`` writes
 ``out_dir/task/<StudyInstanceUID>.array_record`` (one shard per study, written atomically by the
-worker that processed it) and, last, ``out_dir/task/manifest.json``. Restarting with the same arguments skips the studies whose shard (or
-bad-study note) already exists, so a killed run finishes without duplicating or losing a record; a
-restart with different options is refused (``options.json`` holds the run's identity).
+worker that processed it) and, last, ``out_dir/task/manifest.json``. Restarting with the same
+arguments skips the studies whose shard (or bad-study note) already exists, so a killed run
+finishes without duplicating or losing a record; a restart with different options is refused
+(``options.json`` holds the run's identity).
 
 Each worker processes one study at a time (peak memory ~ one study) and sends back only a count or
 an error message. A study that fails lands in the manifest's ``bad_studies`` with the reason; the
