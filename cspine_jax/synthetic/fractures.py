@@ -109,7 +109,8 @@ def _break_for(rng: np.random.Generator, bone: Bone, part: str, gap: float, shif
     # Normal = the ring's tangent there, so the plane cuts across the bar.
     tangent = [ra * np.cos(theta), -rb * np.sin(theta), 0.0]
     normal = _steep_normal(rng, np.arctan2(tangent[1], tangent[0]), 20.0)
-    return Break(bone.label, part, point, normal, gap * 1.3, no_shift, radius=max(ra, rb) * 0.45)
+    # No fragment shift on a ring (the plane meets it twice); a wider cleft instead.
+    return Break(bone.label, part, point, normal, gap * 1.5, no_shift, radius=max(ra, rb) * 0.45)
   if part == "spinous":
     p0, p1, r = np.asarray(m["spinous"][:3]), np.asarray(m["spinous"][3:6]), m["spinous"][6]
     point = tuple(float(x) for x in p0 + rng.uniform(0.45, 0.7) * (p1 - p0))
@@ -127,7 +128,7 @@ def _break_for(rng: np.random.Generator, bone: Bone, part: str, gap: float, shif
 # Where the (first) break goes, per vertebra kind: (part, probability).
 _MAJOR = {"C1": (("ring", 0.7), ("lateral_mass", 0.3)),
           "C2": (("dens", 0.35), ("body", 0.55), ("arch", 0.1))}
-_MAJOR_TYPICAL = (("body", 0.75), ("arch", 0.25))
+_MAJOR_TYPICAL = (("body", 0.85), ("arch", 0.15))
 _MINOR = {"C1": ("ring",), "C2": ("arch", "body"), "C7": ("arch", "spinous")}
 _MINOR_TYPICAL = ("arch",)
 
@@ -150,7 +151,8 @@ def sample_breaks(rng: np.random.Generator, anatomy: Anatomy, fractured: tuple[i
     shift_mm = max(float(rng.uniform(2.0, 3.5)), 1.5 * pixel_mm)
     major = str(rng.choice(parts, p=probs / probs.sum()))
     breaks.append(_break_for(rng, bone, major, gap * float(rng.uniform(1.0, 1.25)), shift_mm))
-    if rng.random() < 0.35:
+    # C1 breaks in two places (a Jefferson-type ring fracture) more often than the others.
+    if rng.random() < (0.8 if name == "C1" else 0.35):
       minor = str(rng.choice(_MINOR.get(name, _MINOR_TYPICAL)))
       breaks.append(_break_for(rng, bone, minor, gap, shift_mm * 0.6))
   return tuple(breaks)
