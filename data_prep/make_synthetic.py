@@ -16,12 +16,14 @@ from cspine_jax.synthetic.studies import SIZES
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output folder (created)")
   p.add_argument("--studies", type=int, required=True, help="number of train studies")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--size", choices=sorted(SIZES), default="small")
-  p.add_argument("--test", type=int, default=None, help="test studies (default studies // 10, >= 1)")
+  p.add_argument("--test", type=int, default=None,
+                 help="test studies (default: studies // 10, at least 1)")
   p.add_argument("--segmented", type=float, default=0.5,
                  help="share of train studies with a segmentation mask")
   p.add_argument("--corrupt", type=int, default=0, help="number of damaged .dcm files")

@@ -78,7 +78,8 @@ def _break_for(rng: np.random.Generator, bone: Bone, part: str, gap: float, shif
   no_shift = (0.0, 0.0, 0.0)
   if part == "body":
     _, _, _, a, b, h = m["body"]
-    point = (rng.uniform(-0.45, 0.45) * a, rng.uniform(-0.45, 0.45) * b, rng.uniform(-0.15, 0.15) * h)
+    point = (rng.uniform(-0.45, 0.45) * a, rng.uniform(-0.45, 0.45) * b,
+             rng.uniform(-0.15, 0.15) * h)
     normal = _steep_normal(rng, rng.uniform(0, np.pi))
     # Displace along the plane (a step in the cortex) and slightly apart (an opening).
     n = np.asarray(normal)
@@ -104,7 +105,8 @@ def _break_for(rng: np.random.Generator, bone: Bone, part: str, gap: float, shif
     else:
       _, cv, _, ra, rb, _ = m["ring"]
       # The anterior arch (around pi) or the posterior arch (around 0).
-      theta = (np.pi if rng.random() < 0.5 else 0.0) + rng.uniform(np.deg2rad(15), np.deg2rad(50)) * side
+      theta = ((np.pi if rng.random() < 0.5 else 0.0)
+               + rng.uniform(np.deg2rad(15), np.deg2rad(50)) * side)
     point = (ra * np.sin(theta), cv + rb * np.cos(theta), 0.0)
     # Normal = the ring's tangent there, so the plane cuts across the bar.
     tangent = [ra * np.cos(theta), -rb * np.sin(theta), 0.0]

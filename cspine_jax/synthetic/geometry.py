@@ -123,5 +123,5 @@ def to_nifti_layout(mask: np.ndarray) -> np.ndarray:
 
 
 def from_nifti_layout(data: np.ndarray) -> np.ndarray:
-  """Inverse of to_nifti_layout (what Kaggle notebooks write as data[:, ::-1, ::-1].transpose(2, 1, 0))."""
+  """Inverse of to_nifti_layout (the Kaggle notebooks' data[:, ::-1, ::-1].transpose(2, 1, 0))."""
   return np.ascontiguousarray(data[:, ::-1, ::-1].transpose(2, 1, 0))

@@ -13,7 +13,7 @@ import numpy as np
 from cspine_jax.synthetic import anatomy as anat
 from cspine_jax.synthetic.fractures import Break
 from cspine_jax.synthetic.geometry import Geometry
-from cspine_jax.synthetic.shapes import ellipse, union_sdf
+from cspine_jax.synthetic.shapes import ellipse
 
 HU_MIN, HU_MAX = -1024, 3071
 GAP_HU = 45.0  # hematoma / fracture cleft
@@ -169,7 +169,8 @@ def _draw_bone(blk: _Block, breaks: list[Break], vol, lab, frac) -> None:
   for br, side in zip(breaks, sides):
     near = ((u - br.point[0]) ** 2 + (v - br.point[1]) ** 2 + (w - br.point[2]) ** 2
             < br.radius ** 2)
-    gw = np.clip(0.5 + (br.gap / 2 - np.abs(side)) / px, 0.0, 1.0) * (near & (part_sdf[br.part] < px))
+    gw = (np.clip(0.5 + (br.gap / 2 - np.abs(side)) / px, 0.0, 1.0)
+          * (near & (part_sdf[br.part] < px)))
     value += gw * (GAP_HU - value)
     hit = (gw >= 0.5) & (part_sdf[br.part] < 0) & (sdf < 0)
     region = hit if region is None else region | hit

@@ -267,7 +267,8 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   segmented = set(plan.permutation(num_studies)[:min(n_seg, num_studies)].tolist())
   # Damaged files: round-robin over train studies, those without a mask first, at most 2 each.
   order = sorted(plan.permutation(num_studies).tolist(), key=lambda i: i in segmented)
-  modes = [writers.CORRUPTIONS[int(plan.integers(len(writers.CORRUPTIONS)))] for _ in range(corrupt)]
+  modes = [writers.CORRUPTIONS[int(plan.integers(len(writers.CORRUPTIONS)))]
+           for _ in range(corrupt)]
   if corrupt > 2 * num_studies:
     raise ValueError(f"--corrupt {corrupt}: at most 2 per train study ({2 * num_studies})")
   corrupt_of: dict[int, list[str]] = {}

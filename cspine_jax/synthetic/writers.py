@@ -208,8 +208,3 @@ def write_csv(path: pathlib.Path | str, columns: tuple[str, ...], rows: list[tup
     writer.writerow(columns)
     writer.writerows(rows)
 
-
-def read_back(path: pathlib.Path | str) -> np.ndarray:
-  """HU of one written slice (for tests and checks): decoded pixels * slope + intercept."""
-  ds = pydicom.dcmread(path)
-  return ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
