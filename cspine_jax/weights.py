@@ -151,11 +151,16 @@ def parse_model_name(name: str) -> tuple[Family, str]:
                      f"{[f.name + '_<variant>' for f in FAMILIES.values()]}")
 
 
-def build_encoder(name: str, *, in_chans: int = 3, rngs: nnx.Rngs | None = None,
-                  **kwargs: Any) -> nnx.Module:
-  """Builds the encoder named like `parse_model_name` expects (randomly initialised)."""
+def build_encoder(name: str, *, in_chans: int = 3, abstract: bool = False,
+                  rngs: nnx.Rngs | None = None, **kwargs: Any) -> nnx.Module:
+  """Builds the encoder named like `parse_model_name` expects.
+
+  `abstract=True` builds it under `nnx.eval_shape` (shapes only, no random init, which costs
+  tens of seconds of per-shape compiles on CPU); `load_pretrained` then fills every variable.
+  """
   fam, variant = parse_model_name(name)
-  return fam.encoder_cls(variant, in_chans=in_chans, rngs=rngs or nnx.Rngs(0), **kwargs)
+  make = lambda: fam.encoder_cls(variant, in_chans=in_chans, rngs=rngs or nnx.Rngs(0), **kwargs)
+  return nnx.eval_shape(make) if abstract else make()
 
 
 # ----------------------------------------------------------------------------- reading timm files
@@ -288,7 +293,7 @@ def _variables(encoder: nnx.Module) -> dict[str, nnx.Variable]:
 
 def encoder_arrays(encoder: nnx.Module) -> dict[str, np.ndarray]:
   """{Flax path: numpy array} of every parameter and BatchNorm statistic of `encoder`."""
-  return {k: np.asarray(v[...]) for k, v in _variables(encoder).items()}
+  return {k: np.asarray(v.get_value()) for k, v in _variables(encoder).items()}
 
 
 def _listing(title: str, items: Sequence[str]) -> str:
@@ -316,7 +321,7 @@ def assign(encoder: nnx.Module, converted: Converted, source: str, *,
     if path not in converted:
       continue
     arr, src = converted[path]
-    want = tuple(var[...].shape)
+    want = tuple(var.get_value().shape)
     if path == fam.stem_kernel and arr.ndim == 4 and arr.shape[2] != want[2]:
       stem_from = arr.shape[2]
       try:
@@ -344,7 +349,7 @@ def assign(encoder: nnx.Module, converted: Converted, source: str, *,
   state = nnx.state(encoder, (nnx.Param, nnx.BatchStat))
   for path, var in nnx.to_flat_state(state):
     key = ".".join(str(p) for p in path)
-    var[...] = jnp.asarray(values[key], dtype=var[...].dtype)
+    var.set_value(jnp.asarray(values[key], dtype=var.get_value().dtype))
   nnx.update(encoder, state)
   return LoadReport(source=source, family=fam.name, num_tensors=len(values),
                     stem_adapted_from=stem_from)
@@ -430,7 +435,9 @@ def load_pretrained(encoder: nnx.Module, path: str | pathlib.Path) -> LoadReport
   """Loads timm weights (file) or imported weights (folder) into `encoder` in place.
 
   For `config.model.pretrained`: call right after building the encoder and before creating the
-  optimizer. Raises WeightsError (a ValueError) naming the file and every mismatch.
+  optimizer. Every parameter and BatchNorm statistic is replaced, so the encoder may also be an
+  abstract one from `nnx.eval_shape` (skips the random init). Raises WeightsError (a
+  ValueError) naming the file and every mismatch; on error the encoder is left unchanged.
   """
   path = pathlib.Path(path)
   fam = family_of(encoder)
@@ -447,7 +454,7 @@ def load_pretrained(encoder: nnx.Module, path: str | pathlib.Path) -> LoadReport
 def import_timm(source: str | pathlib.Path, model: str, out_dir: str | pathlib.Path, *,
                 in_chans: int = 3) -> tuple[pathlib.Path, LoadReport]:
   """Converts a timm weights file for `model` and saves it (see module docstring)."""
-  encoder = build_encoder(model, in_chans=in_chans)
+  encoder = build_encoder(model, in_chans=in_chans, abstract=True)
   report = load_pretrained(encoder, source)
   return save_converted(encoder, out_dir, model=model, source=str(source)), report
 

@@ -143,9 +143,10 @@ class DepthwiseConv(layers.DepthwiseConv2d):
                      use_bias=False, method=method, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs)
     self.tf_same = tf_same
-    # timm's goog init: a depthwise conv's fan_out is k*k (per group), not k*k*C.
-    self.kernel[...] = (jax.random.normal(rngs.params(), (k, k, 1, ch), param_dtype)
-                        * math.sqrt(2.0 / (k * k)))
+    # timm's goog init: a depthwise conv's fan_out is k*k (per group), not k*k*C. (set_value,
+    # not `[...] =`: the latter probes `.sharding`, which is slow on tracers under eval_shape.)
+    self.kernel.set_value(jax.random.normal(rngs.params(), (k, k, 1, ch), param_dtype)
+                          * math.sqrt(2.0 / (k * k)))
 
   def __call__(self, x: Array) -> Array:
     if self.tf_same:  # padding depends on the input size, so it is applied per call
