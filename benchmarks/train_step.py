@@ -1,0 +1,152 @@
+"""Train/eval step throughput of every model, and how fast grain feeds it (ratios, same run).
+
+    python benchmarks/train_step.py [--configs stage2,stage1,cnn3d,single_head,multi_head]
+        [--paper] [--steps 5] [--input_batches 20]
+
+For each config at its ``:cpu`` size (and, with --paper, at the paper size for a couple of steps):
+  * train steps/s and images/s (an image = one 2D input image; a stage-2 sample has 8, a 3D volume
+    counts as one), measured after compilation on a fixed random batch;
+  * inference (eval step) steps/s and images/s;
+  * grain input throughput: batches/s of the training pipeline (decode, augment, normalise, batch,
+    ``input.workers`` processes) over random records of the config's shapes written to a
+    temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).
+The machine may be shared: compare the ratios, not the absolute numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+from cspine_jax import input as input_lib  # noqa: E402
+from cspine_jax.records import schema, shards  # noqa: E402
+from cspine_jax.train import loop, sharding  # noqa: E402
+
+IMAGES_PER_SAMPLE = {"stage2": 8, "stage1": 1, "cnn3d": 1, "slices2d": 1}
+
+
+def random_record(task: str, config, i: int, rng: np.random.Generator) -> dict:
+  h, w = config.prepare.image_size
+  img = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
+  base = {"study_uid": f"1.2.3.{i // 7}", "fold": (i // 7) % config.num_folds}
+  if task == "stage2":
+    n = config.prepare.stage2_slices // 3
+    return dict(base, images=img(n, h, w, 3), label=np.float32(i % 4 == 0), vertebra=i % 7,
+                present=True)
+  if task == "stage1":
+    return dict(base, image=img(h, w, 3), presence=(rng.random(7) < 0.3).astype(np.float32),
+                area=rng.random(7).astype(np.float32),
+                box=np.array([0.2, 0.2, 0.7, 0.8], np.float32), index=i, number=i + 1)
+  if task == "cnn3d":
+    d = config.prepare.cube_size
+    return dict(base, volume=img(d, d, d, 1), labels=(rng.random(8) < 0.3).astype(np.float32))
+  return dict(base, image=img(h, w, 3), presence=(rng.random(7) < 0.3).astype(np.float32),
+              fracture=(rng.random(7) < 0.1).astype(np.float32), index=i)
+
+
+def write_records(folder: pathlib.Path, task: str, config, n: int) -> pathlib.Path:
+  """n random records in the layout data_prep.prepare writes (a shard per study + manifest)."""
+  rng = np.random.default_rng(0)
+  recs = [random_record(task, config, i, rng) for i in range(n)]
+  task_dir = folder / task
+  task_dir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for start in range(0, n, 7):
+    uid = recs[start]["study_uid"]
+    count = shards.write_shard(task_dir / f"{uid}.array_record", recs[start:start + 7])
+    rows.append({"file": f"{uid}.array_record", "study_uid": uid, "fold": recs[start]["fold"],
+                 "num_records": count})
+  shards.write_json(task_dir / shards.MANIFEST, {
+      "schema_version": schema.SCHEMA_VERSION, "task": task, "num_folds": config.num_folds,
+      "num_records": n, "shards": rows})
+  return folder
+
+
+def timed(fn, n: int) -> float:
+  """Seconds per call of fn over n calls (after one warm-up call)."""
+  jax.block_until_ready(fn())
+  t = time.perf_counter()
+  for _ in range(n):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / n
+
+
+def bench(name: str, variant: str, steps: int, input_batches: int) -> dict:
+  config = importlib.import_module(f"configs.{name}").get_config(variant)
+  task = config.task
+  mesh = sharding.make_mesh()
+  trainer = loop.make_trainer(config, 1000, mesh, seed=0)
+  with tempfile.TemporaryDirectory() as tmp:
+    n_records = max(4 * config.input.batch_size, 28)
+    records = write_records(pathlib.Path(tmp), task, config, n_records)
+    src = input_lib.record_index(records, task).source()
+    loader = input_lib.make_loader(src, task, batch_size=config.input.batch_size, train=True,
+                                   seed=0, augment=loop._augment(config),  # pylint: disable=protected-access
+                                   workers=config.input.workers)
+    it = iter(loader)
+    batch = next(it)
+    t = time.perf_counter()
+    for _ in range(input_batches):
+      next(it)
+    input_s = (time.perf_counter() - t) / input_batches
+  gbatch = sharding.shard_batch(batch, mesh)
+
+  def train():
+    trainer.state, m = trainer.train_step(trainer.state, gbatch)
+    return m["loss"]
+
+  eval_batch = sharding.shard_batch(dict(batch, mask=np.ones(len(batch["record_id"]), np.float32)), mesh)
+  train_s = timed(train, steps)
+  eval_s = timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
+  images = config.input.batch_size * IMAGES_PER_SAMPLE[task]
+  if task == "stage2":
+    images = config.input.batch_size * (config.prepare.stage2_slices // 3)
+  return {"config": f"{name}:{variant}" if variant else name, "batch": config.input.batch_size,
+          "train_steps_per_s": 1 / train_s, "train_images_per_s": images / train_s,
+          "eval_steps_per_s": 1 / eval_s, "eval_images_per_s": images / eval_s,
+          "input_batches_per_s": 1 / input_s, "input_over_train": train_s / input_s,
+          "workers": config.input.workers}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--configs", default="stage2,stage1,cnn3d,single_head,multi_head")
+  ap.add_argument("--paper", action="store_true", help="also the paper-size configs (slow on CPU)")
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--input_batches", type=int, default=20)
+  args = ap.parse_args()
+  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+  rows = []
+  for name in args.configs.split(","):
+    for variant in ["cpu"] + ([""] if args.paper else []):
+      steps = args.steps if variant else 2
+      try:
+        row = bench(name, variant, steps, args.input_batches if variant else 3)
+      except (ImportError, AttributeError, ValueError, KeyError) as e:
+        print(f"{name}:{variant}: skipped ({type(e).__name__}: {e})")
+        continue
+      rows.append(row)
+      print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+  for r in rows:
+    print(f"{r['config']:>16}: train {r['train_steps_per_s']:.2f} steps/s "
+          f"({r['train_images_per_s']:.1f} img/s), eval {r['eval_images_per_s']:.1f} img/s, "
+          f"grain/train ratio {r['input_over_train']:.2f} (goal >= 2 for :cpu)")
+
+
+if __name__ == "__main__":
+  main()
