@@ -1,0 +1,214 @@
+"""timm -> Flax weights: ConvNeXt features equal timm's, strict key/shape checks, stem adaptation,
+orbax import folders and the importer CLI. No torch: fixtures are committed safetensors files made
+by tests/fixtures/timm/make_fixtures.py."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from cspine_jax import weights
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "timm"
+CONVNEXT = FIXTURES / "convnext_atto.safetensors"
+EFFNET = FIXTURES / "efficientnetv2_test.safetensors"
+
+
+def _io(name):
+  io = load_file(str(FIXTURES / f"{name}.io.safetensors"))
+  return np.transpose(io["input"], (0, 2, 3, 1)), io
+
+
+@nnx.jit
+def _features(enc, x):
+  return enc(x)
+
+
+def _eval_features(enc, x):
+  enc.eval()
+  return np.asarray(_features(enc, x))
+
+
+@pytest.mark.parametrize("method", ["lax", "shifted"])
+def test_convnext_atto_matches_timm(method):
+  x, io = _io("convnext_atto")
+  enc = weights.build_encoder("convnext_atto", abstract=True, dw_method=method)
+  report = weights.load_pretrained(enc, CONVNEXT)
+  assert report.family == "convnext" and report.stem_adapted_from is None
+  assert report.num_tensors == len(weights.encoder_arrays(enc))
+  got = _eval_features(enc, x)
+  assert got.shape == io["features"].shape == (2, 320)
+  assert np.abs(got - io["features"]).max() <= 1e-4
+
+
+def test_mapping_layouts_on_known_tensors():
+  sd = load_file(str(CONVNEXT))
+  enc = weights.build_encoder("convnext_atto", abstract=True)
+  weights.load_pretrained(enc, CONVNEXT)
+  arrays = weights.encoder_arrays(enc)
+  np.testing.assert_array_equal(arrays["stem_conv.kernel"],
+                                sd["stem.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(arrays["stages.2.blocks.3.conv_dw.kernel"],
+                                sd["stages.2.blocks.3.conv_dw.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(arrays["stages.1.blocks.0.mlp_fc1.kernel"],
+                                sd["stages.1.blocks.0.mlp.fc1.weight"][:, :, 0, 0].T)
+  np.testing.assert_array_equal(arrays["stages.3.downsample_norm.scale"],
+                                sd["stages.3.downsample.0.weight"])
+  np.testing.assert_array_equal(arrays["head_norm.bias"], sd["head.norm.bias"])
+  e = weights.build_encoder("efficientnet_v2_test", abstract=True)
+  weights.load_pretrained(e, EFFNET)
+  esd = load_file(str(EFFNET))
+  ea = weights.encoder_arrays(e)
+  np.testing.assert_array_equal(ea["blocks.4.1.bn2.var"], esd["blocks.4.1.bn2.running_var"])
+  np.testing.assert_array_equal(ea["blocks.4.1.se.conv_reduce.kernel"],
+                                esd["blocks.4.1.se.conv_reduce.weight"].transpose(2, 3, 1, 0))
+
+
+def test_linear_mlp_layout_and_wrappers():
+  # convnext_tiny and up store mlp.fc* as nn.Linear (out, in); atto's conv_mlp stores 1x1 convs.
+  # Both, under a {'state_dict': {'module.' + key}} wrapper, give the same parameters.
+  sd = load_file(str(CONVNEXT))
+  linear = {("module." + k): (v[:, :, 0, 0] if ".mlp.fc" in k and v.ndim == 4 else v)
+            for k, v in sd.items()}
+  cleaned = weights.clean_state_dict({"state_dict": linear, "epoch": 3})
+  assert set(cleaned) == set(sd)
+  a = weights.build_encoder("convnext_atto", abstract=True)
+  b = weights.build_encoder("convnext_atto", abstract=True)
+  weights.load_pretrained(a, CONVNEXT)
+  conv, unmatched = weights.convert_timm(cleaned, weights.FAMILIES["convnext"])
+  assert not unmatched
+  weights.assign(b, conv, "<wrapped>")
+  got = weights.encoder_arrays(b)
+  for k, v in weights.encoder_arrays(a).items():
+    np.testing.assert_array_equal(got[k], v)
+
+
+def _write(tmp_path, sd, name="bad.safetensors"):
+  path = tmp_path / name
+  save_file(sd, str(path))
+  return path
+
+
+def test_mismatched_files_name_the_keys(tmp_path):
+  sd = load_file(str(CONVNEXT))
+  missing = dict(sd)
+  del missing["stages.2.blocks.4.norm.weight"]
+  extra = dict(sd, **{"stages.1.blocks.9.gamma": np.ones(80, np.float32),
+                      "head.pre_logits.weight": np.ones(3, np.float32)})
+  shaped = dict(sd, **{"stages.3.blocks.1.mlp.fc2.weight": np.ones((320, 640, 1, 1), np.float32)})
+  cases = {
+      "missing.safetensors": (missing, ["1 missing keys", "stages.2.blocks.4.norm.scale"]),
+      "extra.safetensors": (extra, ["unexpected keys (no convnext rule): head.pre_logits.weight",
+                                    "stages.1.blocks.9.gamma (-> stages.1.blocks.9.gamma)"]),
+      "shape.safetensors": (shaped, ["stages.3.blocks.1.mlp.fc2.weight",
+                                     "file (640, 320) vs encoder (1280, 320)"]),
+  }
+  for name, (bad, needles) in cases.items():
+    enc = weights.build_encoder("convnext_atto", abstract=True)
+    path = _write(tmp_path, bad, name)
+    with pytest.raises(weights.WeightsError) as err:
+      weights.load_pretrained(enc, path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for needle in needles:
+      assert needle in msg, (name, msg)
+    # nothing was copied: the abstract encoder still holds shapes only
+    assert isinstance(enc.head_norm.scale.get_value(), jax.ShapeDtypeStruct)
+  # a ConvNeXt file into an EfficientNetV2 encoder fails on every key, not silently
+  enc = weights.build_encoder("efficientnet_v2_test", abstract=True)
+  with pytest.raises(weights.WeightsError, match="no efficientnet_v2 rule"):
+    weights.load_pretrained(enc, CONVNEXT)
+
+
+@pytest.mark.parametrize("name,stem_key", [("convnext_atto", "stem_conv.kernel"),
+                                           ("efficientnetv2_test", "conv_stem.kernel")])
+def test_in_chans_adaptation_equals_timm(name, stem_key):
+  _, io = _io(name)
+  model = {"convnext_atto": "convnext_atto", "efficientnetv2_test": "efficientnet_v2_test"}[name]
+  for c in (1, 5):
+    enc = weights.build_encoder(model, in_chans=c, abstract=True)
+    report = weights.load_pretrained(enc, FIXTURES / f"{name}.safetensors")
+    assert report.stem_adapted_from == 3
+    got = weights.encoder_arrays(enc)[stem_key]
+    want = io[f"stem_in{c}"].transpose(2, 3, 1, 0)  # timm's adapt_input_conv, OIHW -> HWIO
+    assert got.shape[2] == c
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # 3 channels (the 2.5D input) is used as it is
+  k = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
+  assert weights.adapt_stem_kernel(k, 3) is k
+
+
+def test_import_cli_and_orbax_roundtrip(tmp_path):
+  out = tmp_path / "effnet_import"
+  lines = []
+  rc = weights.main(["import", "--source", str(EFFNET), "--model", "efficientnet_v2_test",
+                     "--out", str(out)], print_fn=lines.append)
+  assert rc == 0 and "imported 206 tensors" in lines[0], lines
+  meta = json.loads((out / weights.META_FILE).read_text())
+  assert (meta["model"], meta["family"], meta["variant"], meta["in_chans"]) == (
+      "efficientnet_v2_test", "efficientnet_v2", "test", 3)
+  assert meta["shapes"]["conv_stem.kernel"] == [3, 3, 3, 8]
+  direct = weights.build_encoder("efficientnet_v2_test", abstract=True, dw_method="lax")
+  weights.load_pretrained(direct, EFFNET)
+  restored = weights.build_encoder("efficientnet_v2_test", abstract=True, dw_method="lax")
+  report = weights.load_pretrained(restored, out)
+  assert report.num_tensors == 206
+  a, b = weights.encoder_arrays(direct), weights.encoder_arrays(restored)
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  x, io = _io("efficientnetv2_test")
+  got = _eval_features(restored, x)
+  np.testing.assert_array_equal(got, _eval_features(direct, x))
+  assert np.abs(got - io["features"]).max() <= 1e-4
+  # the imported folder also adapts the stem, and refuses another family or a second import
+  one = weights.build_encoder("efficientnet_v2_test", in_chans=1, abstract=True)
+  assert weights.load_pretrained(one, out).stem_adapted_from == 3
+  with pytest.raises(weights.WeightsError, match="holds efficientnet_v2 weights"):
+    weights.load_pretrained(weights.build_encoder("convnext_test", abstract=True), out)
+  lines.clear()
+  assert weights.main(["import", "--source", str(EFFNET), "--model", "efficientnet_v2_test",
+                       "--out", str(out)], print_fn=lines.append) == 1
+  assert "already exists" in lines[0]
+
+
+def test_cli_reports_bad_inputs(tmp_path):
+  lines = []
+  assert weights.main(["import", "--source", str(CONVNEXT), "--model", "efficientnet_v2_test",
+                       "--out", str(tmp_path / "o")], print_fn=lines.append) == 1
+  assert "weights do not fit the efficientnet_v2 test encoder" in lines[-1]
+  assert weights.main(["import", "--source", str(CONVNEXT), "--model", "resnet50",
+                       "--out", str(tmp_path / "o")], print_fn=lines.append) == 1
+  assert "unknown model name 'resnet50'" in lines[-1]
+  with pytest.raises(weights.WeightsError, match="unknown convnext variant 'huge'"):
+    weights.parse_model_name("convnext_huge")
+  assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_sources(tmp_path):
+  enc = weights.build_encoder("convnext_test", abstract=True)
+  with pytest.raises(weights.WeightsError, match="weights file not found"):
+    weights.load_pretrained(enc, tmp_path / "nope.safetensors")
+  bad = tmp_path / "w.npz"
+  bad.write_bytes(b"x")
+  with pytest.raises(weights.WeightsError, match="unsupported weights file type '.npz'"):
+    weights.load_pretrained(enc, bad)
+  junk = tmp_path / "junk.safetensors"
+  junk.write_bytes(b"\x00" * 16)
+  with pytest.raises(weights.WeightsError, match="cannot read safetensors"):
+    weights.load_pretrained(enc, junk)
+  (tmp_path / "folder").mkdir()
+  with pytest.raises(weights.WeightsError, match="not an imported weights folder"):
+    weights.load_pretrained(enc, tmp_path / "folder")
+  pth = tmp_path / "w.pth"
+  pth.write_bytes(b"not a zip")
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    want = "torch.load"
+  except ImportError:
+    want = "needs torch, which is not installed"
+  with pytest.raises(weights.WeightsError, match=want):
+    weights.load_pretrained(enc, pth)
