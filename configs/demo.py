@@ -1,0 +1,60 @@
+"""The end-to-end demo on a generated synthetic RSNA-format set (CPU, 2 cores).
+
+    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 10 minutes)
+    python launch.py --config=configs/demo.py:tiny --workdir=/tmp/demo   (the test-suite setting)
+
+generate -> prepare -> stage 1 (all folds) -> pseudo-labels -> stage 2 (all folds) -> evaluate
+(out-of-fold) -> predict the held-out test studies from their DICOM files; plus the three baselines
+(3D CNN, single-head, multi-head) trained and scored out-of-fold the same way.
+Each model starts from its own ``configs/<name>.py:cpu`` with the overrides below.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+VARIANTS = ("", "tiny")
+MODELS = ("stage1", "stage2", "cnn3d", "single_head", "multi_head")
+
+
+def _model(epochs: int, batch_size: int, lr: float, **model) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(epochs=epochs, batch_size=batch_size, lr=lr,
+                                        model=ml_collections.ConfigDict(model)))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, _ = common.parse_arg(arg)
+  common.check_variant(variant, VARIANTS, "demo")
+  c = ml_collections.ConfigDict()
+  c.demo = True  # launch.py dispatches configs with this field to cspine_jax.demo
+  c.seed = 0
+  c.synthetic = ml_collections.ConfigDict(dict(num_studies=48, seed=0, size="small"))
+  # records.study.Options for every record set (one preprocessing for training and inference).
+  c.prepare = ml_collections.ConfigDict(dict(image_size=(64, 64), stage2_slices=24, cube_size=32,
+                                             crop_margin=0.1, num_folds=2, fold_seed=0))
+  c.workers = 2
+  c.top_n = 7
+  c.presence_threshold = 0.5
+  c.progress = True
+  c.pngs = 4  # per-study pictures of test studies in the summary
+  c.baselines = ("cnn3d", "single_head", "multi_head")
+  # Batch sizes are multiples of 8 so they split over 8 (test-suite) devices too.
+  c.models = ml_collections.ConfigDict({
+      "stage1": _model(4, 16, 1e-3),
+      "stage2": _model(8, 8, 5e-4),
+      "cnn3d": _model(6, 8, 1e-3),
+      "single_head": _model(3, 16, 5e-4),
+      "multi_head": _model(3, 16, 5e-4),
+  })
+  if variant == "tiny":
+    c.synthetic.num_studies = 16  # 8 per fold: one full batch of 8 per model
+    c.synthetic.size = "tiny"
+    c.prepare.image_size = (32, 32)
+    c.prepare.stage2_slices = 6
+    c.prepare.cube_size = 16
+    c.pngs = 1
+    c.progress = False
+    for name in MODELS:
+      c.models[name].epochs = 1
+  return c
