@@ -17,7 +17,9 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.vertebrae_file = ml_collections.FieldReference(None, field_type=str)  # stage-1 output for stage 2
   c.fold = 0          # -1 = every fold in one command (workdir/fold_k)
   c.num_folds = 5
-  c.synthetic = ml_collections.ConfigDict(dict(num_studies=40, seed=0, size="small"))
+  # Every synthetic study gets a mask so stage 2 finds its vertebrae without a stage-1 run.
+  c.synthetic = ml_collections.ConfigDict(dict(num_studies=40, seed=0, size="small",
+                                               segmented_fraction=1.0))
   # records.study.Options for data_prep.prepare (part of the record set's identity).
   c.prepare = ml_collections.ConfigDict(dict(image_size=(224, 224), num_folds=c.get_ref("num_folds"),
                                              stage2_slices=24, cube_size=64))

@@ -86,13 +86,15 @@ def resolve_records(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
   if records_dir is None:
     if data_dir is None:
       syn = config.synthetic
-      cache = workdir.absolute().parent / f"synthetic_{syn.num_studies}_{syn.seed}_{syn.size}"
+      cache = workdir.absolute().parent / (f"synthetic_{syn.num_studies}_{syn.seed}_{syn.size}_"
+                                           f"{syn.segmented_fraction:g}")
       data_dir = cache / "rsna"
       records_dir = cache / "records"
       if not (data_dir / "train.csv").exists():
         from cspine_jax import synthetic  # pylint: disable=g-import-not-at-top
         if jax.process_index() == 0:
-          synthetic.generate(data_dir, syn.num_studies, syn.seed, size=syn.size)
+          synthetic.generate(data_dir, syn.num_studies, syn.seed, size=syn.size,
+                             segmented_fraction=syn.segmented_fraction)
     else:
       records_dir = workdir / "records"
   records_dir = pathlib.Path(records_dir)
