@@ -6,6 +6,7 @@ Trains the configured model (``cspine_jax.train.loop.train_and_evaluate``): e.g.
   python launch.py --config=configs/stage2.py --config.data_dir=/data/rsna --config.fold=-1 \
       --config.optimizer.lr=3e-4 --workdir=runs/stage2
 
+``configs/demo.py`` runs the whole demo pipeline instead (``cspine_jax.demo.run_demo``).
 Every config field can be overridden with ``--config.<field>=<value>``. With no data_dir a small
 synthetic RSNA-format set is generated and prepared once beside the workdir.
 All work happens under ``if __name__ == "__main__"``: grain worker processes re-import this module.
@@ -37,9 +38,14 @@ def main(argv) -> int:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
-  from cspine_jax.train import loop  # pylint: disable=g-import-not-at-top  # after flag parsing
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  result = loop.train_and_evaluate(config, workdir)
+  # Imports after flag parsing (and only in the main process: grain workers re-import this file).
+  if config.get("demo"):  # configs/demo.py: the whole pipeline, not one model
+    from cspine_jax import demo  # pylint: disable=g-import-not-at-top
+    result = demo.run_demo(config, workdir)
+  else:
+    from cspine_jax.train import loop  # pylint: disable=g-import-not-at-top
+    result = loop.train_and_evaluate(config, workdir)
   print(json.dumps(result, indent=1, default=str))
   return 0
 
