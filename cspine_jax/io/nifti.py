@@ -7,8 +7,9 @@ series (LPS mm) both place voxels in the patient frame. Every series voxel (s, r
 
 and RAS = (-x, -y, z); inv(affine) turns that into fractional NIfTI indices. When the two grids coincide
 the result is, for each series axis, one NIfTI axis walked forwards or backwards: the mask is then
-gathered exactly with a transpose, a take along the slice axis and strided in-plane views. Anything
-else (a voxel landing more than ``tolerance`` voxels from a NIfTI voxel centre, outside the array, or
+gathered exactly with a transpose and strided views (a gather only for skipped or sheared slices),
+copied once into the uint8 result (an uncompressed .nii is read through a memory map). Anything else
+(a voxel landing more than ``tolerance`` voxels from a NIfTI voxel centre, outside the array, or
 between axes) is refused with a MaskError; nothing is resampled or guessed, and no flip is hard-coded.
 Slices the reader skipped (corrupt files) simply leave their NIfTI slice unused.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from cspine_jax.io.dicom import Series
 
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+_BLOCK_VOXELS = 1 << 22  # Voxels converted per block when the stored type is not uint8.
 
 
 class MaskError(ValueError):
@@ -106,32 +108,48 @@ def _index_map(series: Series, affine: np.ndarray, mask_shape, path, tolerance: 
   return (slice_axis, row_axis, col_axis), slice_idx, row_idx, col_idx
 
 
-def _label_array(img: nib.Nifti1Image, path) -> np.ndarray:
-  """The voxel data as uint8 labels; float storage must hold whole numbers 0..255."""
+def _voxels(img: nib.Nifti1Image, path) -> np.ndarray:
+  """The stored voxel array (a memory map for an uncompressed, unscaled .nii: nothing is copied)."""
   try:
     data = np.asanyarray(img.dataobj)
   except Exception as e:  # nibabel raises several types for truncated/corrupt payloads.
     raise MaskError(f"{path}: cannot read NIfTI voxel data: {e}") from e
   if data.ndim == 4 and data.shape[3] == 1:
     data = data[..., 0]
-  is_float = np.issubdtype(data.dtype, np.floating)
-  if not (is_float or np.issubdtype(data.dtype, np.integer) or data.dtype == bool):
+  if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)
+          or data.dtype == bool):
     raise MaskError(f"{path}: unsupported mask dtype {data.dtype}")
-  out = np.empty(data.shape, np.uint8)
-  # Converted a few planes at a time: a float64 RSNA mask is ~600 MB, its temporaries need not be.
-  for start in range(0, data.shape[0], 16):
-    chunk = data[start:start + 16]
-    if is_float:
-      if not np.all(np.isfinite(chunk)):
-        raise MaskError(f"{path}: mask holds NaN or infinite values")
-      rounded = np.rint(chunk)
-      if np.abs(chunk - rounded).max(initial=0.0) > 1e-3:
-        raise MaskError(f"{path}: mask values are not whole-number labels")
-      chunk = rounded
-    if chunk.size and (chunk.min() < 0 or chunk.max() > 255):
-      raise MaskError(f"{path}: labels span {data.min()}..{data.max()}, outside 0..255")
-    out[start:start + 16] = chunk
-  return out
+  return data
+
+
+def _to_labels(block: np.ndarray, out: np.ndarray, path) -> None:
+  """Copies ``block`` into the uint8 ``out``; floats must hold whole numbers, all values 0..255."""
+  if block.dtype in (np.uint8, np.bool_):  # Nothing to check: one strided copy.
+    out[...] = block
+    return
+  if np.issubdtype(block.dtype, np.floating):
+    if not np.all(np.isfinite(block)):
+      raise MaskError(f"{path}: mask holds NaN or infinite values")
+    rounded = np.rint(block)
+    if np.abs(block - rounded).max(initial=0.0) > 1e-3:
+      raise MaskError(f"{path}: mask values are not whole-number labels")
+    block = rounded
+  if block.size:
+    lo, hi = block.min(), block.max()
+    if lo < 0 or hi > 255:
+      raise MaskError(f"{path}: labels span {lo:g}..{hi:g}, outside 0..255")
+  out[...] = block
+
+
+def _step_slice(idx: np.ndarray) -> slice | None:
+  """A slice walking ``idx`` when its indices are consecutive (step +1 or -1), else None."""
+  if len(idx) == 1:
+    return slice(int(idx[0]), int(idx[0]) + 1)
+  step = int(idx[1] - idx[0])
+  if step not in (1, -1) or not np.all(np.diff(idx) == step):
+    return None
+  stop = int(idx[-1]) + step
+  return slice(int(idx[0]), None if stop < 0 else stop, step)
 
 
 def load_mask(nii_path: str | os.PathLike, series: Series, *,
@@ -159,22 +177,28 @@ def load_mask(nii_path: str | os.PathLike, series: Series, *,
   affine = _best_affine(img, path)
   # Geometry is checked from the header first, so a misfit costs no voxel decoding.
   axes, slice_idx, row_idx, col_idx = _index_map(series, affine, shape, path, tolerance)
-  data = np.transpose(_label_array(img, path), axes)  # (slice, row, column) view
-  data = np.take(data, slice_idx, axis=0)
-  if (row_idx == row_idx[:1]).all() and (col_idx == col_idx[:1]).all():
-    # Usual case: the same in-plane offset for every slice -> two strided views.
-    rows = _as_slice(row_idx[0])
-    cols = _as_slice(col_idx[0])
-    out = data[:, rows, cols]
-  else:  # Slices shifted in-plane (sheared stack): gather per slice.
-    s = np.arange(len(slice_idx))[:, None, None]
-    out = data[s, row_idx[:, :, None], col_idx[:, None, :]]
-  return np.ascontiguousarray(out, dtype=np.uint8)
+  # (slice, row, column) view of the stored array: for the usual (X, Y, Z) Fortran-ordered NIfTI
+  # it is C-contiguous, so the one copy below reads the file in order.
+  data = np.transpose(_voxels(img, path), axes)
+  out = np.empty(series.shape, np.uint8)
+  same_plane = (row_idx == row_idx[:1]).all() and (col_idx == col_idx[:1]).all()
+  if same_plane:  # Usual case: the same in-plane offset for every slice -> two strided views.
+    rows, cols = _step_slice(row_idx[0]), _step_slice(col_idx[0])
+  # Converted a block of slices at a time: a float64 RSNA mask is ~600 MB, its temporaries need
+  # not be. Only the voxels the series uses are read and checked.
+  block = max(1, _BLOCK_VOXELS // max(1, data.shape[1] * data.shape[2]))
+  whole = _step_slice(slice_idx) if data.dtype in (np.uint8, np.bool_) else None
+  if whole is not None and same_plane:  # uint8 on consecutive slices: one view, one copy.
+    _to_labels(data[whole, rows, cols], out, path)
+    return out
+  for j in range(0, len(slice_idx), block):
+    planes = data[slice_idx[j:j + block]]
+    if same_plane:
+      src = planes[:, rows, cols]
+    else:  # Slices shifted in-plane (sheared stack): gather per slice.
+      s = np.arange(len(planes))[:, None, None]
+      src = planes[s, row_idx[j:j + block, :, None], col_idx[j:j + block, None, :]]
+    _to_labels(src, out[j:j + block], path)
+  return out
 
 
-def _as_slice(idx: np.ndarray) -> slice:
-  """A slice walking the consecutive indices ``idx`` (step +1 or -1)."""
-  start, stop = int(idx[0]), int(idx[-1])
-  if len(idx) == 1 or stop >= start:
-    return slice(start, stop + 1)
-  return slice(start, stop - 1 if stop > 0 else None, -1)
