@@ -85,8 +85,16 @@ def test_reliability_and_curves(tmp_path):
   log.write_text("\n".join(json.dumps({"step": s, "loss": 1 / (s + 1), "val_score": 0.5 - s / 100})
                            for s in range(10)) + "\n\n")
   x, curves = plots.curve_columns(plots.read_jsonl(log))
-  assert x == "step" and curves == ["loss", "val_score"]
-  out = plots.learning_curves({"stage2 fold 0": log}, tmp_path / "curves.png")
+  assert x == "step" and curves == ["loss"]
+  log2 = tmp_path / "train2.jsonl"
+  log2.write_text("\n".join(json.dumps({"step": s, "loss": 1 / (s + 2), "grad_norm": 3.0,
+                                        **({"val_loss": 0.4, "val_competition_loss": 0.5,
+                                            "score": 0.5} if s % 5 == 4 else {})})
+                            for s in range(10)))
+  x, curves = plots.curve_columns(plots.read_jsonl(log2))
+  assert curves == ["loss", "val_loss", "val_competition_loss"]
+  out = plots.learning_curves({"stage2/fold_0": log, "stage2/fold_1": log2, "stage1": log2},
+                              tmp_path / "curves.png")
   assert Image.open(out).size[0] > 300
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"step": 1}\nnot json\n')

@@ -22,7 +22,6 @@ from cspine_jax import labels as labels_lib  # noqa: E402
 
 # Keys of a training log line that are the x axis or bookkeeping, not curves.
 _X_KEYS = ("step", "epoch")
-_SKIP_KEYS = frozenset({"step", "epoch", "time", "elapsed", "wall", "fold", "seconds"})
 
 
 def reliability_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
@@ -83,39 +82,61 @@ def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
   return pd.DataFrame(rows)
 
 
+# What a panel draws: the training loss (solid) and validation loss (dashed) on the left axis, the
+# validation competition metric (dotted) on the right one; bookkeeping (grad norm, speed) is left out.
+TRAIN_KEY, VAL_KEY = "loss", "val_loss"
+SCORE_KEYS = ("val_competition_loss", "score")
+
+
 def curve_columns(log: pd.DataFrame) -> tuple[str | None, list[str]]:
-  """(x column or None, numeric curve columns) of a training log frame."""
+  """(x column or None, the curves drawn: train loss, val loss, the val metric) of a log frame."""
   x = next((k for k in _X_KEYS if k in log.columns), None)
-  curves = [c for c in log.columns if c not in _SKIP_KEYS and not c.startswith("lr")
-            and pd.api.types.is_numeric_dtype(log[c]) and log[c].notna().any()]
-  return x, curves
+  has = lambda c: c in log.columns and pd.api.types.is_numeric_dtype(log[c]) and log[c].notna().any()
+  curves = [c for c in (TRAIN_KEY, VAL_KEY) if has(c)]
+  score = next((c for c in SCORE_KEYS if has(c)), None)
+  return x, curves + ([score] if score else [])
+
+
+def _group(name: str) -> tuple[str, str]:
+  """"stage2/fold_0" -> ("stage2", "fold_0"); a name without a fold part is its own group."""
+  head, sep, tail = name.rpartition("/")
+  return (head, tail) if sep and tail.startswith("fold") else (name, "")
 
 
 def learning_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike,
                     title: str = "Learning curves") -> pathlib.Path:
-  """One panel per log (e.g. per model/fold): every numeric metric against step (or epoch).
+  """One panel per model (logs named ``model/fold_k`` share a panel, one colour per fold).
 
-  Losses share the left axis; other metrics (scores, AUCs, accuracies) get a right axis when
-  present.
+  Training loss solid, validation loss dashed (left axis); validation metric dotted (right axis).
   """
-  n = max(len(logs), 1)
+  groups: dict[str, list[tuple[str, pd.DataFrame]]] = {}
+  for name, log_path in logs.items():
+    g, member = _group(name)
+    groups.setdefault(g, []).append((member, read_jsonl(log_path)))
+  n = max(len(groups), 1)
   cols = min(n, 3)
   rows = math.ceil(n / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-  for ax in axes.ravel()[len(logs):]:
+  for ax in axes.ravel()[len(groups):]:
     ax.axis("off")
-  for ax, (name, log_path) in zip(axes.ravel(), logs.items()):
-    log = read_jsonl(log_path)
-    x_col, curves = curve_columns(log)
-    xs = log[x_col] if x_col else pd.Series(np.arange(len(log)))
-    other = [c for c in curves if "loss" not in c]
-    twin = ax.twinx() if other and len(other) < len(curves) else None
-    for i, c in enumerate(curves):
-      target = twin if (twin is not None and c in other) else ax
-      ok = log[c].notna()
-      target.plot(xs[ok], log[c][ok], marker="." if ok.sum() < 30 else None, lw=1.3,
-                  color=f"C{i % 10}", label=c)
-    ax.set(title=name, xlabel=x_col or "log line")
+  for ax, (g, members) in zip(axes.ravel(), groups.items()):
+    twin = None
+    x_name = "log line"
+    for i, (member, log) in enumerate(members):
+      x_col, curves = curve_columns(log)
+      x_name = x_col or x_name
+      xs = log[x_col] if x_col else pd.Series(np.arange(len(log)))
+      for c in curves:
+        is_score = c in SCORE_KEYS
+        if is_score and twin is None:
+          twin = ax.twinx()
+          twin.set_ylabel("val metric", fontsize=8)
+        ok = log[c].notna()
+        style = ":" if is_score else ("--" if c == VAL_KEY else "-")
+        (twin if is_score else ax).plot(
+            xs[ok], log[c][ok], ls=style, marker="." if ok.sum() < 30 else None, lw=1.4,
+            color=f"C{i % 10}", label=f"{member} {c}".strip())
+    ax.set(title=g, xlabel=x_name, ylabel="loss")
     ax.grid(alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
     if twin is not None:
