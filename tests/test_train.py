@@ -182,3 +182,61 @@ def test_distributed_environment_detection():
   assert loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
   assert not loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
   assert loop.wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
+
+
+class TinyImage(nnx.Module):
+  """(B, [D,] H, W, C) -> the outputs a task expects (dict / array), for the task plumbing tests."""
+
+  def __init__(self, task: str, channels: int, *, rngs: nnx.Rngs):
+    self.task = task
+    self.conv = nnx.Conv(channels, 8, (3, 3), strides=(2, 2), rngs=rngs)
+    self.head = nnx.Linear(8, 18, rngs=rngs)
+
+  def __call__(self, x):
+    if x.ndim == 5:  # a volume: fold depth into the batch
+      b = x.shape[0]
+      x = x.reshape((-1,) + x.shape[2:])
+      f = jax.nn.relu(self.conv(x)).mean((1, 2)).reshape(b, -1, 8).mean(1)
+    else:
+      f = jax.nn.relu(self.conv(x)).mean((1, 2))
+    z = self.head(f)
+    if self.task == "cnn3d":
+      return z[:, :8]
+    if self.task == "slices2d":
+      return z[:, :14]  # single-head style: presence then fracture
+    return {"presence": z[:, :7], "box": jax.nn.sigmoid(z[:, 7:11]), "area": z[:, 11:18]}
+
+
+@pytest.mark.parametrize("task", ["stage1", "cnn3d", "slices2d"])
+def test_every_task_trains_and_scores(tmp_path, task):
+  from cspine_jax import input as cinput
+  write_task_shards(tmp_path, task, 28, size=16)
+  index = cinput.record_index(tmp_path, task)
+  loader = cinput.make_loader(index.source(), task, batch_size=8, train=False, seed=0,
+                              shard_options=cinput.grain.sharding.NoSharding())
+  mesh = sharding.make_mesh()
+  channels = 1 if task == "cnn3d" else 3
+  tx = steps.make_tx(steps.make_schedule(1e-2, 10, 1), weight_decay=0.0, clip_norm=1.0)
+  trainer = steps.Trainer(TinyImage(task, channels, rngs=nnx.Rngs(0)), tx, tasks.get(task), mesh)
+  coll = {}
+  for b in loader:
+    b = loop._pad(b, 8)
+    gb = sharding.shard_batch(b, mesh)
+    trainer.state, m = trainer.train_step(trainer.state, gb)
+    assert math.isfinite(float(m["loss"]))
+    out, _ = trainer.eval_step(trainer.state, gb)
+    keep = np.asarray(out["mask"]) > 0
+    for k, v in out.items():
+      coll.setdefault(k, []).append(np.asarray(v)[keep])
+  coll = {k: np.concatenate(v) for k, v in coll.items()}
+  assert sorted(coll["record_id"].tolist()) == list(range(28))
+  if task == "stage1":
+    s = tasks.stage1_scores(coll)
+    assert 0 <= s["presence_accuracy"] <= 1 and s["box_l1"] >= 0
+    return
+  labels_df, preds = tasks.study_frames(task, coll, index.study_uid, overall="max")
+  assert len(labels_df) == len(preds) == 4
+  assert 0 < metrics.competition_loss(labels_df, preds) < 10
+  if task == "slices2d":
+    p = preds[[f"C{i}" for i in range(1, 8)]].to_numpy()
+    np.testing.assert_allclose(preds["patient_overall"], p.max(axis=1))
