@@ -94,6 +94,7 @@ def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   assert len(oof) == 6 and sorted(set(oof["fold"])) == [0, 1]
   labels = pd.read_csv(cache / "rsna" / "train.csv", dtype={"StudyInstanceUID": str})
   assert 0 < metrics.competition_loss(labels, oof) < 5
+  assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 1000
   # A second run reuses the generated set and resumes the finished folds (no new steps).
   again = loop.train_and_evaluate(c, tmp_path / "run")
   assert [r["step"] for r in again["folds"]] == [2, 2]

@@ -340,7 +340,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
     if writer.path.exists():
       try:
         from cspine_jax.report import plots  # pylint: disable=g-import-not-at-top
-        plots.learning_curves({f"{config.task} fold {fold}": writer.path},
+        plots.learning_curves({f"{config.model.get('name', config.task)}/fold_{fold}": writer.path},
                               workdir / "learning_curves.png")
       except (ImportError, ValueError) as e:
         log.warning("no learning-curve plot: %s", e)
@@ -365,5 +365,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     ignore_index=True)
     oof.to_csv(workdir / "oof_predictions.csv", index=False)
     out["oof_predictions"] = str(workdir / "oof_predictions.csv")
+    from cspine_jax.report import plots  # pylint: disable=g-import-not-at-top
+    name = config.model.get("name", config.task)
+    plots.learning_curves({f"{name}/fold_{k}": workdir / f"fold_{k}" / "log.jsonl"
+                           for k in range(num_folds) if (workdir / f"fold_{k}" / "log.jsonl").exists()},
+                          workdir / "learning_curves.png")
     (workdir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
   return out
