@@ -112,7 +112,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "convnext": Family("convnext", convnext.ConvNeXt, convnext.VARIANTS, CONVNEXT_RULES, "stem_conv.kernel"),
+    "convnext": Family("convnext", convnext.ConvNeXt, convnext.VARIANTS, CONVNEXT_RULES,
+                       "stem_conv.kernel"),
     "efficientnet_v2": Family("efficientnet_v2", efficientnet_v2.EfficientNetV2,
                               efficientnet_v2.VARIANTS, EFFNET_RULES, "conv_stem.kernel"),
 }

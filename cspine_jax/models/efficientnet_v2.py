@@ -1,4 +1,4 @@
-"""EfficientNetV2 encoder (Tan & Le 2021) in Flax NNX, named after timm's `efficientnetv2_*` modules.
+"""EfficientNetV2 encoder (Tan & Le 2021) in Flax NNX, named after timm's efficientnetv2 modules.
 
 Structure (timm's `_gen_efficientnetv2_s`): stem 3x3/2 conv + BN + SiLU; six stages of
   0: ConvBnAct   (3x3 conv + BN + SiLU, residual)                                "cn"
