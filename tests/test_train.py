@@ -50,7 +50,7 @@ def tiny_config(**train):
   return c
 
 
-def _batch(n=16, size=16, seed=0):
+def _batch(n=16, size=8, seed=0):
   rng = np.random.default_rng(seed)
   label = (np.arange(n) % 3 == 0).astype(np.float32)
   images = rng.normal(size=(n, 8, size, size, 3)) + 1.5 * label[:, None, None, None, None]
@@ -62,7 +62,7 @@ def _batch(n=16, size=16, seed=0):
 def test_sharded_steps_lower_the_loss():
   assert jax.device_count() == 8
   mesh = sharding.make_mesh()
-  tx = steps.make_tx(steps.make_schedule(1e-2, 30, 2), weight_decay=1e-5, clip_norm=1.0)
+  tx = steps.make_tx(steps.make_schedule(3e-2, 12, 1), weight_decay=1e-5, clip_norm=1.0)
   trainer = steps.Trainer(TinySeq(rngs=nnx.Rngs(0)), tx, tasks.get("stage2"), mesh)
   batch = sharding.shard_batch(_batch(), mesh)
   assert batch["images"].sharding.spec == P("data")
@@ -70,13 +70,13 @@ def test_sharded_steps_lower_the_loss():
   kernel = trainer.state[0]["conv"]["kernel"].value
   assert kernel.sharding.spec == P() and len(kernel.sharding.device_set) == 8
   first = None
-  for _ in range(25):
+  for _ in range(12):
     trainer.state, m = trainer.train_step(trainer.state, batch)
     first = first if first is not None else float(m["loss"])
   assert float(m["loss"]) < 0.7 * first
   kernel = trainer.state[0]["conv"]["kernel"].value
   assert kernel.sharding.spec == P()  # out_shardings keep the layout after donation
-  assert trainer.step == 25
+  assert trainer.step == 12
   out, em = trainer.eval_step(trainer.state, batch)
   assert out["prob"].shape == (16,) and out["prob"].sharding.is_fully_replicated
   np.testing.assert_array_equal(np.asarray(out["record_id"]), np.arange(16))
