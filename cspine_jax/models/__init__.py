@@ -34,5 +34,12 @@ start in training mode (deterministic=False, like `nnx.Dropout`); switch with `m
 `model.train()` or `nnx.view(model, deterministic=True, use_running_average=True)`.
 
 Registry: `registry.make_encoder("convnext_atto" | "efficientnet_v2_s" | ..., *, rngs, **kw)`
-splits the name at the family prefix and passes the rest as `variant`.
+splits the name at the family prefix and passes the rest as `variant` (so efficientnet_v2.py
+exposes `EfficientNetV2` and `VARIANTS`); `registry.make_model(config.model, rngs=...)` builds a
+whole model from a config; `registry.make_rngs(seed)` gives fast-compiling Rngs.
+
+Functional use (jit a function of state): split with `nnx.split(model, nnx.Param, ...)` and
+rebuild inside the traced function with `nnx.merge(graphdef, params, rest, copy=True)`; without
+`copy=True` a drop-path RNG counter created outside `jax.grad` cannot be advanced inside it.
 """
+from cspine_jax.models.registry import make_encoder, make_model, make_rngs  # noqa: E402,F401
