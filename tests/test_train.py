@@ -20,10 +20,10 @@ from test_input import write_task_shards
 class TinySeq(nnx.Module):
   """A stage-2-shaped model (B, T, H, W, 3) -> (B,) logits, small enough for CPU tests."""
 
-  def __init__(self, width: int = 8, *, rngs: nnx.Rngs, nan_after: int = 0):
-    self.conv = nnx.Conv(3, width, (3, 3), strides=(2, 2), rngs=rngs)
+  def __init__(self, width: int = 8, *, rngs: nnx.Rngs, nan_after: int = 0, dtype=jnp.float32):
+    self.conv = nnx.Conv(3, width, (3, 3), strides=(2, 2), dtype=dtype, rngs=rngs)
     self.drop = nnx.Dropout(0.2, rngs=rngs)
-    self.head = nnx.Linear(width, 1, rngs=rngs)
+    self.head = nnx.Linear(width, 1, dtype=dtype, rngs=rngs)
     # A test hook: the forward pass turns NaN once it has run ``nan_after`` training steps.
     self.nan_after = nan_after
     self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
@@ -240,3 +240,23 @@ def test_every_task_trains_and_scores(tmp_path, task):
   if task == "slices2d":
     p = preds[[f"C{i}" for i in range(1, 8)]].to_numpy()
     np.testing.assert_allclose(preds["patient_overall"], p.max(axis=1))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  """A model built with dtype=bfloat16 (config.model.dtype) computes in bf16, params/updates stay f32."""
+  mesh = sharding.make_mesh()
+  tx = steps.make_tx(steps.make_schedule(3e-2, 8, 1), weight_decay=1e-5, clip_norm=1.0)
+  model = TinySeq(rngs=nnx.Rngs(0, dropout=1), dtype=jnp.bfloat16)
+  trainer = steps.Trainer(model, tx, tasks.get("stage2"), mesh)
+  batch = sharding.shard_batch(_batch(), mesh)
+  out, _ = trainer.eval_step(trainer.state, batch)
+  assert out["prob"].dtype == jnp.float32  # losses and probabilities in float32
+  losses_ = []
+  for _ in range(8):
+    trainer.state, m = trainer.train_step(trainer.state, batch)
+    losses_.append(float(m["loss"]))
+  assert all(math.isfinite(v) for v in losses_) and losses_[-1] < losses_[0]
+  params = nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0], nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  lowered = trainer.train_step.lower(trainer.state, batch).as_text()
+  assert "bf16" in lowered
