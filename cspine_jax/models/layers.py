@@ -10,6 +10,7 @@ autodiff gradient is again shifted multiplies. On GPU/TPU the library convolutio
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import jax
@@ -55,89 +56,107 @@ def depthwise_conv2d(x: Array, kernel: Array, *, stride: int | tuple[int, int] =
     return lax.conv_general_dilated(
         x, kernel, window_strides=(sh, sw), padding=((ph, ph), (pw, pw)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[3])
-  if (sh, sw) == (1, 1) and (ph, pw) == (kernel.shape[0] // 2, kernel.shape[1] // 2) and \
-      kernel.shape[0] % 2 == 1 and kernel.shape[1] % 2 == 1:
-    return _shifted_same(x, kernel)
-  return _shifted_depthwise(x, kernel, (sh, sw), (ph, pw))
+  return _shifted(x, kernel, (sh, sw), (ph, pw))
 
 
-@jax.custom_vjp
-def _shifted_same(x: Array, kernel: Array) -> Array:
-  """Stride-1 "same" shifted depthwise conv with a hand-written VJP (see `_shifted_same_bwd`)."""
-  return _shifted_depthwise(x, kernel, (1, 1), (kernel.shape[0] // 2, kernel.shape[1] // 2))
+def _out_size(size: int, k: int, stride: int, pad: int) -> int:
+  return (size + 2 * pad - k) // stride + 1
 
 
-def _shifted_same_fwd(x: Array, kernel: Array):
-  return _shifted_same(x, kernel), (x, kernel)
+def _useful_taps(lo: int, hi: int, out_size: int, k: int, stride: int) -> list[int]:
+  """Kernel offsets along one axis whose window meets the real data [lo, hi) of the padded axis.
 
-
-def _shifted_same_bwd(res, g: Array):
-  """Input gradient: the same shifted conv of g with the flipped kernel (one fused loop; the
-  autodiff transpose of 49 slices is 49 pads and adds). Kernel gradient: per-tap sums of
-  x_shifted * g done as batched matmuls, because XLA:CPU materialises every shifted slice that
-  feeds a reduction and then runs 49 separate reductions (~4x slower)."""
-  x, kernel = res
-  kh, kw = kernel.shape[:2]
-  ph, pw = kh // 2, kw // 2
-  dx = _shifted_depthwise(g, kernel[::-1, ::-1], (1, 1), (ph, pw))
-  return dx, _depthwise_kernel_grad(x, g, kh, kw).astype(kernel.dtype)
-
-
-_shifted_same.defvjp(_shifted_same_fwd, _shifted_same_bwd)
-
-
-def _depthwise_kernel_grad(x: Array, g: Array, kh: int, kw: int) -> Array:
-  """dk[i, j, 0, c] = sum_{n,y,x} xpad[n, y+i, x+j, c] * g[n, y, x, c] (stride 1, same padding).
-
-  Channel-major batched matmul over (n, y) for every row offset i gives
-  m[c, i, a, b] = sum_{n,y} xpad[n, y+i, a, c] g[n, y, b, c]; the column offsets j are the
-  diagonals a = b + j, summed with a constant 0/1 tensor.
+  Taps that only ever see zero padding add nothing (on 2x2 maps a 7x7 kernel has 9 useful taps),
+  so they are skipped: same result, less work.
   """
-  n, h, w, c = x.shape
-  ph, pw = kh // 2, kw // 2
-  acc = jnp.promote_types(x.dtype, jnp.float32)
-  xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-  gt = jnp.transpose(g, (3, 0, 1, 2)).reshape(c, n * h, w)
-  rows = jnp.stack([xt[:, :, i:i + h, :] for i in range(kh)], axis=1)
-  rows = rows.reshape(c, kh, n * h, w + 2 * pw)
-  m = lax.dot_general(rows, gt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
-  diag = (jnp.arange(w + 2 * pw)[:, None, None]
-          == jnp.arange(w)[None, :, None] + jnp.arange(kw)[None, None, :]).astype(acc)
-  dk = jnp.einsum("ciab,abj->ijc", m, diag)
-  return dk[:, :, None, :]
+  return [i for i in range(k) if any(lo <= o * stride + i < hi for o in range(out_size))]
 
 
-def _shifted_depthwise(x: Array, kernel: Array, stride: tuple[int, int],
-                       padding: tuple[int, int]) -> Array:
-  n, h, w, c = x.shape
+def _shifted_valid(xp: Array, kernel: Array, stride: tuple[int, int], out_hw: tuple[int, int],
+                   real: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  """Sum of kh*kw strided slices of the already padded `xp` times per-channel weights.
+
+  `real` gives the [lo, hi) range of non-padding rows and columns of `xp` (for tap skipping).
+  Accumulates in at least float32 so a bfloat16 compute dtype does not lose 49-term sums.
+  """
+  n, _, _, c = xp.shape
   kh, kw = kernel.shape[:2]
-  (sh, sw), (ph, pw) = stride, padding
-  ho = (h + 2 * ph - kh) // sh + 1
-  wo = (w + 2 * pw - kw) // sw + 1
-  if ho <= 0 or wo <= 0:
-    raise ValueError(f"depthwise kernel {kh}x{kw} larger than padded input {x.shape}")
-  # Accumulate in at least float32 so a bfloat16 compute dtype does not lose 49-term sums.
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  (sh, sw), (ho, wo) = stride, out_hw
+  acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
   k = kernel[:, :, 0, :].astype(acc_dtype)
-  # Taps whose window lies wholly in the zero padding add nothing (on 2x2 maps a 7x7 kernel has
-  # only 9 useful taps), so they are skipped: same result, less work.
-  rows = _useful_taps(h, ho, kh, sh, ph)
-  cols = _useful_taps(w, wo, kw, sw, pw)
-  out = None
-  for i in rows:
-    for j in cols:
+  out = jnp.zeros((n, ho, wo, c), acc_dtype)
+  for i in _useful_taps(*real[0], ho, kh, sh):
+    for j in _useful_taps(*real[1], wo, kw, sw):
       tap = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
                       (1, sh, sw, 1))
-      term = tap.astype(acc_dtype) * k[i, j]
-      out = term if out is None else out + term
-  return out.astype(x.dtype)
+      out = out + tap.astype(acc_dtype) * k[i, j]
+  return out.astype(xp.dtype)
 
 
-def _useful_taps(size: int, out_size: int, k: int, stride: int, pad: int) -> list[int]:
-  """Kernel offsets along one axis that reach at least one real (unpadded) input position."""
-  return [i for i in range(k)
-          if any(0 <= o * stride + i - pad < size for o in range(out_size))]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted(x: Array, kernel: Array, stride: tuple[int, int],
+             padding: tuple[int, int]) -> Array:
+  """Shifted-slices depthwise conv with a hand-written VJP (see `_shifted_bwd`)."""
+  _, h, w, _ = x.shape
+  kh, kw = kernel.shape[:2]
+  (sh, sw), (ph, pw) = stride, padding
+  ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
+  if ho <= 0 or wo <= 0:
+    raise ValueError(f"depthwise kernel {kh}x{kw} larger than padded input {x.shape}")
+  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  return _shifted_valid(xp, kernel, stride, (ho, wo), ((ph, ph + h), (pw, pw + w)))
+
+
+def _shifted_fwd(x, kernel, stride, padding):
+  return _shifted(x, kernel, stride, padding), (x, kernel)
+
+
+def _shifted_bwd(stride, padding, res, g):
+  """Input gradient: g dilated by the stride, padded, and correlated with the flipped kernel -
+  again one fused loop of shifted multiplies (autodiff's transpose is kh*kw pads and adds, slow
+  to run and to compile). Kernel gradient: batched matmuls (`_kernel_grad`)."""
+  x, kernel = res
+  _, h, w, _ = x.shape
+  kh, kw = kernel.shape[:2]
+  (sh, sw), (ph, pw) = stride, padding
+  _, ho, wo, _ = g.shape
+  # Dilated g has (ho-1)*s+1 rows; pad so a valid kh-tap correlation gives h rows (lax.pad
+  # accepts the negative high padding of inputs whose last rows no window reached).
+  lo_h, lo_w = kh - 1 - ph, kw - 1 - pw
+  hi_h = h + kh - 1 - lo_h - ((ho - 1) * sh + 1)
+  hi_w = w + kw - 1 - lo_w - ((wo - 1) * sw + 1)
+  gp = lax.pad(g, jnp.zeros((), g.dtype),
+               ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0)))
+  real = ((max(lo_h, 0), lo_h + (ho - 1) * sh + 1), (max(lo_w, 0), lo_w + (wo - 1) * sw + 1))
+  dx = _shifted_valid(gp, kernel[::-1, ::-1], (1, 1), (h, w), real)
+  return dx, _kernel_grad(x, g, kh, kw, stride, padding).astype(kernel.dtype)
+
+
+_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
+                 padding: tuple[int, int]) -> Array:
+  """dk[i, j, 0, c] = sum_{n,y,x} xpad[n, y*sh+i, x*sw+j, c] * g[n, y, x, c].
+
+  XLA:CPU materialises every shifted slice that feeds a reduction and then runs kh*kw separate
+  reductions (~4x slower), so instead: one channel-major batched matmul over (n, y) for all row
+  offsets i, m[c, i, a, b] = sum_{n,y} xpad[n, y*sh+i, a, c] g[n, y, b, c], then the column
+  offsets j are the diagonals a = b*sw + j, summed with a constant 0/1 tensor.
+  """
+  n, _, w, c = x.shape
+  _, ho, wo, _ = g.shape
+  (sh, sw), (ph, pw) = stride, padding
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+  wp = w + 2 * pw
+  gt = jnp.transpose(g, (3, 0, 1, 2)).reshape(c, n * ho, wo)
+  rows = jnp.stack([lax.slice(xt, (0, 0, i, 0), (c, n, i + (ho - 1) * sh + 1, wp), (1, 1, sh, 1))
+                    for i in range(kh)], axis=1).reshape(c, kh, n * ho, wp)
+  m = lax.dot_general(rows, gt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
+  diag = (jnp.arange(wp)[:, None, None]
+          == sw * jnp.arange(wo)[None, :, None] + jnp.arange(kw)[None, None, :]).astype(acc)
+  return jnp.einsum("ciab,abj->ijc", m, diag)[:, :, None, :]
 
 
 class DepthwiseConv2d(nnx.Module):

@@ -1,0 +1,80 @@
+"""The shifted depthwise conv matches lax's grouped convolution (values and gradients)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cspine_jax.models import layers
+
+
+def _pair(shape, seed=0, ksize=7):
+  # numpy inputs: jax.random would compile a threefry program per shape.
+  rs = np.random.RandomState(seed)
+  x = rs.standard_normal(shape).astype(np.float32)
+  k = rs.standard_normal((ksize, ksize, 1, shape[-1])).astype(np.float32)
+  return x, k, rs
+
+
+def _close(a, b, rtol=1e-5):
+  a, b = np.asarray(a), np.asarray(b)
+  # rtol against the array's scale: sums of 49 products make small elements noisy in absolute.
+  np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+# (shape, kernel size, stride, padding): ConvNeXt's 7x7 "same" on odd sizes and on maps smaller
+# than the kernel, plus strided 3x3 cases like EfficientNet's.
+CASES = [((2, 9, 11, 5), 7, 1, 3), ((3, 2, 2, 4), 7, 1, 3), ((2, 4, 5, 6), 7, 1, 3),
+         ((2, 9, 7, 3), 7, 2, 3), ((2, 8, 9, 3), 3, 2, 1), ((2, 7, 7, 3), 3, 3, 0)]
+
+
+@pytest.mark.parametrize("shape,ksize,stride,pad", CASES)
+def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
+  x, k, rs = _pair(shape, 0, ksize)
+  n, h, w, c = shape
+  g = rs.standard_normal((n, (h + 2 * pad - ksize) // stride + 1,
+                          (w + 2 * pad - ksize) // stride + 1, c)).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(method, x, k, g):
+    def f(x, k):
+      return layers.depthwise_conv2d(x, k, stride=stride, padding=pad, method=method)
+    y = f(x, k)
+    return (y, *jax.grad(lambda x, k: jnp.sum(f(x, k) * g), argnums=(0, 1))(x, k))
+
+  shifted, ref = run("shifted", x, k, g), run("lax", x, k, g)
+  assert shifted[0].shape == ref[0].shape
+  for a, b in zip(shifted, ref):
+    _close(a, b)
+
+
+def test_auto_method_and_errors():
+  assert layers.resolve_method("auto") == ("shifted" if jax.default_backend() == "cpu" else "lax")
+  with pytest.raises(ValueError, match="unknown depthwise conv method"):
+    layers.resolve_method("fft")
+  with pytest.raises(ValueError, match="kernel"):
+    layers.depthwise_conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((7, 7, 1, 4)))
+
+
+def test_module_matches_nnx_conv_parameters():
+  rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
+  dw = layers.DepthwiseConv2d(6, 7, rngs=rngs)
+  conv = nnx.Conv(6, 6, (7, 7), padding=3, feature_group_count=6, rngs=rngs)
+  assert dw.kernel.shape == conv.kernel.shape == (7, 7, 1, 6)
+  assert dw.bias.shape == conv.bias.shape
+  conv.kernel[...] = dw.kernel[...]
+  conv.bias[...] = jnp.arange(6.0)
+  dw.bias[...] = jnp.arange(6.0)
+  x = np.random.RandomState(1).standard_normal((2, 8, 8, 6)).astype(np.float32)
+  _close(jax.jit(lambda x: dw(x))(x), jax.jit(lambda x: conv(x))(x))
+
+
+def test_bfloat16_close_to_float32():
+  x, k, _ = _pair((2, 8, 8, 4))
+  f = jax.jit(lambda x, k: layers.depthwise_conv2d(x, k, padding=3, method="shifted"))
+  y32 = f(x, k)
+  y16 = f(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  _close(y16.astype(jnp.float32), y32, rtol=2e-2)
