@@ -224,3 +224,31 @@ def test_pixel_box_survives_the_file(tmp_path):
   vertebrae.write_vertebrae(tmp_path / "v.csv", preds)
   for uid, p in vertebrae.read_vertebrae(tmp_path / "v.csv").items():
     assert vertebrae.resolve(p[0], np.arange(2), (2, 512, 512))[2] == boxes[uid]
+
+
+@pytest.mark.parametrize("tsyntax", ["explicit", "rle"])  # Bytes read directly / pydicom decoder.
+def test_window_at_read_equals_window_after(tmp_path, tsyntax):
+  """load(options=) windows each slice as it is decoded: the same pixels and images as windowing
+  the HU volume afterwards, with a damaged slice skipped by both."""
+  from cspine_jax.synthetic import studies
+  spec = studies.sample_study(7, 0, "tiny", has_segmentation=True, transfer_syntax=tsyntax,
+                              corrupt=("garbled",))
+  studies.write_study(spec, tmp_path)
+  image_dir, mask = study.study_paths(tmp_path, spec.uid)
+  inp = study.StudyInput(uid=spec.uid, image_dir=image_dir, mask_path=mask, fold=0,
+                         labels=(0,) * 8)
+  opts = study.Options(image_size=(32, 32))
+  hu = study.load(inp, with_mask=True)
+  win = study.load(inp, with_mask=True, options=opts)
+  assert hu.window is None and hu.series.volume.dtype == np.float32
+  assert win.window == (400.0, 1800.0) and win.series.volume.dtype == np.uint8
+  assert win.series.skipped and win.series.skipped == hu.series.skipped
+  np.testing.assert_array_equal(win.series.volume, study.window(hu.series.volume, 400, 1800))
+  np.testing.assert_array_equal(win.mask, hu.mask)
+  np.testing.assert_array_equal(study.slice_images(win, opts), study.slice_images(hu, opts))
+  ext = study.Extent(2, 9, (10, 12, 40, 44))
+  np.testing.assert_array_equal(
+      stage2.vertebra_images(win.series.volume, ext, opts, win.window),
+      stage2.vertebra_images(hu.series.volume, ext, opts))
+  with pytest.raises(study.StudyError, match=r"read in window \(400.0, 1800.0\)"):
+    study.windowed(win.series.volume, study.Options(window_level=300.0), win.window)

@@ -5,7 +5,10 @@
 ordered head to feet along the slice normal, plus per-slice metadata and the geometry.
 
 Each file is read once (``dcmread``) and its pixels decoded once, straight into one preallocated
-float32 volume (rescale applied in the same numpy pass). There is no thread option: the decoders
+float32 volume (rescale applied in the same numpy pass); uncompressed little-endian 16-bit pixels
+are taken straight from the file's bytes. ``map_hu=`` (e.g. a window to uint8) is applied to each
+slice while its HU values are still in cache, so a caller that only needs the mapped volume never
+builds the float32 one. There is no thread option: the decoders
 of JPEG Lossless / JPEG-LS / JPEG 2000 (pylibjpeg-libjpeg, pyjpegls/CharLS, pylibjpeg-openjpeg)
 never release the GIL (their extension modules do not even import PyEval_SaveThread), and on an
 idle 2-core machine 2 threads decoded 20 J2K slices x3 in 2.62 s against 2.40 s serially.
@@ -36,7 +39,7 @@ import os
 import pathlib
 import re
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pydicom
@@ -71,7 +74,7 @@ class Series:
   The positions' projections on the normal are strictly monotonic along the volume index, in the
   direction in which the patient's superior (LPS +z) coordinate falls: index 0 is the top slice.
 
-  volume:          float32 (S, H, W), Hounsfield units.
+  volume:          float32 (S, H, W), Hounsfield units (``read_series(map_hu=f)``: f(HU) instead).
   file_names:      S file names (relative to ``folder``) in volume order.
   numbers:         int64 (S,) the file number ``n`` of ``<n>.dcm`` (what train_bounding_boxes.csv's
                    slice_number means), or -1 when the name is not numeric.
@@ -356,7 +359,8 @@ def _describe_skips(skipped: list[tuple[str, str]], limit: int = 5) -> str:
 
 def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None,
                 min_slices: int = DEFAULT_MIN_SLICES, min_fraction: float = DEFAULT_MIN_FRACTION,
-                warn: bool = True) -> Series:
+                warn: bool = True,
+                map_hu: Callable[[np.ndarray], np.ndarray] | None = None) -> Series:
   """Reads one CT series from a folder of single-frame DICOM files.
 
   Args:
@@ -367,9 +371,11 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
     min_fraction: the smallest share of the series' files (all files met, less those of other
       series) that must be usable.
     warn: issue each note in ``Series.warnings`` as a SeriesWarning (they are recorded either way).
+    map_hu: an elementwise, shape-keeping function of a float32 (H, W) HU slice (e.g. a window to
+      uint8); the volume then holds its output, slice by slice, and no HU volume is kept.
 
   Returns:
-    The Series, volume float32 (S, H, W) in HU ordered head to feet.
+    The Series, volume float32 (S, H, W) in HU (or map_hu's output) ordered head to feet.
 
   Raises:
     SeriesError: the folder is missing or empty, holds no usable image, mixes series without
@@ -452,18 +458,26 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
           f"skipped: {_describe_skips(skipped)}")
   check_count("before decoding")
 
-  # Decode straight into one preallocated volume, in volume order.
+  # Decode straight into one preallocated volume, in volume order (with map_hu: through one
+  # reused HU slice, mapped while it is in cache).
   height, width = _majority([s.size for s in slices])
-  volume = np.empty((len(slices), height, width), np.float32)
+  hu = None
+  dtype = np.float32
+  if map_hu is not None:
+    hu = np.empty((height, width), np.float32)
+    dtype = np.asarray(map_hu(np.zeros((1, 1), np.float32))).dtype
+  volume = np.empty((len(slices), height, width), dtype)
   ok = np.ones(len(slices), bool)
   resized: list[tuple[str, tuple[int, int]]] = []
   for i, s in enumerate(slices):
     try:
-      _decode_into(s, volume[i])
+      _decode_into(s, volume[i] if hu is None else hu)
     except Exception as e:  # noqa: BLE001 - decoders raise many kinds of errors on bad data.
       skipped.append((s.name, f"pixel data cannot be decoded ({type(e).__name__}: {e})"))
       ok[i] = False
     else:
+      if hu is not None:
+        volume[i] = map_hu(hu)
       if s.size != (height, width):
         resized.append((s.name, s.size))
     s.ds = None  # Free the encoded pixels as we go.

@@ -51,12 +51,12 @@ def cube(loaded: study_lib.Loaded, options: study_lib.Options) -> np.ndarray:
     x0, y0, x1, y1 = study_lib.crop_box(box, options.crop_margin, *volume.shape[1:])
     volume = volume[first:last + 1, y0:y1, x0:x1]
   d = options.cube_size
-  win = study_lib.window(volume, options.window_level, options.window_width)
+  win = study_lib.windowed(volume, options, loaded.window)
   return resample_depth(study_lib.resize_slices(win, (d, d)), d)[..., None]
 
 
 def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
   targets = study_lib.require_labels(study)
-  loaded = study_lib.load(study, with_mask=options.cnn3d_crop)
+  loaded = study_lib.load(study, with_mask=options.cnn3d_crop, options=options)
   yield {"volume": cube(loaded, options), "labels": targets, "study_uid": study.uid,
          "fold": study.fold}

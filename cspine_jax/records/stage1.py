@@ -30,7 +30,7 @@ def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any
 
 
 def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
-  loaded = study_lib.load(study, with_mask=True)
+  loaded = study_lib.load(study, with_mask=True, options=options)
   if loaded.mask is None:
     raise study_lib.StudyError(f"study {study.uid}: stage1 needs a segmentation, none found")
   targets = labels_lib.slice_labels(loaded.mask)

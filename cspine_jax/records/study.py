@@ -4,7 +4,9 @@ One study is read once (``io.dicom.read_series``, plus ``io.nifti.load_mask`` wh
 segmentation) and turned into uint8 images with a few vectorised steps:
 
 - :func:`window`: HU -> uint8 through a level/width window (bone window 400/1800 by default), one
-  fused numpy pass per slice block.
+  fused numpy pass per slice block. The tasks have the reader apply it to each slice as it is
+  decoded (``load(..., options=)``): no float32 HU volume is built, and windowing the whole
+  volume first gives the same pixels as windowing a crop, since the window is elementwise.
 - :func:`resize_slices`: uint8 (N, h, w) -> (N, H, W) with PIL's antialiased bilinear filter, one
   C call per slice (cheap on uint8; measured faster than a batched float resize on 2 cores).
 - :func:`stack_25d`: slices i-1, i, i+1 into channels 0, 1, 2 (edges repeat the end slice). The
@@ -17,6 +19,7 @@ process boundaries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 from typing import Any, Sequence
@@ -107,15 +110,27 @@ class Extent:
 
 @dataclasses.dataclass
 class Loaded:
-  """A study read from disk: the series and, when requested and available, its aligned mask."""
+  """A study read from disk: the series and, when requested and available, its aligned mask.
+
+  window: the (level, width) the reader already applied (``series.volume`` is then uint8), or
+  None when the volume holds HU.
+  """
   study: StudyInput
   series: dicom.Series
   mask: np.ndarray | None
+  window: tuple[float, float] | None = None
 
 
-def load(study: StudyInput, *, with_mask: bool) -> Loaded:
-  """Reads the series (and the mask when ``with_mask`` and the study has one)."""
-  series = dicom.read_series(study.image_dir, warn=False)
+def load(study: StudyInput, *, with_mask: bool, options: Options | None = None) -> Loaded:
+  """Reads the series (and the mask when ``with_mask`` and the study has one).
+
+  With ``options`` the volume is read already windowed (uint8, options' window), each slice while
+  it is hot in cache: a quarter of the memory and no second pass over a float32 volume.
+  """
+  win = None if options is None else (options.window_level, options.window_width)
+  series = dicom.read_series(
+      study.image_dir, warn=False,
+      map_hu=None if win is None else functools.partial(window, level=win[0], width=win[1]))
   mask = None
   if with_mask and study.mask_path is not None:
     from cspine_jax.io import nifti  # nibabel is only imported by workers that need masks.
@@ -123,7 +138,7 @@ def load(study: StudyInput, *, with_mask: bool) -> Loaded:
     if mask.shape != series.volume.shape:
       raise StudyError(f"{study.mask_path}: mask shape {mask.shape} differs from the series "
                        f"{series.volume.shape}")
-  return Loaded(study, series, mask)
+  return Loaded(study, series, mask, win)
 
 
 # ----------------------------------------------------------------------------- image helpers
@@ -193,9 +208,21 @@ def crop_box(box: Sequence[float], margin: float, height: int, width: int
   return cx0, cy0, cx1, cy1
 
 
+def windowed(volume: np.ndarray, options: Options,
+             applied: tuple[float, float] | None = None) -> np.ndarray:
+  """``volume`` (or a crop of it) in options' window as uint8: windowed here when it holds HU,
+  returned as is when ``applied`` (``Loaded.window``) says the reader applied that window."""
+  wanted = (options.window_level, options.window_width)
+  if applied is None:
+    return window(volume, *wanted)
+  if tuple(applied) != wanted:
+    raise StudyError(f"volume was read in window {tuple(applied)}, the options ask for {wanted}")
+  return volume
+
+
 def slice_images(loaded: Loaded, options: Options) -> np.ndarray:
   """Every slice of the study as a windowed, resized 2.5D image: uint8 (S, H, W, 3)."""
-  win = window(loaded.series.volume, options.window_level, options.window_width)
+  win = windowed(loaded.series.volume, options, loaded.window)
   return stack_25d(resize_slices(win, options.image_size))
 
 
