@@ -13,8 +13,8 @@ def get_config(arg: str | None = None):
   common.check_variant(variant, VARIANTS, "cnn3d")
   c = common.base("cnn3d")
   c.model.name = "cnn3d"
-  c.model.widths = (32, 64, 128)
-  c.model.hidden = 256
+  c.model.channels = (32, 64, 128)
+  c.model.hidden = (256,)
   c.model.dropout = 0.3
   c.prepare.cube_size = 224
   c.input.batch_size = 8
@@ -22,6 +22,6 @@ def get_config(arg: str | None = None):
   if variant == "cpu":
     common.cpu(c, 64)
     c.prepare.cube_size = 32
-    c.model.widths = (8, 16, 32)
-    c.model.hidden = 64
+    c.model.channels = (8, 16, 32)
+    c.model.hidden = (64,)
   return c

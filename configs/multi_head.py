@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
   c = common.base("slices2d")
   c.model.name = "multi_head"
   c.model.encoder = "efficientnet_v2_s"
-  c.model.hidden = 512
+  c.model.head_hidden = 512
   c.model.drop_path_rate = 0.1
   c.eval.overall = "top_n"
   c.input.batch_size = 32
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   if variant == "cpu":
     common.cpu(c, 64)
     c.model.encoder = "efficientnet_v2_test"
-    c.model.hidden = 64
+    c.model.head_hidden = 64
     c.model.drop_path_rate = 0.0
     c.input.batch_size = 16
   return c

@@ -239,27 +239,33 @@ def augment_box(box: np.ndarray, angle: float, flip: bool, h: int, w: int) -> np
   return np.clip(out, 0.0, 1.0)
 
 
+class DropStrings(grain.transforms.Map):
+  """Drops string/None fields (study_uid): batches hold arrays only; ids travel as record_id."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in element.items() if not (isinstance(v, str) or v is None)}
+
+
 class Normalize(grain.transforms.Map):
-  """uint8 images -> float32 ``(x / 255 - mean) / std``; drops string fields (not batchable)."""
+  """uint8 images -> float32 ``(x / 255 - mean) / std`` as one multiply-add.
+
+  Runs on whole batches (after ``Batch``): one vectorised pass instead of one per record.
+  """
 
   def __init__(self, task: str):
     self.field = IMAGE_FIELD[task]
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in element.items():
-      if isinstance(v, str) or v is None:
-        continue
-      out[k] = np.asarray(v)
-    img = out[self.field]
+    out = dict(element)
+    img = np.asarray(out[self.field])
     if img.dtype != np.uint8:
-      raise TypeError(f"record {element.get('record_id')}: {self.field} is {img.dtype}, expected uint8")
-    x = img.astype(np.float32) * (1.0 / 255.0)
+      raise TypeError(f"records {out.get('record_id')}: {self.field} is {img.dtype}, expected uint8")
     if img.shape[-1] == 3:
       mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
     else:
       mean, std = np.float32(0.5), np.float32(0.5)
-    out[self.field] = (x - mean) / std
+    scale, offset = 1.0 / (255.0 * std), -mean / std
+    out[self.field] = img.astype(np.float32) * scale + offset
     return out
 
 
@@ -283,7 +289,7 @@ def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool
   ops: list = []
   if train and augment is not None:
     ops.append(Augment(task, augment))
-  ops += [Normalize(task), grain.transforms.Batch(batch_size, drop_remainder=train)]
+  ops += [DropStrings(), grain.transforms.Batch(batch_size, drop_remainder=train), Normalize(task)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=workers, worker_buffer_size=2)
 

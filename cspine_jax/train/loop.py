@@ -148,9 +148,9 @@ def _augment(config) -> input_lib.AugmentOptions | None:
 
 # ---- model --------------------------------------------------------------------------------------
 def build_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
-  """``models.make_model(config.model, rngs=...)`` with the configured compute dtype."""
+  """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included)."""
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
-  return models.make_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  return models.make_model(config.model, rngs=models.make_rngs(seed))
 
 
 def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed: int,

@@ -6,9 +6,9 @@ device (so every host sees the whole evaluated batch), and how the held-out pred
 per-study wide frame scored by ``metrics.competition_loss``.
 
 Model outputs accepted (``models.make_model``): stage 2 ``(B,)``/``(B, 1)`` logits; 3D CNN ``(B, 8)``
-logits; slice models a dict with ``presence`` (B, 7) and ``fracture`` (B, 7 or 8) logits, or a
-``(B, 14)`` array (presence then fracture); stage 1 a dict with ``presence`` (B, 7) logits, ``box``
-(B, 4) normalised box and optionally ``area`` (B, 7) logits (or a tuple in that order).
+logits; slice models a dict with ``presence`` (or ``vertebra``) (B, 7) and ``fracture`` (B, 7 or 8)
+logits, or a ``(B, 14)`` array (presence then fracture); stage 1 a dict with ``presence`` (B, 7)
+logits, ``box`` (B, 4) normalised box and optionally ``area_logits`` (or ``area`` as logits).
 """
 from __future__ import annotations
 
@@ -120,6 +120,8 @@ CNN3D = Task("cnn3d", "volume", _cnn3d_loss,
 
 # ---- 2D slice models (single-/multi-head): presence + fracture per slice ------------------------
 def _slice_outputs(outputs: Any) -> dict[str, Array]:
+  if isinstance(outputs, Mapping) and "vertebra" in outputs and "presence" not in outputs:
+    outputs = dict(outputs, presence=outputs["vertebra"])  # models.slice2d names it "vertebra"
   return _unpack(outputs, ("presence", "fracture"), (NV, NV))
 
 
@@ -154,8 +156,10 @@ def _stage1_loss(outputs, batch, mask, box_kind: str = "smooth_l1", box_weight: 
   box = losses.box_loss(out["box"], batch["box"], shown, box_kind)
   loss = presence + box_weight * box
   metrics_ = {"presence_bce": presence, "box_loss": box}
-  if "area" in out and "area" in batch:
-    area = losses.presence_bce(out["area"], batch["area"], mask)
+  # models.stage1 returns probabilities as "area" and the logits as "area_logits".
+  area_logits = out.get("area_logits", out.get("area"))
+  if area_logits is not None and "area" in batch:
+    area = losses.presence_bce(area_logits, batch["area"], mask)
     loss = loss + area
     metrics_["area_bce"] = area
   metrics_["loss"] = loss
