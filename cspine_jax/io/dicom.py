@@ -38,6 +38,7 @@ import logging
 import os
 import pathlib
 import re
+import struct
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -250,14 +251,125 @@ def _native_layout(ds: Any, tsyntax: str, bits_allocated: int | None
   return np.dtype("<i2" if representation else "<u2"), 16 - bits_stored
 
 
+# ------------------------------------------------------------------ fast path for plain files
+# An uncompressed little-endian file (the RSNA's most common kind) is walked directly: tag, VR and
+# length headers, each value kept as its raw bytes, the pixel bytes a view on the file's. That is
+# what dcmread + the raw-element helpers above extract, at about a tenth of dcmread's Python cost.
+# Anything out of the ordinary (no 'DICM', another transfer syntax, an undefined length, a VR
+# that does not match the syntax, a value running past the end, an unusual header) sends the file
+# to pydicom, which also words the skip reason: the fast path never decides that a file is bad.
+_VRS = frozenset(v.encode() for v in (
+    "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR "
+    "US UT UV").split())
+_LONG_VRS = frozenset(v.encode() for v in "OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")
+_IMPLICIT_HEAD = struct.Struct("<HHI")
+_UINT32 = struct.Struct("<I")
+_TRANSFER_SYNTAX = 0x00020010
+
+
+class _RawElement:
+  """A value's raw bytes (what _text, _ushort and _decode_into read); always little endian."""
+  __slots__ = ("value",)
+  is_little_endian = True
+
+  def __init__(self, value):
+    self.value = value
+
+
+class _RawDataset:
+  """The elements of a plain file as raw bytes: the fast path's stand-in for a pydicom Dataset
+  (``in``, ``get_item`` and ``file_meta.get('TransferSyntaxUID')`` only)."""
+
+  def __init__(self, elements: dict[int, Any], transfer_syntax: str):
+    self._elements = elements
+    self.file_meta = {"TransferSyntaxUID": pydicom.uid.UID(transfer_syntax)}
+
+  def __contains__(self, tag: int) -> bool:
+    return tag in self._elements
+
+  def get_item(self, tag: int) -> _RawElement | None:
+    value = self._elements.get(tag)
+    return None if value is None else _RawElement(value)
+
+
+def _walk(buf: bytes, pos: int, explicit: bool, stop_group: int | None = None
+          ) -> tuple[dict[int, Any], int] | None:
+  """Elements from ``pos`` (to the end, or until a group other than ``stop_group``); None when
+  the file is not plain."""
+  view = memoryview(buf)
+  size = len(buf)
+  elements: dict[int, Any] = {}
+  while pos < size:
+    if pos + 8 > size:
+      return None
+    if explicit:
+      group, elem, vr, length = _EXPLICIT_HEAD.unpack_from(buf, pos)
+      if stop_group is not None and group != stop_group:
+        break
+      if vr not in _VRS:
+        return None
+      if vr in _LONG_VRS:
+        if pos + 12 > size:
+          return None
+        length = _UINT32.unpack_from(buf, pos + 8)[0]
+        pos += 12
+      else:
+        pos += 8
+    else:
+      group, elem, length = _IMPLICIT_HEAD.unpack_from(buf, pos)
+      pos += 8
+    if length == 0xFFFFFFFF or pos + length > size:
+      return None
+    tag = (group << 16) | elem
+    # Pixel bytes stay a view on the file's; the small values become bytes, like pydicom's raw.
+    elements[tag] = view[pos:pos + length] if tag == _PIXEL_DATA else buf[pos:pos + length]
+    pos += length
+  return elements, pos
+
+
+def _read_plain(path: pathlib.Path) -> _RawDataset | None:
+  """The raw elements of an uncompressed little-endian DICOM file, or None (use pydicom)."""
+  try:
+    with open(path, "rb") as f:
+      buf = f.read()
+  except OSError:
+    return None
+  if len(buf) < 132 or buf[128:132] != b"DICM":
+    return None
+  meta = _walk(buf, 132, explicit=True, stop_group=0x0002)
+  if meta is None or _TRANSFER_SYNTAX not in meta[0]:
+    return None
+  tsyntax = bytes(meta[0][_TRANSFER_SYNTAX]).decode("latin-1").strip(" \x00")
+  if tsyntax not in _NATIVE_LITTLE_ENDIAN:
+    return None
+  explicit = tsyntax == pydicom.uid.ExplicitVRLittleEndian
+  pos = meta[1]
+  # pydicom follows the data when its VR layout contradicts the syntax; leave such files to it.
+  if pos + 6 <= len(buf) and (buf[pos + 4:pos + 6] in _VRS) != explicit:
+    return None
+  body = _walk(buf, pos, explicit)
+  return None if body is None else _RawDataset(body[0], tsyntax)
+
+
 def _read_header(path: pathlib.Path) -> _Slice | str:
   """Reads one file; returns its _Slice, or the reason it cannot be used."""
+  plain = _read_plain(path)
+  if plain is not None:
+    result = _header(path, plain)
+    if isinstance(result, _Slice) and result.native is not None:
+      return result
   try:
     ds = pydicom.dcmread(path)
   except pydicom.errors.InvalidDicomError as e:
     return f"not a DICOM file ({e})"
   except Exception as e:  # noqa: BLE001 - truncated/garbled files raise many kinds of errors.
     return f"unreadable DICOM ({type(e).__name__}: {e})"
+  return _header(path, ds)
+
+
+def _header(path: pathlib.Path, ds: Any) -> _Slice | str:
+  """The _Slice of a read file (pydicom Dataset or _RawDataset), or the reason it is unusable."""
   try:
     if _PIXEL_DATA not in ds:
       return "no pixel data (not an image, or the file is truncated)"
