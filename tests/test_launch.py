@@ -1,8 +1,10 @@
 """launch.py and the configs: variants, command-line overrides, the paper defaults."""
+import json
 import pathlib
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -78,7 +80,6 @@ def _tiny_synthetic_config(tmp_path):
 def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   """fold=-1 on a synthetic set generated + prepared by the launcher (tiny local model)."""
   from flax import nnx
-  import pandas as pd
   from cspine_jax import metrics
   from cspine_jax.train import loop
   from test_train import TinySeq
@@ -100,6 +101,7 @@ def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   assert [r["step"] for r in again["folds"]] == [2, 2]
 
 
+@pytest.mark.slow
 def test_launch_end_to_end(tmp_path):
   """python launch.py --config=configs/stage2.py:cpu on a tiny generated set (needs make_model)."""
   from cspine_jax import models
@@ -107,10 +109,15 @@ def test_launch_end_to_end(tmp_path):
     pytest.skip("models.make_model has not landed yet")
   args = [sys.executable, "launch.py", "--config=configs/stage2.py:cpu",
           f"--workdir={tmp_path / 'run'}", "--config.synthetic.num_studies=6",
-          "--config.prepare.image_size=(32, 32)", "--config.num_folds=2",
+          "--config.prepare.image_size=(32, 32)", "--config.num_folds=2", "--config.fold=0",
           "--config.train.max_steps=2", "--config.train.progress=False",
-          "--config.input.workers=0"]
+          "--config.model.lstm_hidden=8", "--config.input.workers=1"]
   out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert (tmp_path / "run" / "oof_predictions.csv").exists()
-  assert (tmp_path / "run" / "checkpoints").is_dir()
+  oof = pd.read_csv(tmp_path / "run" / "oof_predictions.csv", dtype={"StudyInstanceUID": str})
+  assert len(oof) == 3 and set(oof["fold"]) == {0}  # 6 studies, 2 folds: fold 0 held out
+  log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+  assert any("loss" in r and "lr" in r for r in log) and any("val_competition_loss" in r for r in log)
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["finished"] and summary["best_score"] > 0
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())

@@ -267,7 +267,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   bar = _progress(total_steps, step, tc.progress)
   pending = None  # (step, metrics) of the previous step, checked after the next is dispatched
   window: dict[str, list[float]] = {}
-  t0, t_steps = time.perf_counter(), 0
+  clock = {"t0": time.perf_counter(), "steps": 0}
 
   def check(pending_item):
     s, m = pending_item
@@ -280,40 +280,36 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
       raise NonFiniteLossError(s, m["loss"], workdir, last_good)
     return s, m
 
+  def record(pending_item, force: bool = False) -> None:
+    """Checks one step's metrics, advances the bar, logs the window every log_every (or now)."""
+    s, mp = check(pending_item)
+    for k, v in mp.items():
+      window.setdefault(k, []).append(v)
+    clock["steps"] += 1
+    if bar is not None:
+      bar.set_postfix(loss=f"{mp['loss']:.4f}")
+      bar.update(1)
+    if window and (force or s % tc.log_every == 0):
+      rate = clock["steps"] / max(time.perf_counter() - clock["t0"], 1e-9)
+      writer.write(s, {k: float(np.mean(v)) for k, v in window.items()},
+                   lr=float(trainer.schedule(s - 1)), steps_per_s=rate,
+                   epoch=s / data.steps_per_epoch)
+      window.clear()
+      clock.update(t0=time.perf_counter(), steps=0)
+
   try:
     while step < min(total_steps, stop_at):
       batch = sharding_lib.shard_batch(next(it), mesh)
       trainer.state, m = trainer.train_step(trainer.state, batch)
       step += 1
       if pending is not None:
-        s, mp = check(pending)
-        for k, v in mp.items():
-          window.setdefault(k, []).append(v)
-        if bar is not None:
-          bar.set_postfix(loss=f"{mp['loss']:.4f}")
-          bar.update(1)
-        if s % tc.log_every == 0:
-          rate = t_steps / max(time.perf_counter() - t0, 1e-9)
-          writer.write(s, {k: float(np.mean(v)) for k, v in window.items()},
-                       lr=float(trainer.schedule(s - 1)), steps_per_s=rate,
-                       epoch=s / data.steps_per_epoch)
-          window.clear()
-          t0, t_steps = time.perf_counter(), 0
+        record(pending)  # the previous step's loss, read while this step runs
       pending = (step, m)
-      t_steps += 1
       end_of_epoch = step % data.steps_per_epoch == 0 or step == total_steps
       timed = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
       if end_of_epoch or timed or step == stop_at:
-        s, mp = check(pending)  # never checkpoint a non-finite state
+        record(pending, force=end_of_epoch)  # never checkpoint a non-finite state
         pending = None
-        for k, v in mp.items():
-          window.setdefault(k, []).append(v)
-        if bar is not None:
-          bar.update(1)
-        if s % tc.log_every == 0:
-          writer.write(s, {k: float(np.mean(v)) for k, v in window.items()},
-                       lr=float(trainer.schedule(s - 1)), epoch=s / data.steps_per_epoch)
-          window.clear()
         score = None
         if end_of_epoch and len(data.val):
           scores, preds = evaluate(trainer, data, config, fold)
@@ -326,7 +322,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
         ckpt.save(step, trainer.state, it, meta, score=score)
         last_good = step
     if pending is not None:
-      check(pending)
+      record(pending, force=True)
   finally:
     if bar is not None:
       bar.close()
