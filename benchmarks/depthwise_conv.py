@@ -1,0 +1,133 @@
+"""Shifted vs lax depthwise conv, and the whole ConvNeXt-atto stage-2 model, on this backend.
+
+Prints forward and forward+backward times of the 7x7 depthwise convs of ConvNeXt-atto at the
+stage-2 CPU size (16 vertebra samples x 8 images at 64 px), then train / inference images/s of
+the atto stage-2 model (encoder + BiLSTM + attention) for both formulations, measured in the same
+run, and ends with ratio lines. Train = a plain `jax.jit`'d value_and_grad of a BCE loss over
+`nnx.split` state (no optimizer update). Each figure is the best of `--repeats` timed calls.
+
+  python benchmarks/depthwise_conv.py [--repeats 5] [--batch 16] [--size 64] [--skip-model]
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from cspine_jax.models import convnext, layers, sequence  # noqa: E402
+
+SEQ = 8
+# PyTorch peer on this machine kind: ConvNeXt-atto stage-2 model at 64 px, batch 16x8.
+TORCH_TRAIN_IMG_S = 447.0
+TORCH_INFER_IMG_S = 1752.0
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+  """Best wall time of `repeats` calls after one warm-up (compile) call."""
+  jax.block_until_ready(fn())
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def bench_convs(n: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:
+  """Forward and forward+backward time of all atto depthwise convs (one call per block)."""
+  depths, dims = convnext.VARIANTS["atto"]
+  key = jax.random.key(0)
+  xs, ks = [], []
+  for stage, (depth, dim) in enumerate(zip(depths, dims)):
+    hw = size // (4 * 2 ** stage)
+    for _ in range(depth):
+      key, k1, k2 = jax.random.split(key, 3)
+      xs.append(jax.random.normal(k1, (n, hw, hw, dim)))
+      ks.append(0.02 * jax.random.normal(k2, (7, 7, 1, dim)))
+  out = {}
+  for method in ("shifted", "lax"):
+    def fwd(xs, ks, method=method):
+      return [layers.depthwise_conv2d(x, k, padding=3, method=method) for x, k in zip(xs, ks)]
+
+    def loss(xs, ks, method=method):
+      return sum(jnp.sum(jnp.square(y)) for y in fwd(xs, ks, method))
+
+    f = jax.jit(fwd)
+    g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    out[method] = (best_time(lambda: f(xs, ks), repeats), best_time(lambda: g(xs, ks), repeats))
+  return out
+
+
+def bench_model(batch: int, size: int, repeats: int, method: str) -> tuple[float, float]:
+  """(train images/s, inference images/s) of the atto stage-2 model with `method` convs."""
+  rngs = nnx.Rngs(params=jax.random.key(0, impl="rbg"), dropout=jax.random.key(1, impl="rbg"))
+  enc = convnext.ConvNeXt("atto", drop_path_rate=0.1, dw_method=method, rngs=rngs)
+  model = sequence.Stage2Model(enc, rngs=rngs)
+  images = jax.random.normal(jax.random.key(2), (batch, SEQ, size, size, 3))
+  labels = (jax.random.uniform(jax.random.key(3), (batch,)) > 0.5).astype(jnp.float32)
+
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, rest, x, y):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    loss = optax.sigmoid_binary_cross_entropy(m(x), y).mean()
+    return loss, nnx.state(m, nnx.Not(nnx.Param))
+
+  grad_step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  state = {"rest": rest}
+
+  def train_call():
+    (loss, new_rest), grads = grad_step(params, state["rest"], images, labels)
+    state["rest"] = new_rest
+    return loss, grads
+
+  model.eval()
+  egraph, eparams, erest = nnx.split(model, nnx.Param, ...)
+  infer = jax.jit(lambda p, r, x: nnx.merge(egraph, p, r)(x))
+  n_img = batch * SEQ
+  t_train = best_time(train_call, repeats)
+  t_infer = best_time(lambda: infer(eparams, erest, images), repeats)
+  return n_img / t_train, n_img / t_infer
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--batch", type=int, default=16, help="vertebra samples (x8 images each)")
+  ap.add_argument("--size", type=int, default=64)
+  ap.add_argument("--skip-model", action="store_true")
+  args = ap.parse_args()
+  n = args.batch * SEQ
+  print(f"backend: {jax.default_backend()}  devices: {jax.device_count()}  images: {n} x "
+        f"{args.size}px  repeats: {args.repeats}")
+
+  convs = bench_convs(n, args.size, args.repeats)
+  for method, (tf, tb) in convs.items():
+    print(f"atto_depthwise_{method}: forward {tf * 1e3:.2f} ms  forward+backward "
+          f"{tb * 1e3:.2f} ms")
+  if not args.skip_model:
+    speed = {m: bench_model(args.batch, args.size, args.repeats, m) for m in ("shifted", "lax")}
+    for method, (tr, inf) in speed.items():
+      print(f"atto_stage2_{method}: train {tr:.1f} images/s  inference {inf:.1f} images/s")
+  print(f"ratio_shifted_over_lax_conv_forward: {convs['lax'][0] / convs['shifted'][0]:.2f}")
+  print(f"ratio_shifted_over_lax_conv_backward: {convs['lax'][1] / convs['shifted'][1]:.2f}")
+  if not args.skip_model:
+    print(f"ratio_shifted_over_lax_train: {speed['shifted'][0] / speed['lax'][0]:.2f}")
+    print(f"ratio_shifted_over_lax_inference: {speed['shifted'][1] / speed['lax'][1]:.2f}")
+    if args.batch == 16 and args.size == 64:
+      print(f"ratio_shifted_over_torch_train: {speed['shifted'][0] / TORCH_TRAIN_IMG_S:.2f}")
+      print(f"ratio_shifted_over_torch_inference: {speed['shifted'][1] / TORCH_INFER_IMG_S:.2f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,204 @@
+"""Model shapes, parameter counts and names, train/eval behaviour, dtypes, gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cspine_jax.models import cnn3d, convnext, layers, registry, sequence, slice2d, stage1
+
+
+def _images(shape, seed=0):
+  return np.random.RandomState(seed).standard_normal(shape).astype(np.float32)
+
+
+def _encoder(**kw):
+  return convnext.ConvNeXt("test", rngs=registry.make_rngs(0), **kw)
+
+
+def _apply(model, *args, abstract=False, **kw):
+  """Runs the model under one jax.jit of its state (eager dispatch compiles per op), or only
+  traces it (`abstract=True`: shapes and dtypes without compiling)."""
+  graphdef, state = nnx.split(model)
+  fn = lambda s, *a: nnx.merge(graphdef, s, copy=True)(*a, **kw)  # noqa: E731
+  return jax.eval_shape(fn, state, *args) if abstract else jax.jit(fn)(state, *args)
+
+
+def _param_count(model) -> int:
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _convnext_formula(depths, dims, in_chans=3) -> int:
+  """Parameter count of timm's convnext_* without the classifier fc, from the paper's layout."""
+  total = in_chans * 16 * dims[0] + dims[0] + 2 * dims[0]  # stem conv + LN
+  for i, (d, c) in enumerate(zip(depths, dims)):
+    if i > 0:
+      total += 2 * dims[i - 1] + 4 * dims[i - 1] * c + c  # LN + 2x2 conv
+    total += d * (49 * c + c + 2 * c + 4 * c * c + 4 * c + 4 * c * c + c + c)
+  return total + 2 * dims[-1]  # head norm
+
+
+@pytest.mark.parametrize("variant", ["atto", "tiny"])
+def test_convnext_param_counts(variant):
+  model = nnx.eval_shape(lambda: convnext.ConvNeXt(variant, rngs=nnx.Rngs(0)))
+  count = _param_count(model)
+  assert count == _convnext_formula(*convnext.VARIANTS[variant])
+  if variant == "tiny":
+    # timm convnext_tiny has 28,589,128 parameters; its 768->1000 fc has 769,000.
+    assert count == 28_589_128 - 769_000
+  else:
+    assert 3.3e6 < count < 3.5e6
+
+
+def test_convnext_timm_names_and_shapes():
+  model = _encoder()
+  paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for name in ["stem_conv.kernel", "stem_norm.scale", "head_norm.bias",
+               "stages.1.downsample_norm.scale", "stages.1.downsample_conv.kernel",
+               "stages.0.blocks.0.conv_dw.kernel", "stages.0.blocks.0.norm.scale",
+               "stages.3.blocks.0.mlp_fc1.kernel", "stages.3.blocks.0.mlp_fc2.bias",
+               "stages.2.blocks.0.gamma"]:
+    assert name in paths, name
+  assert not any(p.startswith("stages.0.downsample") for p in paths)
+  assert model.stages[1].downsample_conv.kernel.shape == (2, 2, 8, 16)
+  assert model.stages[0].blocks[0].conv_dw.kernel.shape == (7, 7, 1, 8)
+  np.testing.assert_allclose(model.stages[0].blocks[0].gamma[...], 1e-6)
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  feats = _apply(model, x, abstract=True)
+  fmap = jax.eval_shape(lambda x: model.forward_features(x), x)
+  assert feats.shape == (2, 64) and feats.dtype == jnp.float32
+  assert fmap.shape == (2, 2, 2, 64)
+  with pytest.raises(ValueError, match="unknown ConvNeXt variant"):
+    convnext.ConvNeXt("huge", rngs=nnx.Rngs(0))
+
+
+def test_drop_path_only_in_train_mode():
+  drop = layers.DropPath(0.5, rngs=registry.make_rngs(1))
+  x = jnp.ones((64, 3))
+
+  def run(module):
+    # The graphdef holds the train/eval flag, so it is closed over per call, not cached.
+    graphdef, state = nnx.split(module)
+
+    def twice(s):
+      m = nnx.merge(graphdef, s, copy=True)
+      return m(x), m(x)
+    return jax.jit(twice)(state)
+
+  a, b = run(drop)
+  kept = np.asarray(a[:, 0])
+  assert set(np.unique(kept)) <= {0.0, 2.0} and 0 < kept.sum() < 128  # kept ones rescaled
+  assert np.all(a == a[:, :1])  # whole samples dropped
+  assert not np.array_equal(a, b)  # a fresh mask per call
+  drop.eval()
+  a, b = run(drop)
+  np.testing.assert_array_equal(a, x)
+  np.testing.assert_array_equal(b, x)
+  # The encoder's blocks follow model.train() / model.eval(); rates rise linearly as in timm.
+  model = _encoder(drop_path_rate=0.3)
+  paths = [blk.drop_path for st in model.stages for blk in st.blocks]
+  np.testing.assert_allclose([p.rate for p in paths], [0.0, 0.1, 0.2, 0.3])
+  assert not any(p.deterministic for p in paths)
+  model.eval()
+  assert all(p.deterministic for p in paths)
+  model.train()
+  assert not any(p.deterministic for p in paths)
+  with pytest.raises(ValueError, match="drop path rate"):
+    layers.DropPath(1.0)
+
+
+def test_bfloat16_compute_close_to_float32():
+  f32 = _encoder()
+  bf16 = _encoder(dtype=jnp.bfloat16)
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  for m in (f32, bf16):
+    m.eval()
+    for stage in m.stages:  # make the blocks matter for the comparison
+      for block in stage.blocks:
+        block.gamma[...] = jnp.full_like(block.gamma[...], 0.5)
+  x = _images((2, 32, 32, 3))
+  y32, y16 = _apply(f32, x), _apply(bf16, x)
+  assert y16.dtype == jnp.float32 and np.all(np.isfinite(y16))
+  assert bf16.stages[0].blocks[0].mlp_fc1.kernel[...].dtype == jnp.float32
+  np.testing.assert_allclose(y16, y32, atol=0.15)
+  assert np.corrcoef(np.ravel(y16), np.ravel(y32))[0, 1] > 0.99
+
+
+def test_stage2_shapes_attention_and_gradients():
+  rngs = registry.make_rngs(0)
+  model = sequence.Stage2Model(_encoder(drop_path_rate=0.1), lstm_hidden=12, lstm_layers=2,
+                               rngs=rngs)
+  assert model.lstm[0].forward_lstm.dense_h.kernel.shape == (12, 48)
+  images = _images((3, 4, 32, 32, 3))  # a short sequence keeps the unrolled LSTM small
+  labels = np.array([1.0, 0.0, 1.0], np.float32)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def run(params, rest, images):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      logits, weights = m(images, return_attention=True)
+      loss = jnp.mean(jnp.logaddexp(0.0, logits) - labels * logits)  # BCE with logits
+      return loss, (logits, weights)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (loss, (logits, weights)), grads = run(params, rest, images)
+  assert logits.shape == (3,) and weights.shape == (3, 4) and np.isfinite(loss)
+  np.testing.assert_allclose(np.sum(weights, axis=1), 1.0, rtol=1e-5)
+  assert np.all(weights >= 0)
+  for path, g in nnx.to_flat_state(grads):
+    g = np.asarray(g[...])
+    assert np.all(np.isfinite(g)) and np.any(g != 0), ".".join(map(str, path))
+
+
+def test_attention_pool_mask():
+  pool = layers.AttentionPool(4, 3, rngs=registry.make_rngs(0))
+  x = _images((2, 5, 4))
+  mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+  pooled, w = jax.jit(lambda s, x, m: nnx.merge(*s)(x, m))(nnx.split(pool), x, mask)
+  np.testing.assert_allclose(np.sum(w, axis=1), 1.0, rtol=1e-6)
+  assert np.all(w[0, 2:] == 0)
+  np.testing.assert_allclose(pooled[0], np.einsum("t,tf->f", w[0, :2], x[0, :2]), rtol=1e-5)
+
+
+def test_registry_builds_every_model_with_right_outputs():
+  base = {"encoder": "convnext_test", "drop_path_rate": 0.1}
+  x = _images((2, 32, 32, 3))
+  m = registry.make_model({**base, "name": "stage2", "vertebra_embedding": 4},
+                          rngs=registry.make_rngs(0))
+  assert isinstance(m, sequence.Stage2Model) and m.lstm[0].forward_lstm.hidden == 64
+  m.eval()
+  out = _apply(m, _images((2, 8, 32, 32, 3)), np.array([0, 6]), abstract=True)
+  assert out.shape == (2,) and out.dtype == jnp.float32
+  with pytest.raises(ValueError, match="vertebra"):
+    m(_images((1, 8, 32, 32, 3)))
+
+  m = registry.make_model({**base, "name": "stage1"}, rngs=registry.make_rngs(0))
+  assert isinstance(m, stage1.Stage1Model)
+  m.eval()
+  out = _apply(m, x)
+  assert out["presence"].shape == (2, 7) and out["area"].shape == (2, 7)
+  assert out["box"].shape == (2, 4)
+  assert np.all((out["box"] > 0) & (out["box"] < 1)) and np.all(out["area"] > 0)
+
+  for name, heads in [("single_head", "single"), ("multi_head", "multi")]:
+    m = registry.make_model({**base, "name": name, "head_hidden": 16 if heads == "multi" else 0},
+                            rngs=registry.make_rngs(0))
+    assert isinstance(m, slice2d.SliceClassifier) and m.heads == heads
+    m.eval()
+    out = _apply(m, x, abstract=True)
+    assert out["fracture"].shape == (2, 7) and out["vertebra"].shape == (2, 7)
+
+  m = registry.make_model({"name": "cnn3d", "channels": (4, 8, 8), "hidden": (16,)},
+                          rngs=registry.make_rngs(0))
+  assert isinstance(m, cnn3d.CNN3D)
+  vol = _images((2, 16, 16, 16, 1))
+  out = _apply(m, vol)  # train mode: BatchNorm uses batch statistics
+  assert out.shape == (2, cnn3d.NUM_TARGETS) and np.all(np.isfinite(out))
+  m.eval()
+  assert _apply(m, vol, abstract=True).shape == (2, 8)
+
+  with pytest.raises(ValueError, match="unknown model name"):
+    registry.make_model({"name": "unet"}, rngs=registry.make_rngs(0))
+  with pytest.raises(ValueError, match="unknown encoder"):
+    registry.make_encoder("resnet50", rngs=registry.make_rngs(0))
