@@ -402,8 +402,9 @@ def restore_model(run_dir: str | os.PathLike, step: int | None = None):
   finally:
     ckpt.close()
   # The trainer saved nnx.state((model, optimizer)): the model's arrays are the "0." entries.
+  # RNG streams are left as built (inference draws no randomness; their saved layout may differ).
   flat = {k[2:]: v for k, v in restored.items() if k.startswith("0.")}
-  like = nnx.state(model)
+  like = nnx.state(model, nnx.Not(nnx.RngState))
   want = set(ckpt_lib.flatten_state(like))
   if want - set(flat):
     raise PredictError(f"{run_dir}: checkpoint step {step} lacks {sorted(want - set(flat))[:5]} "
