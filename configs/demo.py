@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prepare = ml_collections.ConfigDict(dict(image_size=(64, 64), stage2_slices=24, cube_size=32,
                                              crop_margin=0.1, num_folds=2, fold_seed=0))
   c.workers = 2
+  c.train_fold = -1  # -1: every fold (out-of-fold predictions for all studies); k: fold k only
   c.top_n = 7
   c.presence_threshold = 0.5
   c.progress = True
@@ -55,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prepare.cube_size = 16
     c.pngs = 1
     c.progress = False
+    c.train_fold = 0  # one model per stage: compiling dominates at this size
+    c.baselines = ("cnn3d",)
     for name in MODELS:
       c.models[name].epochs = 1
   return c

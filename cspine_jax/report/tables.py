@@ -95,8 +95,11 @@ def results_table(labels: pd.DataFrame, models: Mapping[str, pd.DataFrame],
   """
   order = [m for m in SEED_MODELS if m in models] + [m for m in models if m not in SEED_MODELS]
   entries = [(name, models[name]) for name in order]
-  if train_labels is not None:
-    uids = labels["StudyInstanceUID"].astype(str).tolist()
+  if train_labels is not None:  # scored on the studies every model predicted
+    uids = set(labels["StudyInstanceUID"].astype(str))
+    for pred in models.values():
+      uids &= set(metrics.read_predictions(pred)["StudyInstanceUID"])
+    uids = [u for u in labels["StudyInstanceUID"].astype(str) if u in uids]
     entries.append(("Prior (train means)", prior_predictions(train_labels, uids)))
   rows = []
   for name, pred in entries:

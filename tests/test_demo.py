@@ -1,0 +1,51 @@
+"""The end-to-end demo at its tiny setting: every output exists and is well formed."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from configs import demo as demo_config
+from cspine_jax import demo, labels, metrics
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path):
+  lines = []
+  figures = demo.run_demo(demo_config.get_config("tiny"), tmp_path, log=lines.append)
+  text = "\n".join(lines)
+  # Progress was shown step by step and the run ends with the two metrics.
+  assert "train stage 1 (all folds) done" in text and "stage-1 pseudo-labels done" in text
+  assert lines[-2].startswith("two-stage competition metric (out-of-fold): ")
+  assert lines[-1].startswith("prior baseline competition metric (out-of-fold): ")
+  # Results table: the four models and the prior, finite scores.
+  results = pd.read_csv(tmp_path / "eval" / "results.csv")
+  assert results["model"].tolist() == ["3D CNN", "Two-stage", "Prior (train means)"]
+  assert np.isfinite(results["score"]).all() and (results["score"] > 0).all()
+  top_n = pd.read_csv(tmp_path / "eval" / "top_n.csv")
+  assert top_n["N"].tolist() == list(range(1, 8))
+  # Pseudo-labels: a readable --vertebrae file covering every train study, IoUs against masks.
+  from cspine_jax.records import vertebrae
+  located = vertebrae.read_vertebrae(tmp_path / "run" / "vertebrae.csv")
+  train = labels.read_train_csv(tmp_path / "data" / "train.csv")
+  assert set(located) == set(train["StudyInstanceUID"])
+  for name in ("ensemble", "out_of_fold"):
+    s = figures["pseudo_labels"][name]
+    assert s["pairs"] > 0 and 0 <= s["range_iou"] <= 1 and 0 <= s["box_iou"] <= 1
+  # Test-set submission from DICOM: 8 rows per test study, probabilities, the per-study JSON.
+  truth = json.loads((tmp_path / "data" / "ground_truth.json").read_text())["studies"]
+  test_uids = sorted(u for u, s in truth.items() if s["split"] == "test")
+  sub = pd.read_csv(tmp_path / "test" / "submission.csv", dtype={"row_id": str})
+  assert sub["row_id"].tolist() == [f"{u}_{t}" for u in test_uids for t in labels.TARGETS]
+  assert sub["fractured"].between(0, 1).all()
+  wide = metrics.read_predictions(tmp_path / "test" / "submission.csv")
+  assert figures["test"]["studies"] == len(test_uids) == len(wide)
+  info = json.loads((tmp_path / "test" / "studies" / f"{test_uids[0]}.json").read_text())
+  assert info["status"] == "ok" and set(info["vertebrae"]) == set(labels.VERTEBRAE)
+  assert np.isfinite(figures["test"]["score"]) and np.isfinite(figures["test"]["prior"])
+  # Pictures and the summary page.
+  assert (tmp_path / "eval" / "reliability.png").stat().st_size > 1000
+  assert len(list((tmp_path / "test" / "png").glob("*.png"))) == 1
+  html = (tmp_path / "summary.html").read_text()
+  assert "Results (out-of-fold)" in html and "data:image/png;base64" in html
+  assert json.loads((tmp_path / "results.json").read_text())["oof"]["prior"] > 0
