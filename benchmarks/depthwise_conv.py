@@ -6,7 +6,7 @@ the atto stage-2 model (encoder + BiLSTM + attention) for both formulations, mea
 run, and ends with ratio lines. Train = a plain `jax.jit`'d value_and_grad of a BCE loss over
 `nnx.split` state (no optimizer update). Each figure is the best of `--repeats` timed calls.
 
-  python benchmarks/depthwise_conv.py [--repeats 5] [--batch 16] [--size 64] [--skip-model]
+  python benchmarks/depthwise_conv.py [--repeats 2] [--batch 16] [--size 64] [--skip-model]
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def bench_model(batch: int, size: int, repeats: int, method: str) -> tuple[float
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--batch", type=int, default=16, help="vertebra samples (x8 images each)")
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--skip-model", action="store_true")
