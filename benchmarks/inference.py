@@ -1,0 +1,97 @@
+"""Inference speed: seconds per study end to end and per stage, against the decode-only floor.
+
+    python benchmarks/inference.py [--studies DIR | --num_studies 4] [--workdir RUN] [--folds 2]
+
+Without --workdir the two stages are the ``configs/stage1.py:cpu`` and ``configs/stage2.py:cpu``
+models, freshly initialised (the timings do not depend on the weights), ``--folds`` copies each as
+the fold ensemble. Without --studies a few synthetic studies are generated into a temporary folder.
+The baseline measured in the same run is the decode-only floor (``io.dicom.read_series`` of every
+study, nothing else); the ratio says how much the models and crops add on top of reading the files.
+For reference the seed method needed 6.5 s per study on a GPU (full-size models, 224 px).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+from cspine_jax.infer import predict  # noqa: E402
+from cspine_jax.io import dicom  # noqa: E402
+from cspine_jax.records import study as study_lib  # noqa: E402
+
+
+def fresh_models(folds: int, image_size: int) -> predict.Models:
+  """The :cpu stage-1/stage-2 models, randomly initialised, ``folds`` members each."""
+  from flax import nnx
+  from configs import stage1 as stage1_config, stage2 as stage2_config
+  from cspine_jax import models
+
+  ensembles = []
+  for cfg, task in ((stage1_config.get_config("cpu"), "stage1"),
+                    (stage2_config.get_config("cpu"), "stage2")):
+    members = [(models.make_model(cfg.model, rngs=nnx.Rngs(k)), {"task": task, "fold": k})
+               for k in range(folds)]
+    ensembles.append(predict.FoldEnsemble(members, task))
+  s2 = stage2_config.get_config("cpu")
+  options = study_lib.Options(image_size=(image_size, image_size),
+                              stage2_slices=s2.prepare.stage2_slices)
+  return predict.ensemble_models(ensembles[0], ensembles[1], options, options)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--studies", help="test_images/-style folder (default: generate synthetic ones)")
+  p.add_argument("--num_studies", type=int, default=4)
+  p.add_argument("--workdir", help="a trained run (stage1/, stage2/, inference.json)")
+  p.add_argument("--folds", type=int, default=2)
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--batch_size", type=int, default=32)
+  args = p.parse_args(argv)
+
+  tmp = None
+  if args.studies:
+    studies = pathlib.Path(args.studies)
+  else:
+    from cspine_jax import synthetic
+    tmp = tempfile.TemporaryDirectory(prefix="bench_infer_")
+    synthetic.generate(pathlib.Path(tmp.name) / "rsna", args.num_studies, 0, size="small")
+    studies = pathlib.Path(tmp.name) / "rsna" / "train_images"
+  folders = predict.find_studies(studies)
+  models = (predict.load_models(args.workdir) if args.workdir
+            else fresh_models(args.folds, args.image_size))
+  prior = [0.5] * 8
+
+  # Warm-up on one study: compilation is paid once per process, not per study.
+  predict.run(folders[:1], models, prior, batch_size=args.batch_size)
+
+  t0 = time.perf_counter()
+  for f in folders:
+    dicom.read_series(f, warn=False)
+  floor = (time.perf_counter() - t0) / len(folders)
+
+  t0 = time.perf_counter()
+  result = predict.run(folders, models, prior, batch_size=args.batch_size)
+  total = (time.perf_counter() - t0) / len(folders)
+  per = {k: v / len(folders) for k, v in result.seconds.items()}
+  slices = sum(r.shape[0] for r in result.results if r.shape) / len(folders)
+  print(f"studies: {len(folders)} (mean {slices:.0f} slices), models: "
+        f"{'trained run ' + args.workdir if args.workdir else f'fresh :cpu x{args.folds} folds'}")
+  print("seconds per study by stage: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+  located = sum(p.present for r in result.results if r.vertebrae for p in r.vertebrae)
+  print(f"vertebrae located by stage 1 (and cropped): {located} of {7 * len(folders)}")
+  print(f"decode-only floor (baseline, same run): {floor:.3f} s/study")
+  print(f"end to end: {total:.3f} s/study; ratio to the decode floor: {total / floor:.2f}x "
+        "(decode overlaps the models in a reader thread)")
+  if tmp is not None:
+    tmp.cleanup()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
