@@ -1,0 +1,186 @@
+"""Stage-2 atto model on CPU: our jit-compiled train/eval steps vs the seed's PyTorch model.
+
+    python benchmarks/stage2_vs_torch.py [--steps 6] [--batch 16] [--size 64]
+        [--encoder convnext_atto] [--torch_python PATH] [--ours_only]
+
+Ours: the project's own ``Trainer`` (``loop.make_trainer`` on ``configs/stage2.py`` with the encoder,
+image size and batch set here): a train step is forward + backward + global-norm clip + AdamW on the
+whole state; inference is the eval step (model in eval mode). The peer: timm ``convnext_atto``
+(drop path 0.1) + ``nn.LSTM`` (bidirectional, hidden = encoder width) + MLP attention pooling
+(tanh, softmax over the 8 images) + dropout 0.1 + a linear head, random weights, BCE-with-logits,
+``clip_grad_norm_(1.0)`` + ``torch.optim.AdamW``; inference under ``torch.inference_mode()``.
+Both get a batch of ``batch`` vertebra samples x 8 images of ``size`` px.
+
+The peer runs in this process when ``torch`` and ``timm`` import, else under ``--torch_python``
+(another interpreter, e.g. a scratch venv with torch CPU + timm) as a subprocess, else the issue's
+reference figures for this machine kind (447 / 1752 images/s, torch 2.13 CPU, 2 cores) stand in.
+Each figure is the median of ``--steps`` timed calls after two warm-up calls. Ends with the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SEQ = 8
+# The issue's PyTorch figures on this machine kind (atto at 64 px, batch 16 x 8 images).
+REFERENCE = {"train": 447.0, "inference": 1752.0}
+
+
+def median_time(fn: Callable[[], object], steps: int, sync: Callable[[object], object]) -> float:
+  """Median seconds of `steps` calls of fn after two warm-up calls (compilation, allocation)."""
+  for _ in range(2):
+    sync(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+# ---- the PyTorch peer -----------------------------------------------------------------------------
+def torch_peer(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
+  """(train, inference) images/s of the seed's PyTorch stage-2 model with random weights."""
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+
+  class Peer(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.encoder = timm.create_model(encoder, pretrained=False, num_classes=0,
+                                       drop_path_rate=0.1)
+      f = self.encoder.num_features
+      self.lstm = nn.LSTM(f, f, batch_first=True, bidirectional=True)
+      self.attention = nn.Sequential(nn.Linear(2 * f, 2 * f), nn.Tanh(), nn.Linear(2 * f, 1))
+      self.dropout = nn.Dropout(0.1)
+      self.head = nn.Linear(2 * f, 1)
+
+    def forward(self, x):
+      b, t = x.shape[:2]
+      feats = self.encoder(x.flatten(0, 1)).view(b, t, -1)
+      seq, _ = self.lstm(feats)
+      w = torch.softmax(self.attention(seq).squeeze(-1), dim=1)
+      pooled = (w.unsqueeze(-1) * seq).sum(1)
+      return self.head(self.dropout(pooled)).squeeze(-1)
+
+  model = Peer()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+  loss_fn = nn.BCEWithLogitsLoss()
+  x = torch.randn(batch, SEQ, 3, size, size)
+  y = (torch.rand(batch) > 0.5).float()
+
+  def train():
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+  def infer():
+    model.eval()
+    with torch.inference_mode():
+      return model(x)
+
+  n = batch * SEQ
+  return {"train": n / median_time(train, steps, lambda v: v),
+          "inference": n / median_time(infer, steps, lambda v: v),
+          "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def peer_figures(args) -> tuple[dict, str]:
+  """The peer's figures and where they come from."""
+  try:
+    import timm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    return torch_peer(args.batch, args.size, args.steps, args.encoder), "measured (this process)"
+  except ImportError:
+    pass
+  if args.torch_python:
+    cmd = [args.torch_python, __file__, "--peer_only", f"--batch={args.batch}",
+           f"--size={args.size}", f"--steps={args.steps}", f"--encoder={args.encoder}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1]), f"measured ({args.torch_python})"
+  if (args.encoder, args.batch, args.size) != ("convnext_atto", 16, 64):
+    raise SystemExit("no torch here and no reference figures for this size: pass --torch_python")
+  return dict(REFERENCE), "the issue's reference figures (torch not importable)"
+
+
+# ---- ours -----------------------------------------------------------------------------------------
+def ours(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
+  """(train, inference) images/s of the project's stage-2 Trainer steps on one CPU device."""
+  sys.path.insert(0, str(REPO))
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from cspine_jax.train import loop, sharding  # pylint: disable=import-outside-toplevel
+  from configs import stage2  # pylint: disable=import-outside-toplevel
+
+  config = stage2.get_config()
+  config.model.encoder = encoder
+  config.prepare.image_size = (size, size)
+  config.input.batch_size = batch
+  mesh = sharding.make_mesh()
+  trainer = loop.make_trainer(config, 1000, mesh, seed=0)
+  rng = np.random.default_rng(0)
+  host = {"images": rng.standard_normal((batch, SEQ, size, size, 3), np.float32),
+          "label": (rng.random(batch) < 0.5).astype(np.float32),
+          "vertebra": (np.arange(batch) % 7).astype(np.int32),
+          "record_id": np.arange(batch, dtype=np.int32)}
+  train_batch = sharding.shard_batch(host, mesh)
+  eval_batch = sharding.shard_batch(dict(host, mask=np.ones(batch, np.float32)), mesh)
+
+  def train():
+    trainer.state, metrics = trainer.train_step(trainer.state, train_batch)
+    return metrics["loss"]
+
+  n = batch * SEQ
+  return {"train": n / median_time(train, steps, jax.block_until_ready),
+          "inference": n / median_time(lambda: trainer.eval_step(trainer.state, eval_batch)[0],
+                                       steps, jax.block_until_ready),
+          "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.default_backend()}"}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--steps", type=int, default=6)
+  ap.add_argument("--batch", type=int, default=16, help="vertebra samples (x8 images each)")
+  ap.add_argument("--size", type=int, default=64)
+  ap.add_argument("--encoder", default="convnext_atto")
+  ap.add_argument("--torch_python", default=os.environ.get("CSPINE_TORCH_PYTHON"),
+                  help="an interpreter with torch + timm for the peer (default $CSPINE_TORCH_PYTHON)")
+  ap.add_argument("--ours_only", action="store_true")
+  ap.add_argument("--peer_only", action="store_true", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.peer_only:  # run by peer_figures() under --torch_python: one JSON line
+    print(json.dumps(torch_peer(args.batch, args.size, args.steps, args.encoder)))
+    return
+  print(f"{args.encoder} stage-2 model, {args.batch} x {SEQ} images of {args.size} px, "
+        f"{os.cpu_count()} CPUs, median of {args.steps} steps")
+  peer, origin = (None, "") if args.ours_only else peer_figures(args)
+  mine = ours(args.batch, args.size, args.steps, args.encoder)
+  print(f"ours ({mine['jax']}, {mine['devices']}): train {mine['train']:.1f} images/s, "
+        f"inference {mine['inference']:.1f} images/s")
+  if peer is None:
+    return
+  print(f"torch peer, {origin}: train {peer['train']:.1f} images/s, "
+        f"inference {peer['inference']:.1f} images/s")
+  print(f"ratio_ours_over_torch_train: {mine['train'] / peer['train']:.2f}")
+  print(f"ratio_ours_over_torch_inference: {mine['inference'] / peer['inference']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
