@@ -1,6 +1,7 @@
 """Inference speed: seconds per study end to end and per stage, against the decode-only floor.
 
     python benchmarks/inference.py [--studies DIR | --num_studies 4] [--workdir RUN] [--folds 2]
+    python benchmarks/inference.py --paper --size full --dtype bfloat16   (paper-size models, on a GPU)
 
 Without --workdir the two stages are the ``configs/stage1.py:cpu`` and ``configs/stage2.py:cpu``
 models, freshly initialised (the timings do not depend on the weights), ``--folds`` copies each as
@@ -21,24 +22,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+import jax  # noqa: E402
+
 from cspine_jax.infer import predict  # noqa: E402
 from cspine_jax.io import dicom  # noqa: E402
 from cspine_jax.records import study as study_lib  # noqa: E402
 
 
-def fresh_models(folds: int, image_size: int) -> predict.Models:
-  """The :cpu stage-1/stage-2 models, randomly initialised, ``folds`` members each."""
+def fresh_models(folds: int, image_size: int, variant: str = "cpu",
+                 dtype: str | None = None) -> predict.Models:
+  """The stage-1/stage-2 models of ``variant`` ("cpu" or "" = paper), randomly initialised,
+  ``folds`` members each."""
   from flax import nnx
   from configs import stage1 as stage1_config, stage2 as stage2_config
   from cspine_jax import models
 
   ensembles = []
-  for cfg, task in ((stage1_config.get_config("cpu"), "stage1"),
-                    (stage2_config.get_config("cpu"), "stage2")):
+  for cfg, task in ((stage1_config.get_config(variant), "stage1"),
+                    (stage2_config.get_config(variant), "stage2")):
+    if dtype:
+      cfg.model.dtype = dtype
     members = [(models.make_model(cfg.model, rngs=nnx.Rngs(k)), {"task": task, "fold": k})
                for k in range(folds)]
     ensembles.append(predict.FoldEnsemble(members, task))
-  s2 = stage2_config.get_config("cpu")
+  s2 = stage2_config.get_config(variant)
   options = study_lib.Options(image_size=(image_size, image_size),
                               stage2_slices=s2.prepare.stage2_slices)
   return predict.ensemble_models(ensembles[0], ensembles[1], options, options)
@@ -50,7 +57,10 @@ def main(argv=None) -> int:
   p.add_argument("--num_studies", type=int, default=4)
   p.add_argument("--workdir", help="a trained run (stage1/, stage2/, inference.json)")
   p.add_argument("--folds", type=int, default=2)
-  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--image_size", type=int, default=None, help="default: 64, or 224 with --paper")
+  p.add_argument("--paper", action="store_true", help="paper-size models (ConvNeXt-Tiny, 224 px)")
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+  p.add_argument("--size", default="small", help="synthetic study size: tiny, small or full (512 px)")
   p.add_argument("--batch_size", type=int, default=32)
   args = p.parse_args(argv)
 
@@ -60,11 +70,13 @@ def main(argv=None) -> int:
   else:
     from cspine_jax import synthetic
     tmp = tempfile.TemporaryDirectory(prefix="bench_infer_")
-    synthetic.generate(pathlib.Path(tmp.name) / "rsna", args.num_studies, 0, size="small")
+    synthetic.generate(pathlib.Path(tmp.name) / "rsna", args.num_studies, 0, size=args.size)
     studies = pathlib.Path(tmp.name) / "rsna" / "train_images"
   folders = predict.find_studies(studies)
+  image_size = args.image_size or (224 if args.paper else 64)
+  variant = "" if args.paper else "cpu"
   models = (predict.load_models(args.workdir) if args.workdir
-            else fresh_models(args.folds, args.image_size))
+            else fresh_models(args.folds, image_size, variant, args.dtype))
   prior = [0.5] * 8
 
   # Warm-up on one study: compilation is paid once per process, not per study.
@@ -80,8 +92,10 @@ def main(argv=None) -> int:
   total = (time.perf_counter() - t0) / len(folders)
   per = {k: v / len(folders) for k, v in result.seconds.items()}
   slices = sum(r.shape[0] for r in result.results if r.shape) / len(folders)
-  print(f"studies: {len(folders)} (mean {slices:.0f} slices), models: "
-        f"{'trained run ' + args.workdir if args.workdir else f'fresh :cpu x{args.folds} folds'}")
+  what = (f"trained run {args.workdir}" if args.workdir
+          else f"fresh {variant or 'paper'} x{args.folds} folds")
+  print(f"studies: {len(folders)} (mean {slices:.0f} slices), models: {what}, "
+        f"{jax.devices()[0].device_kind}")
   print("seconds per study by stage: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
   located = sum(p.present for r in result.results if r.vertebrae for p in r.vertebrae)
   print(f"vertebrae located by stage 1 (and cropped): {located} of {7 * len(folders)}")

@@ -1,7 +1,7 @@
 """Train/eval step throughput of every model, and how fast grain feeds it (ratios, same run).
 
     python benchmarks/train_step.py [--configs stage2,stage1,cnn3d,single_head,multi_head]
-        [--paper] [--steps 5] [--input_batches 20]
+        [--paper | --paper_only] [--dtype bfloat16] [--batch_size N] [--steps 5] [--input_batches 20]
 
 For each config at its ``:cpu`` size (and, with --paper, at the paper size for a couple of steps):
   * train steps/s and images/s (an image = one 2D input image; a stage-2 sample has 8, a 3D volume
@@ -10,6 +10,8 @@ For each config at its ``:cpu`` size (and, with --paper, at the paper size for a
   * grain input throughput: batches/s of the training pipeline (decode, augment, normalise, batch,
     ``input.workers`` processes) over random records of the config's shapes written to a
     temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).
+  * model FLOPs per train step (XLA's cost analysis of the compiled step) and, on a GPU whose peak
+    is known, the model FLOPs utilisation (MFU) = achieved FLOP/s / the chip's dense bf16 peak.
 The machine may be shared: compare the ratios, not the absolute numbers.
 """
 from __future__ import annotations
@@ -85,8 +87,33 @@ def timed(fn, n: int) -> float:
   return (time.perf_counter() - t) / n
 
 
-def bench(name: str, variant: str, steps: int, input_batches: int) -> dict:
+# Dense bf16 peak FLOP/s by device kind (vendor figures, without sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5e": 197e12, "TPU v4": 275e12}
+
+
+def peak_flops() -> float | None:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_BF16.items() if k.lower() in kind.lower()), None)
+
+
+def step_flops(jitted, *args) -> float | None:
+  """FLOPs of one call of a jitted function from XLA's cost analysis (None if not reported)."""
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (some backends report nothing)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | None = None,
+          batch_size: int | None = None) -> dict:
   config = importlib.import_module(f"configs.{name}").get_config(variant)
+  if dtype:
+    config.model.dtype = dtype
+  if batch_size:
+    config.input.batch_size = batch_size
   task = config.task
   mesh = sharding.make_mesh()
   trainer = loop.make_trainer(config, 1000, mesh, seed=0)
@@ -110,6 +137,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int) -> dict:
     return m["loss"]
 
   eval_batch = sharding.shard_batch(dict(batch, mask=np.ones(len(batch["record_id"]), np.float32)), mesh)
+  flops = step_flops(trainer.train_step, trainer.state, gbatch)
   train_s = timed(train, steps)
   eval_s = timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
   images = config.input.batch_size * IMAGES_PER_SAMPLE[task]
@@ -119,24 +147,34 @@ def bench(name: str, variant: str, steps: int, input_batches: int) -> dict:
           "train_steps_per_s": 1 / train_s, "train_images_per_s": images / train_s,
           "eval_steps_per_s": 1 / eval_s, "eval_images_per_s": images / eval_s,
           "input_batches_per_s": 1 / input_s, "input_over_train": train_s / input_s,
-          "workers": config.input.workers}
+          "workers": config.input.workers, "dtype": config.model.dtype,
+          "train_tflop_per_step": flops / 1e12 if flops else None,
+          "train_tflops": flops / train_s / 1e12 if flops else None,
+          "mfu": flops / train_s / peak_flops() if flops and peak_flops() else None}
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--configs", default="stage2,stage1,cnn3d,single_head,multi_head")
   ap.add_argument("--paper", action="store_true", help="also the paper-size configs (slow on CPU)")
+  ap.add_argument("--paper_only", action="store_true", help="only the paper-size configs (GPU)")
+  ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+  ap.add_argument("--batch_size", type=int, default=None, help="batch size override")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--input_batches", type=int, default=20)
   args = ap.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
   rows = []
   for name in args.configs.split(","):
-    for variant in ["cpu"] + ([""] if args.paper else []):
-      steps = args.steps if variant else 2
+    variants = [""] if args.paper_only else ["cpu"] + ([""] if args.paper else [])
+    for variant in variants:
+      on_cpu = jax.default_backend() == "cpu"
+      steps = args.steps if variant or not on_cpu else 2
       try:
-        row = bench(name, variant, steps, args.input_batches if variant else 3)
+        row = bench(name, variant, steps, args.input_batches if variant or not on_cpu else 3,
+                    args.dtype, args.batch_size)
       except (ImportError, AttributeError, ValueError, KeyError) as e:
         print(f"{name}:{variant}: skipped ({type(e).__name__}: {e})")
         continue
@@ -145,7 +183,9 @@ def main() -> None:
   for r in rows:
     print(f"{r['config']:>16}: train {r['train_steps_per_s']:.2f} steps/s "
           f"({r['train_images_per_s']:.1f} img/s), eval {r['eval_images_per_s']:.1f} img/s, "
-          f"grain/train ratio {r['input_over_train']:.2f} (goal >= 2 for :cpu)")
+          f"grain/train ratio {r['input_over_train']:.2f} (goal >= 2 for :cpu)"
+          + (f", {r['train_tflops']:.1f} TFLOP/s" if r["train_tflops"] else "")
+          + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Paper settings: ConvNeXt-Tiny, 224 px, AdamW lr 1e-4, weight decay 1e-5, cosine,
 Variants: ``configs/stage2.py`` (paper), ``configs/stage2.py:cpu`` (convnext_atto-sized test
 encoder at 64 px, a small synthetic set: well under a second per step on 2 CPU cores).
 """
+from ml_collections import config_dict
+
 from configs import common
 
 VARIANTS = ("", "cpu")
@@ -15,7 +17,8 @@ def get_config(arg: str | None = None):
   c = common.base("stage2")
   c.model.name = "stage2"
   c.model.encoder = "convnext_tiny"
-  c.model.lstm_hidden = 256
+  # None = the encoder's width (768 for Tiny), the seed method's default; typed for CLI overrides.
+  c.model.lstm_hidden = config_dict.placeholder(int)
   c.model.vertebra_embedding = 0
   c.model.dropout = 0.1
   c.model.drop_path_rate = 0.1

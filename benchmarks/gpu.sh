@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one short run (paper sizes, bfloat16), logs under ${OUT:-/tmp/gpu_bench}.
+#
+#   bash benchmarks/gpu.sh
+#
+# If a folder .whl/ of wheels exists (packages the GPU machine lacks: grain, pydicom, ...), they are
+# installed to /tmp/site first. Each benchmark has its own time limit so one slow part cannot
+# starve the others.
+set -u -o pipefail
+out=${OUT:-/tmp/gpu_bench}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, orbax.checkpoint, grain, pydicom; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" \
+  || exit 1
+
+# 1. shifted vs lax depthwise conv (and the atto stage-2 model) at 224 px: which path is faster here.
+timeout "${DEPTHWISE_S:-120}" python3 benchmarks/depthwise_conv.py --size 224 --batch 16 \
+  --repeats 3 2>&1 | tee "$out/depthwise.log"
+# 2. train / eval step of every model at paper size in bf16, images/s and MFU.
+timeout "${TRAIN_S:-300}" python3 benchmarks/train_step.py --paper_only --dtype bfloat16 \
+  --configs "${CONFIGS:-stage2,stage1,single_head,cnn3d,multi_head}" --steps 10 --input_batches 5 \
+  2>&1 | tee "$out/train_step.log"
+# 3. two-stage inference from full-size (512 px) DICOM studies, 5-fold ensembles, bf16.
+timeout "${INFER_S:-150}" python3 benchmarks/inference.py --paper --dtype bfloat16 --size full \
+  --num_studies "${STUDIES:-4}" --folds 5 --batch_size 64 2>&1 | tee "$out/inference.log"
