@@ -6,16 +6,20 @@ Trains the configured model (``cspine_jax.train.loop.train_and_evaluate``): e.g.
   python launch.py --config=configs/stage2.py --config.data_dir=/data/rsna --config.fold=-1 \
       --config.optimizer.lr=3e-4 --workdir=runs/stage2
 
-``configs/demo.py`` runs the whole demo pipeline instead (``cspine_jax.demo.run_demo``).
+``configs/demo.py`` runs the whole demo pipeline instead (``cspine_jax.demo.run_demo``); its
+output ends with the results table and the two-stage and prior metrics (figures in
+WORKDIR/results.json). A training run writes its summary to WORKDIR/result.json.
 Every config field can be overridden with ``--config.<field>=<value>``. With no data_dir a small
 synthetic RSNA-format set is generated and prepared once beside the workdir.
 All work happens under ``if __name__ == "__main__"``: grain worker processes re-import this module.
 """
 import json
+import pathlib
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, predictions); "
                                "default runs/<config name>")
+
+
+RESULT = "result.json"  # WORKDIR/result.json: what train_and_evaluate returned (training runs)
 
 
 def default_workdir(config_path: str) -> str:
@@ -39,14 +46,19 @@ def main(argv) -> int:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  # Library INFO records (orbax's per-checkpoint lines) would bury the progress and the tables.
+  logging.set_verbosity(logging.WARNING)
   # Imports after flag parsing (and only in the main process: grain workers re-import this file).
   if config.get("demo"):  # configs/demo.py: the whole pipeline, not one model
     from cspine_jax import demo  # pylint: disable=g-import-not-at-top
-    result = demo.run_demo(config, workdir)
-  else:
-    from cspine_jax.train import loop  # pylint: disable=g-import-not-at-top
-    result = loop.train_and_evaluate(config, workdir)
-  print(json.dumps(result, indent=1, default=str))
+    # Its figures go to WORKDIR/results.json; the output ends with the results table and metrics.
+    demo.run_demo(config, workdir)
+    return 0
+  from cspine_jax.train import loop  # pylint: disable=g-import-not-at-top
+  result = loop.train_and_evaluate(config, workdir)
+  path = pathlib.Path(workdir) / RESULT
+  path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+  print(f"result: {path}")
   return 0
 
 

@@ -17,6 +17,8 @@ def get_config(arg: str | None = None):
   c.model.drop_path_rate = 0.1
   c.train.epochs = 10
   c.input.batch_size = 32
+  # Weight of the positive presence targets in the BCE (1 = plain BCE, the paper's loss).
+  c.loss.presence_pos_weight = 1.0
   if variant == "cpu":
     common.cpu(c, 64)
     c.model.encoder = "convnext_test"

@@ -105,7 +105,14 @@ def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib
   c.eval.top_n = config.top_n
   for k, v in m.model.items():
     c.model[k] = v
+  for k, v in m.get("loss", {}).items():
+    c.loss[k] = v
   return c
+
+
+def rules_of(config: ml_collections.ConfigDict) -> pseudo_labels.Rules:
+  """The pseudo-label derivation rules of the demo config (``config.pseudo_labels``)."""
+  return pseudo_labels.Rules(**config.pseudo_labels.to_dict())
 
 
 def test_labels(data_dir: pathlib.Path) -> pd.DataFrame:
@@ -161,7 +168,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
   def label():
     ensemble = predict.FoldEnsemble.load(run_dir / "stage1", "stage1")
-    rules = pseudo_labels.Rules(threshold=config.presence_threshold)
+    rules = rules_of(config)
 
     def stage1_fn(images, fold=None):
       out = ensemble({"image": images}, fold=fold)
@@ -212,7 +219,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   # ---- inference on the held-out test studies, from DICOM
   def infer():
     predict.write_spec(run_dir, options, options, top_n=config.top_n,
-                       rules=pseudo_labels.Rules(threshold=config.presence_threshold))
+                       rules=rules_of(config))
     predict.write_prior(run_dir / predict.PRIOR,
                         labels_lib.read_train_csv(data_dir / "train.csv"))
     models = predict.load_models(run_dir)
@@ -264,14 +271,15 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       logs=summary_lib.find_logs(run_dir),
       images=[eval_dir / "reliability.png", *sorted((test_dir / "png").glob("*.png"))])
 
-  log("")
-  log(tables.format_table(results, "Results (out-of-fold, competition metric: lower is better)"))
+  # The output ends with the results table and the two metrics (the demo's figures of merit).
   log("")
   log(tables.format_table(oof_tables["top_n"], "Two-stage: patient_overall = top-N"))
   log("")
   log(f"held-out test ({test['studies']} studies, predicted from DICOM): two-stage "
       f"{test['score']:.4f}, prior {test['prior']:.4f}")
-  log(f"summary: {html}")
+  log(f"summary: {html}; figures: {workdir / 'results.json'}")
+  log("")
+  log(tables.format_table(results, "Results (out-of-fold, competition metric: lower is better)"))
   log(f"two-stage competition metric (out-of-fold): {two_oof:.4f}")
   log(f"prior baseline competition metric (out-of-fold): {prior_oof:.4f}")
   return figures

@@ -14,10 +14,14 @@ def test_tiny_demo_end_to_end(tmp_path):
   lines = []
   figures = demo.run_demo(demo_config.get_config("tiny"), tmp_path, log=lines.append)
   text = "\n".join(lines)
-  # Progress was shown step by step and the run ends with the two metrics.
+  # Progress was shown step by step; the run ends with the results table and the two metrics.
   assert "train stage 1 (all folds) done" in text and "stage-1 pseudo-labels done" in text
-  assert lines[-2].startswith("two-stage competition metric (out-of-fold): ")
-  assert lines[-1].startswith("prior baseline competition metric (out-of-fold): ")
+  assert lines[-3].startswith("Results (out-of-fold") and "Two-stage" in lines[-3]
+  assert lines[-2] == ("two-stage competition metric (out-of-fold): "
+                       f"{figures['oof']['two_stage']:.4f}")
+  assert lines[-1] == f"prior baseline competition metric (out-of-fold): {figures['oof']['prior']:.4f}"
+  # The pseudo-label figures against the masks are printed.
+  assert "vs masks (out_of_fold" in text and "box IoU" in text
   # Results table: the four models and the prior, finite scores.
   results = pd.read_csv(tmp_path / "eval" / "results.csv")
   assert results["model"].tolist() == ["3D CNN", "Two-stage", "Prior (train means)"]

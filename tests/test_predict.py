@@ -72,6 +72,34 @@ def test_noisy_presence_and_absent_vertebra(tmp_path):
     pseudo_labels.derive(presence[:, :6], boxes)
 
 
+def test_ordered_decoding_keeps_the_levels_in_order():
+  mask = _mask()
+  presence, boxes = pseudo_labels.oracle_outputs(mask)
+  truth = [(e.first, e.last) for e in labels.vertebra_extents(mask)]
+  assert pseudo_labels.ordered_ranges(presence) == truth
+  # A confident C2 call far below C7 cannot pull C2 there: the levels keep their order.
+  noisy = presence * 0.8 + 0.1
+  noisy[39, 1] = 0.95
+  assert pseudo_labels.ordered_ranges(noisy) == truth
+  by_threshold = pseudo_labels.derive(noisy, boxes, rules=pseudo_labels.Rules(decode="threshold"))
+  assert (by_threshold[1].first_index, by_threshold[1].last_index) == truth[1]  # longest run wins
+  # A weak model (every probability under 0.5, highest on the right slices): thresholding calls
+  # everything absent; the ordered decoding with require_all still finds each level.
+  weak = presence * 0.3 + 0.1
+  assert not any(p.present for p in pseudo_labels.derive(
+      weak, boxes, rules=pseudo_labels.Rules(decode="threshold")))
+  assert not any(p.present for p in pseudo_labels.derive(weak, boxes))
+  got = pseudo_labels.derive(weak, boxes, rules=pseudo_labels.Rules(require_all=True))
+  for p, (first, last) in zip(got, truth):
+    assert p.present and first <= p.first_index <= p.last_index <= last
+  # require_all gives every level at least one slice: in a study cut inside C6, C7 gets the last.
+  cut = presence[:28]
+  ranges = pseudo_labels.ordered_ranges(cut * 0.3 + 0.1, require_all=True)
+  assert all(r is not None for r in ranges) and ranges[6][1] == 27
+  with pytest.raises(ValueError, match="decode"):
+    pseudo_labels.Rules(decode="viterbi")
+
+
 # ----------------------------------------------------------------------------- end-to-end inference
 
 import json

@@ -119,6 +119,25 @@ def test_losses_use_the_metric_weights():
   assert not bool(losses.is_finite(jnp.float32(jnp.nan)))
 
 
+def test_presence_bce_weights_positive_targets():
+  z = jnp.array([[1.0, -2.0, 0.5, 0.0, 3.0, -1.0, 2.0], [0.0] * 7])
+  y = jnp.array([[1.0, 0, 0, 1, 0, 0, 1], [0.0] * 7])
+  p = 1 / (1 + np.exp(-np.asarray(z)))
+  per = -(np.asarray(y) * np.log(p) + (1 - np.asarray(y)) * np.log(1 - p))
+  np.testing.assert_allclose(losses.presence_bce(z, y), per.mean(), rtol=1e-6)
+  # pos_weight 4: each positive term counts 4 times; the mean is still over the 7 targets.
+  w = 1 + 3 * np.asarray(y)
+  np.testing.assert_allclose(losses.presence_bce(z, y, pos_weight=4.0), (w * per).mean(1).mean(),
+                             rtol=1e-6)
+  # The padding row (mask 0) is left out; the stage-1 task passes its configured weight through.
+  mask = jnp.array([1.0, 0.0])
+  np.testing.assert_allclose(losses.presence_bce(z, y, mask, 4.0), (w * per)[0].mean(), rtol=1e-6)
+  out = {"presence": z, "box": jnp.full((2, 4), 0.5), "area": jnp.zeros((2, 7))}
+  batch = {"presence": y, "box": jnp.full((2, 4), 0.5), "area": jnp.zeros((2, 7))}
+  _, m = tasks.get("stage1", presence_pos_weight=4.0).loss(out, batch, mask)
+  np.testing.assert_allclose(m["presence_bce"], (w * per)[0].mean(), rtol=1e-6)
+
+
 def test_schedule_warmup_and_cosine():
   s = steps.make_schedule(1e-3, 100, 10)
   assert float(s(0)) == 0.0 and abs(float(s(10)) - 1e-3) < 1e-9 and float(s(100)) < 1e-8

@@ -375,43 +375,12 @@ def fold_dirs(stage_dir: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def restore_model(run_dir: str | os.PathLike, step: int | None = None):
-  """(model in eval mode, checkpoint meta) of one training run folder (best step, else latest).
-
-  The model is rebuilt from the config saved in the checkpoint's meta (``models.make_model``) and
-  only its arrays are taken from the saved (model, optimizer) state.
-  """
-  import jax
-  import ml_collections
-  from flax import nnx
-  from orbax import checkpoint as ocp
-  from cspine_jax import models
+  """``train.checkpoints.restore_model`` with its errors worded as a :class:`PredictError`."""
   from cspine_jax.train import checkpoints as ckpt_lib
-
-  ckpt = ckpt_lib.Checkpointer(pathlib.Path(run_dir) / "checkpoints", async_save=False)
   try:
-    step = step if step is not None else ckpt.best_step()
-    step = step if step is not None else ckpt.latest_step()
-    if step is None:
-      raise PredictError(f"{run_dir}/checkpoints: no checkpoint saved")
-    meta = ckpt.read_meta(step)
-    model = models.make_model(ml_collections.ConfigDict(meta["model"]), rngs=nnx.Rngs(0))
-    saved = dict(ckpt.manager.item_metadata(step)[ckpt_lib.STATE])
-    abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in saved.items()}
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        **{ckpt_lib.STATE: ocp.args.StandardRestore(abstract)}))[ckpt_lib.STATE]
-  finally:
-    ckpt.close()
-  # The trainer saved nnx.state((model, optimizer)): the model's arrays are the "0." entries.
-  # RNG streams are left as built (inference draws no randomness; their saved layout may differ).
-  flat = {k[2:]: v for k, v in restored.items() if k.startswith("0.")}
-  like = nnx.state(model, nnx.Not(nnx.RngState))
-  want = set(ckpt_lib.flatten_state(like))
-  if want - set(flat):
-    raise PredictError(f"{run_dir}: checkpoint step {step} lacks {sorted(want - set(flat))[:5]} "
-                       f"for model {meta.get('model')}")
-  nnx.update(model, ckpt_lib.unflatten_state(flat, like))
-  model.eval()
-  return model, dict(meta, step=step)
+    return ckpt_lib.restore_model(run_dir, step)
+  except (ckpt_lib.NoCheckpointError, ckpt_lib.CheckpointMismatchError) as e:
+    raise PredictError(str(e)) from e
 
 
 class FoldEnsemble:

@@ -4,9 +4,17 @@ The stage-1 fold ensemble (probabilities averaged over the folds' models) scores
 study: per-slice presence probabilities of C1..C7 and one normalised box of the visible vertebrae.
 From them, per vertebra (documented rules, tested exactly with an oracle model):
 
-* Range: the slices whose presence probability reaches ``threshold`` (0.5); of their contiguous runs
-  the longest one wins (ties: the larger summed probability), so a stray confident slice far away
-  cannot stretch the range. No slice over the threshold -> the vertebra is absent.
+* Range, ``decode="ordered"`` (default): the vertebrae lie head to feet in order, each on one
+  contiguous run of slices, neighbours may share slices. Every slice gets a state "vertebrae a..b
+  shown" (or none, between two levels) with a and b never decreasing from head to feet; the
+  sequence with the largest summed logit(p) - logit(``threshold``) over its shown vertebrae (the
+  most likely one for calibrated p and threshold 0.5) is found by Viterbi, and each vertebra's
+  range is where it is in the state. ``require_all`` forces every
+  vertebra onto at least one slice (a cervical-spine CT shows all seven), so a weak model still
+  places each level where it is relatively most likely instead of calling it absent.
+* Range, ``decode="threshold"``: the slices whose presence probability reaches ``threshold`` (0.5);
+  of their contiguous runs the longest one wins (ties: the larger summed probability), so a stray
+  confident slice far away cannot stretch the range. No slice over the threshold -> absent.
 * Box: the per-slice boxes over the range, restricted to the slices where this vertebra is the only
   one called present (the per-slice box covers every visible vertebra, so slices shared with a
   neighbour would widen it; when no slice is exclusive, all the range's slices are used). The box is
@@ -36,6 +44,7 @@ NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 # A stage-1 scorer: uint8 2.5D images (N, H, W, 3) -> (presence probabilities (N, 7), boxes (N, 4)
 # normalised x0, y0, x1, y1). Models, fold ensembles and test oracles all fit this shape.
 Stage1Fn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+DECODERS = ("ordered", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +52,12 @@ class Rules:
   """The derivation's knobs (see the module docstring)."""
   threshold: float = 0.5
   box_quantile: float = 0.0
+  decode: str = "ordered"
+  require_all: bool = False
 
   def __post_init__(self):
+    if self.decode not in DECODERS:
+      raise ValueError(f"decode must be one of {DECODERS}, got {self.decode!r}")
     if not 0.0 < self.threshold < 1.0:
       raise ValueError(f"presence threshold must be in (0, 1), got {self.threshold}")
     if not 0.0 <= self.box_quantile < 0.5:
@@ -63,6 +76,55 @@ def longest_run(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple[in
   sums = np.array([w[a:b + 1].sum() for a, b in zip(starts, ends)])
   best = np.lexsort((-sums, -lengths))[0]  # longest first, then the heaviest
   return int(starts[best]), int(ends[best])
+
+
+def _states(n: int = NUM_VERTEBRAE) -> np.ndarray:
+  """(K, 2) states (a, b): vertebrae a..b (1-based, inclusive) shown; a = b + 1 is the empty gap
+  just below vertebra b (b = 0: above the first)."""
+  return np.array([(a, b) for b in range(n + 1) for a in range(1, b + 2)], np.int64)
+
+
+def ordered_ranges(presence: np.ndarray, require_all: bool = False, threshold: float = 0.5,
+                   eps: float = 1e-4) -> list[tuple[int, int] | None]:
+  """Per vertebra the (first, last) slice range of the best ordered labelling, or None.
+
+  Head to feet the shown vertebrae form a block a..b (or nothing, between two levels) whose ends
+  never move up. A labelling scores the sum, over the slices and vertebrae it shows, of
+  logit(p) - logit(threshold): with threshold 0.5 the most likely labelling when the slices'
+  presences are independent Bernoullis with probabilities p, and the same decision point as the
+  threshold rule for one slice (a model trained with up-weighted positives calls p ~ 0.5 too
+  often; a higher threshold undoes that). ``require_all``: each vertebra shown on >= 1 slice.
+  """
+  p = np.clip(np.asarray(presence, np.float64), eps, 1.0 - eps)
+  s, n = p.shape
+  states = _states(n)
+  a, b = states[:, 0], states[:, 1]
+  logit = np.log(p) - np.log1p(-p) - math.log(threshold / (1.0 - threshold))
+  gain = np.concatenate([np.zeros((s, 1)), np.cumsum(logit, axis=1)], axis=1)
+  emit = gain[:, b] - gain[:, a - 1]  # (S, K): the summed logits of the shown vertebrae
+  # allowed[i, j]: state i may follow state j.
+  allowed = (a[:, None] >= a[None, :]) & (b[:, None] >= b[None, :])
+  start = np.ones(len(states), bool)
+  end = np.ones(len(states), bool)
+  if require_all:  # no level may be skipped: start at C1 or above it, end at the last or below it
+    allowed &= a[:, None] <= b[None, :] + 1
+    start, end = a == 1, b == n
+  penalty = np.where(allowed, 0.0, -np.inf)
+  score = np.where(start, emit[0], -np.inf)
+  back = np.zeros((s, len(states)), np.int64)
+  for t in range(1, s):
+    cand = score[None, :] + penalty  # (next state, previous state)
+    back[t] = np.argmax(cand, axis=1)
+    score = cand[np.arange(len(states)), back[t]] + emit[t]
+  path = np.empty(s, np.int64)
+  path[-1] = int(np.argmax(np.where(end, score, -np.inf)))
+  for t in range(s - 1, 0, -1):
+    path[t - 1] = back[t, path[t]]
+  out: list[tuple[int, int] | None] = []
+  for v in range(1, n + 1):
+    shown = np.flatnonzero((a[path] <= v) & (v <= b[path]))
+    out.append((int(shown[0]), int(shown[-1])) if len(shown) else None)
+  return out
 
 
 def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -102,9 +164,17 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
   if numbers.shape != (s,):
     raise ValueError(f"{numbers.shape[0]} file numbers for {s} slices")
   called = presence >= rules.threshold
+  if rules.decode == "ordered":
+    runs = ordered_ranges(presence, rules.require_all, rules.threshold)
+    called = np.zeros_like(called)
+    for v, run in enumerate(runs):
+      if run is not None:
+        called[run[0]:run[1] + 1, v] = True
+  else:
+    runs = [longest_run(called[:, v], presence[:, v]) for v in range(NUM_VERTEBRAE)]
   out = []
   for v in range(NUM_VERTEBRAE):
-    run = longest_run(called[:, v], presence[:, v])
+    run = runs[v]
     if run is None:
       out.append(vertebrae_lib.absent(confidence=float(1.0 - presence[:, v].max())))
       continue

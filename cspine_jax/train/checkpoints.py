@@ -7,6 +7,9 @@ keys as their raw key data), ``data`` (the grain iterator state, one JSON file p
 checkpoints plus the ``keep_best`` best by validation score, and saves asynchronously (every read
 waits for a pending save first). Before restoring, the saved array names and shapes are compared
 with the target, so a checkpoint of another model fails with a message that lists the differences.
+
+:func:`restore_model` is the inference-side reader: the model alone (no optimizer, no iterator),
+rebuilt from the config saved in the meta.
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ STATE, DATA, META = "state", "data", "meta"
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint that does not fit the model/optimizer being restored into."""
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A run folder without any saved checkpoint."""
 
 
 def _path_key(path) -> str:
@@ -178,3 +185,42 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+  """(model in eval mode, checkpoint meta with "step") of one training run folder.
+
+  ``step`` None: the best-scored kept step, else the latest. The model is rebuilt from the config
+  saved in the checkpoint's meta (``models.make_model``) and only its arrays are read from the
+  saved (model, optimizer) state; RNG streams stay as built (inference draws no randomness and
+  their saved layout may differ). Raises NoCheckpointError / CheckpointMismatchError.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from cspine_jax import models  # pylint: disable=g-import-not-at-top
+
+  run_dir = pathlib.Path(run_dir)
+  ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+  try:
+    step = step if step is not None else ckpt.best_step()
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+      raise NoCheckpointError(f"{run_dir}/checkpoints: no checkpoint saved")
+    meta = ckpt.read_meta(step)
+    model = models.make_model(ml_collections.ConfigDict(meta["model"]), rngs=nnx.Rngs(0))
+    saved = dict(ckpt.manager.item_metadata(step)[STATE])
+    abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in saved.items()}
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+  finally:
+    ckpt.close()
+  # The trainer saved nnx.state((model, optimizer)): the model's arrays are the "0." entries.
+  flat = {k[2:]: v for k, v in restored.items() if k.startswith("0.")}
+  like = nnx.state(model, nnx.Not(nnx.RngState))
+  missing = set(flatten_state(like)) - set(flat)
+  if missing:
+    raise CheckpointMismatchError(f"{run_dir}: checkpoint step {step} lacks {sorted(missing)[:5]} "
+                                  f"for model {meta.get('model')}")
+  nnx.update(model, unflatten_state(flat, like))
+  model.eval()
+  return model, dict(meta, step=step)

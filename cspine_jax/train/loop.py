@@ -160,7 +160,8 @@ def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed
   schedule = steps_lib.make_schedule(opt.lr, total_steps, warmup, opt.end_factor)
   tx = steps_lib.make_tx(schedule, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
                          b1=opt.b1, b2=opt.b2)
-  task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight)
+  task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight,
+                       presence_pos_weight=config.loss.get("presence_pos_weight", 1.0))
   model = model if model is not None else build_model(config, seed)
   trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding)
   trainer.schedule = schedule

@@ -3,8 +3,8 @@
 * stage 2 (one vertebra per sample): BCE weighted 1 for a negative, 2 for a positive vertebra.
 * 3D CNN and the 2D slice models: 8 targets (patient_overall, C1..C7) with the metric's 7/14 and
   1/2 weights (``metrics.weighted_mean``), averaged over the batch.
-* stage 1: BCE on the 7 presence targets + L1 / smooth-L1 on the normalised box for the slices
-  that show any vertebra.
+* stage 1: BCE on the 7 presence targets (positives optionally up-weighted) + L1 / smooth-L1 on
+  the normalised box for the slices that show any vertebra.
 All losses take an optional per-sample ``mask`` (0 for padding rows) and run under jit.
 """
 from __future__ import annotations
@@ -64,9 +64,17 @@ def box_loss(pred: Array, target: Array, weight: Array, kind: str = "smooth_l1",
   return _masked_mean(jnp.mean(per, axis=-1), weight)
 
 
-def presence_bce(logits: Array, labels: Array, mask: Array | None = None) -> Array:
-  """Unweighted mean BCE over (B, 7) presence targets."""
-  per = jnp.mean(bce(logits, labels), axis=-1)
+def presence_bce(logits: Array, labels: Array, mask: Array | None = None,
+                 pos_weight: float = 1.0) -> Array:
+  """Mean BCE over (B, 7) presence targets; positives weighted by ``pos_weight``.
+
+  A vertebra shows on about a tenth of a study's slices, so unweighted BCE is minimised early by
+  calling every vertebra absent; ``pos_weight`` ~ negatives / positives counters that (the
+  weighted loss is the plain one when ``pos_weight`` is 1).
+  """
+  labels = labels.astype(jnp.float32)
+  w = 1.0 + (pos_weight - 1.0) * labels
+  per = jnp.mean(w * bce(logits, labels), axis=-1)
   return _masked_mean(per, jnp.ones_like(per) if mask is None else mask)
 
 

@@ -149,9 +149,10 @@ def _stage1_outputs(outputs: Any) -> dict[str, Array]:
   return _unpack(outputs, ("presence", "box", "area"), (NV, 4, NV))
 
 
-def _stage1_loss(outputs, batch, mask, box_kind: str = "smooth_l1", box_weight: float = 1.0):
+def _stage1_loss(outputs, batch, mask, box_kind: str = "smooth_l1", box_weight: float = 1.0,
+                 presence_pos_weight: float = 1.0):
   out = _stage1_outputs(outputs)
-  presence = losses.presence_bce(out["presence"], batch["presence"], mask)
+  presence = losses.presence_bce(out["presence"], batch["presence"], mask, presence_pos_weight)
   shown = (jnp.max(batch["presence"], axis=-1) > 0).astype(jnp.float32) * mask
   box = losses.box_loss(out["box"], batch["box"], shown, box_kind)
   loss = presence + box_weight * box
@@ -177,13 +178,16 @@ STAGE1 = Task("stage1", "image", _stage1_loss, _stage1_predict, ("presence", "bo
 TASKS = {t.name: t for t in (STAGE1, STAGE2, CNN3D, SLICES2D)}
 
 
-def get(name: str, *, box_loss: str = "smooth_l1", box_weight: float = 1.0) -> Task:
-  """The task by name; ``box_loss``/``box_weight`` configure stage 1's box regression."""
+def get(name: str, *, box_loss: str = "smooth_l1", box_weight: float = 1.0,
+        presence_pos_weight: float = 1.0) -> Task:
+  """The task by name; ``box_loss``/``box_weight`` configure stage 1's box regression and
+  ``presence_pos_weight`` the weight of its positive presence targets."""
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
   if name == "stage1":
     return dataclasses.replace(STAGE1, loss=functools.partial(
-        _stage1_loss, box_kind=box_loss, box_weight=box_weight))
+        _stage1_loss, box_kind=box_loss, box_weight=box_weight,
+        presence_pos_weight=presence_pos_weight))
   return TASKS[name]
 
 
