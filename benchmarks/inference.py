@@ -62,6 +62,8 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
   p.add_argument("--size", default="small", help="synthetic study size: tiny, small or full (512 px)")
   p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--decode_workers", type=int, default=0,
+                 help="decoder processes (0: one reader thread, the floor's own speed)")
   args = p.parse_args(argv)
 
   tmp = None
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
   floor = (time.perf_counter() - t0) / len(folders)
 
   t0 = time.perf_counter()
-  result = predict.run(folders, models, prior, batch_size=args.batch_size)
+  result = predict.run(folders, models, prior, batch_size=args.batch_size,
+                       decode_workers=args.decode_workers)
   total = (time.perf_counter() - t0) / len(folders)
   per = {k: v / len(folders) for k, v in result.seconds.items()}
   slices = sum(r.shape[0] for r in result.results if r.shape) / len(folders)
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
   print(f"vertebrae located by stage 1 (and cropped): {located} of {7 * len(folders)}")
   print(f"decode-only floor (baseline, same run): {floor:.3f} s/study")
   print(f"end to end: {total:.3f} s/study; ratio to the decode floor: {total / floor:.2f}x "
-        "(decode overlaps the models in a reader thread)")
+        f"(decode overlaps the models: {args.decode_workers or 'one'} decoder "
+        f"{'processes' if args.decode_workers else 'thread'})")
   if tmp is not None:
     tmp.cleanup()
   return 0

@@ -2,10 +2,11 @@
 
     python -m cspine_jax.predict --studies DIR --workdir RUN --out submission.csv
         [--prior train.csv|prior.json] [--top_n 7] [--json_dir D] [--png_dir D] [--batch_size 32]
+        [--decode_workers N]
 
 DIR is a ``test_images/`` folder of study folders or one study folder of scanner files. Per study:
-read (``io.dicom.read_series``, in a background thread that decodes the next study while the models
-run) -> stage 1 on every slice (the fold ensemble, batched over slices) -> vertebra ranges and boxes
+read (``io.dicom.read_series`` in decoder processes, ``infer.reader``, that decode the next studies
+while the models run) -> stage 1 on every slice (the fold ensemble, batched over slices) -> vertebra ranges and boxes
 (``infer.pseudo_labels.derive``) -> crops (``records.stage2.vertebra_images``, the training
 preprocessing) -> stage 2 (fold ensemble, batched over the vertebrae of several studies) ->
 per-vertebra probabilities -> patient_overall = top-N (``infer.aggregate``).
@@ -23,11 +24,9 @@ import dataclasses
 import json
 import os
 import pathlib
-import queue
 import sys
-import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,6 +34,7 @@ import pandas as pd
 from cspine_jax import labels as labels_lib
 from cspine_jax.infer import aggregate
 from cspine_jax.infer import pseudo_labels
+from cspine_jax.infer import reader
 from cspine_jax.io import dicom
 from cspine_jax.records import stage2 as stage2_lib
 from cspine_jax.records import study as study_lib
@@ -143,42 +143,6 @@ def study_uid(folder: pathlib.Path, series: dicom.Series | None) -> str | None:
   return None
 
 
-def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2
-               ) -> Iterator[tuple[Any, Any, BaseException | None, float]]:
-  """Yields (item, loaded, error, seconds) in order while a thread loads up to ``depth`` ahead.
-
-  DICOM decoding (pydicom + the C JPEG decoders) overlaps with the models this way; an exception
-  of one item is handed back with it instead of stopping the stream.
-  """
-  q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-  stop = threading.Event()
-
-  def worker():
-    for item in items:
-      if stop.is_set():
-        return
-      start = time.perf_counter()
-      try:
-        out = (item, load(item), None)
-      except Exception as e:  # noqa: BLE001 - handed to the consumer with its item
-        out = (item, None, e)
-      q.put(out + (time.perf_counter() - start,))
-    q.put(None)
-
-  thread = threading.Thread(target=worker, name="dicom-prefetch", daemon=True)
-  thread.start()
-  try:
-    while (got := q.get()) is not None:
-      yield got
-  finally:
-    stop.set()
-    while thread.is_alive():  # unblock a worker waiting on a full queue
-      try:
-        q.get_nowait()
-      except queue.Empty:
-        thread.join(0.05)
-
-
 # ----------------------------------------------------------------------------- the two stages
 
 
@@ -223,10 +187,14 @@ def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction
 
 
 def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
-        batch_size: int = 32, studies_per_batch: int = 4,
+        batch_size: int = 32, studies_per_batch: int = 4, decode_workers: int = 0,
         on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
         progress: bool = False) -> Run:
-  """Predicts every study folder; failures fall back to ``prior`` (8 probabilities)."""
+  """Predicts every study folder; failures fall back to ``prior`` (8 probabilities).
+
+  ``decode_workers`` > 0 decodes that many studies at once in separate processes (the reader is
+  the bottleneck on a GPU host); 0 reads in one background thread.
+  """
   prior = np.asarray(prior, np.float64)
   seconds = dict.fromkeys(STAGES, 0.0)
   results: list[StudyResult] = []
@@ -249,8 +217,7 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
 
   from tqdm import tqdm
   bar = tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
-  load = lambda f: dicom.read_series(f, warn=False)
-  for folder, series, error, dt in prefetched(list(folders), load):
+  for folder, series, error, dt in reader.read_studies(folders, workers=decode_workers):
     seconds["decode"] += dt
     res = StudyResult(uid=study_uid(folder, series), folder=str(folder))
     results.append(res)
@@ -513,6 +480,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--json_dir", help="per-study JSON folder (default: <out>_studies/)")
   p.add_argument("--png_dir", help="write a per-study PNG here")
   p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--decode_workers", type=int, default=None,
+                 help="processes decoding studies ahead (default: half the CPU cores; 0: one thread)")
   p.add_argument("--studies_per_batch", type=int, default=4)
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(argv)
@@ -531,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   json_dir = args.json_dir or out.with_name(out.stem + "_studies")
   result = run(folders, models, prior, batch_size=args.batch_size,
                studies_per_batch=args.studies_per_batch,
+               decode_workers=(max(1, (os.cpu_count() or 2) // 2) if args.decode_workers is None
+                               else args.decode_workers),
                on_study=study_writer(json_dir, args.png_dir), progress=not args.no_progress)
   paths = write_outputs(result, out)
   n_err = len(result.errors())

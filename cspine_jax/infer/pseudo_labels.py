@@ -256,7 +256,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options,
   model that did not train on the study. Unreadable studies are listed and left out of the file.
   Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs}.
   """
-  from cspine_jax.infer import predict  # the reader thread and batching live there
+  from cspine_jax.infer import predict, reader  # batching; the reader thread
   from cspine_jax.io import dicom, nifti
   from cspine_jax.records import study as study_lib
 
@@ -273,7 +273,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options,
   located, failed, rows_ens, rows_oof = {}, [], [], []
   from tqdm import tqdm
   bar = tqdm(total=len(inputs), unit="study", desc="pseudo-labels", disable=not progress)
-  for (uid, _, _), loaded, error, _ in predict.prefetched(inputs, load):
+  for (uid, _, _), loaded, error, _ in reader.prefetched(inputs, load):
     bar.update()
     if error is not None:
       failed.append((uid, f"{type(error).__name__}: {error}"))

@@ -1,0 +1,58 @@
+"""Reading studies ahead of the models: decoder processes give what read_series gives, in order."""
+import pathlib
+import shutil
+
+import numpy as np
+
+from cspine_jax.infer import reader
+from cspine_jax.io import dicom
+
+
+def _shm_blocks() -> set[str]:
+  shm = pathlib.Path("/dev/shm")
+  return {p.name for p in shm.iterdir() if p.name.startswith("psm_")} if shm.exists() else set()
+
+
+def _folders(tmp_path, real_data_dir) -> list[pathlib.Path]:
+  """Real scanner series (JPEG Lossless, JPEG 2000) and an unreadable folder in between."""
+  root = real_data_dir / "totalseg_ct"
+  out = []
+  for i, name in enumerate(["dicom_jpeg_lossless", "BAD", "dicom_j2k", "dicom_jpeg_lossless"]):
+    dst = tmp_path / f"study{i}"
+    if name == "BAD":
+      dst.mkdir()
+      (dst / "1.dcm").write_bytes(b"not a dicom file")
+    else:
+      shutil.copytree(root / name, dst)
+    out.append(dst)
+  return out
+
+
+def test_decoder_processes_match_read_series_in_order(tmp_path, real_data_dir):
+  folders = _folders(tmp_path, real_data_dir)
+  before = _shm_blocks()
+  got = list(reader.read_studies(folders, workers=2, depth=1))
+  assert [g[0] for g in got] == folders
+  for folder, series, error, seconds in got:
+    if folder.name == "study1":
+      assert series is None and isinstance(error, dicom.SeriesError) and "study1" in str(error)
+      continue
+    assert error is None and seconds > 0
+    want = dicom.read_series(folder, warn=False)
+    np.testing.assert_array_equal(series.volume, want.volume)
+    assert series.volume.dtype == want.volume.dtype
+    np.testing.assert_array_equal(series.positions, want.positions)
+    assert series.file_names == want.file_names and series.study_uid == want.study_uid
+  assert _shm_blocks() <= before  # every block handed back was freed
+
+
+def test_thread_path_and_early_stop_free_everything(tmp_path, real_data_dir):
+  folders = _folders(tmp_path, real_data_dir)
+  threaded = [(f, s is not None, e is not None) for f, s, e, _ in reader.read_studies(folders)]
+  assert threaded == [(f, f.name != "study1", f.name == "study1") for f in folders]
+  before = _shm_blocks()
+  stream = reader.read_studies(folders, workers=2, depth=2)
+  first = next(stream)
+  assert first[0] == folders[0] and first[1].volume.ndim == 3
+  stream.close()  # the studies decoded ahead but never consumed must not leak shared memory
+  assert _shm_blocks() <= before
