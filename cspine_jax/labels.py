@@ -69,15 +69,13 @@ def _check_mask(mask: np.ndarray) -> np.ndarray:
   return mask
 
 
-_CHUNK_VOXELS = 1 << 22  # Voxels counted per bincount (its int keys take 8 bytes each).
-
-
 @dataclasses.dataclass
 class _Region:
   """The smallest block of a uint8 mask holding every nonzero voxel, and where it starts.
 
-  Most of a neck CT mask is background: two max-reductions over the whole volume (one fast pass
-  each) find the block, and all the per-label work is done on it (about a tenth of the voxels).
+  Most of a neck CT mask is background: two max-reductions along contiguous memory (one per
+  slice, then one over the slab of nonzero slices) find the block, and all the per-label work is
+  done on it (about a tenth of the voxels).
   """
   block: np.ndarray  # uint8 (s, h, w) view of the mask
   start: tuple[int, int, int]  # (slice, row, column) of block[0, 0, 0]
@@ -88,29 +86,16 @@ def _region(mask: np.ndarray) -> _Region | None:
   """The nonzero block of a uint8 mask, or None when the mask is all zeros."""
   if mask.size == 0:
     return None
-  by_col = mask.max(axis=1)  # (S, W): a contiguous row-by-row reduction.
-  slices = np.flatnonzero(by_col.any(1))
+  per_slice = mask.max(axis=(1, 2)) if not mask.flags.c_contiguous else (
+      mask.reshape(mask.shape[0], -1).max(axis=1))
+  slices = np.flatnonzero(per_slice)
   if slices.size == 0:
     return None
-  cols = np.flatnonzero(by_col.any(0))
-  s0, s1, c0, c1 = int(slices[0]), int(slices[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-  rows = np.flatnonzero(mask[s0:s1, :, c0:c1].max(axis=2).any(0))
-  r0, r1 = int(rows[0]), int(rows[-1]) + 1
+  s0, s1 = int(slices[0]), int(slices[-1]) + 1
+  plane = mask[s0:s1].max(axis=0)  # (H, W): the slab's footprint, vectorised over each plane.
+  rows, cols = np.flatnonzero(plane.any(1)), np.flatnonzero(plane.any(0))
+  r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
   return _Region(mask[s0:s1, r0:r1, c0:c1], (s0, r0, c0), mask.shape)
-
-
-def _slice_counts(region: _Region) -> np.ndarray:
-  """int64 (s, 7): pixels of each vertebra in each slice of the block (one bincount per chunk)."""
-  block = region.block
-  n = block.shape[0]
-  counts = np.empty((n, NUM_VERTEBRAE), np.int64)
-  step = max(1, _CHUNK_VOXELS // max(1, block.shape[1] * block.shape[2]))
-  for j in range(0, n, step):
-    chunk = block[j:j + step]
-    keys = np.arange(len(chunk), dtype=np.intp)[:, None, None] * 256 + chunk  # slice*256 + label
-    counts[j:j + step] = np.bincount(keys.ravel(), minlength=len(chunk) * 256
-                                     ).reshape(len(chunk), 256)[:, 1:NUM_VERTEBRAE + 1]
-  return counts
 
 
 def _box_from_any(rows: np.ndarray, cols: np.ndarray, y_off: int = 0, x_off: int = 0
@@ -127,6 +112,30 @@ def _box_from_any(rows: np.ndarray, cols: np.ndarray, y_off: int = 0, x_off: int
   return np.where(has[..., None], box, 0)
 
 
+@dataclasses.dataclass
+class _Labelled:
+  """Per slice of a region's block: C1-C7 row/column occupancy, box (block coordinates) and
+  pixel count of each vertebra."""
+  rows: np.ndarray  # bool (s, h)
+  cols: np.ndarray  # bool (s, w)
+  box: np.ndarray  # int (s, 4), zeros where no C1-C7 pixel
+  counts: np.ndarray  # int64 (s, 7)
+
+
+def _labelled(region: _Region) -> _Labelled:
+  """One pass for the C1-C7 occupancy of every slice; then each slice's counts by one bincount
+  of the pixels inside its C1-C7 box only (all its C1-C7 pixels lie there), exact."""
+  block = region.block
+  fg = (block - np.uint8(1)) < NUM_VERTEBRAE  # Labels 1..7 (uint8 wraps 0 to 255).
+  rows, cols = fg.any(2), fg.any(1)
+  box = _box_from_any(rows, cols)
+  counts = np.zeros((block.shape[0], NUM_VERTEBRAE), np.int64)
+  for i in np.flatnonzero(rows.any(1)):
+    x0, y0, x1, y1 = box[i]
+    counts[i] = np.bincount(block[i, y0:y1, x0:x1].ravel(), minlength=256)[1:NUM_VERTEBRAE + 1]
+  return _Labelled(rows, cols, box, counts)
+
+
 def slice_labels(mask: np.ndarray) -> SliceLabels:
   """Presence, area ratio and C1-C7 box of every slice of a (S, H, W) mask."""
   mask = _check_mask(mask)
@@ -137,9 +146,9 @@ def slice_labels(mask: np.ndarray) -> SliceLabels:
   if region is not None:
     s0, r0, c0 = region.start
     s1 = s0 + region.block.shape[0]
-    counts[s0:s1] = _slice_counts(region)
-    fg = (region.block - np.uint8(1)) < NUM_VERTEBRAE  # Labels 1..7 (uint8 wraps 0 to 255).
-    box[s0:s1] = _box_from_any(fg.any(2), fg.any(1), r0, c0)
+    lab = _labelled(region)
+    counts[s0:s1] = lab.counts
+    box[s0:s1] = np.where(lab.rows.any(1)[:, None], lab.box + np.array([c0, r0, c0, r0]), 0)
   peak = counts.max(0, initial=0)
   area = np.divide(counts, peak, out=np.zeros(counts.shape, np.float64), where=peak > 0)
   return SliceLabels(presence=counts > 0, area_ratio=area.astype(np.float32), box=box)
@@ -152,7 +161,8 @@ def vertebra_extents(mask: np.ndarray) -> list[VertebraExtent | None]:
   if region is None:
     return [None] * NUM_VERTEBRAE
   s0, r0, c0 = region.start
-  present = _slice_counts(region) > 0
+  lab = _labelled(region)
+  present = lab.counts > 0
   extents: list[VertebraExtent | None] = []
   for v in range(NUM_VERTEBRAE):
     idx = np.flatnonzero(present[:, v])
@@ -160,9 +170,12 @@ def vertebra_extents(mask: np.ndarray) -> list[VertebraExtent | None]:
       extents.append(None)
       continue
     first, last = int(idx[0]), int(idx[-1])
-    # Only the vertebra's own slab of the block is scanned: all seven cost about one block pass.
-    footprint = (region.block[first:last + 1] == v + 1).any(0)
-    box = _box_from_any(footprint.any(1), footprint.any(0), r0, c0)
+    # Only the vertebra's own slab, inside the union of its slices' C1-C7 boxes, is scanned.
+    ys = np.flatnonzero(lab.rows[first:last + 1].any(0))
+    xs = np.flatnonzero(lab.cols[first:last + 1].any(0))
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    footprint = (region.block[first:last + 1, y0:y1, x0:x1] == v + 1).any(0)
+    box = _box_from_any(footprint.any(1), footprint.any(0), r0 + y0, c0 + x0)
     extents.append(VertebraExtent(first + s0, last + s0, tuple(int(b) for b in box)))
   return extents
 

@@ -84,18 +84,60 @@ def test_large_mask():
   np.testing.assert_allclose(sl.area_ratio, counts / counts.max(0), rtol=1e-6)
 
 
-def test_chunked_counts_and_empty_masks(monkeypatch):
-  m = _toy_mask()
-  ref = labels.slice_labels(m)
-  monkeypatch.setattr(labels, "_CHUNK_VOXELS", 7)  # One slice per bincount.
-  out = labels.slice_labels(m)
-  np.testing.assert_array_equal(out.area_ratio, ref.area_ratio)
-  np.testing.assert_array_equal(out.box, ref.box)
-  for empty in (np.zeros((3, 4, 5), np.uint8), np.zeros((0, 4, 5), np.uint8)):
+def _naive_slice_labels(m):
+  """Per slice, one ``==`` per vertebra: the definition, written plainly."""
+  counts = np.array([[(sl == v).sum() for v in range(1, 8)] for sl in m]).reshape(len(m), 7)
+  peak = counts.max(0, initial=0)
+  area = np.divide(counts, peak, out=np.zeros(counts.shape), where=peak > 0)
+  box = np.zeros((len(m), 4))
+  for i, sl in enumerate(m):
+    yy, xx = np.nonzero((sl >= 1) & (sl <= 7))
+    if yy.size:
+      box[i] = [xx.min(), yy.min(), xx.max() + 1, yy.max() + 1]
+  return counts > 0, area.astype(np.float32), box
+
+
+def _naive_extents(m):
+  out = []
+  for v in range(1, 8):
+    zz, yy, xx = np.nonzero(m == v)
+    out.append(None if zz.size == 0 else labels.VertebraExtent(
+        int(zz.min()), int(zz.max()), (int(xx.min()), int(yy.min()), int(xx.max()) + 1,
+                                       int(yy.max()) + 1)))
+  return out
+
+
+@pytest.mark.parametrize("shape", [(9, 24, 32), (7, 13, 21), (5, 16, 40)])
+def test_random_masks_match_the_definition(shape):
+  """Random blobs of labels 0..12 (> 7 ignored) against the plain per-slice definition, on masks
+  whose rows allow the 8-voxel word reductions and on ones that do not (odd width, a view)."""
+  rng = np.random.default_rng(sum(shape))
+  for trial in range(6):
+    m = np.zeros(shape, np.uint8)
+    for _ in range(rng.integers(0, 12)):
+      s0, y0, x0 = (int(rng.integers(0, n)) for n in shape)
+      ds, dy, dx = (int(rng.integers(1, 6)) for _ in range(3))
+      m[s0:s0 + ds, y0:y0 + dy, x0:x0 + dx] = rng.integers(1, 13)
+    for mask in (m, m[:, :, ::-1], np.asfortranarray(m)):  # The last two: no word path.
+      presence, area, box = _naive_slice_labels(mask)
+      sl = labels.slice_labels(mask)
+      np.testing.assert_array_equal(sl.presence, presence, err_msg=f"trial {trial}")
+      np.testing.assert_array_equal(sl.area_ratio, area)
+      np.testing.assert_array_equal(sl.box, box)
+      assert labels.vertebra_extents(mask) == _naive_extents(mask)
+
+
+def test_empty_masks():
+  for empty in (np.zeros((3, 4, 5), np.uint8), np.zeros((0, 4, 5), np.uint8),
+                np.zeros((2, 8, 16), np.uint8)):
     sl = labels.slice_labels(empty)
     assert sl.presence.shape == (len(empty), 7) and not sl.presence.any()
     assert sl.box.shape == (len(empty), 4) and not sl.box.any()
     assert labels.vertebra_extents(empty) == [None] * 7
+  only_thoracic = np.zeros((2, 8, 16), np.uint8)
+  only_thoracic[1, 3, 5] = 9  # A nonzero block without any C1-C7 voxel.
+  assert not labels.slice_labels(only_thoracic).box.any()
+  assert labels.vertebra_extents(only_thoracic) == [None] * 7
 
 
 def _real_vertebrae(real_data_dir):
