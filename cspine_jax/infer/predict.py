@@ -409,7 +409,9 @@ class FoldEnsemble:
       states = [s for s, f in zip(self.states, self.folds) if f == fold]
       if not states:
         raise PredictError(f"no fold model held out fold {fold} (members: {self.folds})")
-    outs = [jax.device_get(self._forward(s, batch)) for s in states]
+    # One host->device copy for every member, all members dispatched before any result is read.
+    batch = jax.device_put(batch)
+    outs = jax.device_get([self._forward(s, batch) for s in states])
     return {k: aggregate.ensemble_mean([o[k] for o in outs]) for k in outs[0]}
 
 
