@@ -201,6 +201,11 @@ def test_distributed_environment_detection():
   assert loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
   assert not loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
   assert loop.wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert loop.distributed_args({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}) == {
+      "num_processes": 4, "process_id": 2}
+  assert loop.distributed_args({"SLURM_JOB_ID": "7"}) == {}  # JAX detects SLURM by itself
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+    loop.distributed_args({"JAX_PROCESS_ID": "two"})
 
 
 class TinyImage(nnx.Module):

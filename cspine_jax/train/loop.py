@@ -61,11 +61,25 @@ def wants_distributed(env: dict[str, str] | None = None) -> bool:
   return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
+def distributed_args(env: dict[str, str] | None = None) -> dict[str, int]:
+  """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID (a plain multi-node launch
+  without SLURM, MPI or a TPU pod, whose values JAX detects itself)."""
+  env = os.environ if env is None else env
+  out = {}
+  for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if env.get(key):
+      try:
+        out[arg] = int(env[key])
+      except ValueError as e:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from e
+  return out
+
+
 def maybe_initialize_distributed() -> None:
   """Calls ``jax.distributed.initialize()`` once when several hosts take part (before any jax op)."""
   if wants_distributed():
     try:
-      jax.distributed.initialize()
+      jax.distributed.initialize(**distributed_args())
     except RuntimeError as e:
       if "already" not in str(e):
         raise
