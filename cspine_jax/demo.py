@@ -96,6 +96,8 @@ def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib
   c.prepare.stage2_slices = config.prepare.stage2_slices
   c.prepare.cube_size = config.prepare.cube_size
   c.train.epochs = m.epochs
+  c.train.max_steps = m.get("max_steps", 0)  # > 0: a step budget instead of whole epochs
+  c.train.eval_every = m.get("eval_every", 1)  # validate + checkpoint every k epochs and at the end
   c.train.progress = bool(config.progress)
   c.train.tensorboard = False
   c.train.async_checkpoints = False
@@ -147,7 +149,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   def generate():
     if not (data_dir / "train.csv").exists():
       synthetic.generate(data_dir, config.synthetic.num_studies, config.synthetic.seed,
-                         size=config.synthetic.size)
+                         size=config.synthetic.size,
+                         segmented_fraction=config.synthetic.get("segmented_fraction", 0.5))
 
   def prepare(task: str, vertebrae: pathlib.Path | None = None):
     def go():
