@@ -186,6 +186,13 @@ def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction
   return out
 
 
+def default_decode_workers() -> int:
+  """Half the cores for decoder processes where that leaves room for the models; on smaller
+  machines one reader thread (a process there only competes with the models for the cores)."""
+  cores = os.cpu_count() or 1
+  return cores // 2 if cores >= 4 else 0
+
+
 def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
         batch_size: int = 32, studies_per_batch: int = 4, decode_workers: int = 0,
         on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
@@ -483,7 +490,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--png_dir", help="write a per-study PNG here")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--decode_workers", type=int, default=None,
-                 help="processes decoding studies ahead (default: half the CPU cores; 0: one thread)")
+                 help="processes decoding studies ahead (default: half the CPU cores on machines "
+                 "with 4 or more; 0: one reader thread)")
   p.add_argument("--studies_per_batch", type=int, default=4)
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(argv)
@@ -502,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   json_dir = args.json_dir or out.with_name(out.stem + "_studies")
   result = run(folders, models, prior, batch_size=args.batch_size,
                studies_per_batch=args.studies_per_batch,
-               decode_workers=(max(1, (os.cpu_count() or 2) // 2) if args.decode_workers is None
+               decode_workers=(default_decode_workers() if args.decode_workers is None
                                else args.decode_workers),
                on_study=study_writer(json_dir, args.png_dir), progress=not args.no_progress)
   paths = write_outputs(result, out)
