@@ -40,6 +40,19 @@ def make_tx(schedule: optax.Schedule, *, weight_decay: float, clip_norm: float |
   return optax.chain(*parts)
 
 
+# XLA:CPU (jax 0.10) hands dots and the elementwise work around them to YNNPACK fusions by
+# default; for ConvNeXt that pulls the 49-tap depthwise conv, LayerNorm and bias adds into YNNPACK
+# graphs that materialise every tap and broadcast. With them off, XLA's own loop fusions run that
+# work and Eigen the dots: atto stage-2 forward ~350 -> ~240 ms at 16x8 images of 64 px
+# (benchmarks/stage2_vs_torch.py). Per-jit options, so nothing global changes.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(platform: str) -> dict[str, Any] | None:
+  """The XLA options the train/eval steps compile with on ``platform`` (None: XLA's defaults)."""
+  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 class Trainer:
   """Holds the (graphdef, state) of model + optimizer and the compiled steps.
 
@@ -58,9 +71,10 @@ class Trainer:
     self.state_shardings = sharding_lib.state_shardings(state, mesh, param_rule)
     self.state = jax.device_put(state, self.state_shardings)
     rep = sharding_lib.replicated(mesh)
+    opts = compiler_options(mesh.devices.flat[0].platform)
     self.train_step = jax.jit(self._train_step, donate_argnums=0,
-                              out_shardings=(self.state_shardings, rep))
-    self.eval_step = jax.jit(self._eval_step, out_shardings=rep)
+                              out_shardings=(self.state_shardings, rep), compiler_options=opts)
+    self.eval_step = jax.jit(self._eval_step, out_shardings=rep, compiler_options=opts)
 
   def _mask(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     x = batch[self.task.input_field]
