@@ -228,8 +228,8 @@ def test_pixel_box_survives_the_file(tmp_path):
 
 @pytest.mark.parametrize("tsyntax", ["explicit", "rle"])  # Bytes read directly / pydicom decoder.
 def test_window_at_read_equals_window_after(tmp_path, tsyntax):
-  """load(options=) windows each slice as it is decoded: the same pixels and images as windowing
-  the HU volume afterwards, with a damaged slice skipped by both."""
+  """load(options=) windows each slice as it is decoded, load(planes=True) also resizes it: the
+  same pixels and images as from the HU volume afterwards, with a damaged slice skipped by all."""
   from cspine_jax.synthetic import studies
   spec = studies.sample_study(7, 0, "tiny", has_segmentation=True, transfer_syntax=tsyntax,
                               corrupt=("garbled",))
@@ -245,7 +245,15 @@ def test_window_at_read_equals_window_after(tmp_path, tsyntax):
   assert win.series.skipped and win.series.skipped == hu.series.skipped
   np.testing.assert_array_equal(win.series.volume, study.window(hu.series.volume, 400, 1800))
   np.testing.assert_array_equal(win.mask, hu.mask)
-  np.testing.assert_array_equal(study.slice_images(win, opts), study.slice_images(hu, opts))
+  planes = study.load(inp, with_mask=True, options=opts, planes=True)
+  assert planes.planes == (32, 32) and planes.series.volume.shape[1:] == (32, 32)
+  assert planes.series.shape == hu.series.shape  # The DICOM grid, which the mask is on.
+  np.testing.assert_array_equal(planes.mask, hu.mask)
+  np.testing.assert_array_equal(study.slice_images(planes, opts), study.slice_images(hu, opts))
+  with pytest.raises(study.StudyError, match="made from HU slices"):
+    study.slice_images(win, opts)  # Full-size windowed uint8 would round twice: refused.
+  with pytest.raises(study.StudyError, match="the options ask for"):
+    study.slice_images(planes, study.Options(image_size=(16, 16)))
   ext = study.Extent(2, 9, (10, 12, 40, 44))
   np.testing.assert_array_equal(
       stage2.vertebra_images(win.series.volume, ext, opts, win.window),

@@ -6,9 +6,9 @@ ordered head to feet along the slice normal, plus per-slice metadata and the geo
 
 Each file is read once (``dcmread``) and its pixels decoded once, straight into one preallocated
 float32 volume (rescale applied in the same numpy pass); uncompressed little-endian 16-bit pixels
-are taken straight from the file's bytes. ``map_hu=`` (e.g. a window to uint8) is applied to each
-slice while its HU values are still in cache, so a caller that only needs the mapped volume never
-builds the float32 one. There is no thread option: the decoders
+are taken straight from the file's bytes. ``map_hu=`` (e.g. a window to uint8, or a window and a
+resize) is applied to each slice while its HU values are still in cache, so a caller that only
+needs the mapped volume never builds the float32 one. There is no thread option: the decoders
 of JPEG Lossless / JPEG-LS / JPEG 2000 (pylibjpeg-libjpeg, pyjpegls/CharLS, pylibjpeg-openjpeg)
 never release the GIL (their extension modules do not even import PyEval_SaveThread), and on an
 idle 2-core machine 2 threads decoded 20 J2K slices x3 in 2.62 s against 2.40 s serially.
@@ -91,6 +91,8 @@ class Series:
   series_uid:      SeriesInstanceUID ('' when the files leave it empty).
   resized:         list of (file name, (rows, columns) as stored) for slices resized to (H, W).
   warnings:        human-readable notes on everything odd met (also issued as SeriesWarning).
+  slice_shape:     (H, W) of the images, which ``read_series(map_hu=f)`` may have mapped to
+                   another shape (``volume`` is then (S, *f's output shape)); None: volume's.
   """
   folder: pathlib.Path
   volume: np.ndarray
@@ -107,10 +109,15 @@ class Series:
   series_uid: str = ""
   resized: list[tuple[str, tuple[int, int]]] = dataclasses.field(default_factory=list)
   warnings: list[str] = dataclasses.field(default_factory=list)
+  slice_shape: tuple[int, int] | None = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
-    return tuple(self.volume.shape)
+    """(S, H, W) of the series' images (the grid masks and boxes refer to), whatever map_hu made
+    of ``volume``."""
+    if self.slice_shape is None:
+      return tuple(int(v) for v in self.volume.shape)
+    return (int(self.volume.shape[0]), *(int(v) for v in self.slice_shape))
 
   @property
   def normal(self) -> np.ndarray:
@@ -483,11 +490,13 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
     min_fraction: the smallest share of the series' files (all files met, less those of other
       series) that must be usable.
     warn: issue each note in ``Series.warnings`` as a SeriesWarning (they are recorded either way).
-    map_hu: an elementwise, shape-keeping function of a float32 (H, W) HU slice (e.g. a window to
-      uint8); the volume then holds its output, slice by slice, and no HU volume is kept.
+    map_hu: a function of a float32 (H, W) HU slice returning an array of one fixed shape and
+      dtype (e.g. a window to uint8, or a window and a resize); the volume then holds its outputs
+      (S, *shape), slice by slice, and no HU volume is kept (``Series.shape`` stays the images'
+      (S, H, W)). The slice it gets is a buffer that the next slice overwrites: it must not keep it.
 
   Returns:
-    The Series, volume float32 (S, H, W) in HU (or map_hu's output) ordered head to feet.
+    The Series, volume float32 (S, H, W) in HU (or map_hu's outputs) ordered head to feet.
 
   Raises:
     SeriesError: the folder is missing or empty, holds no usable image, mixes series without
@@ -574,11 +583,12 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
   # reused HU slice, mapped while it is in cache).
   height, width = _majority([s.size for s in slices])
   hu = None
-  dtype = np.float32
+  out_shape, dtype = (height, width), np.float32
   if map_hu is not None:
-    hu = np.empty((height, width), np.float32)
-    dtype = np.asarray(map_hu(np.zeros((1, 1), np.float32))).dtype
-  volume = np.empty((len(slices), height, width), dtype)
+    hu = np.zeros((height, width), np.float32)
+    probe = np.asarray(map_hu(hu))  # Its output's shape and dtype.
+    out_shape, dtype = probe.shape, probe.dtype
+  volume = np.empty((len(slices), *out_shape), dtype)
   ok = np.ones(len(slices), bool)
   resized: list[tuple[str, tuple[int, int]]] = []
   for i, s in enumerate(slices):
@@ -637,7 +647,7 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
       slice_spacing=slice_spacing, reversed=reversed_,
       transfer_syntaxes=sorted({s.transfer_syntax for s in slices}), skipped=skipped,
       study_uid=_majority([s.study_uid for s in slices]), series_uid=slices[0].series_uid,
-      resized=resized, warnings=notes)
+      resized=resized, warnings=notes, slice_shape=(int(height), int(width)))
 
 
 def describe(series: Series) -> dict[str, Any]:
@@ -647,7 +657,7 @@ def describe(series: Series) -> dict[str, Any]:
       "study_uid": series.study_uid,
       "series_uid": series.series_uid,
       "num_slices": int(series.volume.shape[0]),
-      "shape": [int(v) for v in series.volume.shape],
+      "shape": [int(v) for v in series.shape],
       "pixel_spacing": [float(v) for v in series.pixel_spacing],
       "slice_spacing": float(series.slice_spacing),
       "reversed": bool(series.reversed),

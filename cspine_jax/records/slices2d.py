@@ -47,7 +47,7 @@ def fracture_targets(presence: np.ndarray, fractured: np.ndarray, numbers: np.nd
 
 def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
   targets = study_lib.require_labels(study)
-  loaded = study_lib.load(study, with_mask=True, options=options)
+  loaded = study_lib.load(study, with_mask=True, options=options, planes=True)
   presence = study_lib.presence(loaded)
   loaded.mask = None
   fracture = fracture_targets(presence, targets[1:] > 0, loaded.series.numbers,

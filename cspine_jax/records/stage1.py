@@ -30,12 +30,13 @@ def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any
 
 
 def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
-  loaded = study_lib.load(study, with_mask=True, options=options)
+  # Each slice windowed and resized as it is decoded: only the small images are kept.
+  loaded = study_lib.load(study, with_mask=True, options=options, planes=True)
   if loaded.mask is None:
     raise study_lib.StudyError(f"study {study.uid}: stage1 needs a segmentation, none found")
   targets = labels_lib.slice_labels(loaded.mask)
   loaded.mask = None  # Free it before the images are built.
-  num_slices, height, width = loaded.series.volume.shape
+  num_slices, height, width = loaded.series.shape
   boxes = (targets.box / np.array([width, height, width, height], np.float32)).astype(np.float32)
   images = study_lib.slice_images(loaded, options)
   for i in range(num_slices):
