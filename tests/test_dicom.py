@@ -436,3 +436,86 @@ def test_synthetic_generate_folder(tmp_path):
   assert sum(len(e["corrupt_files"]) for e in truth["studies"].values()) == 3
   for uid, entry in truth["studies"].items():
     check_against_ground_truth(read_quiet(root / f"{entry['split']}_images" / uid), entry)
+
+
+# --- Direct reader for uncompressed files: the same values as pydicom ------------------------
+
+def _pydicom_hu(path):
+  ds = pydicom.dcmread(path)
+  return (ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope)
+          + float(ds.RescaleIntercept)).astype(np.float32)
+
+
+def _write_plain(path, pixels, tsyntax, z=1.0, **kwargs):
+  """One uncompressed file of ``pixels`` (stored values) in ``tsyntax`` (any byte order)."""
+  ds = make_slice(pixels, z, **kwargs)
+  ds.file_meta.TransferSyntaxUID = tsyntax
+  if tsyntax == pydicom.uid.ExplicitVRBigEndian:
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+  return path
+
+
+@pytest.mark.parametrize("tsyntax", [ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian,
+                                     pydicom.uid.ExplicitVRBigEndian], ids=lambda u: u.name)
+@pytest.mark.parametrize("dtype,bits,slope,intercept,shape", [
+    (np.int16, 16, 1.0, 0.0, (7, 5)),
+    (np.int16, 12, 1.0, -1024.0, (13, 11)),
+    (np.uint16, 16, 2.0, -1024.0, (9, 10)),
+    (np.uint16, 12, 0.5, -100.0, (3, 17)),
+])
+def test_direct_reader_equals_pydicom(tmp_path, tsyntax, dtype, bits, slope, intercept, shape):
+  """Little-endian files are walked directly (big endian goes to pydicom); either way the volume
+  is pydicom's pixel_array x slope + intercept, and map_hu sees exactly those HU."""
+  rng = np.random.default_rng(bits + shape[0])
+  lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if dtype == np.int16 else (0, 1 << bits)
+  stacks = [rng.integers(lo, hi, shape).astype(dtype) for _ in range(3)]
+  folder = tmp_path / "s"
+  folder.mkdir()
+  for k, px in enumerate(stacks):
+    _write_plain(folder / f"{k + 1}.dcm", px, tsyntax, z=-2.0 * k, slope=slope,
+                 intercept=intercept, bits_stored=bits)
+    ds = pydicom.dcmread(folder / f"{k + 1}.dcm")
+    np.testing.assert_array_equal(ds.pixel_array, px)  # The file holds what we meant.
+  direct = dicom._read_plain(folder / "1.dcm")
+  assert (direct is not None) == (tsyntax != pydicom.uid.ExplicitVRBigEndian)
+  if direct is not None:
+    sl = dicom._read_header(folder / "1.dcm")
+    assert sl.native == (np.dtype("<i2" if dtype == np.int16 else "<u2"), 16 - bits)
+  s = dicom.read_series(folder)
+  expected = np.stack([_pydicom_hu(folder / f"{k + 1}.dcm") for k in range(3)])
+  np.testing.assert_array_equal(s.volume, expected)
+  win = dicom.read_series(folder, map_hu=lambda h: np.clip(np.floor(h), -300, 300).astype(np.int16))
+  np.testing.assert_array_equal(win.volume, np.clip(np.floor(expected), -300, 300))
+
+
+def test_direct_reader_window_figures(tmp_path):
+  """A bone window (level 400, width 1800) applied by the reader, on known HU."""
+  from cspine_jax.records import study
+  hu = np.array([[-3000, -500, 400, 1300, 3000, -1024, 0, 1000]], np.int16).repeat(3, 0)
+  write_series(tmp_path, [hu, hu], [1.0, 0.0])
+  s = dicom.read_series(tmp_path, map_hu=lambda h: study.window(h, 400, 1800))
+  assert s.volume.dtype == np.uint8 and s.shape == (2, 3, 8)
+  # (hu + 500) * 255 / 1800, rounded half up, clipped: -1024 -> 0, 0 -> 71 (70.8), 1000 -> 213 (212.5).
+  np.testing.assert_array_equal(s.volume[0, 0], [0, 0, 128, 255, 255, 0, 71, 213])
+
+
+def test_direct_reader_on_real_pixels(real_data_dir, tmp_path):
+  """The real scanner files are JPEG 2000; decompressed by pydicom and saved uncompressed in both
+  little-endian syntaxes, they are read directly to exactly pydicom's values."""
+  src = sorted((real_data_dir / "totalseg_ct" / "dicom_j2k").iterdir())[:4]
+  for tsyntax in (ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
+    folder = tmp_path / tsyntax.name.replace(" ", "_")
+    folder.mkdir()
+    for path in src:
+      ds = pydicom.dcmread(path)
+      ds.decompress()
+      ds.file_meta.TransferSyntaxUID = tsyntax
+      ds.save_as(folder / path.name, enforce_file_format=True)
+      assert dicom._read_plain(folder / path.name) is not None
+    s = dicom.read_series(folder)
+    ref = dicom.read_series(real_data_dir / "totalseg_ct" / "dicom_j2k")
+    assert s.transfer_syntaxes == [str(tsyntax)]
+    for name, vol in zip(s.file_names, s.volume):
+      np.testing.assert_array_equal(vol, _pydicom_hu(folder / name))
+      np.testing.assert_array_equal(vol, ref.volume[ref.file_names.index(name)])
