@@ -496,7 +496,7 @@ def test_direct_reader_window_figures(tmp_path):
   write_series(tmp_path, [hu, hu], [1.0, 0.0])
   s = dicom.read_series(tmp_path, map_hu=lambda h: study.window(h, 400, 1800))
   assert s.volume.dtype == np.uint8 and s.shape == (2, 3, 8)
-  # (hu + 500) * 255 / 1800, rounded half up, clipped: -1024 -> 0, 0 -> 71 (70.8), 1000 -> 213 (212.5).
+  # (hu + 500) * 255 / 1800, rounded half up, clipped: 0 -> 71 (70.8), 1000 -> 213 (212.5).
   np.testing.assert_array_equal(s.volume[0, 0], [0, 0, 128, 255, 255, 0, 71, 213])
 
 

@@ -146,6 +146,9 @@ def test_stage1_against_ground_truth(data, built):
     # 2.5D: channel 1 of slice i is channel 0 of slice i + 1.
     for a, b in zip(recs, recs[1:]):
       np.testing.assert_array_equal(a["image"][..., 1], b["image"][..., 0])
+    # Inference makes its stage-1 images from the HU volume: the same bytes as the records.
+    inference = study_lib.slice_images(study_lib.Loaded(None, series, None), OPTS)
+    np.testing.assert_array_equal(np.stack([r["image"] for r in recs]), inference)
 
 
 def _expected_stage2(root, uid, info):
