@@ -326,6 +326,12 @@ def test_restart_with_other_options_is_refused(data, tmp_path):
   with pytest.raises(pipeline.PrepareError, match="cube_size"):
     pipeline.prepare(root, tmp_path, "cnn3d", other, progress=False)
   assert prepare_cli.main(_cli_args(root, tmp_path, "cnn3d", "--window_level", "300")) == 2
+  # A folder written by code whose images differ for the same options (an older resize) is refused.
+  identity = tmp_path / "cnn3d" / pipeline.IDENTITY
+  old = json.loads(identity.read_text())
+  identity.write_text(json.dumps(dict(old, pixels_version=1)))
+  with pytest.raises(pipeline.PrepareError, match="pixels_version"):
+    pipeline.prepare(root, tmp_path, "cnn3d", OPTS, progress=False)
 
 
 def test_bad_uid_in_csv_never_becomes_a_path(data, tmp_path):

@@ -66,7 +66,8 @@ class Plan:
   def identity(self) -> dict[str, Any]:
     """What must match for a restart to continue an existing output folder."""
     listing = "\n".join(f"{s.uid} {s.fold}" for s in self.studies).encode()
-    return {"schema_version": schema.SCHEMA_VERSION, "task": self.task,
+    return {"schema_version": schema.SCHEMA_VERSION, "pixels_version": study_lib.PIXELS_VERSION,
+            "task": self.task,
             "data_dir": str(self.data_dir), "options": self.options.to_json(),
             "vertebrae_file_sha256": self.vertebrae_sha256,
             "studies_sha256": hashlib.sha256(listing).hexdigest()}

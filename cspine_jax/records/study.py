@@ -35,6 +35,9 @@ from cspine_jax.io import dicom
 from cspine_jax.records import vertebrae as vertebrae_lib
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+# Bumped whenever image bytes change for the same options (a restart must not mix the two).
+# 2: banded antialiased bilinear resize of each windowed slice once (1 was PIL per image).
+PIXELS_VERSION = 2
 
 
 class StudyError(ValueError):
