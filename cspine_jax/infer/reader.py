@@ -9,6 +9,7 @@ handed back with it instead of stopping the stream.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import multiprocessing
@@ -24,6 +25,7 @@ import numpy as np
 from cspine_jax.io import dicom
 
 Item = tuple[Any, Any, BaseException | None, float]  # (item, loaded, error, seconds)
+Block = tuple[str, str, tuple[int, ...]]  # a shared-memory volume: (name, dtype, shape)
 
 
 def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2) -> Iterator[Item]:
@@ -57,7 +59,7 @@ def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2)
         thread.join(0.05)
 
 
-def _read_to_shared(folder: pathlib.Path) -> tuple[dicom.Series, str, float]:
+def _read_to_shared(folder: pathlib.Path) -> tuple[dicom.Series, Block, float]:
   """Worker side: read the series, move its volume into a new shared-memory block."""
   start = time.perf_counter()
   series = dicom.read_series(folder, warn=False)
@@ -69,14 +71,12 @@ def _read_to_shared(folder: pathlib.Path) -> tuple[dicom.Series, str, float]:
   finally:
     shm.close()
   header = dataclasses.replace(series, volume=np.empty((0,) + vol.shape[1:], vol.dtype))
-  return header, f"{name}|{vol.dtype.str}|{','.join(map(str, vol.shape))}", \
-      time.perf_counter() - start
+  return header, (name, vol.dtype.str, vol.shape), time.perf_counter() - start
 
 
-def _take_shared(ref: str) -> np.ndarray:
+def _take_shared(block: Block) -> np.ndarray:
   """Parent side: copy the block out, then free it (the worker only created it)."""
-  name, dtype, shape = ref.split("|")
-  shape = tuple(int(s) for s in shape.split(",") if s)
+  name, dtype, shape = block
   shm = shared_memory.SharedMemory(name=name)
   try:
     return np.ndarray(shape, np.dtype(dtype), buffer=shm.buf).copy()
@@ -88,8 +88,8 @@ def _take_shared(ref: str) -> np.ndarray:
 def _discard(future: cf.Future) -> None:
   """Frees the shared block of a study that will not be consumed (the stream was closed)."""
   try:
-    _, ref, _ = future.result()
-    _take_shared(ref)
+    _, block, _ = future.result()
+    _take_shared(block)
   except BaseException:  # noqa: BLE001 - nothing to free
     pass
 
@@ -109,15 +109,14 @@ def read_studies(folders: Sequence[pathlib.Path], workers: int = 0, depth: int =
   ctx = multiprocessing.get_context("spawn")
   with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
     ahead = workers + max(depth, 0)
-    futures: list[cf.Future] = [pool.submit(_read_to_shared, f) for f in folders[:ahead]]
+    futures = collections.deque(pool.submit(_read_to_shared, f) for f in folders[:ahead])
     submitted = len(futures)
     try:
-      for i, folder in enumerate(folders):
-        future = futures[i]
-        futures[i] = None  # type: ignore[call-overload]  (let the result be collected)
+      for folder in folders:
+        future = futures.popleft()
         try:
-          header, ref, seconds = future.result()
-          series = dataclasses.replace(header, volume=_take_shared(ref))
+          header, block, seconds = future.result()
+          series = dataclasses.replace(header, volume=_take_shared(block))
           got: Item = (folder, series, None, seconds)
         except Exception as e:  # noqa: BLE001 - handed to the consumer with its folder
           got = (folder, None, e, 0.0)
@@ -127,5 +126,5 @@ def read_studies(folders: Sequence[pathlib.Path], workers: int = 0, depth: int =
         yield got
     finally:
       for future in futures:
-        if future is not None and not future.cancel():
+        if not future.cancel():
           _discard(future)
