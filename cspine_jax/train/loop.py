@@ -312,6 +312,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
       window.clear()
       clock.update(t0=time.perf_counter(), steps=0)
 
+  eval_every = max(int(tc.get("eval_every", 1)), 1)
   try:
     while step < min(total_steps, stop_at):
       batch = sharding_lib.shard_batch(next(it), mesh)
@@ -320,11 +321,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
       if pending is not None:
         record(pending)  # the previous step's loss, read while this step runs
       pending = (step, m)
-      end_of_epoch = step % data.steps_per_epoch == 0 or step == total_steps
       # train.eval_every = k: validate (and checkpoint) every k-th epoch and at the end only.
-      every = max(int(tc.get("eval_every", 1)), 1)
-      end_of_epoch = end_of_epoch and (step == total_steps or
-                                       (step // data.steps_per_epoch) % every == 0)
+      end_of_epoch = step == total_steps or step % (data.steps_per_epoch * eval_every) == 0
       timed = tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
       if end_of_epoch or timed or step == stop_at:
         record(pending, force=end_of_epoch)  # never checkpoint a non-finite state
