@@ -355,8 +355,9 @@ def slice_images(loaded: Loaded, options: Options) -> np.ndarray:
   wanted = (options.window_level, options.window_width)
   if loaded.planes is not None:
     if loaded.window != wanted or tuple(loaded.planes) != options.image_size:
-      raise StudyError(f"slices were read as {loaded.planes} images in window {loaded.window}, "
-                       f"the options ask for {options.image_size} in window {wanted}")
+      raise StudyError(f"{loaded.series.folder}: slices were read as {loaded.planes} images in "
+                       f"window {loaded.window}, the options ask for {options.image_size} in "
+                       f"window {wanted}")
     planes = volume
   elif loaded.window is None:
     imager = SliceImager(options)
@@ -364,8 +365,9 @@ def slice_images(loaded: Loaded, options: Options) -> np.ndarray:
     for i in range(volume.shape[0]):
       planes[i] = imager(volume[i])
   else:
-    raise StudyError("slice images are made from HU slices (the volume was read windowed at full "
-                     "size; load the study with planes=True or without options)")
+    raise StudyError(f"{loaded.series.folder}: slice images are made from HU slices (the volume "
+                     "was read windowed at full size; load the study with planes=True or without "
+                     "options)")
   return stack_25d(planes)
 
 
