@@ -10,7 +10,7 @@ For each config at its ``:cpu`` size (and, with --paper, at the paper size for a
   * grain input throughput: batches/s of the training pipeline (decode, augment, normalise, batch,
     ``input.workers`` processes) over random records of the config's shapes written to a
     temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).
-  * model FLOPs per train step (XLA's cost analysis of the compiled step) and, on a GPU whose peak
+  * model FLOPs per train step (XLA's cost analysis of the lowered step) and, on a GPU whose peak
     is known, the model FLOPs utilisation (MFU) = achieved FLOP/s / the chip's dense bf16 peak.
 The machine may be shared: compare the ratios, not the absolute numbers.
 """
@@ -122,7 +122,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   mesh = sharding.make_mesh()
   trainer = loop.make_trainer(config, 1000, mesh, seed=0)
   with tempfile.TemporaryDirectory() as tmp:
-    n_records = max(16 * config.input.batch_size, 28) if variant else max(4 * config.input.batch_size, 28)
+    n_records = max((16 if variant else 4) * config.input.batch_size, 28)
     records = write_records(pathlib.Path(tmp), task, config, n_records)
     src = input_lib.record_index(records, task).source()
     loader = input_lib.make_loader(src, task, batch_size=config.input.batch_size, train=True,
@@ -144,6 +144,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
 
   eval_batch = sharding.shard_batch(dict(batch, mask=np.ones(len(batch["record_id"]), np.float32)), mesh)
   flops = step_flops(trainer.train_step, trainer.state, gbatch)
+  peak = peak_flops()
   train_s = timed(train, steps)
   eval_s = timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
   images = config.input.batch_size * IMAGES_PER_SAMPLE[task]
@@ -156,7 +157,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
           "workers": config.input.workers, "dtype": config.model.dtype,
           "train_tflop_per_step": flops / 1e12 if flops else None,
           "train_tflops": flops / train_s / 1e12 if flops else None,
-          "mfu": flops / train_s / peak_flops() if flops and peak_flops() else None}
+          "mfu": flops / train_s / peak if flops and peak else None}
 
 
 def main() -> None:
