@@ -46,8 +46,10 @@ def main(argv) -> int:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  # Library INFO records (orbax's per-checkpoint lines) would bury the progress and the tables.
-  logging.set_verbosity(logging.WARNING)
+  # Library INFO records (orbax's per-checkpoint lines) would bury the progress and the tables;
+  # an explicit --verbosity wins.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   # Imports after flag parsing (and only in the main process: grain workers re-import this file).
   if config.get("demo"):  # configs/demo.py: the whole pipeline, not one model
     from cspine_jax import demo  # pylint: disable=g-import-not-at-top
