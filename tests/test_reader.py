@@ -56,3 +56,10 @@ def test_thread_path_and_early_stop_free_everything(tmp_path, real_data_dir):
   assert first[0] == folders[0] and first[1].volume.ndim == 3
   stream.close()  # the studies decoded ahead but never consumed must not leak shared memory
   assert _shm_blocks() <= before
+
+
+def test_default_decode_workers_leave_small_machines_one_thread(monkeypatch):
+  from cspine_jax.infer import predict
+  for cores, want in ((1, 0), (2, 0), (3, 0), (4, 2), (16, 8)):
+    monkeypatch.setattr(predict.os, "cpu_count", lambda c=cores: c)
+    assert predict.default_decode_workers() == want
