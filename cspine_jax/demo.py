@@ -173,16 +173,17 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     ensemble = predict.FoldEnsemble.load(run_dir / "stage1", "stage1")
     rules = rules_of(config)
 
-    def stage1_fn(images, fold=None):
-      out = ensemble({"image": images}, fold=fold)
-      return out["presence_prob"], out["box_pred"]
+    def fold_model(fold):
+      def fn(images):
+        out = ensemble({"image": images}, fold=fold)
+        return out["presence_prob"], out["box_pred"]
+      return fn
 
     manifest = json.loads((records_dir / "stage1" / "manifest.json").read_text())
-    # Out-of-fold comparison only for the studies whose held-out fold has a model.
-    folds = {u: f for u, f in manifest["folds"].items() if f in ensemble.folds}
+    # One pass per fold model: averaged for the file, each alone on its held-out studies.
     return pseudo_labels.label_dataset(
-        data_dir, stage1_fn, options, vertebrae_file, rules=rules, holdout=stage1_fn,
-        folds=folds, progress=bool(config.progress), log=log)
+        data_dir, {k: fold_model(k) for k in ensemble.folds}, options, vertebrae_file,
+        rules=rules, folds=manifest["folds"], progress=bool(config.progress), log=log)
 
   located = progress.step("stage-1 pseudo-labels", label)
   progress.step("prepare stage-2 records", prepare("stage2", vertebrae_file))

@@ -285,3 +285,35 @@ def test_fold_ensemble_restores_checkpoints_and_averages(tmp_path, monkeypatch):
     ens({"images": images, "vertebra": vertebra}, fold=4)
   with pytest.raises(predict.PredictError, match="no trained model"):
     predict.fold_dirs(tmp_path / "run" / "stage1")
+
+
+def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
+  """Fold models: one pass each; the file holds their average, out-of-fold uses the own model."""
+  from cspine_jax import synthetic
+  data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 4, 5, size="tiny", num_test=0,
+                                         segmented_fraction=1.0))
+  uids = sorted(json.loads((data / "ground_truth.json").read_text())["studies"])
+  calls = {0: 0, 1: 0}
+
+  def scorer(fold, p, box):
+    def fn(images):
+      calls[fold] += 1
+      n = len(images)
+      presence = np.zeros((n, 7))
+      presence[: n // 2, :4] = p  # fold-specific, so the average differs from either model
+      presence[n // 2:, 4:] = 0.9
+      return presence, np.tile(np.asarray(box, float), (n, 1))
+    return fn
+
+  options = study_lib.Options(image_size=(32, 32))
+  out = tmp_path / "vertebrae.csv"
+  result = pseudo_labels.label_dataset(
+      data, {0: scorer(0, 0.9, (0.2, 0.2, 0.6, 0.6)), 1: scorer(1, 0.3, (0.4, 0.4, 0.8, 0.8))},
+      options, out, batch_size=1000, folds={u: i % 2 for i, u in enumerate(uids)}, log=lambda _: None)
+  assert calls == {0: 4, 1: 4}  # one batch per study per model: no second out-of-fold pass
+  assert result["studies"] == 4 and result["out_of_fold"]["pairs"] == 4 * 7
+  written = vertebrae_lib.read_vertebrae(out)
+  # The average presence of C1..C4 on the first half is 0.6 >= 0.5: present; box = mean box.
+  c1 = written[uids[0]][0]
+  assert c1.present
+  np.testing.assert_allclose(c1.box, (0.3, 0.3, 0.7, 0.7), atol=1e-6)

@@ -241,19 +241,20 @@ def oracle_outputs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return sl.presence.astype(np.float64), sl.box / np.array([w, h, w, h], np.float64)
 
 
-def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options,
+def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, Stage1Fn], options,
                   out_path: str | os.PathLike,
                   *, rules: Rules = Rules(), batch_size: int = 32,
-                  holdout: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
                   folds: Mapping[str, int] | None = None, progress: bool = False,
                   log: Callable[[str], None] = print) -> dict:
   """Runs stage 1 on every study of ``data_dir``/train.csv and writes the ``--vertebrae`` file.
 
-  ``options`` are the stage-1 records' ``records.study.Options`` (same windowing and resizing as in
-  training). On the studies with a segmentation the derived ranges and boxes are compared with the
-  mask (``labels.vertebra_extents``): with the ensemble (``stage1``, which has seen those studies in
-  training) and, when ``holdout(images, fold)`` and ``folds`` are given, out-of-fold with the fold
-  model that did not train on the study. Unreadable studies are listed and left out of the file.
+  ``stage1`` is one scorer, or the fold models ``{held-out fold: scorer}``: their outputs averaged
+  (the ensemble rule of ``predict.FoldEnsemble``) make the file, and on a study of fold k the
+  output of model k alone, from the same pass, gives the out-of-fold comparison (``folds``: study
+  uid -> fold). ``options`` are the stage-1 records' ``records.study.Options`` (same windowing and
+  resizing as in training). On the studies with a segmentation the derived ranges and boxes are
+  compared with the mask (``labels.vertebra_extents``): with the ensemble (which has seen those
+  studies in training) and out-of-fold. Unreadable studies are listed and left out of the file.
   Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs}.
   """
   from cspine_jax.infer import predict, reader  # batching; the reader thread
@@ -270,6 +271,9 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options,
     mask = nifti.load_mask(mask_path, series) if mask_path else None
     return series, mask
 
+  members = dict(stage1) if isinstance(stage1, Mapping) else {None: stage1}
+  if not members:
+    raise ValueError("label_dataset needs a stage-1 scorer or at least one fold model")
   located, failed, rows_ens, rows_oof = {}, [], [], []
   from tqdm import tqdm
   bar = tqdm(total=len(inputs), unit="study", desc="pseudo-labels", disable=not progress)
@@ -280,14 +284,15 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn, options,
       continue
     series, mask = loaded
     images = study_lib.slice_images(study_lib.Loaded(None, series, None), options)
-    presence, boxes = predict.in_batches(stage1, [images], batch_size)
+    by_fold = {k: predict.in_batches(fn, [images], batch_size) for k, fn in members.items()}
+    presence = np.mean([p for p, _ in by_fold.values()], axis=0)
+    boxes = np.mean([b for _, b in by_fold.values()], axis=0)
     located[uid] = derive(presence, boxes, series.numbers, rules)
     if mask is not None:
       rows_ens += compare(located[uid], mask, series.numbers)
-      if holdout is not None and folds is not None and uid in folds:
-        k = folds[uid]
-        p_oof, b_oof = predict.in_batches(lambda x: holdout(x, k), [images], batch_size)
-        rows_oof += compare(derive(p_oof, b_oof, series.numbers, rules), mask, series.numbers)
+      k = None if folds is None else folds.get(uid)
+      if k is not None and k in by_fold:
+        rows_oof += compare(derive(*by_fold[k], series.numbers, rules), mask, series.numbers)
   bar.close()
   vertebrae_lib.write_vertebrae(out_path, located)
   result = {"studies": len(located), "failed": failed, "ensemble": summarise(rows_ens),
