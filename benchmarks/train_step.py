@@ -5,9 +5,11 @@
 
 For each config at its ``:cpu`` size (and, with --paper, at the paper size for a couple of steps):
   * train steps/s and images/s (an image = one 2D input image; a stage-2 sample has 8, a 3D volume
-    counts as one), measured after compilation on a fixed random batch;
-  * inference (eval step) steps/s and images/s;
-  * grain input throughput: batches/s of the training pipeline (decode, augment, normalise, batch,
+    counts as one), measured after compilation on a fixed random uint8 batch; the step includes
+    the augmentation (rotation + flip) and normalisation it runs on the device;
+  * inference (eval step, normalisation included) steps/s and images/s;
+  * the augmentation + normalisation alone (``input.device_inputs`` jitted), ms per batch;
+  * grain input throughput: batches/s of the training pipeline (read, decode, batch uint8,
     ``input.workers`` processes) over random records of the config's shapes written to a
     temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).
   * model FLOPs per train step (XLA's cost analysis of the lowered step) and, on a GPU whose peak
@@ -126,8 +128,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
     records = write_records(pathlib.Path(tmp), task, config, n_records)
     src = input_lib.record_index(records, task).source()
     loader = input_lib.make_loader(src, task, batch_size=config.input.batch_size, train=True,
-                                   seed=0, augment=loop._augment(config),  # pylint: disable=protected-access
-                                   workers=config.input.workers)
+                                   seed=0, workers=config.input.workers)
     it = iter(loader)
     batch = next(it)
     for _ in range(5 if variant else 0):  # steady state: worker start-up is not throughput
@@ -146,6 +147,11 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   flops = step_flops(trainer.train_step, trainer.state, gbatch)
   peak = peak_flops()
   train_s = timed(train, steps)
+  field = input_lib.IMAGE_FIELD[task]
+  augment = jax.jit(lambda b, k: input_lib.device_inputs(b, field, key=k,
+                                                         augment=trainer.augment)[field])
+  augment_s = (timed(lambda: augment(gbatch, trainer.augment_key(0)), steps)
+               if trainer.augment else 0.0)
   eval_s = timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
   images = config.input.batch_size * IMAGES_PER_SAMPLE[task]
   if task == "stage2":
@@ -153,6 +159,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   return {"config": f"{name}:{variant}" if variant else name, "batch": config.input.batch_size,
           "train_steps_per_s": 1 / train_s, "train_images_per_s": images / train_s,
           "eval_steps_per_s": 1 / eval_s, "eval_images_per_s": images / eval_s,
+          "augment_ms": 1e3 * augment_s, "train_ms": 1e3 * train_s,
           "input_batches_per_s": 1 / input_s, "input_over_train": train_s / input_s,
           "workers": config.input.workers, "dtype": config.model.dtype,
           "train_tflop_per_step": flops / 1e12 if flops else None,
@@ -189,7 +196,8 @@ def main() -> None:
       print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
   for r in rows:
     print(f"{r['config']:>16}: train {r['train_steps_per_s']:.2f} steps/s "
-          f"({r['train_images_per_s']:.1f} img/s), eval {r['eval_images_per_s']:.1f} img/s, "
+          f"({r['train_images_per_s']:.1f} img/s, augmentation {r['augment_ms']:.1f} of "
+          f"{r['train_ms']:.1f} ms), eval {r['eval_images_per_s']:.1f} img/s, "
           f"grain/train ratio {r['input_over_train']:.2f} (goal >= 2 for :cpu)"
           + (f", {r['train_tflops']:.1f} TFLOP/s" if r["train_tflops"] else "")
           + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))

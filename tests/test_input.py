@@ -1,10 +1,14 @@
-"""grain input pipeline: sharding, order, shared augmentation, checkpointable state, bad shards."""
+"""Input: the grain pipeline (sharding, order, uint8 batches, checkpointable state, bad shards) and
+the device-side augmentation (against a PIL rotation) and normalisation."""
 import pathlib
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
 
 from cspine_jax import input as cinput
 from cspine_jax.records import schema, shards
@@ -96,36 +100,113 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
   assert len(a) == 8 and sorted(sum(a[:4], [])) == list(range(16))
 
 
-def test_augmentation_is_shared_across_a_sequence(tmp_path):
-  # Eight identical images in a sequence must stay identical after augmentation.
-  img = np.zeros((16, 16, 3), np.uint8)
-  img[3:7, 2:12] = 200
-  rec = make_record("stage2", 0)
-  rec["images"] = np.stack([img] * 8)
-  aug = cinput.Augment("stage2", cinput.AugmentOptions(max_rotation_deg=15, flip_prob=0.5))
-  changed = 0
-  for seed in range(6):
-    out = aug.random_map(rec, np.random.default_rng(seed))["images"]
-    assert out.shape == (8, 16, 16, 3)
+def _pil_rotate_flip(images: np.ndarray, angle: float, flip: bool) -> np.ndarray:
+  """The reference: PIL's bilinear rotation of each uint8 image (..., H, W, C), then a flip."""
+  h, w, c = images.shape[-3:]
+  flat = images.reshape((-1, h, w, c))
+  out = np.stack([np.asarray(Image.fromarray(im[..., 0] if c == 1 else im)
+                             .rotate(angle, resample=Image.BILINEAR)).reshape(h, w, c)
+                  for im in flat]).reshape(images.shape)
+  return out[..., ::-1, :] if flip else out
+
+
+def _smooth_image(h: int, w: int) -> np.ndarray:
+  yy, xx = np.mgrid[0:h, 0:w]
+  g = 127 + 100 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+  return np.stack([g, g[::-1], 255 - g], -1).astype(np.uint8)
+
+
+def test_rotation_matches_pil_and_the_flip_is_exact():
+  img = _smooth_image(37, 45)  # odd, non-square: the centre and the axes are not interchangeable
+  batch = np.stack([img] * 6)
+  angles = np.array([0.0, 0.0, 3.3, -9.7, 10.0, -10.0], np.float32)
+  flips = np.array([False, True, False, True, False, True])
+  got = np.asarray(cinput.rotate_flip(jnp.asarray(batch), jnp.asarray(angles), jnp.asarray(flips)))
+  assert got.dtype == np.float32 and got.shape == batch.shape
+  np.testing.assert_array_equal(got[0], img)
+  np.testing.assert_array_equal(got[1], img[:, ::-1])
+  for k in range(2, 6):
+    want = _pil_rotate_flip(img, float(angles[k]), bool(flips[k])).astype(np.float32)
+    diff = np.abs(got[k] - want)
+    # PIL rounds its output to uint8; the float result is within that rounding everywhere.
+    assert diff.mean() < 0.6 and diff.max() < 1.0, (angles[k], diff.mean(), diff.max())
+    assert np.abs(got[k] - img).mean() > 5  # it did turn
+
+
+def test_one_turn_per_sample_shared_by_its_images():
+  rng = np.random.default_rng(0)
+  seq = rng.integers(0, 255, (2, 1, 16, 20, 3), dtype=np.uint8)
+  seq = np.concatenate([seq] * 8, axis=1)  # (2, 8, 16, 20, 3): 8 equal images per sample
+  angle, flip = jnp.array([7.0, -4.0]), jnp.array([True, False])
+  out = np.asarray(cinput.rotate_flip(jnp.asarray(seq), angle, flip))
+  for b in range(2):
     for k in range(1, 8):
-      np.testing.assert_array_equal(out[k], out[0])
-    changed += int(not np.array_equal(out[0], img))
-  assert changed >= 5
+      np.testing.assert_array_equal(out[b, k], out[b, 0])
+    want = _pil_rotate_flip(seq[b, 0], float(angle[b]), bool(flip[b]))
+    assert np.abs(out[b, 0] - want).max() < 1.0
+  # A volume (B, D, H, W, 1) turns in its H, W plane, every slice alike.
+  vol = rng.integers(0, 255, (1, 4, 16, 16, 1), dtype=np.uint8)
+  out = np.asarray(cinput.rotate_flip(jnp.asarray(vol), jnp.array([9.0]), jnp.array([True])))
+  for d in range(4):
+    assert np.abs(out[0, d] - _pil_rotate_flip(vol[0, d], 9.0, True)).max() < 1.0
+
+
+def test_draws_per_sample_and_per_key():
+  opts = cinput.AugmentOptions(max_rotation_deg=10.0, flip_prob=0.5)
+  angle, flip = cinput.augment_draws(jax.random.key(0), 256, opts)
+  angle, flip = np.asarray(angle), np.asarray(flip)
+  assert angle.min() >= -10 and angle.max() <= 10 and angle.std() > 4
+  assert 0.35 < flip.mean() < 0.65
+  again = np.asarray(cinput.augment_draws(jax.random.key(0), 256, opts)[0])
+  other = np.asarray(cinput.augment_draws(jax.random.key(1), 256, opts)[0])
+  np.testing.assert_array_equal(angle, again)
+  assert not np.allclose(angle, other)
+  none = cinput.augment_draws(jax.random.key(0), 64, cinput.AugmentOptions(0.0, 0.0))
+  assert not np.any(np.asarray(none[0])) and not np.any(np.asarray(none[1]))
 
 
 def test_box_follows_the_image():
   img = np.zeros((32, 40, 3), np.uint8)
   img[6:14, 5:21] = 255  # box x0=5,y0=6,x1=21,y1=14
   box = np.array([5 / 40, 6 / 32, 21 / 40, 14 / 32], np.float32)
-  for angle, flip in [(0.0, True), (12.0, False), (-9.0, True)]:
-    out = cinput.augment_images(img, angle, flip)
-    ys, xs = np.nonzero(out[..., 0] > 127)
-    nb = cinput.augment_box(box, angle, flip, 32, 40)
+  cases = [(0.0, True), (12.0, False), (-9.0, True), (10.0, True)]
+  angles = jnp.array([a for a, _ in cases])
+  flips = jnp.array([f for _, f in cases])
+  out = np.asarray(cinput.rotate_flip(jnp.asarray(np.stack([img] * 4)), angles, flips))
+  boxes = np.asarray(cinput.rotate_flip_boxes(jnp.asarray(np.stack([box] * 4)), angles, flips,
+                                              32, 40))
+  for k in range(4):
+    ys, xs = np.nonzero(out[k, ..., 0] > 127)
     got = np.array([xs.min() / 40, ys.min() / 32, (xs.max() + 1) / 40, (ys.max() + 1) / 32])
-    np.testing.assert_allclose(nb, got, atol=2.5 / 32)
+    np.testing.assert_allclose(boxes[k], got, atol=2.5 / 32)
+  np.testing.assert_allclose(boxes[0], [1 - 21 / 40, 6 / 32, 1 - 5 / 40, 14 / 32], atol=1e-6)
+  # No vertebra shown: the all-zero box stays zero whatever the turn.
+  zero = cinput.rotate_flip_boxes(jnp.zeros((4, 4)), angles, flips, 32, 40)
+  assert not np.any(np.asarray(zero))
 
 
-def test_normalised_float_batches(tmp_path):
+def test_device_inputs_augment_only_with_a_key_and_normalise_like_the_host():
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8),
+           "box": np.tile(np.array([0.2, 0.3, 0.6, 0.7], np.float32), (4, 1)),
+           "presence": np.ones((4, 7), np.float32)}
+  host = cinput.Normalize("stage1").map(batch)["image"]
+  plain = jax.jit(lambda b: cinput.device_inputs(b, "image"))(batch)
+  np.testing.assert_allclose(np.asarray(plain["image"]), host, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(plain["box"]), batch["box"])
+  opts = cinput.AugmentOptions()
+  aug = jax.jit(lambda b, k: cinput.device_inputs(b, "image", key=k, augment=opts))(
+      batch, jax.random.key(3))
+  angle, flip = cinput.augment_draws(jax.random.key(3), 4, opts)
+  want = cinput.normalize(np.asarray(cinput.rotate_flip(jnp.asarray(batch["image"]), angle, flip)))
+  np.testing.assert_allclose(np.asarray(aug["image"]), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(aug["box"]), np.asarray(
+      cinput.rotate_flip_boxes(jnp.asarray(batch["box"]), angle, flip, 16, 16)), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(aug["presence"]), batch["presence"])
+  assert not np.allclose(np.asarray(aug["image"]), host)
+
+
+def test_uint8_batches_and_the_one_normalisation(tmp_path):
   write_task_shards(tmp_path, "cnn3d", 6)
   src = open_source(tmp_path, "cnn3d")
   loader = cinput.make_loader(src, "cnn3d", batch_size=4, train=False, seed=0,
@@ -133,15 +214,23 @@ def test_normalised_float_batches(tmp_path):
   batches = list(loader)
   assert [b["volume"].shape[0] for b in batches] == [4, 2]  # eval keeps the short last batch
   v = batches[0]["volume"]
-  assert v.dtype == np.float32 and v.shape == (4, 8, 16, 16, 1) and -1.001 <= v.min() < v.max() <= 1.001
+  assert v.dtype == np.uint8 and v.shape == (4, 8, 16, 16, 1)
+  np.testing.assert_array_equal(v[0], src[0]["volume"])
   assert "study_uid" not in batches[0] and batches[0]["labels"].shape == (4, 8)
+  x = cinput.normalize(v)
+  assert x.dtype == np.float32 and -1.001 <= x.min() < x.max() <= 1.001
+  np.testing.assert_allclose(x, (v / 255.0 - 0.5) / 0.5, atol=1e-6)
+  rgb = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+  want = (rgb / 255.0 - np.array(cinput.IMAGENET_MEAN)) / np.array(cinput.IMAGENET_STD)
+  np.testing.assert_allclose(cinput.normalize(rgb), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(cinput.normalize)(rgb)), cinput.normalize(rgb),
+                             atol=1e-6)
 
 
 def test_state_restore_resumes_the_exact_next_batch(tmp_path):
   write_task_shards(tmp_path, "stage1", 20)
   src = open_source(tmp_path, "stage1")
   make = lambda: cinput.make_loader(src, "stage1", batch_size=3, train=True, seed=5,
-                                    augment=cinput.AugmentOptions(),
                                     shard_options=grain.sharding.NoSharding())
   it = iter(make())
   for _ in range(4):
@@ -153,7 +242,7 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path):
   for want in expected:
     got = next(it2)
     np.testing.assert_array_equal(got["record_id"], want["record_id"])
-    np.testing.assert_array_equal(got["image"], want["image"])  # same augmentation draws
+    np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["box"], want["box"])
 
 
@@ -210,7 +299,7 @@ def test_workers_are_deterministic(tmp_path):
   # grain batches inside each worker, so batches depend on the worker count, not on the run.
   write_task_shards(tmp_path, "stage2", 12)
   src = open_source(tmp_path, "stage2")
-  kw = dict(batch_size=3, train=True, seed=0, num_epochs=1, augment=cinput.AugmentOptions(),
+  kw = dict(batch_size=3, train=True, seed=0, num_epochs=1,
             shard_options=grain.sharding.NoSharding(), workers=2)
   a = list(cinput.make_loader(src, "stage2", **kw))
   b = list(cinput.make_loader(src, "stage2", **kw))

@@ -284,3 +284,43 @@ def test_bfloat16_compute_keeps_float32_params():
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
   lowered = trainer.train_step.lower(trainer.state, batch).as_text()
   assert "bf16" in lowered
+
+
+def test_train_step_augments_on_the_device_and_eval_does_not():
+  """uint8 batches: the train step turns/flips each sample by draws of (seed, step); eval only
+  normalises, so two trainers that differ only in augmentation evaluate alike."""
+  from cspine_jax import input as cinput
+  mesh = sharding.make_mesh()
+  rng = np.random.default_rng(0)
+  host = dict(_batch(), images=rng.integers(0, 255, (16, 8, 8, 8, 3), dtype=np.uint8))
+  batch = sharding.shard_batch(host, mesh)
+  tx = steps.make_tx(optax.constant_schedule(1e-2), weight_decay=0.0, clip_norm=None)
+
+  def make(augment, seed=0):
+    return steps.Trainer(TinySeq(rngs=nnx.Rngs(0, dropout=1)), tx, tasks.get("stage2"), mesh,
+                         augment=augment, augment_seed=seed)
+
+  plain, aug, aug2 = make(None), make(cinput.AugmentOptions()), make(cinput.AugmentOptions())
+  e_plain, m_plain = plain.eval_step(plain.state, batch)
+  e_aug, m_aug = aug.eval_step(aug.state, batch)
+  np.testing.assert_array_equal(np.asarray(e_plain["prob"]), np.asarray(e_aug["prob"]))
+  assert float(m_plain["loss"]) == float(m_aug["loss"])
+  # The eval step sees exactly the host normalisation.
+  x = cinput.normalize(host["images"])
+  want = plain.model()(x, host["vertebra"])
+  np.testing.assert_allclose(np.asarray(e_plain["prob"]), np.asarray(jax.nn.sigmoid(want)),
+                             rtol=1e-5, atol=1e-6)
+  # Train steps: the augmented loss differs from the plain one, and the same seed repeats it.
+  losses_ = {}
+  for name, t in (("plain", plain), ("aug", aug), ("aug2", aug2)):
+    out = []
+    for _ in range(2):
+      t.state, m = t.train_step(t.state, batch)
+      out.append(float(m["loss"]))
+    losses_[name] = out
+  assert losses_["aug"] == losses_["aug2"]
+  assert losses_["aug"][0] != losses_["plain"][0]
+  # Each step draws anew: fold_in of the optimizer step.
+  a0, _ = cinput.augment_draws(aug.augment_key(0), 16, aug.augment)
+  a1, _ = cinput.augment_draws(aug.augment_key(1), 16, aug.augment)
+  assert not np.allclose(np.asarray(a0), np.asarray(a1))

@@ -363,7 +363,7 @@ class FoldEnsemble:
   ``ensemble(batch)`` takes a dict of numpy arrays holding the task's uint8 image field (and the
   fields its model reads, e.g. stage 2's ``vertebra``) and returns the task's predictions averaged
   over the folds (``train.tasks``: stage 1 ``presence_prob``/``box_pred``, stage 2 ``prob``, ...).
-  Images are normalised exactly as in training (``input.Normalize``).
+  Images are normalised exactly as in training, on the device (``input.device_inputs``).
   """
 
   def __init__(self, members: Sequence[tuple[Any, Mapping[str, Any]]], task: str):
@@ -380,7 +380,7 @@ class FoldEnsemble:
     if wrong:
       raise PredictError(f"fold models of task {wrong[0]!r} given for a {task} ensemble")
     self.task = tasks_lib.get(task)
-    self.normalize = input_lib.Normalize(task)
+    self.field = input_lib.IMAGE_FIELD[task]
     for model, _ in members:
       model.eval()
     self.graphdef, _ = nnx.split(members[0][0])
@@ -388,7 +388,7 @@ class FoldEnsemble:
 
     def forward(state, batch):
       model = nnx.merge(self.graphdef, state)
-      x, kwargs = self.task.model_inputs(batch)
+      x, kwargs = self.task.model_inputs(input_lib.device_inputs(batch, self.field))
       return self.task.predict(model(x, **kwargs))
 
     self._forward = jax.jit(forward)
@@ -410,7 +410,10 @@ class FoldEnsemble:
                ) -> dict[str, np.ndarray]:
     """Averaged predictions; ``fold=k`` uses only the model that held fold k out (out-of-fold)."""
     import jax
-    batch = self.normalize.map(dict(batch))
+    images = np.asarray(batch[self.field])
+    if images.dtype != np.uint8:
+      raise TypeError(f"{self.field} is {images.dtype}, expected uint8 pixels")
+    batch = dict(batch, **{self.field: images})
     states = self.states
     if fold is not None:
       states = [s for s, f in zip(self.states, self.folds) if f == fold]

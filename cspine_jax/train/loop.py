@@ -169,6 +169,8 @@ def build_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
 
 def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed: int,
                  model: nnx.Module | None = None) -> steps_lib.Trainer:
+  """The model (built from ``seed`` unless given), AdamW + schedule, and the steps; the train step
+  augments as ``config.input.augment`` says, its draws keyed by ``seed`` and the step."""
   opt = config.optimizer
   warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(opt.warmup_fraction * total_steps)
   schedule = steps_lib.make_schedule(opt.lr, total_steps, warmup, opt.end_factor)
@@ -177,7 +179,8 @@ def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed
   task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight,
                        presence_pos_weight=config.loss.get("presence_pos_weight", 1.0))
   model = model if model is not None else build_model(config, seed)
-  trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding)
+  trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding,
+                              augment=_augment(config), augment_seed=seed)
   trainer.schedule = schedule
   return trainer
 
@@ -261,8 +264,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * data.steps_per_epoch
   trainer = make_trainer(config, total_steps, mesh, config.seed + fold)
   loader = input_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
-                                 seed=config.seed + fold, augment=_augment(config),
-                                 workers=config.input.workers)
+                                 seed=config.seed + fold, workers=config.input.workers)
   it = iter(loader)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.checkpoint_keep,
                                keep_best=tc.keep_best, async_save=tc.async_checkpoints)

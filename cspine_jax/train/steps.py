@@ -5,6 +5,11 @@ donated, and ``out_shardings`` keep it laid out by the sharding rule (replicated
 batches are split over the 'data' axis. Semantics are those of ``nnx.Optimizer(model, tx,
 wrt=nnx.Param)`` / ``optimizer.update(model, grads)``; only the Python-level graph traversal is
 moved out of the hot loop.
+
+Both steps take the loader's uint8 batches and compute the model's inputs themselves
+(``input.device_inputs``): the train step augments (one random rotation + flip per sample, drawn
+from a key folded from the seed and the optimizer step, so a resumed run draws what an unbroken
+one did), both normalise.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from cspine_jax import input as input_lib
 from cspine_jax.train import sharding as sharding_lib
 from cspine_jax.train.tasks import Task
 
@@ -53,18 +59,26 @@ def compiler_options(platform: str) -> dict[str, Any] | None:
   return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
 
 
+AUGMENT_STREAM = 0x617567  # "aug"
+
+
 class Trainer:
   """Holds the (graphdef, state) of model + optimizer and the compiled steps.
 
   ``state`` is an ``nnx.State`` laid out over ``mesh``; ``train_step(state, batch)`` returns
   ``(new_state, metrics)`` and donates the old state; ``eval_step(state, batch)`` returns
   (predictions + carried fields, metrics), replicated so every host can read the whole batch.
+  ``augment`` (None: none) is applied by the train step only, with draws keyed by
+  (``augment_seed``, optimizer step).
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, task: Task, mesh: Mesh,
-               param_rule: str = "replicated"):
+               param_rule: str = "replicated", augment: input_lib.AugmentOptions | None = None,
+               augment_seed: int = 0):
     self.task = task
     self.mesh = mesh
+    self.augment = augment
+    self.augment_seed = int(augment_seed)
     model.train()  # stochastic layers on; the eval step switches them off in its own copy
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     self.graphdef, state = nnx.split((model, optimizer))
@@ -80,9 +94,20 @@ class Trainer:
     x = batch[self.task.input_field]
     return batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(x.shape[:1], jnp.float32)
 
+  def augment_key(self, step: jax.Array | int) -> jax.Array:
+    """The augmentation key of the step that follows ``step`` optimizer updates."""
+    # Its own stream: nnx.Rngs(seed) draws fold_in(key(seed), n) for the initial parameters.
+    stream = jax.random.fold_in(jax.random.key(self.augment_seed), AUGMENT_STREAM)
+    return jax.random.fold_in(stream, step)
+
   def _train_step(self, state: nnx.State, batch: Mapping[str, jax.Array]):
     model, optimizer = nnx.merge(self.graphdef, state)
     mask = self._mask(batch)
+    key = None
+    if self.augment is not None:
+      step = optimizer.step.value if hasattr(optimizer.step, "value") else optimizer.step
+      key = self.augment_key(step)
+    batch = input_lib.device_inputs(batch, self.task.input_field, key=key, augment=self.augment)
 
     x, kwargs = self.task.model_inputs(batch)
 
@@ -99,6 +124,7 @@ class Trainer:
     model, _ = nnx.merge(self.graphdef, state)
     model.eval()
     mask = self._mask(batch)
+    batch = input_lib.device_inputs(batch, self.task.input_field)
     x, kwargs = self.task.model_inputs(batch)
     outputs = model(x, **kwargs)
     _, metrics = self.task.loss(outputs, batch, mask)
