@@ -98,6 +98,22 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
   c = _ids(cinput.make_loader(src, "stage2", seed=2, **kw))
   assert a == b and a != c
   assert len(a) == 8 and sorted(sum(a[:4], [])) == list(range(16))
+  assert sorted(sum(a[4:], [])) == list(range(16)) and sum(a[4:], []) != sum(a[:4], [])
+
+
+def test_uneven_held_out_split_reads_every_record_once(tmp_path):
+  # 21 records over 2 processes: 11 + 10, in order (grain's IndexSampler gave each process 10).
+  write_task_shards(tmp_path, "stage2", 21)
+  src = open_source(tmp_path, "stage2")
+  seen = []
+  for shard in range(2):
+    opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
+    loader = cinput.make_loader(src, "stage2", batch_size=4, train=False, seed=0,
+                                shard_options=opts)
+    ids = [i for b in _ids(loader) for i in b]
+    assert len(ids) == cinput.local_num_records(21, opts) and ids == sorted(ids)
+    seen += ids
+  assert seen == list(range(21))
 
 
 def _pil_rotate_flip(images: np.ndarray, angle: float, flip: bool) -> np.ndarray:
