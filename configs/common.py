@@ -26,6 +26,9 @@ def base(task: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # compute dtype ("bfloat16": bf16 compute, float32 params)
+  # Encoder weights: a local timm file or a `python -m cspine_jax.weights import` folder (None:
+  # random init). Nothing is downloaded.
+  c.model.pretrained = ml_collections.config_dict.placeholder(str)
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, weight_decay=1e-5, b1=0.9, b2=0.999, clip_norm=1.0,

@@ -212,3 +212,24 @@ def test_unreadable_sources(tmp_path):
     want = "needs torch, which is not installed"
   with pytest.raises(weights.WeightsError, match=want):
     weights.load_pretrained(enc, pth)
+
+
+def test_config_pretrained_loads_the_encoder_for_training(tmp_path):
+  """`--config.model.pretrained=FOLDER` (an imported folder) sets the stage-2 encoder's weights."""
+  from configs import stage2
+  from cspine_jax.train import loop
+  source = weights.build_encoder("convnext_test")
+  rng = np.random.default_rng(0)  # values no init would give
+  nnx.update(source, jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
+                                  nnx.state(source, nnx.Param)))
+  folder = weights.save_converted(source, tmp_path / "enc", model="convnext_test")
+  config = stage2.get_config("cpu")
+  config.model.pretrained = str(folder)
+  model = loop.build_model(config, seed=0)
+  want, got = weights.encoder_arrays(source), weights.encoder_arrays(model.encoder)
+  assert set(want) == set(got)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  config.model.name, config.model.pretrained = "cnn3d", str(folder)
+  with pytest.raises(ValueError, match="no image encoder"):
+    loop.build_model(config, seed=0)

@@ -162,9 +162,21 @@ def _augment(config) -> input_lib.AugmentOptions | None:
 
 # ---- model --------------------------------------------------------------------------------------
 def build_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
-  """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included)."""
+  """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included);
+  ``config.model.pretrained`` (a timm file or an imported folder, see ``cspine_jax.weights``)
+  then replaces the image encoder's weights."""
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
-  return models.make_model(config.model, rngs=models.make_rngs(seed))
+  model = models.make_model(config.model, rngs=models.make_rngs(seed))
+  path = config.model.get("pretrained")
+  if path:
+    from cspine_jax import weights  # pylint: disable=g-import-not-at-top
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+      raise ValueError(f"model.pretrained={path}: model {config.model.get('name')!r} has no image "
+                       "encoder to load weights into")
+    report = weights.load_pretrained(encoder, path)
+    log.info("encoder weights from %s (%d tensors)", report.source, report.num_tensors)
+  return model
 
 
 def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed: int,
