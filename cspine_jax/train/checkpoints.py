@@ -14,11 +14,13 @@ rebuilt from the config saved in the meta.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any, Mapping
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
@@ -48,6 +50,14 @@ def _path_key(path) -> str:
 
 def _is_key(x) -> bool:
   return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _fresh(abstract: jax.ShapeDtypeStruct) -> jax.Array:
+  """A concrete RNG leaf for an abstract one of ``nnx.Rngs(0)``: default-impl keys, zero counts."""
+  if _is_key(abstract):
+    keys = jax.random.split(jax.random.key(0), max(math.prod(abstract.shape), 1))
+    return keys[0] if abstract.shape == () else keys.reshape(abstract.shape)
+  return jnp.zeros(abstract.shape, abstract.dtype)
 
 
 def flatten_state(state: Any) -> dict[str, Any]:
@@ -192,8 +202,10 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
 
   ``step`` None: the best-scored kept step, else the latest. The model is rebuilt from the config
   saved in the checkpoint's meta (``models.make_model``) and only its arrays are read from the
-  saved (model, optimizer) state; RNG streams stay as built (inference draws no randomness and
-  their saved layout may differ). Raises NoCheckpointError / CheckpointMismatchError.
+  saved (model, optimizer) state; RNG streams are fresh (inference draws no randomness and
+  their saved layout may differ). The model is built abstractly (``nnx.eval_shape``): a random
+  init would cost one small XLA compile per parameter (~10 s per model on 2 CPU cores) only to
+  be overwritten. Raises NoCheckpointError / CheckpointMismatchError.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -207,7 +219,8 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
     if step is None:
       raise NoCheckpointError(f"{run_dir}/checkpoints: no checkpoint saved")
     meta = ckpt.read_meta(step)
-    model = models.make_model(ml_collections.ConfigDict(meta["model"]), rngs=nnx.Rngs(0))
+    model_cfg = ml_collections.ConfigDict(meta["model"])
+    model = nnx.eval_shape(lambda: models.make_model(model_cfg, rngs=nnx.Rngs(0)))
     saved = dict(ckpt.manager.item_metadata(step)[STATE])
     abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in saved.items()}
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
@@ -221,6 +234,7 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
   if missing:
     raise CheckpointMismatchError(f"{run_dir}: checkpoint step {step} lacks {sorted(missing)[:5]} "
                                   f"for model {meta.get('model')}")
-  nnx.update(model, unflatten_state(flat, like))
+  graphdef, rng_state, _ = nnx.split(model, nnx.RngState, ...)
+  model = nnx.merge(graphdef, jax.tree.map(_fresh, rng_state), unflatten_state(flat, like))
   model.eval()
   return model, dict(meta, step=step)
