@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Validated once, at the end (each validation pass costs seconds on 2 cores).
       "stage1": _model(6, 16, 2e-3, loss={"presence_pos_weight": 4.0}, eval_every=6),
       "stage2": _model(30, 8, 1e-3, eval_every=6),
-      "cnn3d": _model(6, 8, 1e-3),
+      "cnn3d": _model(6, 8, 1e-3, eval_every=6),
       # The 2D slice baselines see ~9,000 slices; a step budget keeps them inside the demo's time.
       "single_head": _model(1, 16, 1e-3, max_steps=120),
       "multi_head": _model(1, 16, 1e-3, max_steps=120),

@@ -150,7 +150,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if not (data_dir / "train.csv").exists():
       synthetic.generate(data_dir, config.synthetic.num_studies, config.synthetic.seed,
                          size=config.synthetic.size,
-                         segmented_fraction=config.synthetic.get("segmented_fraction", 0.5))
+                         segmented_fraction=config.synthetic.get("segmented_fraction", 0.5),
+                         workers=config.workers)
 
   def prepare(task: str, vertebrae: pathlib.Path | None = None):
     def go():

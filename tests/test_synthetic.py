@@ -291,3 +291,13 @@ def test_bad_arguments_are_refused(tmp_path):
   with pytest.raises(ValueError, match="transfer syntax"):
     writers.write_series(tmp_path / "x", np.zeros(spec.geometry.shape, np.int16), spec.geometry,
                          dataclasses.replace(spec.options, transfer_syntax="jpeg-baseline"))
+
+
+def test_generate_with_worker_processes_writes_the_same_files(tmp_path):
+  def digest(root):
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+  one = studies.generate(tmp_path / "one", 3, 7, size="tiny", num_test=1, corrupt=1)
+  two = studies.generate(tmp_path / "two", 3, 7, size="tiny", num_test=1, corrupt=1, workers=2)
+  a, b = digest(pathlib.Path(one)), digest(pathlib.Path(two))
+  assert len(a) > 10 and a == b

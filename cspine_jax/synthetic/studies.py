@@ -248,7 +248,7 @@ def write_study(spec: StudySpec, root: pathlib.Path | str, phantom: Phantom | No
 
 def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str = "small", *,
              num_test: int | None = None, segmented_fraction: float = 0.5, corrupt: int = 0,
-             progress: bool = False) -> pathlib.Path:
+             progress: bool = False, workers: int = 1) -> pathlib.Path:
   """Write a synthetic RSNA 2022 folder with num_studies train and num_test test studies.
 
   num_test:            default max(1, num_studies // 10) (0 allowed).
@@ -256,6 +256,8 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   corrupt:             number of damaged .dcm files (truncated / garbled / empty), placed at the
                        feet end of train studies (preferring ones without a mask), listed in
                        ground_truth.json's corrupt_files and excluded from num_slices / shape.
+  workers:             studies written by this many spawned processes (each study depends only
+                       on its own seed and index, so the files are the same for any count).
   """
   if num_studies < 1:
     raise ValueError(f"num_studies must be >= 1, got {num_studies}")
@@ -277,23 +279,44 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
 
   out.mkdir(parents=True, exist_ok=True)
   studies, train_rows, box_rows = {}, [], []
-  for i in range(total):
-    split = "train" if i < num_studies else "test"
-    spec = sample_study(seed, i, size, split=split, has_segmentation=i in segmented,
-                        uid=study_uid(seed, i))
-    if i in corrupt_of:
-      spec = dataclasses.replace(spec, corrupt=tuple(corrupt_of[i]))
-    entry, rows = write_study(spec, out)
-    studies[spec.uid] = {"index": i, **entry}
-    if split == "train":
-      flags = [int(v in entry["fractured"]) for v in anat.CERVICAL]
-      train_rows.append((spec.uid, int(any(flags)), *flags))
-      box_rows += rows
-    if progress:
-      print(f"[{i + 1}/{total}] {split} {spec.uid} {entry['shape']} {entry['fractured']}")
+  jobs = [(seed, i, size, "train" if i < num_studies else "test", i in segmented,
+           tuple(corrupt_of.get(i, ())), out) for i in range(total)]
+  if workers > 1:
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    # spawn, not fork: the caller may have started JAX (threads) already.
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
+    done = pool.map(_write_one, jobs)
+  else:
+    pool, done = None, map(_write_one, jobs)
+  try:
+    for i, (uid, entry, rows) in enumerate(done):  # in study order
+      split = jobs[i][3]
+      studies[uid] = {"index": i, **entry}
+      if split == "train":
+        flags = [int(v in entry["fractured"]) for v in anat.CERVICAL]
+        train_rows.append((uid, int(any(flags)), *flags))
+        box_rows += rows
+      if progress:
+        print(f"[{i + 1}/{total}] {split} {uid} {entry['shape']} {entry['fractured']}")
+  finally:
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
   writers.write_csv(out / "train.csv", writers.TRAIN_COLUMNS, train_rows)
   writers.write_csv(out / "train_bounding_boxes.csv", writers.BOX_COLUMNS, box_rows)
   (out / "ground_truth.json").write_text(json.dumps(
       {"version": GROUND_TRUTH_VERSION, "seed": seed, "size": size, "studies": studies},
       indent=1) + "\n")
   return out
+
+
+def _write_one(job) -> tuple[str, dict, list]:
+  """Samples and writes study ``index`` (a picklable job for the worker processes)."""
+  seed, i, size, split, has_segmentation, corrupt, out = job
+  spec = sample_study(seed, i, size, split=split, has_segmentation=has_segmentation,
+                      uid=study_uid(seed, i))
+  if corrupt:
+    spec = dataclasses.replace(spec, corrupt=corrupt)
+  entry, rows = write_study(spec, out)
+  return spec.uid, entry, rows
