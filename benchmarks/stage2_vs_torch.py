@@ -133,10 +133,12 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
   config.model.encoder = encoder
   config.prepare.image_size = (size, size)
   config.input.batch_size = batch
+  config.input.augment.enabled = False  # the peer gets no augmentation either
   mesh = sharding.make_mesh()
   trainer = loop.make_trainer(config, 1000, mesh, seed=0)
   rng = np.random.default_rng(0)
-  host = {"images": rng.standard_normal((batch, SEQ, size, size, 3), np.float32),
+  # uint8 pixels, as the loader hands them over (the steps normalise on the device).
+  host = {"images": rng.integers(0, 256, (batch, SEQ, size, size, 3), dtype=np.uint8),
           "label": (rng.random(batch) < 0.5).astype(np.float32),
           "vertebra": (np.arange(batch) % 7).astype(np.int32),
           "record_id": np.arange(batch, dtype=np.int32)}

@@ -38,6 +38,7 @@ from absl import flags  # noqa: E402
 from cspine_jax import input as input_lib  # noqa: E402
 from cspine_jax.records import schema, shards  # noqa: E402
 from cspine_jax.train import loop, sharding  # noqa: E402
+from cspine_jax.train import steps as steps_lib  # noqa: E402
 
 IMAGES_PER_SAMPLE = {"stage2": 8, "stage1": 1, "cnn3d": 1, "slices2d": 1}
 
@@ -144,13 +145,13 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
     return m["loss"]
 
   eval_batch = sharding.shard_batch(dict(batch, mask=np.ones(len(batch["record_id"]), np.float32)), mesh)
-  flops = step_flops(trainer.train_step, trainer.state, gbatch)
+  flops = step_flops(trainer.update_step, trainer.state,
+                     trainer.prepare_step(steps_lib.optimizer_step(trainer.state), gbatch))
   peak = peak_flops()
   train_s = timed(train, steps)
   field = input_lib.IMAGE_FIELD[task]
-  augment = jax.jit(lambda b, k: input_lib.device_inputs(b, field, key=k,
-                                                         augment=trainer.augment)[field])
-  augment_s = (timed(lambda: augment(gbatch, trainer.augment_key(0)), steps)
+  step0 = steps_lib.optimizer_step(trainer.state)
+  augment_s = (timed(lambda: trainer.prepare_step(step0, gbatch)[field], steps)
                if trainer.augment else 0.0)
   eval_s = timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
   images = config.input.batch_size * IMAGES_PER_SAMPLE[task]

@@ -282,7 +282,8 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(math.isfinite(v) for v in losses_) and losses_[-1] < losses_[0]
   params = nnx.state(nnx.merge(trainer.graphdef, trainer.state)[0], nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-  lowered = trainer.train_step.lower(trainer.state, batch).as_text()
+  inputs = trainer.prepare_step(steps.optimizer_step(trainer.state), batch)
+  lowered = trainer.update_step.lower(trainer.state, inputs).as_text()
   assert "bf16" in lowered
 
 
