@@ -63,11 +63,6 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
   return (size + 2 * pad - k) // stride + 1
 
 
-# Batch slices the shifted conv's output is concatenated from (see `_shifted_valid`): one more
-# than the 8 operands up to which XLA:CPU fuses a concatenate into its users.
-_CHUNKS = 9
-
-
 def _useful_taps(lo: int, hi: int, out_size: int, k: int, stride: int) -> list[int]:
   """Kernel offsets along one axis whose window meets the real data [lo, hi) of the padded axis.
 
@@ -89,26 +84,13 @@ def _shifted_valid(xp: Array, kernel: Array, stride: tuple[int, int], out_hw: tu
   (sh, sw), (ho, wo) = stride, out_hw
   acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
   k = kernel[:, :, 0, :].astype(acc_dtype)
-  taps = [(i, j) for i in _useful_taps(*real[0], ho, kh, sh)
-          for j in _useful_taps(*real[1], wo, kw, sw)]
-
-  def rows(a: int, b: int) -> Array:  # output samples a..b-1
-    out = jnp.zeros((b - a, ho, wo, c), acc_dtype)
-    for i, j in taps:
-      tap = lax.slice(xp, (a, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+  out = jnp.zeros((n, ho, wo, c), acc_dtype)
+  for i in _useful_taps(*real[0], ho, kh, sh):
+    for j in _useful_taps(*real[1], wo, kw, sw):
+      tap = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
                       (1, sh, sw, 1))
       out = out + tap.astype(acc_dtype) * k[i, j]
-    return out.astype(xp.dtype)
-
-  if n < _CHUNKS:
-    return rows(0, n)
-  # XLA:CPU fuses this chain of cheap elementwise ops into every consumer of the result, and the
-  # LayerNorm after a ConvNeXt depthwise conv has three (mean, variance, normalisation), so the
-  # kh*kw-tap sum ran three times (plus again in the backward). A concatenate of more than 8
-  # operands is never fused (cpu_instruction_fusion.cc), so the output is built from _CHUNKS batch
-  # slices: each computed once, then read from memory (~2x less forward work for ConvNeXt-atto).
-  bounds = [round(q * n / _CHUNKS) for q in range(_CHUNKS + 1)]
-  return jnp.concatenate([rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])], axis=0)
+  return out.astype(xp.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
