@@ -8,7 +8,7 @@ For each config at its ``:cpu`` size (and, with --paper, at the paper size for a
     counts as one), measured after compilation on a fixed random uint8 batch; the step includes
     the augmentation (rotation + flip) and normalisation it runs on the device;
   * inference (eval step, normalisation included) steps/s and images/s;
-  * the augmentation + normalisation alone (``input.device_inputs`` jitted), ms per batch;
+  * the augmentation + normalisation alone (``Trainer.prepare_step``), ms per batch;
   * grain input throughput: batches/s of the training pipeline (read, decode, batch uint8,
     ``input.workers`` processes) over random records of the config's shapes written to a
     temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).

@@ -206,22 +206,6 @@ def normalize(images: Any) -> Any:
   return images.astype(np.float32) * scale + offset
 
 
-class Normalize(grain.transforms.Map):
-  """:func:`normalize` on the host, for a pipeline that must yield float batches (the training and
-  inference steps normalise on the device with :func:`device_inputs` instead)."""
-
-  def __init__(self, task: str):
-    self.field = IMAGE_FIELD[task]
-
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    out = dict(element)
-    img = np.asarray(out[self.field])
-    if img.dtype != np.uint8:
-      raise TypeError(f"records {out.get('record_id')}: {self.field} is {img.dtype}, expected uint8")
-    out[self.field] = normalize(img)
-    return out
-
-
 # ---- device side: augmentation and normalisation inside the jitted steps ------------------------
 def augment_draws(key: jax.Array, batch_size: int, options: AugmentOptions
                   ) -> tuple[jax.Array, jax.Array]:

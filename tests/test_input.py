@@ -74,15 +74,19 @@ def _ids(loader, limit=None):
   return out
 
 
+def _ids_per_process(src, **loader_kw):
+  """(shard options, record ids in loader order) for each of 2 processes' stage-2 loaders."""
+  for shard in range(2):
+    opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
+    loader = cinput.make_loader(src, "stage2", shard_options=opts, **loader_kw)
+    yield opts, [i for b in _ids(loader) for i in b]
+
+
 def test_each_record_once_per_epoch_across_two_processes(tmp_path):
   write_task_shards(tmp_path, "stage2", 22)
   src = open_source(tmp_path, "stage2")
   seen = []
-  for shard in range(2):
-    opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
-    loader = cinput.make_loader(src, "stage2", batch_size=1, train=True, seed=3, num_epochs=1,
-                                shard_options=opts)
-    ids = [i for b in _ids(loader) for i in b]
+  for opts, ids in _ids_per_process(src, batch_size=1, train=True, seed=3, num_epochs=1):
     assert len(ids) == cinput.local_num_records(22, opts)
     seen += ids
   assert sorted(seen) == list(range(22))
@@ -106,11 +110,7 @@ def test_uneven_held_out_split_reads_every_record_once(tmp_path):
   write_task_shards(tmp_path, "stage2", 21)
   src = open_source(tmp_path, "stage2")
   seen = []
-  for shard in range(2):
-    opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
-    loader = cinput.make_loader(src, "stage2", batch_size=4, train=False, seed=0,
-                                shard_options=opts)
-    ids = [i for b in _ids(loader) for i in b]
+  for opts, ids in _ids_per_process(src, batch_size=4, train=False, seed=0):
     assert len(ids) == cinput.local_num_records(21, opts) and ids == sorted(ids)
     seen += ids
   assert seen == list(range(21))
@@ -206,7 +206,7 @@ def test_device_inputs_augment_only_with_a_key_and_normalise_like_the_host():
   batch = {"image": rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8),
            "box": np.tile(np.array([0.2, 0.3, 0.6, 0.7], np.float32), (4, 1)),
            "presence": np.ones((4, 7), np.float32)}
-  host = cinput.Normalize("stage1").map(batch)["image"]
+  host = cinput.normalize(batch["image"])
   plain = jax.jit(lambda b: cinput.device_inputs(b, "image"))(batch)
   np.testing.assert_allclose(np.asarray(plain["image"]), host, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(plain["box"]), batch["box"])

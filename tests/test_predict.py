@@ -261,7 +261,7 @@ def test_fold_ensemble_restores_checkpoints_and_averages(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (5, 8, 16, 16, 3), dtype=np.uint8)
   vertebra = np.arange(5, dtype=np.int32)
-  x = input_lib.Normalize("stage2").map({"images": images})["images"]
+  x = input_lib.normalize(images)
   probs = []
   for fold in (0, 1):  # two "fold models": the same run one step apart
     trainer.state, _ = trainer.train_step(trainer.state,

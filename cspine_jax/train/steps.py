@@ -144,8 +144,7 @@ class Trainer:
   @property
   def step(self) -> int:
     """The optimizer's step count (host int)."""
-    _, optimizer = nnx.merge(self.graphdef, self.state)
-    return int(optimizer.step.value if hasattr(optimizer.step, "value") else optimizer.step)
+    return int(optimizer_step(self.state))
 
   def model(self) -> nnx.Module:
     """The current model (a merged copy, in eval mode) for inference outside the steps."""
