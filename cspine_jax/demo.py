@@ -223,8 +223,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
   # ---- inference on the held-out test studies, from DICOM
   def infer():
-    predict.write_spec(run_dir, options, options, top_n=config.top_n,
-                       rules=rules_of(config))
+    # The rules the pseudo-labels were made with (a template decode carries its fitted layout).
+    predict.write_spec(run_dir, options, options, top_n=config.top_n, rules=located["rules"])
     predict.write_prior(run_dir / predict.PRIOR,
                         labels_lib.read_train_csv(data_dir / "train.csv"))
     models = predict.load_models(run_dir)

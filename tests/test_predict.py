@@ -317,3 +317,77 @@ def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
   c1 = written[uids[0]][0]
   assert c1.present
   np.testing.assert_allclose(c1.box, (0.3, 0.3, 0.7, 0.7), atol=1e-6)
+
+
+def test_template_fit_places_the_layout_where_per_slice_evidence_is_ambiguous():
+  """Middle levels that a per-slice model confuses are placed by the layout fitted at its ends."""
+  truth = [(2, 6), (5, 14), (14, 19), (20, 25), (26, 31), (32, 37), (38, 44)]
+  template = pseudo_labels.vertebra_template([truth, [(a + 3, b + 3) for a, b in truth]])
+  lo, hi = truth[0][0], truth[-1][1]
+  np.testing.assert_allclose(template[3], ((20 - lo) / (hi - lo), (25 - lo) / (hi - lo)))
+  presence = np.full((50, 7), 0.05)
+  for v, (a, b) in enumerate(truth):
+    presence[a:b + 1, v] = 0.95
+  # C4..C6 indistinguishable slice by slice: each of them 0.6 anywhere from C4's top to C6's end.
+  presence[20:38, 3:6] = 0.6
+  rules = pseudo_labels.Rules(decode="template", template=template)
+  got = [(p.first_index, p.last_index) for p in pseudo_labels.derive(presence, np.tile(
+      [0.2, 0.2, 0.8, 0.8], (50, 1)), rules=rules)]
+  assert got == truth
+  ordered = pseudo_labels.ordered_ranges(presence, require_all=True)
+  assert ordered[3:6] != truth[3:6]  # what the template fixes
+  # A study twice as long (thinner slices) is fitted by the same layout.
+  stretched = np.repeat(presence, 2, axis=0)
+  got2 = pseudo_labels.template_ranges(stretched, template)
+  assert all(abs(a - 2 * t[0]) <= 1 and abs(b - (2 * t[1] + 1)) <= 1 for (a, b), t in
+             zip(got2, truth))
+
+
+def test_template_rules_are_checked_and_survive_the_inference_spec(tmp_path):
+  with pytest.raises(ValueError, match="7 \\(start, end\\)"):
+    pseudo_labels.Rules(decode="template", template=((0.0, 0.2),) * 6)
+  with pytest.raises(ValueError, match="needs Rules.template"):
+    pseudo_labels.derive(np.full((10, 7), .5), np.zeros((10, 4)),
+                         rules=pseudo_labels.Rules(decode="template"))
+  with pytest.raises(ValueError, match="all seven"):
+    pseudo_labels.vertebra_template([[(0, 3)] * 6 + [None]])
+  template = tuple((v / 8, (v + 1.5) / 8) for v in range(7))
+  rules = pseudo_labels.Rules(decode="template", template=template)
+  options = study_lib.Options(image_size=(32, 32))
+  predict.write_spec(tmp_path, options, options, rules=rules)
+  spec = json.loads((tmp_path / predict.SPEC).read_text())
+  assert pseudo_labels.Rules(**spec["rules"]) == rules
+
+
+def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
+  """decode="template" without a layout: the file's comes from every mask, fold k's out-of-fold
+  comparison from the masks outside fold k; an oracle stage 1 recovers the true ranges."""
+  from cspine_jax import synthetic
+  from cspine_jax.io import dicom, nifti
+  data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 4, 7, size="tiny", num_test=0,
+                                         segmented_fraction=1.0))
+  uids = sorted(json.loads((data / "ground_truth.json").read_text())["studies"])
+  options = study_lib.Options(image_size=(32, 32))
+  oracle = {}  # the study's images -> what a perfect stage 1 says about them
+  for uid in uids:
+    series = dicom.read_series(data / "train_images" / uid, warn=False)
+    images = study_lib.slice_images(study_lib.Loaded(None, series, None), options)
+    oracle[images.tobytes()] = (len(images), pseudo_labels.oracle_outputs(
+        nifti.load_mask(data / "segmentations" / f"{uid}.nii", series)))
+
+  def scorer(images):  # one padded batch per study (batch_size 1000)
+    for key, (n, (presence, boxes)) in oracle.items():
+      if images[:n].tobytes() == key:
+        pad = len(images) - n
+        return np.pad(presence, ((0, pad), (0, 0))), np.pad(boxes, ((0, pad), (0, 0)))
+    raise AssertionError("unknown study")
+
+  result = pseudo_labels.label_dataset(
+      data, {0: scorer, 1: scorer}, options, tmp_path / "v.csv",
+      rules=pseudo_labels.Rules(decode="template"), batch_size=1000,
+      folds={u: i % 2 for i, u in enumerate(uids)}, log=lambda _: None)
+  assert result["rules"].template is not None
+  assert result["ensemble"]["pairs"] == 4 * 7 and result["out_of_fold"]["pairs"] == 4 * 7
+  # A rigid layout is close to, not exactly, each study's own ranges.
+  assert result["ensemble"]["range_iou"] > 0.75
+  assert result["out_of_fold"]["range_iou"] > 0.7

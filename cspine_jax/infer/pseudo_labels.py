@@ -12,6 +12,13 @@ From them, per vertebra (documented rules, tested exactly with an oracle model):
   range is where it is in the state. ``require_all`` forces every
   vertebra onto at least one slice (a cervical-spine CT shows all seven), so a weak model still
   places each level where it is relatively most likely instead of calling it absent.
+* Range, ``decode="template"``: the seven ranges as one rigid layout, the mean relative
+  position of each vertebra along the C1..C7 span in the segmented training studies
+  (``vertebra_template``), placed by its two ends: the (top, bottom) slices that maximise the same
+  summed logit(p) - logit(``threshold``) over the layout's ranges. A per-slice model mistakes
+  C4/C5/C6 for their neighbours (their axial slices look alike), but C1/C2 and C7 are distinct and
+  the vertebral heights are similar, so the two-parameter fit places the middle levels far better
+  than per-slice evidence (out-of-fold slice-range IoU 0.76 -> 0.86 on the demo set).
 * Range, ``decode="threshold"``: the slices whose presence probability reaches ``threshold`` (0.5);
   of their contiguous runs the longest one wins (ties: the larger summed probability), so a stray
   confident slice far away cannot stretch the range. No slice over the threshold -> absent.
@@ -44,7 +51,9 @@ NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 # A stage-1 scorer: uint8 2.5D images (N, H, W, 3) -> (presence probabilities (N, 7), boxes (N, 4)
 # normalised x0, y0, x1, y1). Models, fold ensembles and test oracles all fit this shape.
 Stage1Fn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-DECODERS = ("ordered", "threshold")
+DECODERS = ("ordered", "template", "threshold")
+# A vertebra layout: per vertebra (start, end) as fractions of the C1-top..C7-bottom span.
+Template = tuple[tuple[float, float], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +63,14 @@ class Rules:
   box_quantile: float = 0.0
   decode: str = "ordered"
   require_all: bool = False
+  # decode="template": the layout; None until ``label_dataset`` fits it from the masks.
+  template: Template | None = None
 
   def __post_init__(self):
     if self.decode not in DECODERS:
       raise ValueError(f"decode must be one of {DECODERS}, got {self.decode!r}")
+    if self.template is not None:  # JSON gives lists; keep the dataclass hashable and checked
+      object.__setattr__(self, "template", check_template(self.template))
     if not 0.0 < self.threshold < 1.0:
       raise ValueError(f"presence threshold must be in (0, 1), got {self.threshold}")
     if not 0.0 <= self.box_quantile < 0.5:
@@ -127,6 +140,59 @@ def ordered_ranges(presence: np.ndarray, require_all: bool = False, threshold: f
   return out
 
 
+def check_template(template) -> Template:
+  """Validates a layout: 7 (start, end) fractions with 0 <= start <= end <= 1."""
+  t = np.asarray(template, np.float64)
+  if t.shape != (NUM_VERTEBRAE, 2) or not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(
+      t > 1) or np.any(t[:, 0] > t[:, 1]):
+    raise ValueError(f"a vertebra template is 7 (start, end) fractions in [0, 1], got {template!r}")
+  return tuple((float(a), float(b)) for a, b in t)
+
+
+def vertebra_template(ranges: Iterable[Sequence[tuple[int, int] | None]]) -> Template:
+  """Mean relative layout of studies' true ranges (each: 7 inclusive (first, last) slice ranges,
+  from ``labels.vertebra_extents``); studies missing a vertebra are skipped."""
+  rel = []
+  for r in ranges:
+    if any(x is None for x in r):
+      continue
+    lo, hi = r[0][0], r[-1][1]
+    if hi <= lo:
+      continue
+    rel.append([((a - lo) / (hi - lo), (b - lo) / (hi - lo)) for a, b in r])
+  if not rel:
+    raise ValueError("no study shows all seven vertebrae: cannot fit a vertebra template")
+  return check_template(np.mean(rel, axis=0))
+
+
+def template_ranges(presence: np.ndarray, template: Template, threshold: float = 0.5,
+                    eps: float = 1e-4) -> list[tuple[int, int]]:
+  """The layout placed where it best fits the presences (module docstring, ``template``).
+
+  Every (top, bottom) slice pair with at least one slice per vertebra is scored (one vector pass
+  per top slice, so memory stays O(S)): the ranges are rounded fractions of the span, their logit
+  sums read from cumulative sums.
+  """
+  p = np.clip(np.asarray(presence, np.float64), eps, 1.0 - eps)
+  s, n = p.shape
+  t = np.asarray(check_template(template))
+  logit = np.log(p) - np.log1p(-p) - math.log(threshold / (1.0 - threshold))
+  cum = np.concatenate([np.zeros((1, n)), np.cumsum(logit, axis=0)])  # (S + 1, 7)
+  cols = np.arange(n)[None, :]
+  best_score, best = -np.inf, None
+  for top in range(s):
+    span = np.arange(min(n, s) - 1, s - top, dtype=np.float64)[:, None]  # bottom - top
+    if span.size == 0:
+      break
+    first = np.clip(np.rint(top + t[None, :, 0] * span), 0, s - 1).astype(np.int64)
+    last = np.clip(np.rint(top + t[None, :, 1] * span), 0, s - 1).astype(np.int64)
+    score = (cum[last + 1, cols] - cum[first, cols]).sum(axis=1)
+    i = int(np.argmax(score))
+    if score[i] > best_score:
+      best_score, best = float(score[i]), (first[i], last[i])
+  return [(int(a), int(b)) for a, b in zip(*best)]
+
+
 def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
   return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
@@ -166,12 +232,17 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
   called = presence >= rules.threshold
   if rules.decode == "ordered":
     runs = ordered_ranges(presence, rules.require_all, rules.threshold)
+  elif rules.decode == "template":
+    if rules.template is None:
+      raise ValueError('decode="template" needs Rules.template (label_dataset fits it from masks)')
+    runs = template_ranges(presence, rules.template, rules.threshold)
+  else:
+    runs = [longest_run(called[:, v], presence[:, v]) for v in range(NUM_VERTEBRAE)]
+  if rules.decode != "threshold":
     called = np.zeros_like(called)
     for v, run in enumerate(runs):
       if run is not None:
         called[run[0]:run[1] + 1, v] = True
-  else:
-    runs = [longest_run(called[:, v], presence[:, v]) for v in range(NUM_VERTEBRAE)]
   out = []
   for v in range(NUM_VERTEBRAE):
     run = runs[v]
@@ -211,12 +282,17 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def compare(pred: Sequence[vertebrae_lib.VertebraPrediction], mask: np.ndarray,
-            numbers: np.ndarray) -> list[dict]:
-  """Per vertebra: range IoU and box IoU (pixels) of a study's predictions against its mask."""
-  truth = labels_lib.vertebra_extents(mask)
+            numbers: np.ndarray, extents: Sequence[labels_lib.VertebraExtent | None] | None = None
+            ) -> list[dict]:
+  """Per vertebra: range IoU and box IoU (pixels) of a study's predictions against its mask.
+
+  ``extents``: ``labels.vertebra_extents(mask)`` when already computed; then ``mask`` may be just
+  its shape (callers that keep many studies need not hold their masks)."""
+  truth = labels_lib.vertebra_extents(mask) if extents is None else extents
+  shape = tuple(np.shape(mask)) if not isinstance(mask, tuple) else mask
   rows = []
   for v, (p, t) in enumerate(zip(pred, truth)):
-    got = vertebrae_lib.resolve(p, numbers, mask.shape)
+    got = vertebrae_lib.resolve(p, numbers, shape)
     rows.append({"vertebra": labels_lib.VERTEBRAE[v],
                  "range_iou": range_iou(None if got is None else got[:2],
                                         None if t is None else (t.first, t.last)),
@@ -254,8 +330,12 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   uid -> fold). ``options`` are the stage-1 records' ``records.study.Options`` (same windowing and
   resizing as in training). On the studies with a segmentation the derived ranges and boxes are
   compared with the mask (``labels.vertebra_extents``): with the ensemble (which has seen those
-  studies in training) and out-of-fold. Unreadable studies are listed and left out of the file.
-  Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs}.
+  studies in training) and out-of-fold. ``decode="template"`` without a template fits it from the
+  segmented studies' masks after the pass: all of them for the file, and for the out-of-fold
+  comparison on fold k only the studies outside fold k (those model k trained on).
+  Unreadable studies are listed and left out of the file.
+  Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs,
+  "rules": the rules the file was made with (template filled in)}.
   """
   from cspine_jax.infer import predict, reader  # batching; the reader thread
   from cspine_jax.io import dicom, nifti
@@ -274,7 +354,10 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   members = dict(stage1) if isinstance(stage1, Mapping) else {None: stage1}
   if not members:
     raise ValueError("label_dataset needs a stage-1 scorer or at least one fold model")
-  located, failed, rows_ens, rows_oof = {}, [], [], []
+  folds = dict(folds or {})
+  # Pass 1: the model outputs of every study (small: S x 11 floats per fold model) and, where
+  # there is a mask, its truth; decoding waits until a template can be fitted.
+  scored, truths, failed = {}, {}, []
   from tqdm import tqdm
   bar = tqdm(total=len(inputs), unit="study", desc="pseudo-labels", disable=not progress)
   for (uid, _, _), loaded, error, _ in reader.prefetched(inputs, load):
@@ -284,19 +367,36 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
       continue
     series, mask = loaded
     images = study_lib.slice_images(study_lib.Loaded(None, series, None), options)
-    by_fold = {k: predict.in_batches(fn, [images], batch_size) for k, fn in members.items()}
+    scored[uid] = (series.numbers,
+                   {k: predict.in_batches(fn, [images], batch_size) for k, fn in members.items()})
+    if mask is not None:
+      truths[uid] = (mask.shape, labels_lib.vertebra_extents(mask))  # not the mask: memory
+  bar.close()
+
+  def fitted(exclude_fold: int | None) -> Rules:
+    if rules.decode != "template" or rules.template is not None:
+      return rules
+    ranges = [[None if e is None else (e.first, e.last) for e in extents]
+              for uid, (_, extents) in truths.items()
+              if exclude_fold is None or folds.get(uid) != exclude_fold]
+    return dataclasses.replace(rules, template=vertebra_template(ranges))
+
+  file_rules = fitted(None)
+  fold_rules = {k: fitted(k) for k in members if k is not None}
+  located, rows_ens, rows_oof = {}, [], []
+  for uid, (numbers, by_fold) in scored.items():
     presence = np.mean([p for p, _ in by_fold.values()], axis=0)
     boxes = np.mean([b for _, b in by_fold.values()], axis=0)
-    located[uid] = derive(presence, boxes, series.numbers, rules)
-    if mask is not None:
-      rows_ens += compare(located[uid], mask, series.numbers)
-      k = None if folds is None else folds.get(uid)
+    located[uid] = derive(presence, boxes, numbers, file_rules)
+    if uid in truths:
+      shape, extents = truths[uid]
+      rows_ens += compare(located[uid], shape, numbers, extents)
+      k = folds.get(uid)
       if k is not None and k in by_fold:
-        rows_oof += compare(derive(*by_fold[k], series.numbers, rules), mask, series.numbers)
-  bar.close()
+        rows_oof += compare(derive(*by_fold[k], numbers, fold_rules[k]), shape, numbers, extents)
   vertebrae_lib.write_vertebrae(out_path, located)
   result = {"studies": len(located), "failed": failed, "ensemble": summarise(rows_ens),
-            "out_of_fold": summarise(rows_oof)}
+            "out_of_fold": summarise(rows_oof), "rules": file_rules}
   log(f"pseudo-labels: {len(located)} studies -> {out_path} ({len(failed)} unreadable)")
   for name in ("ensemble", "out_of_fold"):
     s = result[name]
