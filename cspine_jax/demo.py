@@ -109,6 +109,8 @@ def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib
     c.model[k] = v
   for k, v in m.get("loss", {}).items():
     c.loss[k] = v
+  for k, v in m.get("augment", {}).items():
+    c.input.augment[k] = v
   return c
 
 

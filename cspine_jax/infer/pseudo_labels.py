@@ -382,7 +382,14 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
     return dataclasses.replace(rules, template=vertebra_template(ranges))
 
   file_rules = fitted(None)
-  fold_rules = {k: fitted(k) for k in members if k is not None}
+  fold_rules = {}
+  for k in members:
+    if k is None:
+      continue
+    try:
+      fold_rules[k] = fitted(k)
+    except ValueError as e:  # only fold k's studies have masks: no honest layout for model k
+      log(f"  out-of-fold comparison of fold {k} skipped: {e}")
   located, rows_ens, rows_oof = {}, [], []
   for uid, (numbers, by_fold) in scored.items():
     presence = np.mean([p for p, _ in by_fold.values()], axis=0)
@@ -392,7 +399,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
       shape, extents = truths[uid]
       rows_ens += compare(located[uid], shape, numbers, extents)
       k = folds.get(uid)
-      if k is not None and k in by_fold:
+      if k is not None and k in by_fold and k in fold_rules:
         rows_oof += compare(derive(*by_fold[k], numbers, fold_rules[k]), shape, numbers, extents)
   vertebrae_lib.write_vertebrae(out_path, located)
   result = {"studies": len(located), "failed": failed, "ensemble": summarise(rows_ens),
