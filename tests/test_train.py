@@ -325,23 +325,3 @@ def test_train_step_augments_on_the_device_and_eval_does_not():
   a0, _ = cinput.augment_draws(aug.augment_key(0), 16, aug.augment)
   a1, _ = cinput.augment_draws(aug.augment_key(1), 16, aug.augment)
   assert not np.allclose(np.asarray(a0), np.asarray(a1))
-
-
-def test_eval_step_compiles_in_background_and_is_not_compiled_again(tmp_path, monkeypatch, caplog):
-  """The eval step compiles on a thread while training starts; the first evaluation reuses it."""
-  import logging
-  monkeypatch.setattr(loop, "build_model", lambda config, seed: TinySeq(rngs=nnx.Rngs(seed)))
-  records = _records(tmp_path)
-  cfg = tiny_config(max_steps=3)
-  mesh = sharding.make_mesh()
-  data = loop.make_data(cfg, records, 0, mesh)
-  trainer = loop.make_trainer(cfg, 3, mesh, 0)
-  thread = loop.compile_eval_in_background(trainer, data, cfg)
-  assert thread is not None
-  thread.join()
-  with caplog.at_level(logging.DEBUG), jax.log_compiles(True):
-    scores, _ = loop.evaluate(trainer, data, cfg, 0)
-  assert np.isfinite(scores["score"])
-  compiled = [r.getMessage() for r in caplog.records if "_eval_step" in r.getMessage()
-              and "ompil" in r.getMessage()]
-  assert not compiled, compiled

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import pathlib
-import threading
 import time
 from typing import Any
 
@@ -259,38 +258,6 @@ def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.
   return scores, preds
 
 
-def compile_eval_in_background(trainer: steps_lib.Trainer, data: FoldData,
-                               config: ml_collections.ConfigDict) -> threading.Thread | None:
-  """Starts compiling the eval step on a thread; join it before the first evaluation.
-
-  XLA compiles a program on one core, and the first train step's compile (tens of seconds for a
-  2D baseline on CPU) leaves the other core idle; the eval step compiles meanwhile from abstract
-  state (the train step may donate the real one) and a real first held-out batch, and its first
-  call then finds the executable in JAX's caches. A failure only logs: it compiles when called.
-  """
-  if not len(data.val):
-    return None
-  loader = input_lib.make_loader(data.val, config.task, batch_size=data.local_batch, train=False,
-                                 seed=config.seed, workers=0)
-  first = next(iter(loader), None)
-  if first is None:
-    return None
-  batch = sharding_lib.shard_batch(_pad(first, data.local_batch), trainer.mesh)
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                       trainer.state)
-
-  def compile_eval():
-    try:
-      trainer.eval_step.lower(state, batch).compile()
-    except Exception as e:  # pylint: disable=broad-except
-      log.warning("eval step not precompiled (%s: %s); it compiles at the first evaluation",
-                  type(e).__name__, e)
-
-  thread = threading.Thread(target=compile_eval, name="compile-eval", daemon=True)
-  thread.start()
-  return thread
-
-
 # ---- training -----------------------------------------------------------------------------------
 def _progress(total: int, initial: int, enabled: bool):
   if not enabled or jax.process_index() != 0:
@@ -360,8 +327,6 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
       clock.update(t0=time.perf_counter(), steps=0)
 
   eval_every = max(int(tc.get("eval_every", 1)), 1)
-  compiling = (compile_eval_in_background(trainer, data, config)
-               if step < min(total_steps, stop_at) else None)
   try:
     while step < min(total_steps, stop_at):
       batch = sharding_lib.shard_batch(next(it), mesh)
@@ -378,9 +343,6 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
         pending = None
         score = None
         if end_of_epoch and len(data.val):
-          if compiling is not None:
-            compiling.join()
-            compiling = None
           scores, preds = evaluate(trainer, data, config, fold)
           score = scores["score"]
           writer.write(step, scores, epoch=step / data.steps_per_epoch)
@@ -395,8 +357,6 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   finally:
     if bar is not None:
       bar.close()
-    if compiling is not None:
-      compiling.join()
   ckpt.close()
   writer.close()
   summary = {"fold": fold, "step": step, "total_steps": total_steps,
