@@ -1,5 +1,6 @@
 """The shifted depthwise conv matches lax's grouped convolution (values and gradients)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from flax import nnx
 
 from cspine_jax.models import layers
+from cspine_jax.train import steps
 
 
 def _pair(shape, seed=0, ksize=7):
@@ -27,7 +29,9 @@ def _close(a, b, rtol=1e-5):
 # (shape, kernel size, stride, padding): ConvNeXt's 7x7 "same" on odd sizes and on maps smaller
 # than the kernel, plus strided 3x3 cases like EfficientNet's.
 CASES = [((2, 9, 11, 5), 7, 1, 3), ((3, 2, 2, 4), 7, 1, 3), ((2, 4, 5, 6), 7, 1, 3),
-         ((2, 9, 7, 3), 7, 2, 3), ((2, 8, 9, 3), 3, 2, 1), ((2, 7, 7, 3), 3, 3, 0)]
+         ((2, 9, 7, 3), 7, 2, 3), ((2, 8, 9, 3), 3, 2, 1), ((2, 7, 7, 3), 3, 3, 0),
+         # more rows than ConvNeXt's 7x7 needs for all 49 taps, several channels, a batch of 1
+         ((1, 20, 5, 2), 7, 2, 3), ((2, 13, 6, 11), 7, 1, 3)]
 
 
 @pytest.mark.parametrize("shape,ksize,stride,pad", CASES)
@@ -48,6 +52,24 @@ def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
   assert shifted[0].shape == ref[0].shape
   for a, b in zip(shifted, ref):
     _close(a, b)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion decisions")
+def test_tap_sum_computed_once_with_several_consumers():
+  # Three consumers of the conv output, like the LayerNorm after it: XLA:CPU would fuse the
+  # 49-tap sum into each (3x the work) unless it is materialised once (layers._materialised).
+  x, k, _ = _pair((2, 9, 9, 3))
+
+  def f(x, k):
+    y = layers.depthwise_conv2d(x, k, padding=3, method="shifted")
+    return jnp.mean(y, -1), jnp.var(y, -1), y * 2.0
+
+  hlo = jax.jit(f).lower(x, k).compile(
+      compiler_options=steps.compiler_options("cpu")).as_text()
+  # A computation holding the tap sum takes ~49 slices of the padded input (XLA may fold one).
+  per_computation = [len(re.findall(r"f32\[2,9,9,3\]\S* slice\(", c))
+                     for c in re.split(r"\n(?=\S)", hlo)]
+  assert sum(n >= 40 for n in per_computation) == 1, per_computation
 
 
 def test_auto_method_and_errors():

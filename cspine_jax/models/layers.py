@@ -90,7 +90,23 @@ def _shifted_valid(xp: Array, kernel: Array, stride: tuple[int, int], out_hw: tu
       tap = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
                       (1, sh, sw, 1))
       out = out + tap.astype(acc_dtype) * k[i, j]
-  return out.astype(xp.dtype)
+  return _materialised(out.astype(xp.dtype))
+
+
+def _materialised(y: Array) -> Array:
+  """`y` unchanged (non-finite values become NaN), ending in an op XLA:CPU will not duplicate.
+
+  The kh*kw-tap sum is a chain of cheap elementwise ops, and XLA:CPU fuses such a chain into
+  every consumer of its result: the LayerNorm after a ConvNeXt depthwise conv has three (mean,
+  variance, normalisation), so the sum ran three times, more in the backward. Instruction fusion
+  never duplicates an expensive op into several consumers, and a divide is one, so the chain
+  fuses into this divide, which is computed once and stored. The divisor is 1 computed from `y`
+  (x * 0 + 1 is not folded for floats, and a divide by a broadcast scalar would be rewritten to
+  a cheap multiply). Not `lax.optimization_barrier` (XLA:CPU removes barriers before fusion) and
+  not a concatenate of > 8 pieces (also never fused, but it multiplies the code to compile, and
+  pieces along the batch axis take the SPMD partitioner minutes on a data-parallel mesh).
+  """
+  return y / (y * 0 + 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
