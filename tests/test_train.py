@@ -325,3 +325,22 @@ def test_train_step_augments_on_the_device_and_eval_does_not():
   a0, _ = cinput.augment_draws(aug.augment_key(0), 16, aug.augment)
   a1, _ = cinput.augment_draws(aug.augment_key(1), 16, aug.augment)
   assert not np.allclose(np.asarray(a0), np.asarray(a1))
+
+
+def test_model_initialised_in_one_program_matches_eager_construction(caplog):
+  import logging
+
+  from configs import cnn3d as cnn3d_config
+  from cspine_jax import models
+  cfg = cnn3d_config.get_config("cpu")
+  make = lambda: models.make_model(cfg.model, rngs=models.make_rngs(3))  # noqa: E731
+  eager = nnx.state(make())
+  with caplog.at_level(logging.DEBUG), jax.log_compiles(True):
+    jitted = nnx.state(loop.init_in_one_program(make))
+  compiles = [r for r in caplog.records if r.getMessage().startswith("Finished XLA compilation")]
+  assert len(compiles) == 1, [r.getMessage() for r in compiles]
+  assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

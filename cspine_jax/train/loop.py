@@ -16,7 +16,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -161,12 +161,27 @@ def _augment(config) -> input_lib.AugmentOptions | None:
 
 
 # ---- model --------------------------------------------------------------------------------------
+def init_in_one_program(make: Callable[[], nnx.Module]) -> nnx.Module:
+  """``make()``, with all parameter initialisers run as one jit-compiled program.
+
+  Built eagerly, every initialiser call of a new shape compiles its own small XLA program (~150
+  for the 2D baselines: 8.7-16.9 s on 2 CPU cores before the first step); one program compiled at
+  backend optimisation level 0 (it runs once) takes 3.7-9.8 s. Same values and structure: the
+  graph comes from ``nnx.eval_shape``, the state from the jitted ``make``.
+  """
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  state = jax.jit(lambda: nnx.split(make())[1], compiler_options=opts)()
+  return nnx.merge(graphdef, state)
+
+
 def build_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
   """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included);
   ``config.model.pretrained`` (a timm file or an imported folder, see ``cspine_jax.weights``)
   then replaces the image encoder's weights."""
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.make_model(config.model, rngs=models.make_rngs(seed))
+  model = init_in_one_program(lambda: models.make_model(config.model,
+                                                        rngs=models.make_rngs(seed)))
   path = config.model.get("pretrained")
   if path:
     from cspine_jax import weights  # pylint: disable=g-import-not-at-top
