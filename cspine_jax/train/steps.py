@@ -51,7 +51,10 @@ def make_tx(schedule: optax.Schedule, *, weight_decay: float, clip_norm: float |
 # graphs that materialise every tap and broadcast. With them off, XLA's own loop fusions run that
 # work and Eigen the dots: atto stage-2 forward ~350 -> ~240 ms at 16x8 images of 64 px
 # (benchmarks/stage2_vs_torch.py). Per-jit options, so nothing global changes.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# 512-bit vectors (AVX-512 hosts; others ignore it): stage2_vs_torch --ours_only, 3 alternating
+# pairs, train 156/155/153 vs 152/142/129 img/s, inference 1003/1109/804 vs 746/929/1004.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                        "xla_cpu_prefer_vector_width": 512}
 
 
 def compiler_options(platform: str) -> dict[str, Any] | None:
