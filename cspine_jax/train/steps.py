@@ -53,8 +53,14 @@ def make_tx(schedule: optax.Schedule, *, weight_decay: float, clip_norm: float |
 # (benchmarks/stage2_vs_torch.py). Per-jit options, so nothing global changes.
 # 512-bit vectors (AVX-512 hosts; others ignore it): stage2_vs_torch --ours_only, 3 alternating
 # pairs, train 156/155/153 vs 152/142/129 img/s, inference 1003/1109/804 vs 746/929/1004.
+# LLVM at -O1 instead of -O2: cold compiles are the larger cost of short runs (a 2D baseline's
+# first train step 13.0 -> 9.6 s and 26.0 -> 21.5 s; whole fold 26.5 -> 21.0 s and 53.8 -> 45.4 s)
+# and the steps did not get slower: stage2_vs_torch --ours_only, 2 alternating pairs, atto train
+# 140/143 vs 134/130 img/s, inference 899/736 vs 718/811; the demo's test encoder train 2370/2168
+# vs 1860/1878, inference 10240/10562 vs 11579/13502.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
-                        "xla_cpu_prefer_vector_width": 512}
+                        "xla_cpu_prefer_vector_width": 512,
+                        "xla_backend_optimization_level": 1}
 
 
 def compiler_options(platform: str) -> dict[str, Any] | None:
