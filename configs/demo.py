@@ -43,8 +43,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic = ml_collections.ConfigDict(dict(num_studies=96, seed=0, size="small",
                                                segmented_fraction=0.75))
   # records.study.Options for every record set (one preprocessing for training and inference).
+  # stage2_locate="vertebrae": stage 2 trains on pseudo-label crops for every study, as the seed
+  # does. Trained on mask crops where there were masks, it called negatives fractured on the
+  # pseudo-label crops it is given at inference (mean C1 probability on negatives 0.32 vs 0.02 on
+  # mask crops; held-out test 1.11 vs prior 0.51).
   c.prepare = ml_collections.ConfigDict(dict(image_size=(64, 64), stage2_slices=24, cube_size=32,
-                                             crop_margin=0.1, num_folds=2, fold_seed=0))
+                                             crop_margin=0.1, num_folds=2, fold_seed=0,
+                                             stage2_locate="vertebrae"))
   c.workers = 2
   c.train_fold = -1  # -1: every fold (out-of-fold predictions for all studies); k: fold k only
   c.top_n = 7

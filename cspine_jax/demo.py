@@ -77,7 +77,8 @@ def options_of(config: ml_collections.ConfigDict) -> study_lib.Options:
   p = config.prepare
   return study_lib.Options(image_size=tuple(p.image_size), stage2_slices=p.stage2_slices,
                            cube_size=p.cube_size, crop_margin=p.crop_margin,
-                           num_folds=p.num_folds, fold_seed=p.fold_seed)
+                           num_folds=p.num_folds, fold_seed=p.fold_seed,
+                           stage2_locate=p.get("stage2_locate", "mask"))
 
 
 def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib.Path,

@@ -35,6 +35,8 @@ def options_parser() -> argparse.ArgumentParser:
   p.add_argument("--crop_margin", type=float, default=d.crop_margin)
   p.add_argument("--cube_size", type=int, default=d.cube_size, help="cnn3d cube edge (paper 224)")
   p.add_argument("--cnn3d_crop", action="store_true", help="cnn3d: crop to C1-C7 first")
+  p.add_argument("--stage2_locate", choices=study_lib.STAGE2_LOCATE, default=d.stage2_locate,
+                 help="stage-2 crops from the mask where there is one, or from --vertebrae always")
   return p
 
 
@@ -46,7 +48,7 @@ def options_from_args(args: argparse.Namespace) -> study_lib.Options:
       image_size=(size[0], size[-1]), window_level=args.window_level,
       window_width=args.window_width, num_folds=args.num_folds, fold_seed=args.fold_seed,
       stage2_slices=args.stage2_slices, crop_margin=args.crop_margin, cube_size=args.cube_size,
-      cnn3d_crop=args.cnn3d_crop)
+      cnn3d_crop=args.cnn3d_crop, stage2_locate=args.stage2_locate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

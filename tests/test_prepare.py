@@ -255,6 +255,49 @@ def test_vertebrae_file_locates_unsegmented_studies(data, built, tmp_path):
         np.testing.assert_array_equal(r["images"], expected[r["vertebra"]])
 
 
+def test_stage2_locate_vertebrae_crops_every_study_by_the_file(data, tmp_path):
+  """stage2_locate="vertebrae": segmented studies too are cropped by the --vertebrae file (here a
+  box 2 px inside the true one, so mask crops would differ); a study missing from it is bad, with
+  a reason that says its segmentation was not used."""
+  import dataclasses
+  root, gt = data
+  train = _train(gt)
+  opts = dataclasses.replace(OPTS, stage2_locate="vertebrae")
+  preds, boxes = {}, {}
+  for uid, info in train.items():
+    s, h, w = info["shape"]
+    row = []
+    for name in labels_lib.VERTEBRAE:
+      v = info["vertebrae"].get(name)
+      if v is None:
+        row.append(vertebrae_lib.absent())
+        continue
+      x0, y0, x1, y1 = v["box"]
+      box = (x0 + 2, y0 + 2, x1 - 2, y1 - 2)
+      boxes[uid, labels_lib.VERTEBRAE.index(name)] = (v["first"], v["last"], box)
+      row.append(vertebrae_lib.VertebraPrediction(
+          True, v["first"], v["last"], v["first_number"], v["last_number"],
+          (box[0] / w, box[1] / h, box[2] / w, box[3] / h), 0.9))
+    preds[uid] = tuple(row)
+  left_out = sorted(u for u, info in train.items() if info["has_segmentation"])[0]
+  vfile = tmp_path / "vertebrae.csv"
+  vertebrae_lib.write_vertebrae(vfile, {u: p for u, p in preds.items() if u != left_out})
+  m = pipeline.prepare(root, tmp_path / "out", "stage2", opts, vertebrae_file=vfile,
+                       progress=False)
+  assert m["options"]["stage2_locate"] == "vertebrae"
+  bad = {b["study_uid"]: b["reason"] for b in m["bad_studies"]}
+  assert list(bad) == [left_out] and "segmentation not used" in bad[left_out]
+  recs = _by_study(pipeline.read_task(tmp_path / "out", "stage2"))
+  assert left_out not in recs and set(recs) == set(train) - {left_out}
+  for uid, srecs in recs.items():
+    series = _series(root, uid)
+    for r in srecs:
+      if r["present"]:
+        first, last, box = boxes[uid, r["vertebra"]]
+        expected = stage2.vertebra_images(series.volume, study_lib.Extent(first, last, box), opts)
+        np.testing.assert_array_equal(r["images"], expected)
+
+
 @pytest.mark.skipif(NUM_STUDIES < 2, reason="needs several studies")
 def test_interrupted_run_resumes_to_the_same_records(data, built, tmp_path, monkeypatch):
   root, _ = data

@@ -4,7 +4,7 @@ For each of C1..C7: ``stage2_slices`` (24) slices spread evenly over the vertebr
 (np.linspace over first..last, rounded), each cropped to the vertebra's box plus a margin (before
 any resampling), windowed, resized to ``image_size`` and stacked 3 by 3 -> ``images`` uint8
 (8, H, W, 3). Ranges and boxes come from the mask when the study has one, else from the --vertebrae
-file. A vertebra absent from the study gives ``present=False`` and all-zero images: no crop is
+file; with ``Options.stage2_locate="vertebrae"`` from the --vertebrae file for every study. A vertebra absent from the study gives ``present=False`` and all-zero images: no crop is
 invented. Fields: ``images``, ``label`` f32 (), ``vertebra`` 0..6, ``present``, ``study_uid``,
 ``fold``.
 """
@@ -48,7 +48,7 @@ def vertebra_images(volume: np.ndarray, extent: study_lib.Extent, options: study
 
 def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
   targets = study_lib.require_labels(study)
-  loaded = study_lib.load(study, with_mask=True, options=options)
+  loaded = study_lib.load(study, with_mask=options.stage2_locate == "mask", options=options)
   extents = study_lib.extents(loaded)
   loaded.mask = None
   h, w = options.image_size

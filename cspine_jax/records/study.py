@@ -44,6 +44,9 @@ class StudyError(ValueError):
   """A study that cannot be turned into records; the message names the study and the reason."""
 
 
+STAGE2_LOCATE = ("mask", "vertebrae")
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Preprocessing options; every field is part of a record set's identity (see manifest.json).
@@ -56,6 +59,9 @@ class Options:
   cube_size:     D = H = W of the cnn3d volume (paper 224; CPU default 64).
   cnn3d_crop:    crop the cnn3d volume to the C1-C7 slices and box (from the mask or the
                  --vertebrae file).
+  stage2_locate: where stage-2 crops come from: "mask" (the mask when the study has one, else the
+                 --vertebrae file) or "vertebrae" (the --vertebrae file for every study, as the
+                 seed method trains stage 2: crops made the way inference makes them).
   """
   image_size: tuple[int, int] = (224, 224)
   window_level: float = 400.0
@@ -66,6 +72,7 @@ class Options:
   crop_margin: float = 0.1
   cube_size: int = 64
   cnn3d_crop: bool = False
+  stage2_locate: str = "mask"
 
   def __post_init__(self):
     size = tuple(int(s) for s in self.image_size)
@@ -82,6 +89,8 @@ class Options:
       raise ValueError(f"crop_margin must be >= 0, got {self.crop_margin}")
     if self.cube_size < 2:
       raise ValueError(f"cube_size must be >= 2, got {self.cube_size}")
+    if self.stage2_locate not in STAGE2_LOCATE:
+      raise ValueError(f"stage2_locate must be one of {STAGE2_LOCATE}, got {self.stage2_locate!r}")
 
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
@@ -385,8 +394,9 @@ def extents(loaded: Loaded) -> list[Extent | None]:
             for e in labels_lib.vertebra_extents(loaded.mask)]
   study = loaded.study
   if study.vertebrae is None:
-    raise StudyError(f"study {study.uid}: no segmentation and no entry in the --vertebrae file, "
-                     "so its vertebrae cannot be located")
+    used = "no segmentation" if study.mask_path is None else "its segmentation not used"
+    raise StudyError(f"study {study.uid}: {used} and no entry in the --vertebrae file, so its "
+                     "vertebrae cannot be located")
   out: list[Extent | None] = []
   for v, pred in enumerate(study.vertebrae):
     span = vertebrae_lib.resolve(pred, loaded.series.numbers, loaded.series.shape)
