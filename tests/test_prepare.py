@@ -220,6 +220,28 @@ def test_cnn3d_and_slices2d_against_ground_truth(data, built):
     assert all(r["image"].shape == (32, 32, 3) for r in recs)
 
 
+def _file_predictions(train, inset=0):
+  """--vertebrae entries from the ground truth (boxes ``inset`` pixels inside the true ones):
+  ({uid: 7 predictions}, {(uid, vertebra): (first, last, pixel box)})."""
+  preds, boxes = {}, {}
+  for uid, info in train.items():
+    _, h, w = info["shape"]
+    row = []
+    for name in labels_lib.VERTEBRAE:
+      v = info["vertebrae"].get(name)
+      if v is None:
+        row.append(vertebrae_lib.absent())
+        continue
+      x0, y0, x1, y1 = v["box"]
+      box = (x0 + inset, y0 + inset, x1 - inset, y1 - inset)
+      boxes[uid, labels_lib.VERTEBRAE.index(name)] = (v["first"], v["last"], box)
+      row.append(vertebrae_lib.VertebraPrediction(
+          True, v["first"], v["last"], v["first_number"], v["last_number"],
+          (box[0] / w, box[1] / h, box[2] / w, box[3] / h), 0.9))
+    preds[uid] = tuple(row)
+  return preds, boxes
+
+
 def test_vertebrae_file_locates_unsegmented_studies(data, built, tmp_path):
   root, gt = data
   out, manifests = built
@@ -229,20 +251,7 @@ def test_vertebrae_file_locates_unsegmented_studies(data, built, tmp_path):
     assert {s["study_uid"] for s in m["shards"]} == set(train) - unsegmented
     assert {s["study_uid"] for s in m["skipped_studies"]} == unsegmented
     assert all("no segmentation" in s["reason"] for s in m["skipped_studies"])
-  preds = {}
-  for uid, info in train.items():
-    s, h, w = info["shape"]
-    row = []
-    for name in labels_lib.VERTEBRAE:
-      v = info["vertebrae"].get(name)
-      if v is None:
-        row.append(vertebrae_lib.absent())
-      else:
-        x0, y0, x1, y1 = v["box"]
-        row.append(vertebrae_lib.VertebraPrediction(
-            True, v["first"], v["last"], v["first_number"], v["last_number"],
-            (x0 / w, y0 / h, x1 / w, y1 / h), 0.9))
-    preds[uid] = tuple(row)
+  preds, _ = _file_predictions(train)
   vfile = tmp_path / "vertebrae.csv"
   vertebrae_lib.write_vertebrae(vfile, preds)
   m = pipeline.prepare(root, tmp_path / "out", "stage2", OPTS, vertebrae_file=vfile, progress=False)
@@ -263,22 +272,7 @@ def test_stage2_locate_vertebrae_crops_every_study_by_the_file(data, tmp_path):
   root, gt = data
   train = _train(gt)
   opts = dataclasses.replace(OPTS, stage2_locate="vertebrae")
-  preds, boxes = {}, {}
-  for uid, info in train.items():
-    s, h, w = info["shape"]
-    row = []
-    for name in labels_lib.VERTEBRAE:
-      v = info["vertebrae"].get(name)
-      if v is None:
-        row.append(vertebrae_lib.absent())
-        continue
-      x0, y0, x1, y1 = v["box"]
-      box = (x0 + 2, y0 + 2, x1 - 2, y1 - 2)
-      boxes[uid, labels_lib.VERTEBRAE.index(name)] = (v["first"], v["last"], box)
-      row.append(vertebrae_lib.VertebraPrediction(
-          True, v["first"], v["last"], v["first_number"], v["last_number"],
-          (box[0] / w, box[1] / h, box[2] / w, box[3] / h), 0.9))
-    preds[uid] = tuple(row)
+  preds, boxes = _file_predictions(train, inset=2)
   left_out = sorted(u for u, info in train.items() if info["has_segmentation"])[0]
   vfile = tmp_path / "vertebrae.csv"
   vertebrae_lib.write_vertebrae(vfile, {u: p for u, p in preds.items() if u != left_out})
