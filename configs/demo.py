@@ -1,6 +1,6 @@
 """The end-to-end demo on a generated synthetic RSNA-format set (CPU, 2 cores).
 
-    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 10 minutes)
+    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 7 minutes on 2 cores)
     python launch.py --config=configs/demo.py:tiny --workdir=/tmp/demo   (the test-suite setting)
 
 generate -> prepare -> stage 1 (all folds) -> pseudo-labels -> stage 2 (all folds) -> evaluate
