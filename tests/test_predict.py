@@ -41,8 +41,8 @@ def test_oracle_ranges_and_boxes_match_the_mask_exactly():
   for v, (p, t) in enumerate(zip(preds, truth)):
     assert p.present and (p.first_index, p.last_index) == (t.first, t.last)
     assert (p.first_number, p.last_number) == (100 + t.first, 100 + t.last)
-    # Expected box: union of the per-slice boxes where only this vertebra shows.
-    own = [s for s in range(t.first, t.last + 1) if sl.presence[s].sum() == 1]
+    # Expected box: union of the per-slice boxes where no vertebra above this one shows.
+    own = [s for s in range(t.first, t.last + 1) if not sl.presence[s, :v].any()]
     b = sl.box[own]
     expect = np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]) / 32
     np.testing.assert_allclose(p.box, expect, atol=1e-9)
@@ -50,7 +50,10 @@ def test_oracle_ranges_and_boxes_match_the_mask_exactly():
   rows = pseudo_labels.compare(preds, mask, numbers)
   summary = pseudo_labels.summarise(rows)
   assert summary["range_iou"] == 1.0
-  assert summary["box_iou"] == 1.0  # each vertebra's footprint is the same on all its slices
+  # Each vertebra's footprint is the same on all its slices, but here (unlike in a spine) the next
+  # one's footprint does not lie inside it on their shared slice, so the box can be a bit wider.
+  assert 0.8 < summary["box_iou"] < 1.0
+  assert rows[6]["box_iou"] == 1.0  # C7: no vertebra below it, so its box is exact
 
 
 def test_noisy_presence_and_absent_vertebra(tmp_path):

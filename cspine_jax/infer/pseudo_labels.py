@@ -22,9 +22,13 @@ From them, per vertebra (documented rules, tested exactly with an oracle model):
 * Range, ``decode="threshold"``: the slices whose presence probability reaches ``threshold`` (0.5);
   of their contiguous runs the longest one wins (ties: the larger summed probability), so a stray
   confident slice far away cannot stretch the range. No slice over the threshold -> absent.
-* Box: the per-slice boxes over the range, restricted to the slices where this vertebra is the only
-  one called present (the per-slice box covers every visible vertebra, so slices shared with a
-  neighbour would widen it; when no slice is exclusive, all the range's slices are used). The box is
+* Box: the per-slice boxes over the range, restricted to the slices where no vertebra above this
+  one is called present. The per-slice box covers every visible vertebra: the vertebra above
+  reaches down into this one's top slices with its arch and spinous process and would widen it,
+  while the one below starts inside this one's outline (C2's dens within C1's ring; a body under
+  a body), so dropping the shared bottom slices too only lost width (out-of-fold box IoU on the
+  demo set: 0.711 this way, 0.677 with slices shared with neither neighbour, C1 0.63 vs 0.39; when
+  every slice is shared with the one above, all the range's slices are used). The box is
   the union of those boxes (``box_quantile=0``) or, to damp outliers, the ``q`` / ``1 - q``
   quantiles of their low / high edges. Degenerate (empty) per-slice boxes are ignored; when none is
   left the whole image stands in.
@@ -251,8 +255,8 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
       continue
     first, last = run
     span = slice(first, last + 1)
-    exclusive = called[span].sum(1) == 1
-    chosen = boxes[span][exclusive] if exclusive.any() else boxes[span]
+    below_nothing_above = ~called[span, :v].any(axis=1)
+    chosen = boxes[span][below_nothing_above] if below_nothing_above.any() else boxes[span]
     if not _valid_boxes(np.clip(chosen, 0, 1)).any():
       chosen = boxes[span]
     out.append(vertebrae_lib.VertebraPrediction(
