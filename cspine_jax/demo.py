@@ -78,7 +78,7 @@ def options_of(config: ml_collections.ConfigDict) -> study_lib.Options:
   return study_lib.Options(image_size=tuple(p.image_size), stage2_slices=p.stage2_slices,
                            cube_size=p.cube_size, crop_margin=p.crop_margin,
                            num_folds=p.num_folds, fold_seed=p.fold_seed,
-                           stage2_locate=p.get("stage2_locate", "mask"))
+                           stage2_locate=p.stage2_locate)
 
 
 def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib.Path,

@@ -286,14 +286,16 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def compare(pred: Sequence[vertebrae_lib.VertebraPrediction], mask: np.ndarray,
-            numbers: np.ndarray, extents: Sequence[labels_lib.VertebraExtent | None] | None = None
-            ) -> list[dict]:
-  """Per vertebra: range IoU and box IoU (pixels) of a study's predictions against its mask.
+            numbers: np.ndarray) -> list[dict]:
+  """Per vertebra: range IoU and box IoU (pixels) of a study's predictions against its mask."""
+  return compare_extents(pred, labels_lib.vertebra_extents(mask), mask.shape, numbers)
 
-  ``extents``: ``labels.vertebra_extents(mask)`` when already computed; then ``mask`` may be just
-  its shape (callers that keep many studies need not hold their masks)."""
-  truth = labels_lib.vertebra_extents(mask) if extents is None else extents
-  shape = tuple(np.shape(mask)) if not isinstance(mask, tuple) else mask
+
+def compare_extents(pred: Sequence[vertebrae_lib.VertebraPrediction],
+                    truth: Sequence[labels_lib.VertebraExtent | None], shape: Sequence[int],
+                    numbers: np.ndarray) -> list[dict]:
+  """:func:`compare` against a mask's ``labels.vertebra_extents`` and (S, H, W) ``shape`` (for
+  callers that keep many studies and not their masks)."""
   rows = []
   for v, (p, t) in enumerate(zip(pred, truth)):
     got = vertebrae_lib.resolve(p, numbers, shape)
@@ -401,10 +403,11 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
     located[uid] = derive(presence, boxes, numbers, file_rules)
     if uid in truths:
       shape, extents = truths[uid]
-      rows_ens += compare(located[uid], shape, numbers, extents)
+      rows_ens += compare_extents(located[uid], extents, shape, numbers)
       k = folds.get(uid)
       if k is not None and k in by_fold and k in fold_rules:
-        rows_oof += compare(derive(*by_fold[k], numbers, fold_rules[k]), shape, numbers, extents)
+        rows_oof += compare_extents(derive(*by_fold[k], numbers, fold_rules[k]), extents, shape,
+                                    numbers)
   vertebrae_lib.write_vertebrae(out_path, located)
   result = {"studies": len(located), "failed": failed, "ensemble": summarise(rows_ens),
             "out_of_fold": summarise(rows_oof), "rules": file_rules}

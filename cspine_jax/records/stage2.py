@@ -4,9 +4,9 @@ For each of C1..C7: ``stage2_slices`` (24) slices spread evenly over the vertebr
 (np.linspace over first..last, rounded), each cropped to the vertebra's box plus a margin (before
 any resampling), windowed, resized to ``image_size`` and stacked 3 by 3 -> ``images`` uint8
 (8, H, W, 3). Ranges and boxes come from the mask when the study has one, else from the --vertebrae
-file; with ``Options.stage2_locate="vertebrae"`` from the --vertebrae file for every study. A vertebra absent from the study gives ``present=False`` and all-zero images: no crop is
-invented. Fields: ``images``, ``label`` f32 (), ``vertebra`` 0..6, ``present``, ``study_uid``,
-``fold``.
+file; with ``Options.stage2_locate="vertebrae"`` from the --vertebrae file for every study. A
+vertebra absent from the study gives ``present=False`` and all-zero images: no crop is invented.
+Fields: ``images``, ``label`` f32 (), ``vertebra`` 0..6, ``present``, ``study_uid``, ``fold``.
 """
 from __future__ import annotations
 
