@@ -362,9 +362,9 @@ def test_template_rules_are_checked_and_survive_the_inference_spec(tmp_path):
   assert pseudo_labels.Rules(**spec["rules"]) == rules
 
 
-def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
-  """decode="template" without a layout: the file's comes from every mask, fold k's out-of-fold
-  comparison from the masks outside fold k; an oracle stage 1 recovers the true ranges."""
+def _oracle_data(tmp_path, distort=None):
+  """4 segmented tiny studies and a stage-1 scorer that says what their masks say (boxes passed
+  through ``distort`` (N, 4) -> (N, 4) when given): (data folder, uids, options, scorer)."""
   from cspine_jax import synthetic
   from cspine_jax.io import dicom, nifti
   data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 4, 7, size="tiny", num_test=0,
@@ -375,8 +375,9 @@ def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
   for uid in uids:
     series = dicom.read_series(data / "train_images" / uid, warn=False)
     images = study_lib.slice_images(study_lib.Loaded(None, series, None), options)
-    oracle[images.tobytes()] = (len(images), pseudo_labels.oracle_outputs(
-        nifti.load_mask(data / "segmentations" / f"{uid}.nii", series)))
+    presence, boxes = pseudo_labels.oracle_outputs(
+        nifti.load_mask(data / "segmentations" / f"{uid}.nii", series))
+    oracle[images.tobytes()] = (len(images), (presence, distort(boxes) if distort else boxes))
 
   def scorer(images):  # one padded batch per study (batch_size 1000)
     for key, (n, (presence, boxes)) in oracle.items():
@@ -384,7 +385,13 @@ def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
         pad = len(images) - n
         return np.pad(presence, ((0, pad), (0, 0))), np.pad(boxes, ((0, pad), (0, 0)))
     raise AssertionError("unknown study")
+  return data, uids, options, scorer
 
+
+def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
+  """decode="template" without a layout: the file's comes from every mask, fold k's out-of-fold
+  comparison from the masks outside fold k; an oracle stage 1 recovers the true ranges."""
+  data, uids, options, scorer = _oracle_data(tmp_path)
   result = pseudo_labels.label_dataset(
       data, {0: scorer, 1: scorer}, options, tmp_path / "v.csv",
       rules=pseudo_labels.Rules(decode="template"), batch_size=1000,
@@ -394,3 +401,57 @@ def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
   # A rigid layout is close to, not exactly, each study's own ranges.
   assert result["ensemble"]["range_iou"] > 0.75
   assert result["out_of_fold"]["range_iou"] > 0.7
+
+
+def test_label_dataset_calibrates_systematically_wrong_boxes(tmp_path):
+  """A stage 1 whose boxes are all 30% too narrow: calibrate_boxes fits offsets from the masks
+  (every mask for the file, the other fold's for each out-of-fold check) that undo it."""
+  def narrow(boxes):
+    w = boxes[:, 2] - boxes[:, 0]
+    return boxes + np.stack([0.15 * w, 0 * w, -0.15 * w, 0 * w], -1)
+  data, uids, options, scorer = _oracle_data(tmp_path, narrow)
+  folds = {u: i % 2 for i, u in enumerate(uids)}
+  results = {}
+  for calibrate in (False, True):
+    results[calibrate] = pseudo_labels.label_dataset(
+        data, {0: scorer, 1: scorer}, options, tmp_path / f"v{calibrate}.csv",
+        rules=pseudo_labels.Rules(decode="ordered", calibrate_boxes=calibrate), batch_size=1000,
+        folds=folds, log=lambda _: None)
+  offsets = np.asarray(results[True]["rules"].box_offsets)
+  assert results[False]["rules"].box_offsets is None
+  # Each edge moved out by 0.15 / 0.7 of the narrowed width (per-slice boxes widen it a little).
+  np.testing.assert_allclose(offsets[:, 0], -0.15 / 0.7, atol=0.05)
+  np.testing.assert_allclose(offsets[:, 2], 0.15 / 0.7, atol=0.05)
+  for name in ("ensemble", "out_of_fold"):
+    before, after = results[False][name]["box_iou"], results[True][name]["box_iou"]
+    assert before < 0.8 and after > before + 0.1, (name, before, after)
+  written = vertebrae_lib.read_vertebrae(tmp_path / "vTrue.csv")
+  raw = vertebrae_lib.read_vertebrae(tmp_path / "vFalse.csv")
+  for v in range(7):  # the file's boxes are the derived ones moved by the fitted offsets
+    np.testing.assert_allclose(written[uids[0]][v].box, pseudo_labels.offset_box(
+        raw[uids[0]][v].box, offsets[v]), atol=1e-6)
+
+
+def test_box_offsets_fit_apply_and_validate(tmp_path):
+  got, truth = (0.2, 0.2, 0.6, 0.4), (0.1, 0.2, 0.7, 0.5)  # width 0.4, height 0.2
+  pairs = [[(got, truth)] * 7, [(got, truth)] * 6 + [None], [((0.2, 0.2, 0.6, 0.4), got)] * 7]
+  offsets = pseudo_labels.fit_box_offsets(pairs)  # the median of the three studies' offsets
+  np.testing.assert_allclose(offsets[0], (-0.25, 0.0, 0.25, 0.5))
+  np.testing.assert_allclose(offsets[6], (-0.125, 0.0, 0.125, 0.25))
+  np.testing.assert_allclose(pseudo_labels.offset_box(got, offsets[0]), truth)
+  np.testing.assert_allclose(pseudo_labels.offset_box((0.0, 0.0, 1.0, 0.5), offsets[0]),
+                             (0.0, 0.0, 1.0, 0.75))  # kept inside the image
+  with pytest.raises(ValueError, match="no segmented study locates C3"):
+    pseudo_labels.fit_box_offsets([[(got, truth)] * 2 + [None] + [(got, truth)] * 4])
+  with pytest.raises(ValueError, match="7 x \\(x0, y0, x1, y1\\)"):
+    pseudo_labels.Rules(calibrate_boxes=True, box_offsets=((0.0,) * 4,) * 6)
+  with pytest.raises(ValueError, match="calibrate_boxes is False"):
+    pseudo_labels.Rules(box_offsets=offsets)
+  with pytest.raises(ValueError, match="needs Rules.box_offsets"):
+    pseudo_labels.derive(np.full((10, 7), .5), np.zeros((10, 4)),
+                         rules=pseudo_labels.Rules(calibrate_boxes=True))
+  rules = pseudo_labels.Rules(calibrate_boxes=True, box_offsets=offsets)
+  options = study_lib.Options(image_size=(32, 32))
+  predict.write_spec(tmp_path, options, options, rules=rules)
+  spec = json.loads((tmp_path / predict.SPEC).read_text())
+  assert pseudo_labels.Rules(**spec["rules"]) == rules
