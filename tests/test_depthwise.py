@@ -1,4 +1,5 @@
-"""The shifted depthwise conv matches lax's grouped convolution (values and gradients)."""
+"""layers.py's CPU formulations match the reference ops: the shifted depthwise conv lax's grouped
+convolution, the custom-VJP GELU jax.nn.gelu(approximate=False) (values and gradients)."""
 import functools
 import re
 
@@ -54,6 +55,26 @@ def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
     _close(a, b)
 
 
+@pytest.mark.parametrize("shape,ksize,stride,pad", CASES + [((6, 16, 16, 3), 7, 1, 3)])
+def test_both_kernel_gradient_forms_match_lax(shape, ksize, stride, pad):
+  # _kernel_grad picks one form by map and batch size; each must be right on every case.
+  x, _, rs = _pair(shape, 1, ksize)
+  n, h, w, c = shape
+  g = rs.standard_normal((n, (h + 2 * pad - ksize) // stride + 1,
+                          (w + 2 * pad - ksize) // stride + 1, c)).astype(np.float32)
+
+  @jax.jit
+  def ref(x, g):
+    def f(k):
+      return layers.depthwise_conv2d(x, k, stride=stride, padding=pad, method="lax")
+    return jax.vjp(f, jnp.zeros((ksize, ksize, 1, c), jnp.float32))[1](g)[0]
+
+  forms = (layers._kernel_grad_pairs, layers._kernel_grad_rows)  # pylint: disable=protected-access
+  got = jax.jit(lambda x, g: [f(x, g, ksize, ksize, (stride,) * 2, (pad,) * 2) for f in forms])(x, g)
+  for dk in got:
+    _close(dk, ref(x, g))
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion decisions")
 def test_tap_sum_computed_once_with_several_consumers():
   # Three consumers of the conv output, like the LayerNorm after it: XLA:CPU would fuse the
@@ -100,3 +121,21 @@ def test_bfloat16_close_to_float32():
   y16 = f(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
   _close(y16.astype(jnp.float32), y32, rtol=2e-2)
+
+
+def test_gelu_matches_exact_gelu_values_and_gradients():
+  rs = np.random.RandomState(2)
+  x = np.concatenate([rs.standard_normal(4000) * 3, np.linspace(-10, 10, 2001)]).astype(np.float32)
+  g = rs.standard_normal(x.shape).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(f, x, g):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(g)[0]
+
+  y, dx = run(layers.gelu, x, g)
+  y_ref, dx_ref = run(functools.partial(jax.nn.gelu, approximate=False), x, g)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=2e-6)
+  y16 = jax.jit(layers.gelu)(x.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16

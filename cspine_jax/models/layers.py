@@ -156,26 +156,54 @@ def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
   """dk[i, j, 0, c] = sum_{n,y,x} xpad[n, y*sh+i, x*sw+j, c] * g[n, y, x, c].
 
   XLA:CPU materialises every shifted slice that feeds a reduction and then runs kh*kw separate
-  reductions (~4x slower), so instead: one channel-major batched matmul over (n, y) for all row
-  offsets i, m[c, i, a, b] = sum_{n,y} xpad[n, y*sh+i, a, c] g[n, y, b, c], then the column
-  offsets j are the diagonals a = b*sw + j, summed with a constant 0/1 tensor.
+  reductions (~4x slower), so both forms are matmuls. Maps with few positions per batch sample
+  (ho*wo <= 4n, at most 16x16) take `_kernel_grad_pairs`, the others `_kernel_grad_rows`, whose
+  cost grows only linearly with the map. Atto at 64 px, n = 128, ms for one kernel gradient
+  (pairs / rows): 16x16x40 12.8 / 41.0, 8x8x80 3.2 / 23.4, 4x4x160 1.1 / 10.6, 2x2x320 0.9 / 2.5
+  (a direct tap sum); with n = 16: 7x7x768 7.0 / 26.9 but 14x14x384 87.5 / 41.8.
+  """
+  n = x.shape[0]
+  _, ho, wo, _ = g.shape
+  if ho * wo <= min(4 * n, 256):
+    return _kernel_grad_pairs(x, g, kh, kw, stride, padding)
+  return _kernel_grad_rows(x, g, kh, kw, stride, padding)
+
+
+def _kernel_grad_pairs(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
+                       padding: tuple[int, int]) -> Array:
+  """Kernel gradient from all (input, output) position pairs, contracted over the batch only.
+
+  p[c, a, b, y, x] = sum_n x[n, a, b, c] g[n, y, x, c] is one batched matmul (no padding, no
+  shifted copies); the tap (i, j) then sums the pairs with a = y*sh + i - ph, b = x*sw + j - pw,
+  through constant 0/1 tensors. p has c*(h*w)*(ho*wo) elements, so this suits small maps.
   """
   n, h, w, c = x.shape
   _, ho, wo, _ = g.shape
   (sh, sw), (ph, pw) = stride, padding
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  rows_used = _useful_taps(ph, ph + h, ho, kh, sh)
-  cols_used = _useful_taps(pw, pw + w, wo, kw, sw)
-  if 2 * len(rows_used) * len(cols_used) <= kh * kw:
-    # Tiny maps (a 7x7 kernel on 2x2 has 9 useful taps): a few direct reductions are cheaper.
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))).astype(acc)
-    zero = jnp.zeros((c,), acc)
-    taps = [[jnp.sum(lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1,
-                                                 j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
-                     * g.astype(acc), axis=(0, 1, 2))
-             if i in rows_used and j in cols_used else zero for j in range(kw)]
-            for i in range(kh)]
-    return jnp.stack([jnp.stack(r) for r in taps])[:, :, None, :]
+  p = lax.dot_general(x.reshape(n, h * w, c), g.reshape(n, ho * wo, c),
+                      (((0,), (0,)), ((2,), (2,))), preferred_element_type=acc)
+  p = p.reshape(c, h, w, ho, wo)
+
+  def taps(size, out, k, s, pad):  # [input index, output index, tap] -> 1 where they meet
+    return (jnp.arange(size)[:, None, None] == s * jnp.arange(out)[None, :, None]
+            + jnp.arange(k)[None, None, :] - pad).astype(acc)
+
+  q = jnp.einsum("cabyx,bxj->cayj", p, taps(w, wo, kw, sw, pw))
+  return jnp.einsum("cayj,ayi->ijc", q, taps(h, ho, kh, sh, ph))[:, :, None, :]
+
+
+def _kernel_grad_rows(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
+                      padding: tuple[int, int]) -> Array:
+  """Kernel gradient as one channel-major batched matmul over (n, y) for all row offsets i.
+
+  m[c, i, a, b] = sum_{n,y} xpad[n, y*sh+i, a, c] g[n, y, b, c], then the column offsets j are
+  the diagonals a = b*sw + j, summed with a constant 0/1 tensor.
+  """
+  n, h, w, c = x.shape
+  _, ho, wo, _ = g.shape
+  (sh, sw), (ph, pw) = stride, padding
+  acc = jnp.promote_types(x.dtype, jnp.float32)
   # Layout (c, column, n, row): the contraction (n, row) is minor in both operands, the layout
   # XLA:CPU's batched matmul runs fastest (~2x over contraction-major).
   xt = jnp.pad(jnp.transpose(x, (3, 2, 0, 1)), ((0, 0), (pw, pw), (0, 0), (ph, ph)))
@@ -212,6 +240,39 @@ class DepthwiseConv2d(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+  """Exact GELU x/2 (1 + erf(x/sqrt2)) (timm's nn.GELU) whose gradient recomputes from x.
+
+  Written with lax.erf because jax.nn.gelu(approximate=False) goes through erfc, whose XLA:CPU
+  expansion adds an exp branch (~15% slower atto forward at 64 px). The custom VJP keeps only x
+  for the backward: with autodiff's VJP XLA:CPU stores erf(x/sqrt2) as a second full-size array
+  (one more write and two more reads of the largest activation of a ConvNeXt block), and
+  the backward's recomputation of erf and exp costs less than that memory traffic.
+  """
+  return x * (0.5 + 0.5 * lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_fwd(x: Array) -> tuple[Array, Array]:
+  return gelu(x), x
+
+
+def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
+  # d/dx x Phi(x) = Phi(x) + x phi(x): the same terms autodiff of the forward produces. Phi
+  # through erf(-z) (erf is odd): the forward's erf(z) would be merged with it by XLA's CSE and
+  # then stored for the backward, which is what this VJP is meant to avoid.
+  cdf = 0.5 - 0.5 * lax.erf(x * -_SQRT_HALF)
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class DropPath(nnx.Module):
