@@ -174,20 +174,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   progress.step("train stage 1 (all folds)", train("stage1"))
 
   def label():
-    ensemble = predict.FoldEnsemble.load(run_dir / "stage1", "stage1")
-    rules = rules_of(config)
-
-    def fold_model(fold):
-      def fn(images):
-        out = ensemble({"image": images}, fold=fold)
-        return out["presence_prob"], out["box_pred"]
-      return fn
-
-    manifest = json.loads((records_dir / "stage1" / "manifest.json").read_text())
-    # One pass per fold model: averaged for the file, each alone on its held-out studies.
-    return pseudo_labels.label_dataset(
-        data_dir, {k: fold_model(k) for k in ensemble.folds}, options, vertebrae_file,
-        rules=rules, folds=manifest["folds"], progress=bool(config.progress), log=log)
+    return pseudo_labels.label_from_run(data_dir, run_dir / "stage1", records_dir, vertebrae_file,
+                                        rules=rules_of(config), progress=bool(config.progress),
+                                        log=log)
 
   located = progress.step("stage-1 pseudo-labels", label)
   progress.step("prepare stage-2 records", prepare("stage2", vertebrae_file))

@@ -36,6 +36,18 @@ def test_tiny_demo_end_to_end(tmp_path):
   for name in ("ensemble", "out_of_fold"):
     s = figures["pseudo_labels"][name]
     assert s["pairs"] > 0 and 0 <= s["range_iou"] <= 1 and 0 <= s["box_iou"] <= 1
+  # The command line makes the same file (and inference spec) from the trained stage-1 run.
+  from cspine_jax.infer import pseudo_labels, predict
+  rules = demo_config.get_config("tiny").pseudo_labels
+  cli = tmp_path / "cli"
+  assert pseudo_labels.main([
+      "--data_dir", str(tmp_path / "data"), "--records", str(tmp_path / "records"),
+      "--stage1", str(tmp_path / "run" / "stage1"), "--out", str(cli / "vertebrae.csv"),
+      "--decode", rules.decode, "--require_all", "--calibrate_boxes", "--workdir", str(cli),
+      "--no_progress"]) == 0
+  assert (cli / "vertebrae.csv").read_text() == (tmp_path / "run" / "vertebrae.csv").read_text()
+  spec = json.loads((cli / predict.SPEC).read_text())
+  assert spec == json.loads((tmp_path / "run" / predict.SPEC).read_text())
   # Test-set submission from DICOM: 8 rows per test study, probabilities, the per-study JSON.
   truth = json.loads((tmp_path / "data" / "ground_truth.json").read_text())["studies"]
   test_uids = sorted(u for u, s in truth.items() if s["split"] == "test")

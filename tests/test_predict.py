@@ -455,3 +455,11 @@ def test_box_offsets_fit_apply_and_validate(tmp_path):
   predict.write_spec(tmp_path, options, options, rules=rules)
   spec = json.loads((tmp_path / predict.SPEC).read_text())
   assert pseudo_labels.Rules(**spec["rules"]) == rules
+
+
+def test_pseudo_label_command_names_missing_inputs(tmp_path, capsys):
+  code = pseudo_labels.main(["--data_dir", str(tmp_path), "--records", str(tmp_path / "records"),
+                             "--stage1", str(tmp_path / "run"), "--out", str(tmp_path / "v.csv")])
+  assert code == 2
+  assert str(tmp_path / "records" / "stage1") in capsys.readouterr().err
+  assert not (tmp_path / "v.csv").exists()

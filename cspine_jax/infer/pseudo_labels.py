@@ -44,9 +44,20 @@ From them, per vertebra (documented rules, tested exactly with an oracle model):
 
 On studies with a segmentation :func:`compare_with_masks` reports the slice-range IoU and the box
 IoU against ``labels.vertebra_extents`` of the aligned mask.
+
+From a trained stage-1 run (the demo does the same)::
+
+    python -m cspine_jax.infer.pseudo_labels --data_dir DATA --records RECORDS \
+        --stage1 RUN/stage1 --out RUN/vertebrae.csv --decode template --require_all \
+        --calibrate_boxes --workdir RUN
+
+reads the fold models under RUN/stage1, the stage-1 records' preprocessing options and folds,
+writes the ``--vertebrae`` file for ``data_prep.prepare --task stage2`` and, with ``--workdir``,
+RUN/inference.json (the rules with what was fitted, for ``cspine_jax.predict``).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -504,3 +515,74 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   for uid, reason in failed:
     log(f"  unreadable {uid}: {reason}")
   return result
+
+
+def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
+                   records_dir: str | os.PathLike, out_path: str | os.PathLike, *,
+                   rules: Rules = Rules(), batch_size: int = 32, progress: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
+  """:func:`label_dataset` with the fold models of a stage-1 training run (``stage1_dir/fold_*``)
+  and the preprocessing options and folds of the stage-1 records they trained on
+  (``records_dir/stage1``). Returns label_dataset's dict plus "options" (those options)."""
+  from cspine_jax.infer import predict
+  from cspine_jax.records import pipeline, shards
+  from cspine_jax.records import study as study_lib
+
+  task_dir = pathlib.Path(records_dir) / "stage1"
+  identity = shards.read_json(task_dir / pipeline.IDENTITY)
+  manifest = shards.read_manifest(task_dir)
+  options = study_lib.Options(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in identity["options"].items()})
+  ensemble = predict.FoldEnsemble.load(stage1_dir, "stage1")
+
+  def fold_model(fold):
+    def fn(images):
+      out = ensemble({"image": images}, fold=fold)
+      return out["presence_prob"], out["box_pred"]
+    return fn
+
+  # One pass per fold model: averaged for the file, each alone on its held-out studies.
+  result = label_dataset(data_dir, {k: fold_model(k) for k in ensemble.folds}, options, out_path,
+                         rules=rules, batch_size=batch_size, folds=manifest["folds"],
+                         progress=progress, log=log)
+  return dict(result, options=options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m cspine_jax.infer.pseudo_labels",
+                              description="Stage-1 pseudo-labels: the --vertebrae file.")
+  p.add_argument("--data_dir", required=True, help="RSNA-format folder (train.csv, train_images/)")
+  p.add_argument("--records", required=True, help="records folder holding stage1/ (options, folds)")
+  p.add_argument("--stage1", required=True, help="stage-1 run folder (fold_*/checkpoints)")
+  p.add_argument("--out", required=True, help="the --vertebrae CSV to write")
+  p.add_argument("--workdir", help="also write WORKDIR/inference.json for cspine_jax.predict "
+                 "(stage-2 preprocessing taken as the stage-1 records' options)")
+  p.add_argument("--decode", choices=DECODERS, default=Rules.decode)
+  p.add_argument("--threshold", type=float, default=Rules.threshold)
+  p.add_argument("--box_quantile", type=float, default=Rules.box_quantile)
+  p.add_argument("--require_all", action="store_true", help="every vertebra on >= 1 slice")
+  p.add_argument("--calibrate_boxes", action="store_true",
+                 help="fit per-vertebra box-edge offsets on the segmented studies")
+  p.add_argument("--top_n", type=int, default=7, help="written to inference.json")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--no_progress", action="store_true")
+  args = p.parse_args(argv)
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  try:
+    rules = Rules(threshold=args.threshold, box_quantile=args.box_quantile, decode=args.decode,
+                  require_all=args.require_all, calibrate_boxes=args.calibrate_boxes)
+    result = label_from_run(args.data_dir, args.stage1, args.records, args.out, rules=rules,
+                            batch_size=args.batch_size, progress=not args.no_progress)
+  except (OSError, ValueError, KeyError) as e:  # missing runs/records, unfittable rules
+    print(f"pseudo_labels: error: {e}", file=sys.stderr)
+    return 2
+  if args.workdir:
+    from cspine_jax.infer import predict
+    path = predict.write_spec(args.workdir, result["options"], result["options"],
+                              top_n=args.top_n, rules=result["rules"])
+    print(f"inference spec -> {path}")
+  return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
