@@ -25,12 +25,10 @@ import time
 from typing import Any, Callable
 
 import ml_collections
-import numpy as np
 import pandas as pd
 
 from cspine_jax import labels as labels_lib
 from cspine_jax import metrics
-from cspine_jax.infer import aggregate
 from cspine_jax.infer import predict
 from cspine_jax.infer import pseudo_labels
 from cspine_jax.records import study as study_lib
