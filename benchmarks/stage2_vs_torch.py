@@ -14,7 +14,8 @@ Both get a batch of ``batch`` vertebra samples x 8 images of ``size`` px.
 The peer runs in this process when ``torch`` and ``timm`` import, else under ``--torch_python``
 (another interpreter, e.g. a scratch venv with torch CPU + timm) as a subprocess, else the issue's
 reference figures for this machine kind (447 / 1752 images/s, torch 2.13 CPU, 2 cores) stand in.
-Each figure is the median of ``--steps`` timed calls after two warm-up calls. Ends with the ratios.
+Each figure is the median of ``--steps`` timed calls after two warm-up calls; our first call of each
+step (compile + one run) is printed too. Ends with the ratios.
 """
 from __future__ import annotations
 
@@ -149,10 +150,19 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
     trainer.state, metrics = trainer.train_step(trainer.state, train_batch)
     return metrics["loss"]
 
+  def infer():
+    return trainer.eval_step(trainer.state, eval_batch)[0]
+
+  def first_call(fn) -> float:  # compile + one run
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+  compile_s = {"train": first_call(train), "inference": first_call(infer)}
   n = batch * SEQ
   return {"train": n / median_time(train, steps, jax.block_until_ready),
-          "inference": n / median_time(lambda: trainer.eval_step(trainer.state, eval_batch)[0],
-                                       steps, jax.block_until_ready),
+          "inference": n / median_time(infer, steps, jax.block_until_ready),
+          "compile_s": compile_s,
           "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.default_backend()}"}
 
 
@@ -175,7 +185,8 @@ def main() -> None:
   peer, origin = (None, "") if args.ours_only else peer_figures(args)
   mine = ours(args.batch, args.size, args.steps, args.encoder)
   print(f"ours ({mine['jax']}, {mine['devices']}): train {mine['train']:.1f} images/s, "
-        f"inference {mine['inference']:.1f} images/s")
+        f"inference {mine['inference']:.1f} images/s; first call (compile + run) train "
+        f"{mine['compile_s']['train']:.1f} s, inference {mine['compile_s']['inference']:.1f} s")
   if peer is None:
     return
   print(f"torch peer, {origin}: train {peer['train']:.1f} images/s, "
