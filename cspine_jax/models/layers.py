@@ -156,15 +156,16 @@ def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
   """dk[i, j, 0, c] = sum_{n,y,x} xpad[n, y*sh+i, x*sw+j, c] * g[n, y, x, c].
 
   XLA:CPU materialises every shifted slice that feeds a reduction and then runs kh*kw separate
-  reductions (~4x slower), so both forms are matmuls. Maps with few positions per batch sample
-  (ho*wo <= 4n, at most 16x16) take `_kernel_grad_pairs`, the others `_kernel_grad_rows`, whose
-  cost grows only linearly with the map. Atto at 64 px, n = 128, ms for one kernel gradient
-  (pairs / rows): 16x16x40 12.8 / 41.0, 8x8x80 3.2 / 23.4, 4x4x160 1.1 / 10.6, 2x2x320 0.9 / 2.5
-  (a direct tap sum); with n = 16: 7x7x768 7.0 / 26.9 but 14x14x384 87.5 / 41.8.
+  reductions (~4x slower), so both forms are matmuls. `_kernel_grad_pairs` costs ~ (h*w)*(ho*wo)
+  per channel and sample, `_kernel_grad_rows` ~ kh*(w+2pw)*(ho*wo): pairs win where the output map
+  is small against the batch and the kernel (9*ho*wo <= n*kh*kw) and at most 16x16. Measured,
+  ms per kernel gradient (pairs / rows), 7x7 at n = 128: 16x16x40 12.8 / 41.0, 8x8x80 3.2 / 23.4,
+  4x4x160 1.1 / 10.6, 2x2x320 0.9 / 2.5 (a direct tap sum); 7x7 at n = 16: 7x7x768 7.0 / 26.9,
+  14x14x384 87.5 / 41.8; 3x3 at n = 64: 8x8x128 3.4 / 4.8, 16x16x64 31.5 / 19.0.
   """
   n = x.shape[0]
   _, ho, wo, _ = g.shape
-  if ho * wo <= min(4 * n, 256):
+  if 9 * ho * wo <= n * kh * kw and ho * wo <= 256:
     return _kernel_grad_pairs(x, g, kh, kw, stride, padding)
   return _kernel_grad_rows(x, g, kh, kw, stride, padding)
 
