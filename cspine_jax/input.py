@@ -180,11 +180,26 @@ class AugmentOptions:
   flip_prob: float = 0.5
 
 
-class DropStrings(grain.transforms.Map):
-  """Drops string/None fields (study_uid): batches hold arrays only; ids travel as record_id."""
-
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in element.items() if not (isinstance(v, str) or v is None)}
+def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """grain's batch function: the records' array and number fields stacked along a new first axis;
+  string / None fields (study_uid) are dropped, so batches hold arrays only (ids travel as
+  record_id). Each field is copied into one preallocated array: np.stack (grain's default) spent
+  ~1.8 of ~4.5 ms per 16-record slice batch re-checking and expanding every element."""
+  first = elements[0]
+  out = {}
+  for key, value in first.items():
+    if isinstance(value, str) or value is None:
+      continue
+    value = np.asarray(value)
+    field = np.empty((len(elements),) + value.shape, value.dtype)
+    for i, element in enumerate(elements):
+      item = element[key]
+      if np.shape(item) != value.shape:  # assignment would broadcast it silently
+        raise ValueError(f"field {key!r}: record {element.get('record_id', i)} has shape "
+                         f"{np.shape(item)}, the batch's first record {value.shape}")
+      field[i] = item
+    out[key] = field
+  return out
 
 
 # ---- normalisation: the one definition for training, evaluation and inference -----------------
@@ -370,7 +385,7 @@ def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool
                          num_epochs=num_epochs if train else 1)
   if task not in IMAGE_FIELD:
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(IMAGE_FIELD)}")
-  ops = [DropStrings(), grain.transforms.Batch(batch_size, drop_remainder=train)]
+  ops = [grain.transforms.Batch(batch_size, drop_remainder=train, batch_fn=stack_records)]
   read = grain.ReadOptions(num_threads=READ_THREADS,
                            prefetch_buffer_size=READ_BUFFER_BATCHES * batch_size)
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,

@@ -323,3 +323,19 @@ def test_workers_are_deterministic(tmp_path):
   assert sorted(np.concatenate([x["record_id"] for x in a]).tolist()) == list(range(12))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["images"], y["images"])
+
+
+def test_stack_records_batches_arrays_and_drops_strings():
+  recs = [{"image": np.full((2, 3), i, np.uint8), "label": np.float32(i), "record_id": i,
+           "present": bool(i), "study_uid": f"1.2.{i}", "extra": None} for i in range(3)]
+  batch = cinput.stack_records(recs)
+  assert set(batch) == {"image", "label", "record_id", "present"}
+  assert batch["image"].shape == (3, 2, 3) and batch["image"].dtype == np.uint8
+  np.testing.assert_array_equal(batch["image"][:, 0, 0], [0, 1, 2])
+  assert batch["label"].dtype == np.float32 and batch["present"].dtype == np.bool_
+  for key in ("image", "label", "record_id", "present"):  # what np.stack (grain's default) gives
+    np.testing.assert_array_equal(batch[key], np.stack([np.asarray(r[key]) for r in recs]))
+    assert batch[key].dtype == np.stack([np.asarray(r[key]) for r in recs]).dtype
+  recs[2]["image"] = np.zeros((3,), np.uint8)
+  with pytest.raises(ValueError, match="field 'image': record 2 has shape"):
+    cinput.stack_records(recs)
