@@ -1,6 +1,7 @@
 """Unit tests of the record-set pieces that need no study on disk: folds, shards, the vertebrae
 file, and the image helpers (window, resize, 2.5D, crops, depth resampling, fracture targets)."""
 import collections
+import json
 import pathlib
 
 import numpy as np
@@ -210,6 +211,8 @@ def test_options_validation():
   with pytest.raises(ValueError, match="image_size"):
     study.Options(image_size=(0, 4))
   assert study.Options(image_size=[32, 48]).to_json()["image_size"] == [32, 48]
+  opts = study.Options(image_size=(32, 48), crop_margin=0.2, stage2_locate="vertebrae")
+  assert study.Options.from_json(json.loads(json.dumps(opts.to_json()))) == opts
 
 
 def test_pixel_box_survives_the_file(tmp_path):

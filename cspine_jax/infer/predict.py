@@ -437,18 +437,14 @@ def write_spec(run_dir: str | os.PathLike, stage1_options: study_lib.Options,
   return path
 
 
-def _options(d: Mapping[str, Any]) -> study_lib.Options:
-  return study_lib.Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
   """RUN/stage1 and RUN/stage2 fold ensembles plus RUN/inference.json -> :class:`Models`."""
   run_dir = pathlib.Path(run_dir)
   spec_path = run_dir / SPEC
   try:
     spec = json.loads(spec_path.read_text())
-    stage1_options, stage2_options = (_options(spec["stage1_options"]),
-                                      _options(spec["stage2_options"]))
+    stage1_options, stage2_options = (study_lib.Options.from_json(spec["stage1_options"]),
+                                      study_lib.Options.from_json(spec["stage2_options"]))
     rules = pseudo_labels.Rules(**spec.get("rules", {}))
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise PredictError(f"{spec_path}: cannot read the inference spec ({e}); it is written by "
@@ -460,20 +456,26 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
                                    spec.get("top_n", aggregate.DEFAULT_TOP_N)))
 
 
+def stage1_scorer(stage1: FoldEnsemble, fold: int | None = None) -> pseudo_labels.Stage1Fn:
+  """The stage-1 ensemble (or, ``fold=k``, the model that held fold k out) as a scorer: uint8
+  images -> (presence probabilities, normalised boxes)."""
+
+  def fn(images):
+    out = stage1({"image": images}, fold=fold)
+    return out["presence_prob"], out["box_pred"]
+  return fn
+
+
 def ensemble_models(stage1: FoldEnsemble, stage2: FoldEnsemble, stage1_options: study_lib.Options,
                     stage2_options: study_lib.Options, *,
                     rules: pseudo_labels.Rules = pseudo_labels.Rules(),
                     top_n: int = aggregate.DEFAULT_TOP_N) -> Models:
   """:class:`Models` whose two stages are fold ensembles."""
 
-  def stage1_fn(images):
-    out = stage1({"image": images})
-    return out["presence_prob"], out["box_pred"]
-
   def stage2_fn(images, vertebra):
     return stage2({"images": images, "vertebra": vertebra.astype(np.int32)})["prob"]
 
-  return Models(stage1=stage1_fn, stage2=stage2_fn, options=stage2_options,
+  return Models(stage1=stage1_scorer(stage1), stage2=stage2_fn, options=stage2_options,
                 stage1_options=stage1_options, rules=rules, top_n=top_n)
 
 

@@ -531,20 +531,12 @@ def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
   task_dir = pathlib.Path(records_dir) / "stage1"
   identity = shards.read_json(task_dir / pipeline.IDENTITY)
   manifest = shards.read_manifest(task_dir)
-  options = study_lib.Options(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in identity["options"].items()})
+  options = study_lib.Options.from_json(identity["options"])
   ensemble = predict.FoldEnsemble.load(stage1_dir, "stage1")
-
-  def fold_model(fold):
-    def fn(images):
-      out = ensemble({"image": images}, fold=fold)
-      return out["presence_prob"], out["box_pred"]
-    return fn
-
   # One pass per fold model: averaged for the file, each alone on its held-out studies.
-  result = label_dataset(data_dir, {k: fold_model(k) for k in ensemble.folds}, options, out_path,
-                         rules=rules, batch_size=batch_size, folds=manifest["folds"],
-                         progress=progress, log=log)
+  scorers = {k: predict.stage1_scorer(ensemble, fold=k) for k in ensemble.folds}
+  result = label_dataset(data_dir, scorers, options, out_path, rules=rules, batch_size=batch_size,
+                         folds=manifest["folds"], progress=progress, log=log)
   return dict(result, options=options)
 
 

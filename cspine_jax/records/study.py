@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from cspine_jax import labels as labels_lib
@@ -96,6 +96,11 @@ class Options:
     out = dataclasses.asdict(self)
     out["image_size"] = list(self.image_size)
     return out
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "Options":
+    """Inverse of :meth:`to_json` (lists, as JSON gives them, become tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,8 +118,7 @@ def resolve_records(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
                               "to prepare them from")
     from cspine_jax.records import pipeline, study  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
-      options = study.Options(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                                 for k, v in config.prepare.to_dict().items()})
+      options = study.Options.from_json(config.prepare.to_dict())
       pipeline.prepare(data_dir, records_dir, task, options,
                        vertebrae_file=config.get("vertebrae_file"),
                        workers=max(1, config.input.workers), progress=False)
