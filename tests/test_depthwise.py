@@ -139,3 +139,34 @@ def test_gelu_matches_exact_gelu_values_and_gradients():
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=2e-6)
   y16 = jax.jit(layers.gelu)(x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
+
+
+# (x shape, k, Cout): the ConvNeXt stem (4x4/4 on 3 channels) and downsample (2x2/2), sizes that
+# are not multiples of k (the last rows/columns get zero gradient), a batch of 1.
+PATCH_CASES = [((2, 18, 17, 3), 4, 5), ((3, 9, 8, 5), 2, 7), ((1, 8, 8, 6), 2, 4)]
+
+
+@pytest.mark.parametrize("shape,k,cout", PATCH_CASES)
+def test_patch_conv_matches_lax_forward_and_gradients(shape, k, cout):
+  rs = np.random.RandomState(3)
+  x = rs.standard_normal(shape).astype(np.float32)
+  kernel = rs.standard_normal((k, k, shape[-1], cout)).astype(np.float32)
+  n, h, w, _ = shape
+  g = rs.standard_normal((n, h // k, w // k, cout)).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(f, x, kernel, g):
+    y, vjp = jax.vjp(f, x, kernel)
+    return (y, *vjp(g))
+
+  def ref(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (k, k), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  got = run(functools.partial(layers.patch_conv, method="shifted"), x, kernel, g)
+  want = run(ref, x, kernel, g)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    _close(a, b)
+  with pytest.raises(ValueError, match="patch_conv wants"):
+    layers.patch_conv(x, kernel[:, :, :1])

@@ -78,6 +78,14 @@ def _conv(din: int, dout: int, k: int, dtype: Dtype, param_dtype: Dtype,
                   rngs=rngs)
 
 
+def _patch_conv(conv: nnx.Conv, x: Array, method: str) -> Array:
+  """`conv(x)` (k x k stride k, VALID) through `layers.patch_conv`: same parameters and result;
+  `method` (the model's `dw_method`, "auto" = by backend) also picks its CPU gradient form."""
+  kernel = conv.kernel[...].astype(conv.dtype)
+  y = layers.patch_conv(x.astype(conv.dtype), kernel, method=method)
+  return y + conv.bias[...].astype(conv.dtype)
+
+
 class ConvNeXtBlock(nnx.Module):
   """x + drop_path(gamma * fc2(gelu(fc1(norm(conv_dw(x))))))."""
 
@@ -109,6 +117,7 @@ class ConvNeXtStage(nnx.Module):
   def __init__(self, in_dim: int, dim: int, depth: int, *, downsample: bool,
                drop_paths: list[float], dw_method: str, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
+    self.dw_method = dw_method
     if downsample:
       self.downsample_norm = _layer_norm(in_dim, dtype, param_dtype, rngs)
       self.downsample_conv = _conv(in_dim, dim, 2, dtype, param_dtype, rngs)
@@ -121,7 +130,7 @@ class ConvNeXtStage(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     if self.downsample_conv is not None:
-      x = self.downsample_conv(self.downsample_norm(x))
+      x = _patch_conv(self.downsample_conv, self.downsample_norm(x), self.dw_method)
     for block in self.blocks:
       x = block(x)
     return x
@@ -142,6 +151,7 @@ class ConvNeXt(nnx.Module):
     self.depths = depths
     self.num_features = dims[-1]
     self.dtype = dtype
+    self.dw_method = dw_method
     self.stem_conv = _conv(in_chans, dims[0], 4, dtype, param_dtype, rngs)
     self.stem_norm = _layer_norm(dims[0], dtype, param_dtype, rngs)
     rates = layers.drop_path_rates(depths, drop_path_rate)
@@ -155,7 +165,7 @@ class ConvNeXt(nnx.Module):
     """(N, H, W, in_chans) -> last feature map (N, H/32, W/32, dims[-1]) in the compute dtype."""
     if x.ndim != 4 or x.shape[-1] != self.in_chans:
       raise ValueError(f"ConvNeXt wants (N, H, W, {self.in_chans}) input; got {x.shape}")
-    x = self.stem_norm(self.stem_conv(x.astype(self.dtype)))
+    x = self.stem_norm(_patch_conv(self.stem_conv, x.astype(self.dtype), self.dw_method))
     for stage in self.stages:
       x = stage(x)
     return x

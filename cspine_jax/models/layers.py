@@ -218,6 +218,61 @@ def _kernel_grad_rows(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, i
   return jnp.einsum("ciab,abj->ijc", m.reshape(c, kh, wp, wo), diag)[:, :, None, :]
 
 
+def patch_conv(x: Array, kernel: Array, *, method: str = "auto") -> Array:
+  """k x k stride-k VALID convolution of NHWC `x` with an HWIO kernel (k, k, Cin, Cout), no bias.
+
+  The ConvNeXt stem (4x4/4) and downsample (2x2/2) convs. The forward is always the library
+  convolution (on XLA:CPU faster than the patch matmul below: that one first copies `x` into
+  patch order). Method "shifted" (what "auto" picks on CPU) gives it a hand-written VJP of patch
+  matmuls: autodiff's transposed convs run in a channel-major layout on XLA:CPU and transpose the
+  NHWC operands element by element, where the patch form is a reshape, one transpose and plain
+  matmuls. Input rows/columns past the last whole patch get zero gradient, as with the conv.
+  """
+  k = kernel.shape[0]
+  if kernel.ndim != 4 or kernel.shape[1] != k or x.ndim != 4 or kernel.shape[2] != x.shape[3]:
+    raise ValueError(f"patch_conv wants x (N,H,W,Cin) and kernel (k,k,Cin,Cout); got x {x.shape}, "
+                     f"kernel {kernel.shape}")
+  if resolve_method(method) == "lax":
+    return _lax_patch_conv(x, kernel)
+  return _patch_conv(x, kernel)
+
+
+def _lax_patch_conv(x: Array, kernel: Array) -> Array:
+  k = kernel.shape[0]
+  return lax.conv_general_dilated(x, kernel, window_strides=(k, k), padding="VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _patch_conv(x: Array, kernel: Array) -> Array:
+  return _lax_patch_conv(x, kernel)
+
+
+def _patch_conv_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return _lax_patch_conv(x, kernel), (x, kernel)
+
+
+def _patch_conv_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, kernel = res
+  n, h, w, cin = x.shape
+  k, cout = kernel.shape[0], kernel.shape[3]
+  _, ho, wo, _ = g.shape
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  patches = (x[:, :ho * k, :wo * k].reshape(n, ho, k, wo, k, cin)
+             .transpose(0, 1, 3, 2, 4, 5).reshape(n * ho * wo, k * k * cin))
+  g2 = g.reshape(n * ho * wo, cout)
+  dk = lax.dot_general(patches, g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  dp = lax.dot_general(g2, kernel.reshape(k * k * cin, cout), (((1,), (1,)), ((), ())),
+                       preferred_element_type=acc).astype(x.dtype)
+  dx = (dp.reshape(n, ho, wo, k, k, cin).transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, ho * k, wo * k, cin))
+  dx = jnp.pad(dx, ((0, 0), (0, h - ho * k), (0, w - wo * k), (0, 0)))
+  return dx, dk.reshape(k, k, cin, cout).astype(kernel.dtype)
+
+
+_patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
+
+
 class DepthwiseConv2d(nnx.Module):
   """Depthwise conv layer; parameters `kernel` (kh, kw, 1, C) and `bias` (C,) like nnx.Conv."""
 
