@@ -369,6 +369,11 @@ def test_restart_with_other_options_is_refused(data, tmp_path):
   identity.write_text(json.dumps(dict(old, pixels_version=1)))
   with pytest.raises(pipeline.PrepareError, match="pixels_version"):
     pipeline.prepare(root, tmp_path, "cnn3d", OPTS, progress=False)
+  # One written before a field was added (its records would lack it) is refused too.
+  fewer = dict(old, features={k: v for k, v in old["features"].items() if k != "labels"})
+  identity.write_text(json.dumps(fewer))
+  with pytest.raises(pipeline.PrepareError, match="features"):
+    pipeline.prepare(root, tmp_path, "cnn3d", OPTS, progress=False)
 
 
 def test_bad_uid_in_csv_never_becomes_a_path(data, tmp_path):

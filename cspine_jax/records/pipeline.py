@@ -66,7 +66,11 @@ class Plan:
   def identity(self) -> dict[str, Any]:
     """What must match for a restart to continue an existing output folder."""
     listing = "\n".join(f"{s.uid} {s.fold}" for s in self.studies).encode()
-    return {"schema_version": schema.SCHEMA_VERSION, "pixels_version": study_lib.PIXELS_VERSION,
+    # The fields too: a record set written before a field was added must not be resumed.
+    feats = TASKS[self.task].features(self.options)
+    return {"features": {k: {"shape": list(shape), "dtype": np.dtype(dt).name}
+                         for k, (shape, dt) in feats.items()},
+            "schema_version": schema.SCHEMA_VERSION, "pixels_version": study_lib.PIXELS_VERSION,
             "task": self.task,
             "data_dir": str(self.data_dir), "options": self.options.to_json(),
             "vertebrae_file_sha256": self.vertebrae_sha256,
@@ -225,7 +229,6 @@ def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None =
       if not note.exists():
         raise PrepareError(f"{task_dir}: study {s.uid} has neither a shard nor a bad-study note")
       bad.append({"study_uid": s.uid, "reason": shards.read_json(note)["reason"]})
-  feats = TASKS[plan.task].features(plan.options)
   manifest = dict(plan.identity())
   manifest.update({
       "num_records": sum(r["num_records"] for r in shard_rows),
@@ -234,8 +237,6 @@ def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None =
       "folds": dict(sorted(plan.folds.items())),
       "skipped_studies": [{"study_uid": u, "reason": r} for u, r in sorted(plan.skipped.items())],
       "vertebrae_file": plan.vertebrae_file,
-      "features": {k: {"shape": list(shape), "dtype": np.dtype(dt).name}
-                   for k, (shape, dt) in feats.items()},
       "shards": shard_rows, "bad_studies": bad,
   })
   if elapsed_s is not None:
