@@ -59,9 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # calibrate_boxes: per-vertebra edge offsets fitted on the masks correct the derived boxes'
   # systematic errors (C1 too narrow, C7 too short); stage 2 depends on box precision most (OOF
   # 0.26 on crops by the mask boxes, 0.51 by the uncalibrated derived boxes).
+  # box_smoothing: the per-slice boxes smoothed along the slices (sigma 0.15 of the C1..C7 span)
+  # before the union: out-of-fold box IoU 0.823 -> 0.854 on the same stage-1 outputs.
   c.pseudo_labels = ml_collections.ConfigDict(dict(threshold=0.5, box_quantile=0.0,
                                                    decode="template", require_all=True,
-                                                   calibrate_boxes=True))
+                                                   calibrate_boxes=True, box_smoothing=0.15))
   c.progress = True
   c.pngs = 4  # per-study pictures of test studies in the summary
   c.baselines = ("cnn3d", "single_head", "multi_head")

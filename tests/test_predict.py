@@ -457,6 +457,39 @@ def test_box_offsets_fit_apply_and_validate(tmp_path):
   assert pseudo_labels.Rules(**spec["rules"]) == rules
 
 
+def test_box_smoothing_denoises_per_slice_boxes():
+  """Gaussian smoothing along the slices: constant and linear runs of valid boxes are kept,
+  invalid (empty) boxes are neither changed nor mixed in, and noisy per-slice boxes give boxes
+  closer to the mask's."""
+  boxes = np.tile([.2, .3, .6, .7], (12, 1))
+  boxes[5] = 0  # a slice without a box
+  np.testing.assert_allclose(pseudo_labels.smooth_boxes(boxes, 2.0), boxes, atol=1e-12)
+  ramp = np.stack([np.linspace(.1, .3, 40), np.full(40, .2), np.linspace(.5, .7, 40),
+                   np.full(40, .8)], 1)
+  got = pseudo_labels.smooth_boxes(ramp, 3.0)
+  np.testing.assert_allclose(got[12:28], ramp[12:28], atol=1e-9)  # away from the ends
+  np.testing.assert_array_equal(pseudo_labels.smooth_boxes(ramp, 0.0), ramp)
+  mask = _mask()
+  presence, boxes = pseudo_labels.oracle_outputs(mask)
+  noisy = boxes + np.where(boxes.any(1, keepdims=True),
+                           np.random.default_rng(0).normal(0, 0.04, boxes.shape), 0)
+  ious = {}
+  for f in (0.0, 0.15):
+    rules = pseudo_labels.Rules(box_smoothing=f)
+    ious[f] = pseudo_labels.summarise(pseudo_labels.compare(
+        pseudo_labels.derive(presence, noisy, rules=rules), mask, np.arange(40)))["box_iou"]
+  assert ious[0.15] > ious[0.0] + 0.05, ious
+  with pytest.raises(ValueError, match="box_smoothing"):
+    pseudo_labels.Rules(box_smoothing=1.5)
+  rules = pseudo_labels.Rules(box_smoothing=0.15)
+  options = study_lib.Options(image_size=(32, 32))
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    predict.write_spec(d, options, options, rules=rules)
+    spec = json.loads((pathlib.Path(d) / predict.SPEC).read_text())
+  assert pseudo_labels.Rules(**spec["rules"]) == rules
+
+
 def test_pseudo_label_command_names_missing_inputs(tmp_path, capsys):
   code = pseudo_labels.main(["--data_dir", str(tmp_path), "--records", str(tmp_path / "records"),
                              "--stage1", str(tmp_path / "run"), "--out", str(tmp_path / "v.csv")])

@@ -32,6 +32,12 @@ From them, per vertebra (documented rules, tested exactly with an oracle model):
   the union of those boxes (``box_quantile=0``) or, to damp outliers, the ``q`` / ``1 - q``
   quantiles of their low / high edges. Degenerate (empty) per-slice boxes are ignored; when none is
   left the whole image stands in.
+* Box smoothing, ``box_smoothing=f`` > 0: before that, the per-slice boxes are smoothed along
+  the slices by a Gaussian of sigma ``f`` x the located C1..C7 span (in slices, so the same
+  fraction suits any slice spacing), over the valid boxes only. The per-slice box regression is
+  noisy from slice to slice and a union keeps the extremes; on the demo set f = 0.15 raised the
+  calibrated out-of-fold box IoU 0.823 -> 0.854 and 0.780 -> 0.809 (two stage-1 runs), while the
+  unsmoothed boxes of C1, whose outline differs most from its neighbour's, lost a little.
 * Box calibration, ``calibrate_boxes=True``: each vertebra's box edges then move by fixed fractions
   of its width / height (``box_offsets``, 7 x (x0, y0, x1, y1)), the median of (mask box - derived
   box) / derived size over the segmented training studies (``fit_box_offsets``). The per-slice box
@@ -49,7 +55,7 @@ From a trained stage-1 run (the demo does the same)::
 
     python -m cspine_jax.infer.pseudo_labels --data_dir DATA --records RECORDS \
         --stage1 RUN/stage1 --out RUN/vertebrae.csv --decode template --require_all \
-        --calibrate_boxes --workdir RUN
+        --calibrate_boxes --box_smoothing 0.15 --workdir RUN
 
 reads the fold models under RUN/stage1, the stage-1 records' preprocessing options and folds,
 writes the ``--vertebrae`` file for ``data_prep.prepare --task stage2`` and, with ``--workdir``,
@@ -95,6 +101,8 @@ class Rules:
   # calibrate_boxes: the per-vertebra edge offsets; None until ``label_dataset`` fits them.
   calibrate_boxes: bool = False
   box_offsets: BoxOffsets | None = None
+  # Gaussian smoothing of the per-slice boxes along the slices, sigma = this x the C1..C7 span.
+  box_smoothing: float = 0.0
 
   def __post_init__(self):
     if self.decode not in DECODERS:
@@ -109,6 +117,9 @@ class Rules:
       raise ValueError(f"presence threshold must be in (0, 1), got {self.threshold}")
     if not 0.0 <= self.box_quantile < 0.5:
       raise ValueError(f"box_quantile must be in [0, 0.5), got {self.box_quantile}")
+    if not 0.0 <= self.box_smoothing <= 1.0:
+      raise ValueError(f"box_smoothing must be in [0, 1] (of the C1..C7 span), got "
+                       f"{self.box_smoothing}")
 
 
 def longest_run(mask: np.ndarray, weights: np.ndarray | None = None) -> tuple[int, int] | None:
@@ -286,6 +297,20 @@ def combine_boxes(boxes: np.ndarray, quantile: float = 0.0) -> tuple[float, floa
   return float(x0), float(y0), float(min(x1, 1.0)), float(min(y1, 1.0))
 
 
+def smooth_boxes(boxes: np.ndarray, sigma: float) -> np.ndarray:
+  """(S, 4) normalised per-slice boxes smoothed along the slices by a Gaussian of ``sigma``
+  slices. Only valid boxes enter (a normalised convolution), and invalid ones stay as they are."""
+  from scipy import ndimage
+  boxes = np.asarray(boxes, np.float64)
+  if sigma <= 0 or len(boxes) == 0:
+    return boxes
+  valid = _valid_boxes(np.clip(boxes, 0.0, 1.0)).astype(np.float64)
+  total = ndimage.gaussian_filter1d(boxes * valid[:, None], sigma, axis=0, mode="nearest")
+  weight = ndimage.gaussian_filter1d(valid, sigma, axis=0, mode="nearest")
+  smoothed = total / np.maximum(weight, 1e-12)[:, None]
+  return np.where(valid[:, None] > 0, smoothed, boxes)
+
+
 def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | None = None,
            rules: Rules = Rules()) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Per-slice stage-1 outputs of one study -> the 7 vertebra predictions (module docstring rules).
@@ -294,7 +319,8 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
     presence: (S, 7) presence probabilities, slices in sorted (head-to-feet) order.
     boxes: (S, 4) normalised per-slice boxes.
     numbers: the series' file numbers (``Series.numbers``) so ranges survive skipped files.
-    rules: threshold, box quantile, decode, and the box offsets when ``calibrate_boxes``.
+    rules: threshold, box quantile and smoothing, decode, and the box offsets when
+      ``calibrate_boxes``.
   """
   presence = np.asarray(presence, np.float64)
   boxes = np.asarray(boxes, np.float64)
@@ -321,6 +347,10 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
     for v, run in enumerate(runs):
       if run is not None:
         called[run[0]:run[1] + 1, v] = True
+  located = [r for r in runs if r is not None]
+  if rules.box_smoothing > 0 and located:
+    span = max(r[1] for r in located) - min(r[0] for r in located) + 1
+    boxes = smooth_boxes(boxes, rules.box_smoothing * span)
   out = []
   for v in range(NUM_VERTEBRAE):
     run = runs[v]
@@ -552,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--decode", choices=DECODERS, default=Rules.decode)
   p.add_argument("--threshold", type=float, default=Rules.threshold)
   p.add_argument("--box_quantile", type=float, default=Rules.box_quantile)
+  p.add_argument("--box_smoothing", type=float, default=Rules.box_smoothing,
+                 help="Gaussian smoothing of the per-slice boxes along the slices, sigma as a "
+                      "fraction of the C1..C7 span (0: none)")
   p.add_argument("--require_all", action="store_true", help="every vertebra on >= 1 slice")
   p.add_argument("--calibrate_boxes", action="store_true",
                  help="fit per-vertebra box-edge offsets on the segmented studies")
@@ -561,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   try:
-    rules = Rules(threshold=args.threshold, box_quantile=args.box_quantile, decode=args.decode,
+    rules = Rules(threshold=args.threshold, box_quantile=args.box_quantile,
+                  box_smoothing=args.box_smoothing, decode=args.decode,
                   require_all=args.require_all, calibrate_boxes=args.calibrate_boxes)
     result = label_from_run(args.data_dir, args.stage1, args.records, args.out, rules=rules,
                             batch_size=args.batch_size, progress=not args.no_progress)
