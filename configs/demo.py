@@ -3,7 +3,8 @@
     python launch.py --config=configs/demo.py --workdir=runs/demo        (about 7 minutes on 2 cores)
     python launch.py --config=configs/demo.py:tiny --workdir=/tmp/demo   (the test-suite setting)
 
-generate -> prepare -> stage 1 (all folds) -> pseudo-labels -> stage 2 (all folds) -> evaluate
+generate -> prepare -> stage 1 (all folds) -> box refiner (all folds) -> pseudo-labels -> stage 2
+(all folds) -> evaluate
 (out-of-fold) -> predict the held-out test studies from their DICOM files; plus the three baselines
 (3D CNN, single-head, multi-head) trained and scored out-of-fold the same way.
 Each model starts from its own ``configs/<name>.py:cpu`` with the overrides below.
@@ -15,7 +16,7 @@ import ml_collections
 from configs import common
 
 VARIANTS = ("", "tiny")
-MODELS = ("stage1", "stage2", "cnn3d", "single_head", "multi_head")
+MODELS = ("stage1", "box_refine", "stage2", "cnn3d", "single_head", "multi_head")
 
 
 def _model(epochs: int, batch_size: int, lr: float, loss: dict | None = None, max_steps: int = 0,
@@ -64,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pseudo_labels = ml_collections.ConfigDict(dict(threshold=0.5, box_quantile=0.0,
                                                    decode="template", require_all=True,
                                                    calibrate_boxes=True, box_smoothing=0.15))
+  # A second look at each derived box (configs/box_refine.py): projections of the vertebra's
+  # slices in a crop around it. Out-of-fold box IoU 0.85 -> 0.93 (a prototype on demo11's set).
+  c.refine_boxes = True
   c.progress = True
   c.pngs = 4  # per-study pictures of test studies in the summary
   c.baselines = ("cnn3d", "single_head", "multi_head")
@@ -81,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        max_steps=1600, eval_every=8),
       # Flips only: stage 2 underfits here (train loss still falling at epoch 30), and without
       # the +-10 degree rotation out-of-fold scores were 0.40 vs 0.45 / 0.45 (lr 1e-3 / 2e-3).
+      # 16 jittered crops per vertebra of the 36 segmented studies per fold; ~12 epochs. Validated
+      # once, at the end.
+      "box_refine": _model(12, 32, 2e-3, max_steps=1500, eval_every=12),
       "stage2": _model(30, 8, 1e-3, eval_every=6, augment={"max_rotation_deg": 0.0}),
       "cnn3d": _model(6, 8, 1e-3, eval_every=6),
       # The 2D slice baselines see ~9,000 slices; a step budget keeps them inside the demo's time.
@@ -99,4 +106,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.baselines = ("cnn3d",)
     for name in MODELS:
       c.models[name].epochs = 1
+    c.models.box_refine.max_steps = 0  # one epoch (~20 steps)
+    c.models.box_refine.eval_every = 1
   return c

@@ -40,7 +40,7 @@ from cspine_jax.report import tables
 NAMES = {"cnn3d": "3D CNN", "single_head": "Single-head", "multi_head": "Multi-head",
          "stage2": "Two-stage"}
 RECORDS_FOR = {"stage1": "stage1", "stage2": "stage2", "cnn3d": "cnn3d", "single_head": "slices2d",
-               "multi_head": "slices2d"}
+               "multi_head": "slices2d", "box_refine": "box_refine"}
 
 
 class Progress:
@@ -163,17 +163,22 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     return go
 
   def train(name: str):
-    vf = vertebrae_file if name != "stage1" else None
+    vf = vertebrae_file if name not in ("stage1", "box_refine") else None
     return lambda: loop.train_and_evaluate(
         model_config(config, name, data_dir, records_dir, vf), run_dir / name)
 
   progress.step("generate synthetic studies", generate)
   progress.step("prepare stage-1 records", prepare("stage1"))
   progress.step("train stage 1 (all folds)", train("stage1"))
+  refine = bool(config.get("refine_boxes", False))
+  if refine:
+    progress.step("prepare box-refiner records", prepare("box_refine"))
+    progress.step("train the box refiner (all folds)", train("box_refine"))
 
   def label():
     return pseudo_labels.label_from_run(data_dir, run_dir / "stage1", records_dir, vertebrae_file,
                                         rules=rules_of(config), progress=bool(config.progress),
+                                        refine_dir=run_dir / "box_refine" if refine else None,
                                         log=log)
 
   located = progress.step("stage-1 pseudo-labels", label)
@@ -214,7 +219,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   # ---- inference on the held-out test studies, from DICOM
   def infer():
     # The rules the pseudo-labels were made with (a template decode carries its fitted layout).
-    predict.write_spec(run_dir, options, options, top_n=config.top_n, rules=located["rules"])
+    predict.write_spec(run_dir, options, options, top_n=config.top_n, rules=located["rules"],
+                       refine_options=located["refine_options"])
     predict.write_prior(run_dir / predict.PRIOR,
                         labels_lib.read_train_csv(data_dir / "train.csv"))
     models = predict.load_models(run_dir)

@@ -29,7 +29,8 @@ import numpy as np
 from cspine_jax.records import schema, shards
 
 # The image field each task's records carry (see docs/ARCHITECTURE.md).
-IMAGE_FIELD = {"stage1": "image", "stage2": "images", "cnn3d": "volume", "slices2d": "image"}
+IMAGE_FIELD = {"stage1": "image", "stage2": "images", "cnn3d": "volume", "slices2d": "image",
+               "box_refine": "image"}
 # ImageNet statistics for 3-channel (2.5D) images; single-channel volumes are centred at 0.5.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,6 +16,7 @@ def test_tiny_demo_end_to_end(tmp_path):
   text = "\n".join(lines)
   # Progress was shown step by step; the run ends with the results table and the two metrics.
   assert "train stage 1 (all folds) done" in text and "stage-1 pseudo-labels done" in text
+  assert "train the box refiner (all folds) done" in text and "then refined" in text
   assert lines[-3].startswith("Results (out-of-fold") and "Two-stage" in lines[-3]
   assert lines[-2] == ("two-stage competition metric (out-of-fold): "
                        f"{figures['oof']['two_stage']:.4f}")
@@ -43,8 +44,9 @@ def test_tiny_demo_end_to_end(tmp_path):
   assert pseudo_labels.main([
       "--data_dir", str(tmp_path / "data"), "--records", str(tmp_path / "records"),
       "--stage1", str(tmp_path / "run" / "stage1"), "--out", str(cli / "vertebrae.csv"),
-      "--decode", rules.decode, "--require_all", "--calibrate_boxes", "--workdir", str(cli),
-      "--no_progress"]) == 0
+      "--decode", rules.decode, "--require_all", "--calibrate_boxes",
+      "--box_smoothing", str(rules.box_smoothing), "--refine", str(tmp_path / "run" / "box_refine"),
+      "--workdir", str(cli), "--no_progress"]) == 0
   assert (cli / "vertebrae.csv").read_text() == (tmp_path / "run" / "vertebrae.csv").read_text()
   spec = json.loads((cli / predict.SPEC).read_text())
   assert spec == json.loads((tmp_path / "run" / predict.SPEC).read_text())

@@ -59,8 +59,13 @@ class Models:
   rules: pseudo_labels.Rules = pseudo_labels.Rules()
   top_n: int = aggregate.DEFAULT_TOP_N
   stage1_options: study_lib.Options | None = None  # stage 1's, when it differs from stage 2's
+  # The box refiner (a box_refine run) and its records' options; None: the derived boxes stand.
+  refiner: pseudo_labels.RefineFn | None = None
+  refine_options: study_lib.Options | None = None
 
   def __post_init__(self):
+    if (self.refiner is None) != (self.refine_options is None):
+      raise ValueError("a box refiner needs its options (and options need a refiner)")
     if self.stage1_options is None:
       self.stage1_options = self.options
 
@@ -165,11 +170,15 @@ def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size:
 
 def locate(series: dicom.Series, models: Models, batch_size: int
            ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
-  """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4))."""
+  """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)); the
+  predictions' boxes refined when the models have a box refiner."""
   loaded = study_lib.Loaded(study=None, series=series, mask=None)
   images = study_lib.slice_images(loaded, models.stage1_options)
   presence, boxes = in_batches(models.stage1, [images], batch_size)
   preds = pseudo_labels.derive(presence, boxes, series.numbers, models.rules)
+  if models.refiner is not None:
+    volume = study_lib.windowed(series.volume, models.refine_options)
+    preds = pseudo_labels.refine(preds, volume, models.refiner, models.refine_options.image_size)
   return preds, presence, boxes
 
 
@@ -427,13 +436,17 @@ class FoldEnsemble:
 
 def write_spec(run_dir: str | os.PathLike, stage1_options: study_lib.Options,
                stage2_options: study_lib.Options, *, top_n: int = aggregate.DEFAULT_TOP_N,
-               rules: pseudo_labels.Rules = pseudo_labels.Rules()) -> pathlib.Path:
-  """Saves RUN/inference.json: what :func:`load_models` needs besides the checkpoints."""
+               rules: pseudo_labels.Rules = pseudo_labels.Rules(),
+               refine_options: study_lib.Options | None = None) -> pathlib.Path:
+  """Saves RUN/inference.json: what :func:`load_models` needs besides the checkpoints
+  (``refine_options``: the box refiner's records' options when RUN/box_refine is used)."""
   path = pathlib.Path(run_dir) / SPEC
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"stage1_options": stage1_options.to_json(),
-                              "stage2_options": stage2_options.to_json(), "top_n": top_n,
-                              "rules": dataclasses.asdict(rules)}, indent=1))
+  spec = {"stage1_options": stage1_options.to_json(), "stage2_options": stage2_options.to_json(),
+          "top_n": top_n, "rules": dataclasses.asdict(rules)}
+  if refine_options is not None:
+    spec["refine_options"] = refine_options.to_json()
+  path.write_text(json.dumps(spec, indent=1))
   return path
 
 
@@ -446,14 +459,20 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
     stage1_options, stage2_options = (study_lib.Options.from_json(spec["stage1_options"]),
                                       study_lib.Options.from_json(spec["stage2_options"]))
     rules = pseudo_labels.Rules(**spec.get("rules", {}))
+    refine_options = (study_lib.Options.from_json(spec["refine_options"])
+                      if spec.get("refine_options") else None)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise PredictError(f"{spec_path}: cannot read the inference spec ({e}); it is written by "
                        "the demo / predict.write_spec with the records' preprocessing options")
-  return ensemble_models(FoldEnsemble.load(run_dir / "stage1", "stage1"),
-                         FoldEnsemble.load(run_dir / "stage2", "stage2"), stage1_options,
-                         stage2_options, rules=rules,
-                         top_n=int(top_n if top_n is not None else
-                                   spec.get("top_n", aggregate.DEFAULT_TOP_N)))
+  models = ensemble_models(FoldEnsemble.load(run_dir / "stage1", "stage1"),
+                           FoldEnsemble.load(run_dir / "stage2", "stage2"), stage1_options,
+                           stage2_options, rules=rules,
+                           top_n=int(top_n if top_n is not None else
+                                     spec.get("top_n", aggregate.DEFAULT_TOP_N)))
+  if refine_options is not None:  # the spec says the pseudo-labels were refined: so is inference
+    models.refiner = refine_scorer(FoldEnsemble.load(run_dir / "box_refine", "box_refine"))
+    models.refine_options = refine_options
+  return models
 
 
 def stage1_scorer(stage1: FoldEnsemble, fold: int | None = None) -> pseudo_labels.Stage1Fn:
@@ -463,6 +482,15 @@ def stage1_scorer(stage1: FoldEnsemble, fold: int | None = None) -> pseudo_label
   def fn(images):
     out = stage1({"image": images}, fold=fold)
     return out["presence_prob"], out["box_pred"]
+  return fn
+
+
+def refine_scorer(refiner: FoldEnsemble, fold: int | None = None) -> pseudo_labels.RefineFn:
+  """The box-refiner ensemble (or, ``fold=k``, the model that held fold k out) as a refiner:
+  uint8 crops -> boxes (N, 7, 4) in crop coordinates."""
+
+  def fn(images):
+    return refiner({"image": images}, fold=fold)["boxes_pred"]
   return fn
 
 

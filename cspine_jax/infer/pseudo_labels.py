@@ -46,6 +46,11 @@ From them, per vertebra (documented rules, tested exactly with an oracle model):
   too short (its long spinous process). On the demo set the median offsets raised the box IoU
   0.75 -> 0.83, and stage 2 trained on crops by the mask boxes scored 0.26 against 0.51 by the
   derived ones, so box precision is what stage 2 needs most.
+* Box refinement (optional, a trained ``box_refine`` run): each located vertebra's box is then
+  replaced by the refiner's box, predicted from projections of the vertebra's slice range in a
+  crop around the derived box (``records.box_refine``; :func:`refine`). Derived boxes come from
+  per-slice regressions on the whole 64 px slice; the refiner looks at the vertebra alone, closer.
+  On the demo set: out-of-fold box IoU about 0.85 derived -> 0.93 refined.
 * Confidence: the mean presence probability over the range (absent: 1 - the peak probability).
 
 On studies with a segmentation :func:`compare_with_masks` reports the slice-range IoU and the box
@@ -83,6 +88,10 @@ Stage1Fn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 DECODERS = ("ordered", "template", "threshold")
 # A vertebra layout: per vertebra (start, end) as fractions of the C1-top..C7-bottom span.
 Template = tuple[tuple[float, float], ...]
+# A box refiner: uint8 crop images (N, H, W, 3) of records.box_refine.crop_input -> boxes
+# (N, 7, 4) in the crops' normalised coordinates (one row per vertebra; a crop's own row counts).
+RefineFn = Callable[[np.ndarray], np.ndarray]
+
 # Per vertebra, how far each box edge (x0, y0, x1, y1) moves, in fractions of the box's width/height.
 BoxOffsets = tuple[tuple[float, float, float, float], ...]
 # Offsets beyond this (a box shifted by more than its own size) mean a fit gone wrong.
@@ -372,6 +381,33 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
   return tuple(out)
 
 
+def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray,
+           refiner: RefineFn, size: tuple[int, int]
+           ) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
+  """Each located vertebra's box replaced by the refiner's (module docstring).
+
+  ``volume``: the study's uint8 windowed (S, H, W) series, the slices the predictions index;
+  ``size``: the refiner's input (H, W). A refined box that comes out empty keeps the derived one.
+  """
+  from cspine_jax.records import box_refine  # pylint: disable=import-outside-toplevel
+  _, h, w = volume.shape
+  scale = np.array([w, h, w, h], np.float64)
+  todo = [(v, p) for v, p in enumerate(preds) if p.present]
+  if not todo:
+    return tuple(preds)
+  crops = [box_refine.crop_input(volume, p.first_index, p.last_index,
+                                 np.asarray(p.box, np.float64) * scale, size) for _, p in todo]
+  boxes = np.asarray(refiner(np.stack([image for image, _ in crops])))
+  if boxes.shape != (len(todo), NUM_VERTEBRAE, 4):
+    raise ValueError(f"box refiner returned shape {boxes.shape}, expected ({len(todo)}, 7, 4)")
+  out = list(preds)
+  for (v, p), (_, frame), rows in zip(todo, crops, boxes):
+    box = np.clip(np.asarray(box_refine.from_crop(rows[v], frame)) / scale, 0.0, 1.0)
+    if box[2] > box[0] and box[3] > box[1]:
+      out[v] = dataclasses.replace(p, box=tuple(float(b) for b in box))
+  return tuple(out)
+
+
 def range_iou(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float:
   """IoU of two inclusive slice ranges (1.0 when both are absent, 0.0 when one is)."""
   if a is None or b is None:
@@ -433,7 +469,8 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
                   out_path: str | os.PathLike,
                   *, rules: Rules = Rules(), batch_size: int = 32,
                   folds: Mapping[str, int] | None = None, progress: bool = False,
-                  log: Callable[[str], None] = print) -> dict:
+                  refiner: RefineFn | Mapping[int, RefineFn] | None = None,
+                  refine_options=None, log: Callable[[str], None] = print) -> dict:
   """Runs stage 1 on every study of ``data_dir``/train.csv and writes the ``--vertebrae`` file.
 
   ``stage1`` is one scorer, or the fold models ``{held-out fold: scorer}``: their outputs averaged
@@ -447,9 +484,14 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   comparison on fold k only the studies outside fold k (those model k trained on);
   ``calibrate_boxes`` without offsets fits them the same way (the file's from the ensemble's boxes,
   fold k's from model k's).
+  ``refiner`` (one, or the fold models ``{held-out fold: refiner}`` of a ``box_refine`` run, whose
+  records' options are ``refine_options``) then refines every box (:func:`refine`): the file's by
+  the fold models' average, fold k's out-of-fold ones by model k; a second pass reads each study
+  again (the derived boxes need the fits above; no volume is kept between the passes).
   Unreadable studies are listed and left out of the file.
   Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs,
-  "rules": the rules the file was made with (template and box offsets filled in)}.
+  "rules": the rules the file was made with (template and box offsets filled in)}, and with a
+  refiner "ensemble_derived" / "out_of_fold_derived": the IoUs before refinement.
   """
   from cspine_jax.infer import predict, reader  # batching; the reader thread
   from cspine_jax.io import dicom, nifti
@@ -523,51 +565,114 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
       fold_rules[k] = fitted(k)
     except ValueError as e:  # only fold k's studies have masks: no honest fit for model k
       log(f"  out-of-fold comparison of fold {k} skipped: {e}")
-  located, rows_ens, rows_oof = {}, [], []
+  located, held_out = {}, {}  # the file's predictions; (fold, model k's) on fold k's masks
   for uid, (numbers, by_fold) in scored.items():
     located[uid] = derive(*outputs(by_fold, None), numbers, file_rules)
-    if uid in truths:
-      shape, extents = truths[uid]
-      rows_ens += compare_extents(located[uid], extents, shape, numbers)
-      k = folds.get(uid)
-      if k is not None and k in by_fold and k in fold_rules:
-        rows_oof += compare_extents(derive(*by_fold[k], numbers, fold_rules[k]), extents, shape,
-                                    numbers)
+    k = folds.get(uid)
+    if uid in truths and k is not None and k in by_fold and k in fold_rules:
+      held_out[uid] = (k, derive(*by_fold[k], numbers, fold_rules[k]))
+
+  def compared(file_preds, fold_preds) -> tuple[dict, dict]:
+    ens, oof = [], []
+    for uid, (shape, extents) in truths.items():
+      if uid in file_preds:
+        ens += compare_extents(file_preds[uid], extents, shape, scored[uid][0])
+      if uid in fold_preds:
+        oof += compare_extents(fold_preds[uid][1], extents, shape, scored[uid][0])
+    return summarise(ens), summarise(oof)
+
+  result = {"failed": failed, "rules": file_rules}
+  if refiner is not None:
+    result["ensemble_derived"], result["out_of_fold_derived"] = compared(located, held_out)
+    _refine_all(inputs, located, held_out, refiner, refine_options, failed, progress)
+  result["ensemble"], result["out_of_fold"] = compared(located, held_out)
   vertebrae_lib.write_vertebrae(out_path, located)
-  result = {"studies": len(located), "failed": failed, "ensemble": summarise(rows_ens),
-            "out_of_fold": summarise(rows_oof), "rules": file_rules}
+  result["studies"] = len(located)
   log(f"pseudo-labels: {len(located)} studies -> {out_path} ({len(failed)} unreadable)")
   for name in ("ensemble", "out_of_fold"):
     s = result[name]
     if s["pairs"]:
+      before = (f" (derived {result[name + '_derived']['box_iou']:.3f}, then refined)"
+                if refiner is not None else "")
       log(f"  vs masks ({name}, {s['pairs']} study-vertebra pairs): slice-range IoU "
-          f"{s['range_iou']:.3f}, box IoU {s['box_iou']:.3f}")
+          f"{s['range_iou']:.3f}, box IoU {s['box_iou']:.3f}{before}")
   for uid, reason in failed:
     log(f"  unreadable {uid}: {reason}")
   return result
 
 
+def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed: list,
+                progress: bool) -> None:
+  """:func:`label_dataset`'s second pass: refines ``located`` (by the refiners' average) and
+  ``held_out`` (fold k's by refiner k) in place; a study unreadable now joins ``failed``."""
+  import functools  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from cspine_jax.infer import reader  # pylint: disable=import-outside-toplevel
+  from cspine_jax.io import dicom  # pylint: disable=import-outside-toplevel
+  from cspine_jax.records import study as study_lib  # pylint: disable=import-outside-toplevel
+  if options is None:
+    raise ValueError("a box refiner needs refine_options (its records' preprocessing options)")
+  members = dict(refiner) if isinstance(refiner, Mapping) else {None: refiner}
+  missing = sorted({k for k, _ in held_out.values()} - set(members)) if None not in members else []
+  if missing:
+    raise ValueError(f"no box refiner held out fold(s) {missing}: out-of-fold boxes need one")
+
+  def averaged(images):
+    return np.mean([fn(images) for fn in members.values()], axis=0)
+
+  def load(item):
+    window = functools.partial(study_lib.window, level=options.window_level,
+                               width=options.window_width)
+    return dicom.read_series(item[1], warn=False, map_hu=window).volume
+
+  todo = [item for item in inputs if item[0] in located]
+  bar = tqdm(total=len(todo), unit="study", desc="box refinement", disable=not progress)
+  for (uid, _, _), volume, error, _ in reader.prefetched(todo, load):
+    bar.update()
+    if error is not None:
+      failed.append((uid, f"{type(error).__name__}: {error}"))
+      located.pop(uid)
+      held_out.pop(uid, None)
+      continue
+    located[uid] = refine(located[uid], volume, averaged, options.image_size)
+    if uid in held_out:
+      k, preds = held_out[uid]
+      held_out[uid] = (k, refine(preds, volume, members.get(k, averaged), options.image_size))
+  bar.close()
+
+
 def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
                    records_dir: str | os.PathLike, out_path: str | os.PathLike, *,
                    rules: Rules = Rules(), batch_size: int = 32, progress: bool = False,
+                   refine_dir: str | os.PathLike | None = None,
                    log: Callable[[str], None] = print) -> dict:
   """:func:`label_dataset` with the fold models of a stage-1 training run (``stage1_dir/fold_*``)
   and the preprocessing options and folds of the stage-1 records they trained on
-  (``records_dir/stage1``). Returns label_dataset's dict plus "options" (those options)."""
+  (``records_dir/stage1``); with ``refine_dir``, a box_refine run's fold models refine the boxes
+  (options from ``records_dir/box_refine``). Returns label_dataset's dict plus "options" (those
+  options) and "refine_options" (the refiner's, or None)."""
   from cspine_jax.infer import predict
   from cspine_jax.records import pipeline, shards
   from cspine_jax.records import study as study_lib
 
-  task_dir = pathlib.Path(records_dir) / "stage1"
-  identity = shards.read_json(task_dir / pipeline.IDENTITY)
-  manifest = shards.read_manifest(task_dir)
-  options = study_lib.Options.from_json(identity["options"])
+  def options_of(task: str) -> study_lib.Options:
+    identity = shards.read_json(pathlib.Path(records_dir) / task / pipeline.IDENTITY)
+    return study_lib.Options.from_json(identity["options"])
+
+  manifest = shards.read_manifest(pathlib.Path(records_dir) / "stage1")
+  options = options_of("stage1")
   ensemble = predict.FoldEnsemble.load(stage1_dir, "stage1")
   # One pass per fold model: averaged for the file, each alone on its held-out studies.
   scorers = {k: predict.stage1_scorer(ensemble, fold=k) for k in ensemble.folds}
+  refiners, refine_options = None, None
+  if refine_dir is not None:
+    refine_options = options_of("box_refine")
+    refine = predict.FoldEnsemble.load(refine_dir, "box_refine")
+    refiners = {k: predict.refine_scorer(refine, fold=k) for k in refine.folds}
   result = label_dataset(data_dir, scorers, options, out_path, rules=rules, batch_size=batch_size,
-                         folds=manifest["folds"], progress=progress, log=log)
-  return dict(result, options=options)
+                         folds=manifest["folds"], progress=progress, refiner=refiners,
+                         refine_options=refine_options, log=log)
+  return dict(result, options=options, refine_options=refine_options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -577,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--records", required=True, help="records folder holding stage1/ (options, folds)")
   p.add_argument("--stage1", required=True, help="stage-1 run folder (fold_*/checkpoints)")
   p.add_argument("--out", required=True, help="the --vertebrae CSV to write")
+  p.add_argument("--refine", help="box_refine run folder (fold_*/checkpoints): refine the boxes "
+                 "(its records under --records/box_refine)")
   p.add_argument("--workdir", help="also write WORKDIR/inference.json for cspine_jax.predict "
                  "(stage-2 preprocessing taken as the stage-1 records' options)")
   p.add_argument("--decode", choices=DECODERS, default=Rules.decode)
@@ -598,14 +705,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   box_smoothing=args.box_smoothing, decode=args.decode,
                   require_all=args.require_all, calibrate_boxes=args.calibrate_boxes)
     result = label_from_run(args.data_dir, args.stage1, args.records, args.out, rules=rules,
-                            batch_size=args.batch_size, progress=not args.no_progress)
+                            batch_size=args.batch_size, progress=not args.no_progress,
+                            refine_dir=args.refine)
   except (OSError, ValueError, KeyError) as e:  # missing runs/records, unfittable rules
     print(f"pseudo_labels: error: {e}", file=sys.stderr)
     return 2
   if args.workdir:
     from cspine_jax.infer import predict
     path = predict.write_spec(args.workdir, result["options"], result["options"],
-                              top_n=args.top_n, rules=result["rules"])
+                              top_n=args.top_n, rules=result["rules"],
+                              refine_options=result["refine_options"])
     print(f"inference spec -> {path}")
   return 1 if result["failed"] else 0
 

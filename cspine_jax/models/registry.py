@@ -3,7 +3,7 @@
 
 `make_model(cfg, rngs=...)` reads a mapping-like config (ml_collections ConfigDict or dict):
 
-  name               "stage1" | "stage2" | "cnn3d" | "single_head" | "multi_head"
+  name               "stage1" | "stage2" | "cnn3d" | "single_head" | "multi_head" | "box_refine"
   encoder            "convnext_<variant>" | "efficientnet_v2_<variant>"   (not for cnn3d)
   drop_path_rate     encoder stochastic depth (default 0.0; the seed's stage 2 uses 0.1)
   dtype              compute dtype name, "float32" (default) or "bfloat16"
@@ -11,7 +11,7 @@
   in_chans           encoder input channels (default 3; cnn3d default 1)
   stage2:            lstm_hidden (None = encoder width), lstm_layers (1), attention_hidden,
                      vertebra_embedding (0 = off), dropout (0.0)
-  stage1:            dropout
+  stage1, box_refine: dropout
   single/multi_head: head_hidden (multi only), dropout
   cnn3d:             channels ((32, 64, 128)), hidden ((256,)), dropout (0.3)
 """
@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cspine_jax.models import cnn3d, convnext, sequence, slice2d, stage1
+from cspine_jax.models import box_refine, cnn3d, convnext, sequence, slice2d, stage1
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ENCODER_FAMILIES = ("convnext_", "efficientnet_v2_")
-MODELS = ("stage1", "stage2", "cnn3d", "single_head", "multi_head")
+MODELS = ("stage1", "stage2", "cnn3d", "single_head", "multi_head", "box_refine")
 
 
 def resolve_dtype(dtype: Any) -> Any:
@@ -92,6 +92,8 @@ def make_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
                                 dropout=dropout, rngs=rngs)
   if name == "stage1":
     return stage1.Stage1Model(encoder, dropout=dropout, rngs=rngs)
+  if name == "box_refine":
+    return box_refine.BoxRefiner(encoder, dropout=dropout, rngs=rngs)
   heads = "single" if name == "single_head" else "multi"
   return slice2d.SliceClassifier(encoder, heads=heads, dropout=dropout,
                                  head_hidden=_get(cfg, "head_hidden", 0) if heads == "multi"

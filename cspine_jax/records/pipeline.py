@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cspine_jax import labels as labels_lib
+from cspine_jax.records import box_refine
 from cspine_jax.records import cnn3d
 from cspine_jax.records import folds as folds_lib
 from cspine_jax.records import schema
@@ -38,7 +39,7 @@ from cspine_jax.records import stage2
 from cspine_jax.records import study as study_lib
 from cspine_jax.records import vertebrae as vertebrae_lib
 
-TASKS = {m.NAME: m for m in (stage1, stage2, cnn3d, slices2d)}
+TASKS = {m.NAME: m for m in (stage1, stage2, cnn3d, slices2d, box_refine)}
 IDENTITY = "options.json"
 BAD_SUFFIX = ".bad.json"
 

@@ -260,8 +260,10 @@ def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.
       collected.setdefault(k, []).append(np.asarray(v)[keep])
   coll = {k: np.concatenate(v) for k, v in collected.items()}
   scores = {f"val_{k}": v / max(total, 1.0) for k, v in sums.items()}
-  if config.task == "stage1":
-    scores.update({f"val_{k}": v for k, v in tasks_lib.stage1_scores(coll).items()})
+  if config.task in ("stage1", "box_refine"):  # localisers: no fracture predictions
+    figures = (tasks_lib.stage1_scores if config.task == "stage1" else
+               tasks_lib.box_refine_scores)(coll)
+    scores.update({f"val_{k}": v for k, v in figures.items()})
     scores["score"] = scores["val_loss"]
     return scores, None
   labels_df, preds = tasks_lib.study_frames(config.task, coll, data.index.study_uid,

@@ -175,7 +175,27 @@ def _stage1_predict(outputs):
 
 STAGE1 = Task("stage1", "image", _stage1_loss, _stage1_predict, ("presence", "box"))
 
-TASKS = {t.name: t for t in (STAGE1, STAGE2, CNN3D, SLICES2D)}
+
+# ---- box refinement: one vertebra's box in its crop ---------------------------------------------
+def _own_box(outputs: Array, vertebra: Array) -> Array:
+  """(B, 7, 4) boxes -> (B, 4): the row of the vertebra each crop was made for."""
+  v = jnp.clip(vertebra.astype(jnp.int32), 0, NV - 1)
+  return jnp.take_along_axis(outputs, v[:, None, None], axis=1)[:, 0]
+
+
+def _box_refine_loss(outputs, batch, mask, box_kind: str = "smooth_l1"):
+  box = losses.box_loss(_own_box(outputs, batch["vertebra"]), batch["box"], mask, box_kind)
+  return box, {"box_loss": box, "loss": box}
+
+
+def _box_refine_predict(outputs):
+  return {"boxes_pred": outputs.astype(jnp.float32)}
+
+
+BOX_REFINE = Task("box_refine", "image", _box_refine_loss, _box_refine_predict,
+                  ("box", "vertebra"))
+
+TASKS = {t.name: t for t in (STAGE1, STAGE2, CNN3D, SLICES2D, BOX_REFINE)}
 
 
 def get(name: str, *, box_loss: str = "smooth_l1", box_weight: float = 1.0,
@@ -188,6 +208,9 @@ def get(name: str, *, box_loss: str = "smooth_l1", box_weight: float = 1.0,
     return dataclasses.replace(STAGE1, loss=functools.partial(
         _stage1_loss, box_kind=box_loss, box_weight=box_weight,
         presence_pos_weight=presence_pos_weight))
+  if name == "box_refine":
+    return dataclasses.replace(BOX_REFINE, loss=functools.partial(_box_refine_loss,
+                                                                  box_kind=box_loss))
   return TASKS[name]
 
 
@@ -239,6 +262,29 @@ def study_frames(task: str, collected: Mapping[str, np.ndarray], study_uid: np.n
     raise ValueError(f"task {task!r} has no per-study predictions")
   y8 = np.concatenate([y.max(axis=1, keepdims=True), y], axis=1)
   return _wide_labels(order, y8), pred
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Row-wise IoU of (N, 4) boxes (x0, y0, x1, y1)."""
+  iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+  ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+  inter = iw * ih
+  area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
+  return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
+
+
+def box_refine_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Held-out refiner figures: mean IoU and L1 of each crop's own-vertebra box, and the IoU of
+  the crop's starting box (its frame's inner box: no refinement) for comparison."""
+  v = np.asarray(collected["vertebra"], np.int64)
+  pred = np.asarray(collected["boxes_pred"])[np.arange(len(v)), v]
+  truth = np.asarray(collected["box"], np.float64)
+  from cspine_jax.records import box_refine as records  # pylint: disable=import-outside-toplevel
+  inner = records.MARGIN / (1 + 2 * records.MARGIN)
+  start = np.tile([inner, inner, 1 - inner, 1 - inner], (len(v), 1))
+  return {"box_iou": float(np.mean(box_iou(pred, truth))) if len(v) else 0.0,
+          "start_box_iou": float(np.mean(box_iou(start, truth))) if len(v) else 0.0,
+          "box_l1": float(np.mean(np.abs(pred - truth))) if len(v) else 0.0}
 
 
 def stage1_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,202 @@
+"""The box refiner: its crops and records, model and loss, and how pseudo-labels and predict use it."""
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cspine_jax.infer import predict, pseudo_labels
+from cspine_jax.models import box_refine as model_lib
+from cspine_jax.models import registry
+from cspine_jax.records import box_refine
+from cspine_jax.records import study as study_lib
+from cspine_jax.records import vertebrae as vertebrae_lib
+from cspine_jax.train import tasks
+
+INNER = box_refine.MARGIN / (1 + 2 * box_refine.MARGIN)
+
+
+def test_crop_frame_round_trip_and_projections():
+  frame = box_refine.crop_frame((20, 30, 40, 70))  # 20 x 40 px
+  m = box_refine.MARGIN
+  assert frame == pytest.approx((20 - 20 * m, 30 - 40 * m, 20 * (1 + 2 * m), 40 * (1 + 2 * m)))
+  np.testing.assert_allclose(box_refine.to_crop((20, 30, 40, 70), frame),
+                             [INNER, INNER, 1 - INNER, 1 - INNER], atol=1e-6)
+  box = (22.5, 28.0, 41.0, 66.5)
+  np.testing.assert_allclose(box_refine.from_crop(box_refine.to_crop(box, frame), frame), box,
+                             atol=1e-4)
+  # A bright block on the top third of the range only: channel 0 shows it where its box says.
+  volume = np.zeros((12, 64, 64), np.uint8)
+  volume[3:5, 20:40, 10:30] = 200  # rows 20..39, columns 10..29
+  image, frame = box_refine.crop_input(volume, 3, 11, (10, 20, 30, 40), (32, 32))
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  assert image[..., 1:].max() == 0 and image[..., 0].max() == 200
+  rows, cols = np.nonzero(image[..., 0] > 100)
+  x0, y0, x1, y1 = box_refine.to_crop((10, 20, 30, 40), frame) * 32
+  assert abs(cols.min() - x0) <= 1 and abs(cols.max() + 1 - x1) <= 1
+  assert abs(rows.min() - y0) <= 1 and abs(rows.max() + 1 - y1) <= 1
+  with pytest.raises(study_lib.StudyError, match="empty slice range"):
+    box_refine.crop_input(volume, 20, 30, (10, 20, 30, 40), (32, 32))
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory):
+  from cspine_jax import synthetic
+  root = tmp_path_factory.mktemp("refine")
+  data = pathlib.Path(synthetic.generate(root / "rsna", 2, 3, size="tiny", num_test=0,
+                                         segmented_fraction=1.0))
+  truth = json.loads((data / "ground_truth.json").read_text())["studies"]
+  return data, truth
+
+
+def test_records_are_jittered_crops_of_the_true_box(segmented):
+  data, truth = segmented
+  uid = sorted(truth)[0]
+  image_dir, mask_path = study_lib.study_paths(data, uid)
+  study = study_lib.StudyInput(uid, str(image_dir), str(mask_path), fold=1)
+  options = study_lib.Options(image_size=(32, 32))
+  records = list(box_refine.process(study, options))
+  present = [v for v, name in enumerate(("C1", "C2", "C3", "C4", "C5", "C6", "C7"))
+             if truth[uid]["vertebrae"][name] is not None]
+  assert len(records) == len(present) * box_refine.SAMPLES
+  assert sorted({r["vertebra"] for r in records}) == present
+  feats = box_refine.features(options)
+  for r in records[:5]:
+    for k, (shape, dtype) in feats.items():
+      assert np.asarray(r[k]).shape == shape, k
+    assert r["fold"] == 1 and r["study_uid"] == uid
+  boxes = np.stack([r["box"] for r in records])
+  assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+  # Jittered around the crop's inner box, and different from sample to sample.
+  np.testing.assert_allclose(boxes.mean(0), [INNER, INNER, 1 - INNER, 1 - INNER], atol=0.08)
+  assert np.std(boxes[:, 0]) > 0.01
+  again = list(box_refine.process(study, options))  # seeded by the uid: the same records
+  np.testing.assert_array_equal(np.stack([r["image"] for r in again]),
+                                np.stack([r["image"] for r in records]))
+  unsegmented = study_lib.StudyInput(uid, str(image_dir), None, fold=0)
+  assert box_refine.skip_reason(unsegmented) == "no segmentation"
+
+
+def test_model_starts_at_the_derived_box_and_loss_takes_the_own_row():
+  m = registry.make_model({"name": "box_refine", "encoder": "convnext_test"},
+                          rngs=registry.make_rngs(0))
+  assert isinstance(m, model_lib.BoxRefiner)
+  m.eval()
+  out = np.asarray(m(jnp.zeros((3, 32, 32, 3))))
+  assert out.shape == (3, 7, 4)
+  np.testing.assert_allclose(out, np.broadcast_to([INNER, INNER, 1 - INNER, 1 - INNER], out.shape),
+                             atol=1e-6)
+  task = tasks.get("box_refine", box_loss="l1")
+  outputs = jnp.zeros((2, 7, 4)).at[0, 3].set(0.5).at[1, 6].set(0.25)
+  batch = {"vertebra": jnp.array([3, 6]), "box": jnp.full((2, 4), 0.5)}
+  loss, _ = task.loss(outputs, batch, jnp.ones(2))
+  assert float(loss) == pytest.approx(0.125)  # row 3 exact, row 6 off by 0.25 on every edge
+  pred = np.zeros((2, 7, 4))
+  pred[0, 3] = (0, 0, 1, 1)  # exact
+  pred[1, 6] = (0, 0, 1, 1)  # four times the true box
+  pred[1, 0] = (0, 0, 0.5, 0.5)  # another vertebra's row: not counted
+  scores = tasks.box_refine_scores({"vertebra": np.array([3, 6]), "boxes_pred": pred,
+                                    "box": np.array([[0, 0, 1, 1], [0, 0, 0.5, 0.5]], float)})
+  assert scores["box_iou"] == pytest.approx((1.0 + 0.25) / 2)
+
+
+def _preds():
+  return tuple(vertebrae_lib.VertebraPrediction(True, 2 * v, 2 * v + 3, box=(0.25, 0.25, 0.5, 0.75))
+               for v in range(6)) + (vertebrae_lib.absent(),)
+
+
+def _fixed(box):
+  """A refiner that answers ``box`` (crop coordinates) for every vertebra."""
+  return lambda images: np.tile(np.asarray(box, np.float32), (len(images), 7, 1))
+
+
+def test_refine_maps_the_crop_answer_back():
+  volume = np.zeros((20, 40, 80), np.uint8)
+  preds = _preds()
+  same = pseudo_labels.refine(preds, volume, _fixed([INNER, INNER, 1 - INNER, 1 - INNER]), (16, 16))
+  for a, b in zip(same, preds):
+    assert a.present == b.present and a.first_index == b.first_index
+    np.testing.assert_allclose(a.box, b.box, atol=1e-6)
+  # The whole crop: the box grown by MARGIN (20 x 30 px -> 8 px / 12 px more per side), clipped.
+  grown = pseudo_labels.refine(preds, volume, _fixed([0, 0, 1, 1]), (16, 16))
+  m = box_refine.MARGIN
+  np.testing.assert_allclose(grown[0].box, (0.25 - m * 0.25, 0.25 - m * 0.5, 0.5 + m * 0.25,
+                                            min(1.0, 0.75 + m * 0.5)), atol=1e-6)
+  assert not grown[6].present
+  # An empty answer keeps the derived box; a wrong shape is an error.
+  kept = pseudo_labels.refine(preds, volume, _fixed([0.6, 0.6, 0.4, 0.4]), (16, 16))
+  assert kept[0].box == preds[0].box
+  with pytest.raises(ValueError, match="box refiner returned"):
+    pseudo_labels.refine(preds, volume, lambda x: np.zeros((len(x), 4)), (16, 16))
+
+
+def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_model(
+    segmented, tmp_path):
+  """Refiner 0 keeps the derived boxes, refiner 1 answers the whole crop: fold 0's held-out
+  boxes stay, fold 1's grow, and the file's are the average's."""
+  data, truth = segmented
+  uids = sorted(truth)
+  folds = {u: i % 2 for i, u in enumerate(uids)}
+  options = study_lib.Options(image_size=(32, 32))
+
+  def scorer(images):
+    n = len(images)
+    presence = np.zeros((n, 7))
+    for v in range(7):
+      presence[v * n // 7:(v + 1) * n // 7, v] = 0.9
+    return presence, np.tile([0.3, 0.3, 0.6, 0.7], (n, 1))
+
+  refiners = {0: _fixed([INNER, INNER, 1 - INNER, 1 - INNER]), 1: _fixed([0, 0, 1, 1])}
+  plain = pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "a.csv",
+                                      batch_size=1000, folds=folds, log=lambda _: None)
+  refined = pseudo_labels.label_dataset(
+      data, {0: scorer, 1: scorer}, options, tmp_path / "b.csv", batch_size=1000, folds=folds,
+      refiner=refiners, refine_options=options, log=lambda _: None)
+  assert refined["out_of_fold_derived"] == plain["out_of_fold"]
+  assert refined["ensemble"]["range_iou"] == plain["ensemble"]["range_iou"]
+  a, b = vertebrae_lib.read_vertebrae(tmp_path / "a.csv"), vertebrae_lib.read_vertebrae(
+      tmp_path / "b.csv")
+  half = (0 + INNER) / 2, (0 + INNER) / 2, (1 + 1 - INNER) / 2, (1 + 1 - INNER) / 2
+  _, h, w = truth[uids[0]]["shape"]
+  scale = np.array([w, h, w, h], float)
+  frame = box_refine.crop_frame(np.array([0.3, 0.3, 0.6, 0.7]) * scale)
+  expect = np.clip(np.array(box_refine.from_crop(half, frame)) / scale, 0, 1)
+  np.testing.assert_allclose(b[uids[0]][0].box, expect, atol=1e-5)
+  assert a[uids[0]][0].box == pytest.approx((0.3, 0.3, 0.6, 0.7))
+  with pytest.raises(ValueError, match="held out fold"):
+    pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "c.csv",
+                                batch_size=1000, folds=folds, refiner={0: refiners[0]},
+                                refine_options=options, log=lambda _: None)
+
+
+def test_predict_locate_refines_and_the_spec_names_the_refiner(segmented, tmp_path):
+  from cspine_jax.io import dicom
+  data, truth = segmented
+  series = dicom.read_series(data / "train_images" / sorted(truth)[0], warn=False)
+  options = study_lib.Options(image_size=(32, 32))
+
+  def stage1(images):
+    n = len(images)
+    presence = np.zeros((n, 7))
+    for v in range(7):
+      presence[v * n // 7:(v + 1) * n // 7, v] = 0.9
+    return presence, np.tile([0.3, 0.3, 0.6, 0.7], (n, 1))
+
+  rules = pseudo_labels.Rules(require_all=True)
+  base = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules)
+  grown = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules,
+                         refiner=_fixed([0, 0, 1, 1]), refine_options=options)
+  before, _, _ = predict.locate(series, base, 64)
+  after, _, _ = predict.locate(series, grown, 64)
+  assert sum(p.present for p in before) == 7
+  for p, q in zip(before, after):
+    assert (p.first_index, p.last_index) == (q.first_index, q.last_index)
+    assert q.box[0] < p.box[0] and q.box[2] > p.box[2], (p.box, q.box)
+  with pytest.raises(ValueError, match="needs its options"):
+    predict.Models(stage1=stage1, stage2=None, options=options, refiner=_fixed([0, 0, 1, 1]))
+  predict.write_spec(tmp_path, options, options, refine_options=options)
+  spec = json.loads((tmp_path / predict.SPEC).read_text())
+  assert study_lib.Options.from_json(spec["refine_options"]) == options
+  predict.write_spec(tmp_path, options, options)
+  assert "refine_options" not in json.loads((tmp_path / predict.SPEC).read_text())
