@@ -85,9 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        max_steps=1600, eval_every=8),
       # Flips only: stage 2 underfits here (train loss still falling at epoch 30), and without
       # the +-10 degree rotation out-of-fold scores were 0.40 vs 0.45 / 0.45 (lr 1e-3 / 2e-3).
-      # 16 jittered crops per vertebra of the 36 segmented studies per fold; ~12 epochs. Validated
-      # once, at the end.
-      "box_refine": _model(12, 32, 2e-3, max_steps=1500, eval_every=12),
+      # 16 jittered crops per vertebra of the 36 segmented studies per fold: 750 steps (~6 epochs;
+      # held-out crop IoU 0.925 after 2 epochs, 0.959 after 12). Validated once, at the end.
+      "box_refine": _model(6, 32, 2e-3, max_steps=750, eval_every=6),
       "stage2": _model(30, 8, 1e-3, eval_every=6, augment={"max_rotation_deg": 0.0}),
       "cnn3d": _model(6, 8, 1e-3, eval_every=6),
       # The 2D slice baselines see ~9,000 slices; a step budget keeps them inside the demo's time.

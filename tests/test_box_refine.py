@@ -132,7 +132,7 @@ def test_refine_maps_the_crop_answer_back():
 
 
 def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_model(
-    segmented, tmp_path):
+    segmented, tmp_path, monkeypatch):
   """Refiner 0 keeps the derived boxes, refiner 1 answers the whole crop: fold 0's held-out
   boxes stay, fold 1's grow, and the file's are the average's."""
   data, truth = segmented
@@ -164,6 +164,17 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
   expect = np.clip(np.array(box_refine.from_crop(half, frame)) / scale, 0, 1)
   np.testing.assert_allclose(b[uids[0]][0].box, expect, atol=1e-5)
   assert a[uids[0]][0].box == pytest.approx((0.3, 0.3, 0.6, 0.7))
+  # Volumes kept from the first pass and volumes read again give the same crops.
+  def by_content(images):  # an answer that moves with the crop's pixels
+    shift = np.asarray(images, np.float32).mean(axis=(1, 2, 3))[:, None, None] / 2550
+    return _fixed([INNER, INNER, 1 - INNER, 1 - INNER])(images) + shift
+  for name, keep in (("kept.csv", 2 << 30), ("read.csv", 0)):
+    monkeypatch.setattr(pseudo_labels, "KEEP_VOLUME_BYTES", keep)
+    pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / name,
+                                batch_size=1000, folds=folds, refiner=by_content,
+                                refine_options=options, log=lambda _: None)
+  assert (tmp_path / "kept.csv").read_text() == (tmp_path / "read.csv").read_text()
+  assert (tmp_path / "kept.csv").read_text() != (tmp_path / "a.csv").read_text()
   with pytest.raises(ValueError, match="held out fold"):
     pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "c.csv",
                                 batch_size=1000, folds=folds, refiner={0: refiners[0]},

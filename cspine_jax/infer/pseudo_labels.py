@@ -88,6 +88,10 @@ Stage1Fn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 DECODERS = ("ordered", "template", "threshold")
 # A vertebra layout: per vertebra (start, end) as fractions of the C1-top..C7-bottom span.
 Template = tuple[tuple[float, float], ...]
+# label_dataset keeps the studies' windowed volumes for the box refiner up to this many bytes
+# (the demo set's 96 studies: 0.2 GB); beyond it, the refiner's pass reads the files again.
+KEEP_VOLUME_BYTES = 2 << 30
+
 # A box refiner: uint8 crop images (N, H, W, 3) of records.box_refine.crop_input -> boxes
 # (N, 7, 4) in the crops' normalised coordinates (one row per vertebra; a crop's own row counts).
 RefineFn = Callable[[np.ndarray], np.ndarray]
@@ -486,8 +490,8 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   fold k's from model k's).
   ``refiner`` (one, or the fold models ``{held-out fold: refiner}`` of a ``box_refine`` run, whose
   records' options are ``refine_options``) then refines every box (:func:`refine`): the file's by
-  the fold models' average, fold k's out-of-fold ones by model k; a second pass reads each study
-  again (the derived boxes need the fits above; no volume is kept between the passes).
+  the fold models' average, fold k's out-of-fold ones by model k, after the fits above: from the
+  windowed volumes kept in the first pass (up to ``KEEP_VOLUME_BYTES``), else read again.
   Unreadable studies are listed and left out of the file.
   Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs,
   "rules": the rules the file was made with (template and box offsets filled in)}, and with a
@@ -514,6 +518,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   # Pass 1: the model outputs of every study (small: S x 11 floats per fold model) and, where
   # there is a mask, its truth; decoding waits until a template can be fitted.
   scored, truths, failed = {}, {}, []
+  volumes, kept_bytes = {}, 0
   from tqdm import tqdm
   bar = tqdm(total=len(inputs), unit="study", desc="pseudo-labels", disable=not progress)
   for (uid, _, _), loaded, error, _ in reader.prefetched(inputs, load):
@@ -527,6 +532,11 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
                    {k: predict.in_batches(fn, [images], batch_size) for k, fn in members.items()})
     if mask is not None:
       truths[uid] = (mask.shape, labels_lib.vertebra_extents(mask))  # not the mask: memory
+    if refiner is not None and refine_options is not None and kept_bytes < KEEP_VOLUME_BYTES:
+      # The refiner's windowed uint8 volume, while they fit: its pass then reads nothing again.
+      volumes[uid] = study_lib.window(series.volume, refine_options.window_level,
+                                      refine_options.window_width)
+      kept_bytes += volumes[uid].nbytes
   bar.close()
 
   def outputs(by_fold, k: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -584,7 +594,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   result = {"failed": failed, "rules": file_rules}
   if refiner is not None:
     result["ensemble_derived"], result["out_of_fold_derived"] = compared(located, held_out)
-    _refine_all(inputs, located, held_out, refiner, refine_options, failed, progress)
+    _refine_all(inputs, located, held_out, refiner, refine_options, failed, progress, volumes)
   result["ensemble"], result["out_of_fold"] = compared(located, held_out)
   vertebrae_lib.write_vertebrae(out_path, located)
   result["studies"] = len(located)
@@ -602,9 +612,10 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
 
 
 def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed: list,
-                progress: bool) -> None:
+                progress: bool, volumes: dict) -> None:
   """:func:`label_dataset`'s second pass: refines ``located`` (by the refiners' average) and
-  ``held_out`` (fold k's by refiner k) in place; a study unreadable now joins ``failed``."""
+  ``held_out`` (fold k's by refiner k) in place, from the kept ``volumes`` or the files read
+  again; a study unreadable now joins ``failed``."""
   import functools  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from cspine_jax.infer import reader  # pylint: disable=import-outside-toplevel
@@ -621,6 +632,8 @@ def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed:
     return np.mean([fn(images) for fn in members.values()], axis=0)
 
   def load(item):
+    if item[0] in volumes:
+      return volumes.pop(item[0])
     window = functools.partial(study_lib.window, level=options.window_level,
                                width=options.window_width)
     return dicom.read_series(item[1], warn=False, map_hu=window).volume
