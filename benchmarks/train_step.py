@@ -1,6 +1,6 @@
 """Train/eval step throughput of every model, and how fast grain feeds it (ratios, same run).
 
-    python benchmarks/train_step.py [--configs stage2,stage1,cnn3d,single_head,multi_head]
+    python benchmarks/train_step.py [--configs stage2,stage1,box_refine,cnn3d,single_head,multi_head]
         [--paper | --paper_only] [--dtype bfloat16] [--batch_size N] [--steps 5] [--input_batches 20]
 
 For each config at its ``:cpu`` size (and, with --paper, at the paper size for a couple of steps):
@@ -40,7 +40,7 @@ from cspine_jax.records import schema, shards  # noqa: E402
 from cspine_jax.train import loop, sharding  # noqa: E402
 from cspine_jax.train import steps as steps_lib  # noqa: E402
 
-IMAGES_PER_SAMPLE = {"stage2": 8, "stage1": 1, "cnn3d": 1, "slices2d": 1}
+IMAGES_PER_SAMPLE = {"stage2": 8, "stage1": 1, "cnn3d": 1, "slices2d": 1, "box_refine": 1}
 
 
 def random_record(task: str, config, i: int, rng: np.random.Generator) -> dict:
@@ -55,6 +55,9 @@ def random_record(task: str, config, i: int, rng: np.random.Generator) -> dict:
     return dict(base, image=img(h, w, 3), presence=(rng.random(7) < 0.3).astype(np.float32),
                 area=rng.random(7).astype(np.float32),
                 box=np.array([0.2, 0.2, 0.7, 0.8], np.float32), index=i, number=i + 1)
+  if task == "box_refine":
+    return dict(base, image=img(h, w, 3), box=np.array([0.3, 0.3, 0.7, 0.7], np.float32),
+                vertebra=i % 7, sample=i)
   if task == "cnn3d":
     d = config.prepare.cube_size
     return dict(base, volume=img(d, d, d, 1), labels=(rng.random(8) < 0.3).astype(np.float32))
@@ -170,7 +173,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--configs", default="stage2,stage1,cnn3d,single_head,multi_head")
+  ap.add_argument("--configs", default="stage2,stage1,box_refine,cnn3d,single_head,multi_head")
   ap.add_argument("--paper", action="store_true", help="also the paper-size configs (slow on CPU)")
   ap.add_argument("--paper_only", action="store_true", help="only the paper-size configs (GPU)")
   ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
