@@ -32,7 +32,9 @@ def _close(a, b, rtol=1e-5):
 CASES = [((2, 9, 11, 5), 7, 1, 3), ((3, 2, 2, 4), 7, 1, 3), ((2, 4, 5, 6), 7, 1, 3),
          ((2, 9, 7, 3), 7, 2, 3), ((2, 8, 9, 3), 3, 2, 1), ((2, 7, 7, 3), 3, 3, 0),
          # more rows than ConvNeXt's 7x7 needs for all 49 taps, several channels, a batch of 1
-         ((1, 20, 5, 2), 7, 2, 3), ((2, 13, 6, 11), 7, 1, 3)]
+         ((1, 20, 5, 2), 7, 2, 3), ((2, 13, 6, 11), 7, 1, 3),
+         # a strided map small enough for the dense (position-matrix) form
+         ((2, 3, 4, 5), 7, 2, 3)]
 
 
 @pytest.mark.parametrize("shape,ksize,stride,pad", CASES)
@@ -91,6 +93,14 @@ def test_tap_sum_computed_once_with_several_consumers():
   per_computation = [len(re.findall(r"f32\[2,9,9,3\]\S* slice\(", c))
                      for c in re.split(r"\n(?=\S)", hlo)]
   assert sum(n >= 40 for n in per_computation) == 1, per_computation
+
+
+def test_dense_form_on_small_maps_only():
+  # ConvNeXt's 7x7: 4x4 and 2x2 maps (16 < 49, 4 < 9 terms) take the dense form, 8x8 the taps.
+  wins = layers._dense_wins  # pylint: disable=protected-access
+  assert wins(4, 4, 4, 4, 7, 7, (1, 1), (3, 3)) and wins(2, 2, 2, 2, 7, 7, (1, 1), (3, 3))
+  assert not wins(8, 8, 8, 8, 7, 7, (1, 1), (3, 3))
+  assert not wins(3, 3, 3, 3, 3, 3, (1, 1), (1, 1))
 
 
 def test_auto_method_and_errors():

@@ -5,7 +5,9 @@ to a slow generic loop (a 7x7 depthwise conv over a stage-2 batch took ~120 ms w
 shifted multiplies took 5-9 ms), and its gradient is slow too. The "shifted" formulation pads
 once and sums kh*kw shifted slices times per-channel weights; XLA fuses it into one loop and its
 autodiff gradient is again shifted multiplies. On GPU/TPU the library convolution is faster, so
-"auto" picks "shifted" on the CPU backend and "lax" elsewhere. Both use the same parameters as an
+"auto" picks "shifted" on the CPU backend and "lax" elsewhere. On maps with fewer positions than
+useful taps (ConvNeXt's 4x4 and 2x2 stages) "shifted" sums over input positions instead
+(`_dense`): no padded copy, fewer terms. Both use the same parameters as an
 `nnx.Conv(feature_group_count=C)`: kernel (kh, kw, 1, C) and bias (C,).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from flax import nnx
 
@@ -119,8 +122,49 @@ def _shifted(x: Array, kernel: Array, stride: tuple[int, int],
   ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
   if ho <= 0 or wo <= 0:
     raise ValueError(f"depthwise kernel {kh}x{kw} larger than padded input {x.shape}")
+  if _dense_wins(h, w, ho, wo, kh, kw, stride, padding):
+    return _dense(x, _position_matrix(kernel, h, w, ho, wo, stride, padding), (ho, wo))
   xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   return _shifted_valid(xp, kernel, stride, (ho, wo), ((ph, ph + h), (pw, pw + w)))
+
+
+def _dense_wins(h: int, w: int, ho: int, wo: int, kh: int, kw: int, stride: tuple[int, int],
+                padding: tuple[int, int]) -> bool:
+  """Whether `_dense` does fewer multiplies than the tap sum: on maps with fewer positions than
+  useful taps (ConvNeXt's 7x7 on 4x4 and 2x2 maps: 16 < 49 and 4 < 9 terms per output)."""
+  taps = (len(_useful_taps(padding[0], padding[0] + h, ho, kh, stride[0]))
+          * len(_useful_taps(padding[1], padding[1] + w, wo, kw, stride[1])))
+  return h * w < taps
+
+
+def _position_matrix(kernel: Array, h: int, w: int, ho: int, wo: int, stride: tuple[int, int],
+                     padding: tuple[int, int]) -> Array:
+  """t[a, o, c]: the weight input position a (of h*w) has in output position o (of ho*wo) of
+  channel c - kernel[a_y - o_y*sh + ph, a_x - o_x*sw + pw, 0, c], 0 where outside the kernel."""
+  kh, kw = kernel.shape[:2]
+  acc = jnp.promote_types(kernel.dtype, jnp.float32)
+
+  def taps(size, out, k, s, pad):  # [input index, output index, tap] -> 1 where they meet
+    return (np.arange(size)[:, None, None] == s * np.arange(out)[None, :, None]
+            + np.arange(k)[None, None, :] - pad).astype(np.float32)
+
+  t = jnp.einsum("ayi,bxj,ijc->abyxc", taps(h, ho, kh, stride[0], padding[0]),
+                 taps(w, wo, kw, stride[1], padding[1]), kernel[:, :, 0, :].astype(acc))
+  return t.reshape(h * w, ho * wo, -1)
+
+
+def _dense(x: Array, t: Array, out_hw: tuple[int, int]) -> Array:
+  """out[n, o, c] = sum_a x[n, a, c] t[a, o, c] over the h*w input positions a, as one fused
+  loop of broadcast multiplies (channels minor), for small maps: no padded copy of `x` (a 2x2
+  map padded by 3 is 16x larger) and only h*w terms per output. ~4x faster than the tap sum on
+  2x2x320 and ~1.7x on 4x4x160 at n = 128 (a channel-batched matmul needs two transposes)."""
+  n, h, w, c = x.shape
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.reshape(n, h * w, c)
+  out = jnp.zeros((n, t.shape[1], c), acc)
+  for a in range(h * w):
+    out = out + xf[:, a:a + 1, :].astype(acc) * t[a]
+  return _materialised(out.astype(x.dtype)).reshape(n, *out_hw, c)
 
 
 def _shifted_fwd(x, kernel, stride, padding):
@@ -136,6 +180,12 @@ def _shifted_bwd(stride, padding, res, g):
   kh, kw = kernel.shape[:2]
   (sh, sw), (ph, pw) = stride, padding
   _, ho, wo, _ = g.shape
+  dk = _kernel_grad(x, g, kh, kw, stride, padding).astype(kernel.dtype)
+  if _dense_wins(h, w, ho, wo, kh, kw, stride, padding):
+    # The forward's position matrix, transposed, maps output positions back to input positions
+    # (ho*wo <= h*w terms per input position).
+    t = _position_matrix(kernel, h, w, ho, wo, stride, padding)
+    return _dense(g, jnp.transpose(t, (1, 0, 2)), (h, w)), dk
   # Dilated g has (ho-1)*s+1 rows; pad so a valid kh-tap correlation gives h rows (lax.pad
   # accepts the negative high padding of inputs whose last rows no window reached).
   lo_h, lo_w = kh - 1 - ph, kw - 1 - pw
@@ -144,8 +194,7 @@ def _shifted_bwd(stride, padding, res, g):
   gp = lax.pad(g, jnp.zeros((), g.dtype),
                ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0)))
   real = ((max(lo_h, 0), lo_h + (ho - 1) * sh + 1), (max(lo_w, 0), lo_w + (wo - 1) * sw + 1))
-  dx = _shifted_valid(gp, kernel[::-1, ::-1], (1, 1), (h, w), real)
-  return dx, _kernel_grad(x, g, kh, kw, stride, padding).astype(kernel.dtype)
+  return _shifted_valid(gp, kernel[::-1, ::-1], (1, 1), (h, w), real), dk
 
 
 _shifted.defvjp(_shifted_fwd, _shifted_bwd)
