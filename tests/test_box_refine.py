@@ -131,6 +131,15 @@ def test_refine_maps_the_crop_answer_back():
     pseudo_labels.refine(preds, volume, lambda x: np.zeros((len(x), 4)), (16, 16))
 
 
+def _stage1(images):
+  """A stage 1 that shows C1..C7 on consecutive sevenths of the slices, one box everywhere."""
+  n = len(images)
+  presence = np.zeros((n, 7))
+  for v in range(7):
+    presence[v * n // 7:(v + 1) * n // 7, v] = 0.9
+  return presence, np.tile([0.3, 0.3, 0.6, 0.7], (n, 1))
+
+
 def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_model(
     segmented, tmp_path, monkeypatch):
   """Refiner 0 keeps the derived boxes, refiner 1 answers the whole crop: fold 0's held-out
@@ -139,14 +148,7 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
   uids = sorted(truth)
   folds = {u: i % 2 for i, u in enumerate(uids)}
   options = study_lib.Options(image_size=(32, 32))
-
-  def scorer(images):
-    n = len(images)
-    presence = np.zeros((n, 7))
-    for v in range(7):
-      presence[v * n // 7:(v + 1) * n // 7, v] = 0.9
-    return presence, np.tile([0.3, 0.3, 0.6, 0.7], (n, 1))
-
+  scorer = _stage1
   refiners = {0: _fixed([INNER, INNER, 1 - INNER, 1 - INNER]), 1: _fixed([0, 0, 1, 1])}
   plain = pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "a.csv",
                                       batch_size=1000, folds=folds, log=lambda _: None)
@@ -186,14 +188,7 @@ def test_predict_locate_refines_and_the_spec_names_the_refiner(segmented, tmp_pa
   data, truth = segmented
   series = dicom.read_series(data / "train_images" / sorted(truth)[0], warn=False)
   options = study_lib.Options(image_size=(32, 32))
-
-  def stage1(images):
-    n = len(images)
-    presence = np.zeros((n, 7))
-    for v in range(7):
-      presence[v * n // 7:(v + 1) * n // 7, v] = 0.9
-    return presence, np.tile([0.3, 0.3, 0.6, 0.7], (n, 1))
-
+  stage1 = _stage1
   rules = pseudo_labels.Rules(require_all=True)
   base = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules)
   grown = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules,
