@@ -4,7 +4,7 @@
     python benchmarks/inference.py --paper --size full --dtype bfloat16   (paper-size models, on a GPU)
 
 Without --workdir the two stages are the ``configs/stage1.py:cpu`` and ``configs/stage2.py:cpu``
-models, freshly initialised (the timings do not depend on the weights), ``--folds`` copies each as
+models (and the ``configs/box_refine.py:cpu`` refiner unless --no_refine), freshly initialised (the timings do not depend on the weights), ``--folds`` copies each as
 the fold ensemble. Without --studies a few synthetic studies are generated into a temporary folder.
 The baseline measured in the same run is the decode-only floor (``io.dicom.read_series`` of every
 study, nothing else); the ratio says how much the models and crops add on top of reading the files.
@@ -30,16 +30,18 @@ from cspine_jax.records import study as study_lib  # noqa: E402
 
 
 def fresh_models(folds: int, image_size: int, variant: str = "cpu",
-                 dtype: str | None = None) -> predict.Models:
-  """The stage-1/stage-2 models of ``variant`` ("cpu" or "" = paper), randomly initialised,
-  ``folds`` members each."""
+                 dtype: str | None = None, refine: bool = True) -> predict.Models:
+  """The stage-1/stage-2 (and box-refiner) models of ``variant`` ("cpu" or "" = paper), randomly
+  initialised, ``folds`` members each."""
   from flax import nnx
+  from configs import box_refine as refine_config
   from configs import stage1 as stage1_config, stage2 as stage2_config
   from cspine_jax import models
 
   ensembles = []
   for cfg, task in ((stage1_config.get_config(variant), "stage1"),
-                    (stage2_config.get_config(variant), "stage2")):
+                    (stage2_config.get_config(variant), "stage2"),
+                    (refine_config.get_config(variant), "box_refine")):
     if dtype:
       cfg.model.dtype = dtype
     members = [(models.make_model(cfg.model, rngs=nnx.Rngs(k)), {"task": task, "fold": k})
@@ -48,7 +50,10 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
   s2 = stage2_config.get_config(variant)
   options = study_lib.Options(image_size=(image_size, image_size),
                               stage2_slices=s2.prepare.stage2_slices)
-  return predict.ensemble_models(ensembles[0], ensembles[1], options, options)
+  out = predict.ensemble_models(ensembles[0], ensembles[1], options, options)
+  if refine:
+    out.refiner, out.refine_options = predict.refine_scorer(ensembles[2]), options
+  return out
 
 
 def main(argv=None) -> int:
@@ -62,6 +67,7 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
   p.add_argument("--size", default="small", help="synthetic study size: tiny, small or full (512 px)")
   p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--no_refine", action="store_true", help="fresh models without the box refiner")
   p.add_argument("--decode_workers", type=int, default=0,
                  help="decoder processes (0: one reader thread, the floor's own speed)")
   args = p.parse_args(argv)
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
   image_size = args.image_size or (224 if args.paper else 64)
   variant = "" if args.paper else "cpu"
   models = (predict.load_models(args.workdir) if args.workdir
-            else fresh_models(args.folds, image_size, variant, args.dtype))
+            else fresh_models(args.folds, image_size, variant, args.dtype, not args.no_refine))
   prior = [0.5] * 8
 
   # Warm-up on one study: compilation is paid once per process, not per study.

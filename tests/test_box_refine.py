@@ -36,6 +36,13 @@ def test_crop_frame_round_trip_and_projections():
   x0, y0, x1, y1 = box_refine.to_crop((10, 20, 30, 40), frame) * 32
   assert abs(cols.min() - x0) <= 1 and abs(cols.max() + 1 - x1) <= 1
   assert abs(rows.min() - y0) <= 1 and abs(rows.max() + 1 - y1) <= 1
+  # From HU with the window (only the frame's block windowed): the same pixels as windowing the
+  # whole volume first, for frames inside the image and reaching past its edges.
+  hu = np.random.default_rng(0).normal(300, 600, (12, 64, 64)).astype(np.float32)
+  for box in ((10, 20, 30, 40), (-5, -3, 12, 9), (50, 40, 70, 66), (1.5, 2.25, 3.75, 4.5)):
+    whole, _ = box_refine.crop_input(study_lib.window(hu, 400, 1800), 2, 9, box, (24, 20))
+    block, _ = box_refine.crop_input(hu, 2, 9, box, (24, 20), window=(400, 1800))
+    np.testing.assert_array_equal(block, whole)
   with pytest.raises(study_lib.StudyError, match="empty slice range"):
     box_refine.crop_input(volume, 20, 30, (10, 20, 30, 40), (32, 32))
 

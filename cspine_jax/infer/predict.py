@@ -43,7 +43,7 @@ from cspine_jax.records import vertebrae as vertebrae_lib
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 # uint8 stage-2 sequences (N, n/3, H, W, 3) and their vertebra indices (N,) -> (N,) probabilities.
 Stage2Fn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-STAGES = ("decode", "stage1", "crops", "stage2")
+STAGES = ("decode", "stage1", "refine", "crops", "stage2")
 
 
 class PredictError(ValueError):
@@ -168,18 +168,27 @@ def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size:
   return [np.concatenate(parts) for parts in zip(*outs)]
 
 
-def locate(series: dicom.Series, models: Models, batch_size: int
+def locate(series: dicom.Series, models: Models, batch_size: int, refine: bool = True
            ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
   """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)); the
-  predictions' boxes refined when the models have a box refiner."""
+  predictions' boxes refined (:func:`refine_boxes`) unless ``refine`` is False."""
   loaded = study_lib.Loaded(study=None, series=series, mask=None)
   images = study_lib.slice_images(loaded, models.stage1_options)
   presence, boxes = in_batches(models.stage1, [images], batch_size)
   preds = pseudo_labels.derive(presence, boxes, series.numbers, models.rules)
-  if models.refiner is not None:
-    volume = study_lib.windowed(series.volume, models.refine_options)
-    preds = pseudo_labels.refine(preds, volume, models.refiner, models.refine_options.image_size)
+  if refine:
+    preds = refine_boxes(series, preds, models)
   return preds, presence, boxes
+
+
+def refine_boxes(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction],
+                 models: Models) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
+  """The boxes refined by the models' box refiner, when they have one (else unchanged)."""
+  if models.refiner is None:
+    return tuple(preds)
+  o = models.refine_options  # the HU volume: only the crops' blocks get windowed
+  return pseudo_labels.refine(preds, series.volume, models.refiner, o.image_size,
+                              window=(o.window_level, o.window_width))
 
 
 def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction],
@@ -242,11 +251,14 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
         raise error
       res.shape = tuple(series.volume.shape)
       t0 = time.perf_counter()
-      res.vertebrae, _, _ = locate(series, models, batch_size)
+      located, _, _ = locate(series, models, batch_size, refine=False)
       t1 = time.perf_counter()
+      res.vertebrae = refine_boxes(series, located, models)
+      t2 = time.perf_counter()
       seqs = crops(series, res.vertebrae, models.options)
       seconds["stage1"] += t1 - t0
-      seconds["crops"] += time.perf_counter() - t1
+      seconds["refine"] += t2 - t1
+      seconds["crops"] += time.perf_counter() - t2
     except Exception as e:  # noqa: BLE001 - one bad study must not stop the run
       res.error = f"{type(e).__name__}: {e}"
       res.probs = prior.copy() if res.uid is not None else None

@@ -386,12 +386,14 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
 
 
 def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray,
-           refiner: RefineFn, size: tuple[int, int]
+           refiner: RefineFn, size: tuple[int, int],
+           window: tuple[float, float] | None = None
            ) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Each located vertebra's box replaced by the refiner's (module docstring).
 
-  ``volume``: the study's uint8 windowed (S, H, W) series, the slices the predictions index;
-  ``size``: the refiner's input (H, W). A refined box that comes out empty keeps the derived one.
+  ``volume``: the study's (S, H, W) series, the slices the predictions index, uint8 windowed or HU
+  with ``window`` (level, width); ``size``: the refiner's input (H, W). A refined box that comes
+  out empty keeps the derived one.
   """
   from cspine_jax.records import box_refine  # pylint: disable=import-outside-toplevel
   _, h, w = volume.shape
@@ -400,8 +402,12 @@ def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray
   if not todo:
     return tuple(preds)
   crops = [box_refine.crop_input(volume, p.first_index, p.last_index,
-                                 np.asarray(p.box, np.float64) * scale, size) for _, p in todo]
-  boxes = np.asarray(refiner(np.stack([image for image, _ in crops])))
+                                 np.asarray(p.box, np.float64) * scale, size, window=window)
+           for _, p in todo]
+  images = np.stack([image for image, _ in crops])
+  # Always 7 rows (the last repeated): a jitted refiner sees one shape, whatever was located.
+  pad = np.repeat(images[-1:], NUM_VERTEBRAE - len(images), axis=0)
+  boxes = np.asarray(refiner(np.concatenate([images, pad])))[:len(todo)]
   if boxes.shape != (len(todo), NUM_VERTEBRAE, 4):
     raise ValueError(f"box refiner returned shape {boxes.shape}, expected ({len(todo)}, 7, 4)")
   out = list(preds)

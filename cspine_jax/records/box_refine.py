@@ -87,18 +87,31 @@ def _sample_plane(plane: np.ndarray, frame: Frame, size: tuple[int, int]) -> np.
 
 
 def crop_input(volume: np.ndarray, first: int, last: int, box: Sequence[float],
-               size: tuple[int, int], margin: float = MARGIN) -> tuple[np.ndarray, Frame]:
-  """The refiner's input for one vertebra: uint8 (S, H0, W0) windowed volume, its slice range
-  (inclusive, clipped to the volume) and pixel box -> (uint8 (H, W, 3) maximum-intensity
-  projections of the range's top / middle / bottom third inside the crop frame, the frame)."""
-  n = volume.shape[0]
+               size: tuple[int, int], margin: float = MARGIN,
+               window: tuple[float, float] | None = None) -> tuple[np.ndarray, Frame]:
+  """The refiner's input for one vertebra: (S, H0, W0) volume, its slice range (inclusive,
+  clipped to the volume) and pixel box -> (uint8 (H, W, 3) maximum-intensity projections of the
+  range's top / middle / bottom third inside the crop frame, the frame).
+
+  ``volume`` is uint8 windowed, or HU with ``window`` = (level, width): then only the block the
+  frame covers is windowed (the same pixels as windowing the whole volume first)."""
+  n, height, width = volume.shape
   first, last = max(0, int(first)), min(n - 1, int(last))
   if last < first:
     raise study_lib.StudyError(f"empty slice range {first}..{last} of a {n}-slice volume")
   frame = crop_frame(box, margin)
-  idx = np.arange(first, last + 1)
-  thirds = [t if len(t) else idx for t in np.array_split(idx, 3)]
-  planes = [_sample_plane(volume[t].max(axis=0), frame, size) for t in thirds]
+  # The rows / columns the bilinear samples can touch (edges clamped as in _sample_plane).
+  fx, fy, fw, fh = frame
+  r0 = int(np.clip(np.floor(fy - 1), 0, height - 1))
+  r1 = int(np.clip(np.ceil(fy + fh + 1), r0 + 1, height))
+  c0 = int(np.clip(np.floor(fx - 1), 0, width - 1))
+  c1 = int(np.clip(np.ceil(fx + fw + 1), c0 + 1, width))
+  block = volume[first:last + 1, r0:r1, c0:c1]
+  if window is not None:
+    block = study_lib.window(block, *window)
+  local = (fx - c0, fy - r0, fw, fh)
+  thirds = [t if len(t) else np.arange(len(block)) for t in np.array_split(np.arange(len(block)), 3)]
+  planes = [_sample_plane(block[t].max(axis=0), local, size) for t in thirds]
   image = np.clip(np.rint(np.stack(planes, axis=-1)), 0, 255).astype(np.uint8)
   return image, frame
 
