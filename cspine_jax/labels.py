@@ -57,6 +57,18 @@ class VertebraExtent:
   box: tuple[int, int, int, int]
 
 
+def box_iou(a, b) -> np.ndarray:
+  """IoU of (..., 4) boxes (x0, y0, x1, y1) in the same units, broadcast row by row; 0 where the
+  union is empty."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+  ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+  inter = iw * ih
+  area = lambda r: np.clip(r[..., 2] - r[..., 0], 0, None) * np.clip(r[..., 3] - r[..., 1], 0, None)
+  union = area(a) + area(b) - inter
+  return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def _check_mask(mask: np.ndarray) -> np.ndarray:
   """The mask as uint8 labels (S, H, W); other integer types are clipped to 0..8 (8 = ignored)."""
   mask = np.asarray(mask)

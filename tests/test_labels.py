@@ -244,3 +244,10 @@ def test_read_bounding_boxes(tmp_path):
   bad = _write(tmp_path, "bad3.csv", header + "1.2.3,10,20,0,40,1\n")
   with pytest.raises(labels.TableError, match=r"width=0.0 is not positive"):
     labels.read_bounding_boxes(bad)
+
+
+def test_box_iou_by_hand_and_row_by_row():
+  assert labels.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+  got = labels.box_iou([[0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 0, 0]],
+                       [[0, 0, 2, 2], [2, 2, 3, 3], [0, 0, 0, 0]])
+  np.testing.assert_allclose(got, [1.0, 0.0, 0.0])  # equal, disjoint, both empty

@@ -429,12 +429,7 @@ def range_iou(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float:
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
   """IoU of two (x0, y0, x1, y1) boxes (same units)."""
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
-  union = area(a) + area(b) - inter
-  return inter / union if union > 0 else 0.0
+  return float(labels_lib.box_iou(a, b))
 
 
 def compare(pred: Sequence[vertebrae_lib.VertebraPrediction], mask: np.ndarray,

@@ -264,15 +264,6 @@ def study_frames(task: str, collected: Mapping[str, np.ndarray], study_uid: np.n
   return _wide_labels(order, y8), pred
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Row-wise IoU of (N, 4) boxes (x0, y0, x1, y1)."""
-  iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-  ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-  inter = iw * ih
-  area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
-  return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
-
-
 def box_refine_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
   """Held-out refiner figures: mean IoU and L1 of each crop's own-vertebra box, and the IoU of
   the crop's starting box (its frame's inner box: no refinement) for comparison."""
@@ -282,8 +273,8 @@ def box_refine_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
   from cspine_jax.records import box_refine as records  # pylint: disable=import-outside-toplevel
   inner = records.MARGIN / (1 + 2 * records.MARGIN)
   start = np.tile([inner, inner, 1 - inner, 1 - inner], (len(v), 1))
-  return {"box_iou": float(np.mean(box_iou(pred, truth))) if len(v) else 0.0,
-          "start_box_iou": float(np.mean(box_iou(start, truth))) if len(v) else 0.0,
+  return {"box_iou": float(np.mean(labels_lib.box_iou(pred, truth))) if len(v) else 0.0,
+          "start_box_iou": float(np.mean(labels_lib.box_iou(start, truth))) if len(v) else 0.0,
           "box_l1": float(np.mean(np.abs(pred - truth))) if len(v) else 0.0}
 
 
