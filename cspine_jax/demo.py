@@ -39,8 +39,6 @@ from cspine_jax.report import tables
 # Display names of the trained models, in the seed's results-table order.
 NAMES = {"cnn3d": "3D CNN", "single_head": "Single-head", "multi_head": "Multi-head",
          "stage2": "Two-stage"}
-RECORDS_FOR = {"stage1": "stage1", "stage2": "stage2", "cnn3d": "cnn3d", "single_head": "slices2d",
-               "multi_head": "slices2d", "box_refine": "box_refine"}
 
 
 class Progress:

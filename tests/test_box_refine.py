@@ -190,7 +190,7 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
                                 refine_options=options, log=lambda _: None)
 
 
-def test_predict_locate_refines_and_the_spec_names_the_refiner(segmented, tmp_path):
+def test_predict_refines_located_boxes_and_the_spec_names_the_refiner(segmented, tmp_path):
   from cspine_jax.io import dicom
   data, truth = segmented
   series = dicom.read_series(data / "train_images" / sorted(truth)[0], warn=False)
@@ -201,7 +201,8 @@ def test_predict_locate_refines_and_the_spec_names_the_refiner(segmented, tmp_pa
   grown = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules,
                          refiner=_fixed([0, 0, 1, 1]), refine_options=options)
   before, _, _ = predict.locate(series, base, 64)
-  after, _, _ = predict.locate(series, grown, 64)
+  assert predict.refine_boxes(series, before, base) == before  # no refiner: unchanged
+  after = predict.refine_boxes(series, predict.locate(series, grown, 64)[0], grown)
   assert sum(p.present for p in before) == 7
   for p, q in zip(before, after):
     assert (p.first_index, p.last_index) == (q.first_index, q.last_index)

@@ -168,16 +168,14 @@ def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size:
   return [np.concatenate(parts) for parts in zip(*outs)]
 
 
-def locate(series: dicom.Series, models: Models, batch_size: int, refine: bool = True
+def locate(series: dicom.Series, models: Models, batch_size: int
            ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
-  """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)); the
-  predictions' boxes refined (:func:`refine_boxes`) unless ``refine`` is False."""
+  """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)), the
+  boxes as derived (:func:`refine_boxes` then refines them when the models have a refiner)."""
   loaded = study_lib.Loaded(study=None, series=series, mask=None)
   images = study_lib.slice_images(loaded, models.stage1_options)
   presence, boxes = in_batches(models.stage1, [images], batch_size)
   preds = pseudo_labels.derive(presence, boxes, series.numbers, models.rules)
-  if refine:
-    preds = refine_boxes(series, preds, models)
   return preds, presence, boxes
 
 
@@ -251,7 +249,7 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
         raise error
       res.shape = tuple(series.volume.shape)
       t0 = time.perf_counter()
-      located, _, _ = locate(series, models, batch_size, refine=False)
+      located, _, _ = locate(series, models, batch_size)
       t1 = time.perf_counter()
       res.vertebrae = refine_boxes(series, located, models)
       t2 = time.perf_counter()

@@ -28,12 +28,10 @@ class BoxRefiner(nnx.Module):
     # Zero kernel and a bias at the crop's inner box: training starts from "the derived box is
     # right", the crop frame's own answer (records.box_refine.MARGIN on each side).
     from cspine_jax.records import box_refine as records  # pylint: disable=import-outside-toplevel
-    inner = records.MARGIN / (1 + 2 * records.MARGIN)
     self.head = nnx.Linear(encoder.num_features, NUM_VERTEBRAE * 4, param_dtype=param_dtype,
                            kernel_init=nnx.initializers.zeros_init(),
                            bias_init=lambda *_: jnp.tile(
-                               jnp.array([inner, inner, 1 - inner, 1 - inner], param_dtype),
-                               NUM_VERTEBRAE),
+                               jnp.array(records.INNER_BOX, param_dtype), NUM_VERTEBRAE),
                            rngs=rngs)
 
   def __call__(self, images: Array) -> Array:

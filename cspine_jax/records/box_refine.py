@@ -32,6 +32,10 @@ MARGIN = 0.4  # the crop: the box grown by this fraction of its width / height o
 SAMPLES = 16
 BOX_JITTER = 0.08
 RANGE_JITTER = 0.1
+# A box in its own crop frame's normalised coordinates: where a refiner that changes nothing
+# answers (x0, y0, x1, y1).
+_INNER = MARGIN / (1 + 2 * MARGIN)
+INNER_BOX = (_INNER, _INNER, 1 - _INNER, 1 - _INNER)
 
 # A crop frame: (x0, y0, width, height) in pixels of the series' slices.
 Frame = tuple[float, float, float, float]

@@ -271,8 +271,7 @@ def box_refine_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
   pred = np.asarray(collected["boxes_pred"])[np.arange(len(v)), v]
   truth = np.asarray(collected["box"], np.float64)
   from cspine_jax.records import box_refine as records  # pylint: disable=import-outside-toplevel
-  inner = records.MARGIN / (1 + 2 * records.MARGIN)
-  start = np.tile([inner, inner, 1 - inner, 1 - inner], (len(v), 1))
+  start = np.tile(records.INNER_BOX, (len(v), 1))
   return {"box_iou": float(np.mean(labels_lib.box_iou(pred, truth))) if len(v) else 0.0,
           "start_box_iou": float(np.mean(labels_lib.box_iou(start, truth))) if len(v) else 0.0,
           "box_l1": float(np.mean(np.abs(pred - truth))) if len(v) else 0.0}
