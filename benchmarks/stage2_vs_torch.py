@@ -48,10 +48,32 @@ def median_time(fn: Callable[[], object], steps: int, sync: Callable[[object], o
 
 
 # ---- the PyTorch peer -----------------------------------------------------------------------------
+def _import_torchvision() -> None:
+  """Imports torchvision (timm needs it), also where its C++ ops do not load against this torch.
+
+  A CUDA torchvision wheel beside a CPU torch (as in the scratch venv after its last rebuild)
+  fails to load its ops and then stops at registering fake kernels for two ops it never defined
+  (``torchvision::nms``, ``qnms``). Defining their schemas first lets the pure-Python parts that
+  timm imports load; the peer uses no torchvision op, so its timing is unaffected.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  try:
+    import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except RuntimeError as e:
+    if "torchvision::" not in str(e):
+      raise
+    lib = torch.library.Library("torchvision", "DEF")  # pylint: disable=no-member
+    for op in ("nms", "qnms"):
+      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _import_torchvision.lib = lib  # keep the definitions alive
+    import torchvision  # noqa: F401,F811  pylint: disable=import-outside-toplevel,unused-import
+
+
 def torch_peer(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
   """(train, inference) images/s of the seed's PyTorch stage-2 model with random weights."""
-  import timm  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
+  _import_torchvision()
+  import timm  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(os.cpu_count() or 1)
