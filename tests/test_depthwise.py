@@ -180,3 +180,54 @@ def test_patch_conv_matches_lax_forward_and_gradients(shape, k, cout):
     _close(a, b)
   with pytest.raises(ValueError, match="patch_conv wants"):
     layers.patch_conv(x, kernel[:, :, :1])
+
+
+@pytest.mark.parametrize("shape,dout", [((3, 5, 4, 7), 9), ((37, 6), 3), ((2, 40, 33), 1)])
+def test_dense_matches_library_values_and_gradients(shape, dout):
+  """layers.dense's CPU VJP (kernel gradient contracting rows, bias gradient by col_sum) against
+  the library dot and nnx.Linear, with and without a bias."""
+  rs = np.random.RandomState(4)
+  x = rs.standard_normal(shape).astype(np.float32)
+  kernel = rs.standard_normal((shape[-1], dout)).astype(np.float32)
+  bias = rs.standard_normal(dout).astype(np.float32)
+  g = rs.standard_normal(shape[:-1] + (dout,)).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def run(method, use_bias, x, kernel, bias, g):
+    f = (lambda x, k, b: layers.dense(x, k, b, method=method)) if use_bias else (
+        lambda x, k, b: layers.dense(x, k, method=method) + 0 * b)
+    y, vjp = jax.vjp(f, x, kernel, bias)
+    return (y, *vjp(g))
+
+  for use_bias in (True, False):
+    got, want = run("shifted", use_bias, x, kernel, bias, g), run("lax", use_bias, x, kernel, bias, g)
+    for a, b in zip(got, want):
+      assert a.shape == b.shape
+      _close(a, b)
+  linear = nnx.Linear(shape[-1], dout, rngs=nnx.Rngs(0))
+  linear.kernel[...], linear.bias[...] = kernel, bias
+  _close(layers.dense(x, kernel, bias, method="shifted"), linear(x))
+  _close(layers.col_sum(x), x.reshape(-1, shape[-1]).sum(0))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 40), (7, 80), (3, 2, 2, 5)])
+def test_normalize_matches_layer_norm_values_and_gradients(shape):
+  """layers.normalize (CPU VJP) against nnx.LayerNorm with unit scale and zero shift, and
+  against its own library path, values and input gradients (rows with a large mean, too)."""
+  rs = np.random.RandomState(5)
+  x = (rs.standard_normal(shape) * 2 + rs.standard_normal(shape[:-1] + (1,)) * 3).astype(np.float32)
+  g = rs.standard_normal(shape).astype(np.float32)
+  ln = nnx.LayerNorm(shape[-1], epsilon=1e-6, rngs=nnx.Rngs(0))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(f, x, g):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(g)[0]
+
+  want = run(ln, x, g)
+  for method in ("shifted", "lax"):
+    got = run(lambda x, m=method: layers.normalize(x, 1e-6, method=m), x, g)
+    for a, b in zip(got, want):
+      _close(a, b, rtol=2e-5)
+  y16 = jax.jit(lambda x: layers.normalize(x, 1e-6, method="shifted"))(x.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16

@@ -107,6 +107,35 @@ def test_drop_path_only_in_train_mode():
     layers.DropPath(1.0)
 
 
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
+def test_convnext_cpu_form_matches_library_form(drop_path_rate):
+  """dw_method "shifted" (the CPU form: LayerNorm affine folded into fc1 and the downsample conv,
+  layer scale into fc2, custom VJPs) against "lax" (the library modules) on the same parameters:
+  pooled features and every parameter's gradient, in train mode (same drop-path draws)."""
+  models = [_encoder(dw_method=m, drop_path_rate=drop_path_rate) for m in ("shifted", "lax")]
+  params = nnx.state(models[0], nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  rs = np.random.RandomState(6)  # away from the init (unit scales, zero shifts, gamma 1e-6)
+  params = jax.tree.unflatten(treedef, [p + 0.3 * rs.standard_normal(p.shape).astype(np.float32)
+                                        for p in leaves])
+  for m in models:
+    nnx.update(m, params)
+  x = _images((3, 32, 32, 3))
+
+  @nnx.jit
+  def run(m, x):
+    def loss(m):
+      return jnp.sum(jnp.sin(m(x)))
+    return m(x), nnx.grad(loss)(m)
+
+  (y, g), (y_ref, g_ref) = run(models[0], x), run(models[1], x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+  flat, flat_ref = jax.tree.leaves(nnx.state(g, nnx.Param)), jax.tree.leaves(nnx.state(g_ref, nnx.Param))
+  assert len(flat) == len(flat_ref)
+  for a, b in zip(flat, flat_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
 def test_bfloat16_compute_close_to_float32():
   f32 = _encoder()
   bf16 = _encoder(dtype=jnp.bfloat16)

@@ -86,6 +86,17 @@ def _patch_conv(conv: nnx.Conv, x: Array, method: str) -> Array:
   return y + conv.bias[...].astype(conv.dtype)
 
 
+def _normed_patch_conv(norm: nnx.LayerNorm, conv: nnx.Conv, x: Array, method: str) -> Array:
+  """`conv(norm(x))` with the norm's scale s and shift t folded into the conv:
+  conv(xhat * s + t, W) + b = conv(xhat, W s) + (b + sum_{i,j,c} t_c W_ijc)."""
+  dt = conv.dtype
+  kernel = conv.kernel[...].astype(dt)
+  scale, shift = norm.scale[...].astype(dt), norm.bias[...].astype(dt)
+  xhat = layers.normalize(x.astype(dt), norm.epsilon, method=method)
+  y = layers.patch_conv(xhat, kernel * scale[:, None], method=method)
+  return y + (conv.bias[...].astype(dt) + jnp.einsum("ijco,c->o", kernel, shift))
+
+
 class ConvNeXtBlock(nnx.Module):
   """x + drop_path(gamma * fc2(gelu(fc1(norm(conv_dw(x))))))."""
 
@@ -93,6 +104,7 @@ class ConvNeXtBlock(nnx.Module):
                dw_method: str = "auto", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
+    self.dw_method = dw_method
     self.conv_dw = layers.DepthwiseConv2d(dim, 7, method=dw_method, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
     self.norm = _layer_norm(dim, dtype, param_dtype, rngs)
@@ -102,12 +114,28 @@ class ConvNeXtBlock(nnx.Module):
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    y = self.conv_dw(x)
-    y = self.norm(y)
-    y = self.mlp_fc1(y)
-    y = layers.gelu(y)  # timm's nn.GELU: the exact erf form
-    y = self.mlp_fc2(y)
-    y = y * self.gamma[...].astype(self.dtype)
+    if layers.resolve_method(self.dw_method) == "lax":  # the library modules, autodiff
+      y = self.conv_dw(x)
+      y = self.norm(y)
+      y = self.mlp_fc1(y)
+      y = layers.gelu(y)  # timm's nn.GELU: the exact erf form
+      y = self.mlp_fc2(y)
+      y = y * self.gamma[...].astype(self.dtype)
+      return x + self.drop_path(y)
+    # CPU form, same parameters and function: LayerNorm without its affine part, which is folded
+    # into fc1 ((xhat * s + t) @ W1 + b1 = xhat @ (s W1) + (t W1 + b1)); the layer scale folded
+    # into fc2 ((a W2 + b2) * gamma = a (W2 gamma) + b2 gamma). The folds act on the small weight
+    # matrices, so the full-size scale multiplies and their column-sum gradients disappear; the
+    # normalisation and both linears take their CPU VJPs (`layers.normalize`, `layers.dense`).
+    dt, m = self.dtype, self.dw_method
+    y = layers.normalize(self.conv_dw(x), LN_EPS, method=m)
+    w1 = self.mlp_fc1.kernel[...].astype(dt)
+    b1 = self.norm.bias[...].astype(dt) @ w1 + self.mlp_fc1.bias[...].astype(dt)
+    y = layers.dense(y, self.norm.scale[...].astype(dt)[:, None] * w1, b1, method=m)
+    y = layers.gelu(y)
+    gamma = self.gamma[...].astype(dt)
+    y = layers.dense(y, self.mlp_fc2.kernel[...].astype(dt) * gamma,
+                     self.mlp_fc2.bias[...].astype(dt) * gamma, method=m)
     return x + self.drop_path(y)
 
 
@@ -130,7 +158,10 @@ class ConvNeXtStage(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     if self.downsample_conv is not None:
-      x = _patch_conv(self.downsample_conv, self.downsample_norm(x), self.dw_method)
+      if layers.resolve_method(self.dw_method) == "lax":
+        x = _patch_conv(self.downsample_conv, self.downsample_norm(x), self.dw_method)
+      else:  # the LayerNorm's affine part folded into the conv, as in the blocks
+        x = _normed_patch_conv(self.downsample_norm, self.downsample_conv, x, self.dw_method)
     for block in self.blocks:
       x = block(x)
     return x
