@@ -40,10 +40,12 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(box="smooth_l1", box_weight=1.0))
   c.eval = ml_collections.ConfigDict(dict(overall="top_n", top_n=7))
 
+  # members: models per fold, each from its own seed (fold_k, fold_k_member_1, ...); their
+  # probabilities are averaged out-of-fold and at inference.
   c.train = ml_collections.ConfigDict(dict(
       epochs=20, max_steps=0, stop_at_step=0, log_every=10, checkpoint_every=0, checkpoint_keep=2,
       keep_best=1, async_checkpoints=True, param_sharding="replicated", progress=True,
-      tensorboard=True))
+      tensorboard=True, members=1))
   return c
 
 

@@ -95,6 +95,7 @@ def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib
   c.train.epochs = m.epochs
   c.train.max_steps = m.get("max_steps", 0)  # > 0: a step budget instead of whole epochs
   c.train.eval_every = m.get("eval_every", 1)  # validate + checkpoint every k epochs and at the end
+  c.train.members = m.get("members", 1)  # models per fold (their probabilities averaged)
   c.train.progress = bool(config.progress)
   c.train.tensorboard = False
   c.train.async_checkpoints = False

@@ -344,3 +344,37 @@ def test_model_initialised_in_one_program_matches_eager_construction(caplog):
     if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_members_per_fold_are_averaged_out_of_fold(tmp_path, monkeypatch):
+  seeds = []
+
+  def build(config, seed):
+    seeds.append(seed)
+    return TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1))
+
+  monkeypatch.setattr(loop, "build_model", build)
+  records = _records(tmp_path)
+  cfg = tiny_config(max_steps=3)
+  cfg.records_dir = str(records)
+  cfg.fold = 1
+  cfg.train.members = 2
+  cfg.eval.top_n = 2
+  out = loop.train_and_evaluate(cfg, tmp_path / "run")
+  assert [r["member"] for r in out["folds"]] == [0, 1]
+  assert seeds == [1, 1 + loop.MEMBER_SEED_STRIDE]  # member 0 keeps the single model's seed
+  first, second = (pd.read_csv(tmp_path / "run" / d / "oof_predictions.csv",
+                               dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
+                   for d in ("fold_1", "fold_1_member_1"))
+  merged = pd.read_csv(out["oof_predictions"], dtype={"StudyInstanceUID": str}
+                       ).set_index("StudyInstanceUID").loc[first.index]
+  vert = [f"C{i}" for i in range(1, 8)]
+  assert not np.allclose(first[vert], second.loc[first.index, vert])  # two different models
+  mean = (first[vert] + second.loc[first.index, vert]) / 2
+  np.testing.assert_allclose(merged[vert], mean, rtol=1e-9)
+  top2 = np.sort(mean.to_numpy(), axis=1)[:, -2:]
+  np.testing.assert_allclose(merged["patient_overall"], 1 - np.prod(1 - top2, axis=1), rtol=1e-9)
+  assert set(merged["fold"]) == {1}
+  # predict.fold_dirs finds both members: the inference ensemble averages them.
+  from cspine_jax.infer import predict
+  assert [d.name for d in predict.fold_dirs(tmp_path / "run")] == ["fold_1", "fold_1_member_1"]

@@ -27,6 +27,7 @@ from flax import nnx
 
 from cspine_jax import input as input_lib
 from cspine_jax import metrics as metrics_lib
+from cspine_jax.infer import aggregate
 from cspine_jax.train import checkpoints as ckpt_lib
 from cspine_jax.train import logging as log_lib
 from cspine_jax.train import sharding as sharding_lib
@@ -282,23 +283,36 @@ def _progress(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+# Member m of a fold draws from seed config.seed + fold + MEMBER_SEED_STRIDE * m (member 0: the
+# seed a single model per fold always had).
+MEMBER_SEED_STRIDE = 1000
+
+
+def member_dir(workdir: pathlib.Path, fold: int, member: int) -> pathlib.Path:
+  """Run folder of one model of fold k: fold_k for the first, fold_k_member_m for the others
+  (``predict.fold_dirs`` finds them all; the ensemble averages them)."""
+  return workdir / (f"fold_{fold}" if member == 0 else f"fold_{fold}_member_{member}")
+
+
 def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records_dir: pathlib.Path,
-               fold: int) -> dict[str, Any]:
-  """Trains (or resumes) one fold in ``workdir``; returns its summary (also in summary.json)."""
+               fold: int, member: int = 0) -> dict[str, Any]:
+  """Trains (or resumes) one fold in ``workdir``; returns its summary (also in summary.json).
+  ``member`` m > 0 is another model of the same fold, from its own seed (``train.members``)."""
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding_lib.make_mesh()
   data = make_data(config, records_dir, fold, mesh)
   tc = config.train
   total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * data.steps_per_epoch
-  trainer = make_trainer(config, total_steps, mesh, config.seed + fold)
+  seed = config.seed + fold + MEMBER_SEED_STRIDE * member
+  trainer = make_trainer(config, total_steps, mesh, seed)
   loader = input_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
-                                 seed=config.seed + fold, workers=config.input.workers)
+                                 seed=seed, workers=config.input.workers)
   it = iter(loader)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.checkpoint_keep,
                                keep_best=tc.keep_best, async_save=tc.async_checkpoints)
   writer = log_lib.MetricWriter(workdir, tensorboard=tc.tensorboard)
-  meta = {"task": config.task, "fold": fold, "model": config.model.to_dict(), "best_score": None,
-          "best_step": None}
+  meta = {"task": config.task, "fold": fold, "member": member, "model": config.model.to_dict(),
+          "best_score": None, "best_step": None}
   step = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -375,7 +389,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
       bar.close()
   ckpt.close()
   writer.close()
-  summary = {"fold": fold, "step": step, "total_steps": total_steps,
+  summary = {"fold": fold, "member": member, "step": step, "total_steps": total_steps,
              "steps_per_epoch": data.steps_per_epoch, "best_score": meta["best_score"],
              "best_step": meta["best_step"], "finished": step >= total_steps}
   if jax.process_index() == 0:
@@ -390,6 +404,24 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   return summary
 
 
+def average_members(frames: list[pd.DataFrame], config: ml_collections.ConfigDict
+                    ) -> pd.DataFrame:
+  """One fold's out-of-fold predictions from its members' (rows matched by study): the mean
+  probability of each vertebra; patient_overall as the task makes it from the mean vertebrae
+  (stage 2: 1 - prod over the top-N, as ``predict`` does with the ensemble), else the mean."""
+  if len(frames) == 1:
+    return frames[0]
+  cols = list(metrics_lib.TARGETS)
+  index = [f.set_index("StudyInstanceUID").sort_index() for f in frames]
+  if any(not f.index.equals(index[0].index) for f in index):
+    raise ValueError("the members of a fold predicted different studies")
+  out = index[0].copy()
+  out[cols] = np.mean([f[cols].to_numpy(np.float64) for f in index], axis=0)
+  if config.task == "stage2":
+    out["patient_overall"] = aggregate.top_n_overall(out[cols[1:]].to_numpy(), config.eval.top_n)
+  return out.reset_index()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                        ) -> dict[str, Any]:
   """Trains the configured task; ``config.fold = -1`` runs every fold and merges their OOF CSVs."""
@@ -397,14 +429,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   records_dir = resolve_records(config, workdir)
-  if config.fold >= 0:
+  members = int(config.train.get("members", 1))
+  if members < 1:
+    raise ValueError(f"train.members must be >= 1; got {members}")
+  if config.fold >= 0 and members == 1:
     return train_fold(config, workdir, records_dir, config.fold)
   num_folds = input_lib.record_index(records_dir, config.task).num_folds
-  results = [train_fold(config, workdir / f"fold_{k}", records_dir, k) for k in range(num_folds)]
+  folds = [config.fold] if config.fold >= 0 else list(range(num_folds))
+  results = [train_fold(config, member_dir(workdir, k, m), records_dir, k, member=m)
+             for k in folds for m in range(members)]
   out: dict[str, Any] = {"folds": results}
-  parts = [workdir / f"fold_{k}" / "oof_predictions.csv" for k in range(num_folds)]
-  if jax.process_index() == 0 and all(p.exists() for p in parts):
-    oof = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in parts],
+  parts = {k: [member_dir(workdir, k, m) / "oof_predictions.csv" for m in range(members)]
+           for k in folds}
+  if jax.process_index() == 0 and all(p.exists() for ps in parts.values() for p in ps):
+    oof = pd.concat([average_members([pd.read_csv(p, dtype={"StudyInstanceUID": str})
+                                      for p in ps], config) for ps in parts.values()],
                     ignore_index=True)
     oof.to_csv(workdir / "oof_predictions.csv", index=False)
     out["oof_predictions"] = str(workdir / "oof_predictions.csv")
