@@ -44,14 +44,16 @@ def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
   g = rs.standard_normal((n, (h + 2 * pad - ksize) // stride + 1,
                           (w + 2 * pad - ksize) // stride + 1, c)).astype(np.float32)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def run(method, x, k, g):
-    def f(x, k):
-      return layers.depthwise_conv2d(x, k, stride=stride, padding=pad, method=method)
-    y = f(x, k)
-    return (y, *jax.grad(lambda x, k: jnp.sum(f(x, k) * g), argnums=(0, 1))(x, k))
+  b = rs.standard_normal(c).astype(np.float32)
 
-  shifted, ref = run("shifted", x, k, g), run("lax", x, k, g)
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(method, x, k, b, g):
+    def f(x, k, b):
+      return layers.depthwise_conv2d(x, k, b, stride=stride, padding=pad, method=method)
+    y = f(x, k, b)
+    return (y, *jax.grad(lambda x, k, b: jnp.sum(f(x, k, b) * g), argnums=(0, 1, 2))(x, k, b))
+
+  shifted, ref = run("shifted", x, k, b, g), run("lax", x, k, b, g)
   assert shifted[0].shape == ref[0].shape
   for a, b in zip(shifted, ref):
     _close(a, b)

@@ -107,12 +107,16 @@ def test_drop_path_only_in_train_mode():
     layers.DropPath(1.0)
 
 
-@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
-def test_convnext_cpu_form_matches_library_form(drop_path_rate):
-  """dw_method "shifted" (the CPU form: LayerNorm affine folded into fc1 and the downsample conv,
-  layer scale into fc2, custom VJPs) against "lax" (the library modules) on the same parameters:
-  pooled features and every parameter's gradient, in train mode (same drop-path draws)."""
+@pytest.mark.parametrize("drop_path_rate,train", [(0.0, True), (0.3, True), (0.3, False)])
+def test_convnext_cpu_form_matches_library_form(drop_path_rate, train):
+  """dw_method "shifted" (the CPU form: conv bias inside the tap sum; in training LayerNorm affine
+  folded into fc1 and the downsample conv, layer scale into fc2; custom VJPs) against "lax" (the
+  library modules) on the same parameters: pooled features and every parameter's gradient, in
+  train mode (same drop-path draws) and in eval mode (no folds)."""
   models = [_encoder(dw_method=m, drop_path_rate=drop_path_rate) for m in ("shifted", "lax")]
+  for m in models:
+    if not train:
+      m.eval()
   params = nnx.state(models[0], nnx.Param)
   leaves, treedef = jax.tree.flatten(params)
   rs = np.random.RandomState(6)  # away from the init (unit scales, zero shifts, gamma 1e-6)

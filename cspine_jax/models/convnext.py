@@ -86,15 +86,20 @@ def _patch_conv(conv: nnx.Conv, x: Array, method: str) -> Array:
   return y + conv.bias[...].astype(conv.dtype)
 
 
-def _normed_patch_conv(norm: nnx.LayerNorm, conv: nnx.Conv, x: Array, method: str) -> Array:
-  """`conv(norm(x))` with the norm's scale s and shift t folded into the conv:
-  conv(xhat * s + t, W) + b = conv(xhat, W s) + (b + sum_{i,j,c} t_c W_ijc)."""
+def _normed_patch_conv(norm: nnx.LayerNorm, conv: nnx.Conv, x: Array, method: str,
+                       fold: bool) -> Array:
+  """`conv(norm(x))`. With `fold` (training), where the activation is larger than the kernel,
+  the norm's scale s and shift t are folded into the conv (as in the blocks, see
+  `ConvNeXtBlock`): conv(xhat s + t, W) + b = conv(xhat, W s) + (b + sum_{i,j,c} t_c W_ijc)."""
   dt = conv.dtype
   kernel = conv.kernel[...].astype(dt)
   scale, shift = norm.scale[...].astype(dt), norm.bias[...].astype(dt)
   xhat = layers.normalize(x.astype(dt), norm.epsilon, method=method)
+  bias = conv.bias[...].astype(dt)
+  if not fold or x.size <= kernel.size:
+    return layers.patch_conv(xhat * scale + shift, kernel, method=method) + bias
   y = layers.patch_conv(xhat, kernel * scale[:, None], method=method)
-  return y + (conv.bias[...].astype(dt) + jnp.einsum("ijco,c->o", kernel, shift))
+  return y + (bias + jnp.einsum("ijco,c->o", kernel, shift))
 
 
 class ConvNeXtBlock(nnx.Module):
@@ -122,20 +127,27 @@ class ConvNeXtBlock(nnx.Module):
       y = self.mlp_fc2(y)
       y = y * self.gamma[...].astype(self.dtype)
       return x + self.drop_path(y)
-    # CPU form, same parameters and function: LayerNorm without its affine part, which is folded
-    # into fc1 ((xhat * s + t) @ W1 + b1 = xhat @ (s W1) + (t W1 + b1)); the layer scale folded
-    # into fc2 ((a W2 + b2) * gamma = a (W2 gamma) + b2 gamma). The folds act on the small weight
-    # matrices, so the full-size scale multiplies and their column-sum gradients disappear; the
-    # normalisation and both linears take their CPU VJPs (`layers.normalize`, `layers.dense`).
+    # CPU form, same parameters and function. In training, on maps with more rows than fc1 has
+    # outputs, the LayerNorm's affine part is folded into fc1 ((xhat s + t) W1 + b1 = xhat (s W1)
+    # + (t W1 + b1)) and the layer scale into fc2 ((a W2 + b2) gamma = a (W2 gamma) + b2 gamma):
+    # the folds act on the weight matrices, so the full-size scale multiplies and their
+    # column-sum gradients disappear. Elsewhere (eval mode: no backward to save; ConvNeXt's last
+    # stage: weights larger than the activations) they are applied as usual, fused into the
+    # elementwise work around them. The normalisation and both linears take their CPU VJPs
+    # (`layers.normalize`, `layers.dense`).
     dt, m = self.dtype, self.dw_method
     y = layers.normalize(self.conv_dw(x), LN_EPS, method=m)
-    w1 = self.mlp_fc1.kernel[...].astype(dt)
-    b1 = self.norm.bias[...].astype(dt) @ w1 + self.mlp_fc1.bias[...].astype(dt)
-    y = layers.dense(y, self.norm.scale[...].astype(dt)[:, None] * w1, b1, method=m)
-    y = layers.gelu(y)
+    w1, b1 = self.mlp_fc1.kernel[...].astype(dt), self.mlp_fc1.bias[...].astype(dt)
+    w2, b2 = self.mlp_fc2.kernel[...].astype(dt), self.mlp_fc2.bias[...].astype(dt)
+    scale, shift = self.norm.scale[...].astype(dt), self.norm.bias[...].astype(dt)
     gamma = self.gamma[...].astype(dt)
-    y = layers.dense(y, self.mlp_fc2.kernel[...].astype(dt) * gamma,
-                     self.mlp_fc2.bias[...].astype(dt) * gamma, method=m)
+    rows = y.size // y.shape[-1]
+    if self.drop_path.deterministic or rows <= w1.shape[1]:
+      y = layers.dense(y * scale + shift, w1, b1, method=m)
+      y = layers.dense(layers.gelu(y), w2, b2, method=m) * gamma
+    else:
+      y = layers.dense(y, scale[:, None] * w1, shift @ w1 + b1, method=m)
+      y = layers.dense(layers.gelu(y), w2 * gamma, b2 * gamma, method=m)
     return x + self.drop_path(y)
 
 
@@ -160,8 +172,9 @@ class ConvNeXtStage(nnx.Module):
     if self.downsample_conv is not None:
       if layers.resolve_method(self.dw_method) == "lax":
         x = _patch_conv(self.downsample_conv, self.downsample_norm(x), self.dw_method)
-      else:  # the LayerNorm's affine part folded into the conv, as in the blocks
-        x = _normed_patch_conv(self.downsample_norm, self.downsample_conv, x, self.dw_method)
+      else:  # CPU form: the LayerNorm's affine part folded into the conv when training
+        x = _normed_patch_conv(self.downsample_norm, self.downsample_conv, x, self.dw_method,
+                               fold=not self.blocks[0].drop_path.deterministic)
     for block in self.blocks:
       x = block(x)
     return x

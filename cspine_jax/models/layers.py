@@ -43,12 +43,16 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def depthwise_conv2d(x: Array, kernel: Array, *, stride: int | tuple[int, int] = 1,
-                     padding: int | tuple[int, int] = 0, method: str = "auto") -> Array:
-  """Depthwise 2D convolution of NHWC `x` with an HWIO kernel (kh, kw, 1, C), no bias.
+def depthwise_conv2d(x: Array, kernel: Array, bias: Array | None = None, *,
+                     stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                     method: str = "auto") -> Array:
+  """Depthwise 2D convolution of NHWC `x` with an HWIO kernel (kh, kw, 1, C), plus `bias` (C,).
 
   `padding` is symmetric zero padding per spatial side. Both formulations compute the same
-  cross-correlation as `lax.conv_general_dilated(..., feature_group_count=C)`.
+  cross-correlation as `lax.conv_general_dilated(..., feature_group_count=C)`. "shifted" adds
+  the bias inside its tap sum (the stored result is then the biased one: a LayerNorm after it
+  reads it directly instead of a second full-size array of conv + bias) and returns its
+  gradient as a ones-vector dot (`col_sum`).
   """
   if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[3]:
     raise ValueError(f"depthwise_conv2d wants x (N,H,W,C) and kernel (kh,kw,1,C); got x "
@@ -56,10 +60,12 @@ def depthwise_conv2d(x: Array, kernel: Array, *, stride: int | tuple[int, int] =
   sh, sw = _pair(stride)
   ph, pw = _pair(padding)
   if resolve_method(method) == "lax":
-    return lax.conv_general_dilated(
+    y = lax.conv_general_dilated(
         x, kernel, window_strides=(sh, sw), padding=((ph, ph), (pw, pw)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[3])
-  return _shifted(x, kernel, (sh, sw), (ph, pw))
+    return y if bias is None else y + bias
+  bias = jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+  return _shifted(x, kernel, bias, (sh, sw), (ph, pw))
 
 
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -76,7 +82,8 @@ def _useful_taps(lo: int, hi: int, out_size: int, k: int, stride: int) -> list[i
 
 
 def _shifted_valid(xp: Array, kernel: Array, stride: tuple[int, int], out_hw: tuple[int, int],
-                   real: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+                   real: tuple[tuple[int, int], tuple[int, int]],
+                   bias: Array | None = None) -> Array:
   """Sum of kh*kw strided slices of the already padded `xp` times per-channel weights.
 
   `real` gives the [lo, hi) range of non-padding rows and columns of `xp` (for tap skipping).
@@ -88,6 +95,8 @@ def _shifted_valid(xp: Array, kernel: Array, stride: tuple[int, int], out_hw: tu
   acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
   k = kernel[:, :, 0, :].astype(acc_dtype)
   out = jnp.zeros((n, ho, wo, c), acc_dtype)
+  if bias is not None:
+    out = out + bias.astype(acc_dtype)
   for i in _useful_taps(*real[0], ho, kh, sh):
     for j in _useful_taps(*real[1], wo, kw, sw):
       tap = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
@@ -112,8 +121,8 @@ def _materialised(y: Array) -> Array:
   return y / (y * 0 + 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _shifted(x: Array, kernel: Array, stride: tuple[int, int],
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _shifted(x: Array, kernel: Array, bias: Array, stride: tuple[int, int],
              padding: tuple[int, int]) -> Array:
   """Shifted-slices depthwise conv with a hand-written VJP (see `_shifted_bwd`)."""
   _, h, w, _ = x.shape
@@ -123,9 +132,9 @@ def _shifted(x: Array, kernel: Array, stride: tuple[int, int],
   if ho <= 0 or wo <= 0:
     raise ValueError(f"depthwise kernel {kh}x{kw} larger than padded input {x.shape}")
   if _dense_wins(h, w, ho, wo, kh, kw, stride, padding):
-    return _dense(x, _position_matrix(kernel, h, w, ho, wo, stride, padding), (ho, wo))
+    return _dense(x, _position_matrix(kernel, h, w, ho, wo, stride, padding), (ho, wo), bias)
   xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  return _shifted_valid(xp, kernel, stride, (ho, wo), ((ph, ph + h), (pw, pw + w)))
+  return _shifted_valid(xp, kernel, stride, (ho, wo), ((ph, ph + h), (pw, pw + w)), bias)
 
 
 def _dense_wins(h: int, w: int, ho: int, wo: int, kh: int, kw: int, stride: tuple[int, int],
@@ -153,7 +162,7 @@ def _position_matrix(kernel: Array, h: int, w: int, ho: int, wo: int, stride: tu
   return t.reshape(h * w, ho * wo, -1)
 
 
-def _dense(x: Array, t: Array, out_hw: tuple[int, int]) -> Array:
+def _dense(x: Array, t: Array, out_hw: tuple[int, int], bias: Array | None = None) -> Array:
   """out[n, o, c] = sum_a x[n, a, c] t[a, o, c] over the h*w input positions a, as one fused
   loop of broadcast multiplies (channels minor), for small maps: no padded copy of `x` (a 2x2
   map padded by 3 is 16x larger) and only h*w terms per output. ~4x faster than the tap sum on
@@ -162,13 +171,15 @@ def _dense(x: Array, t: Array, out_hw: tuple[int, int]) -> Array:
   acc = jnp.promote_types(x.dtype, jnp.float32)
   xf = x.reshape(n, h * w, c)
   out = jnp.zeros((n, t.shape[1], c), acc)
+  if bias is not None:
+    out = out + bias.astype(acc)
   for a in range(h * w):
     out = out + xf[:, a:a + 1, :].astype(acc) * t[a]
   return _materialised(out.astype(x.dtype)).reshape(n, *out_hw, c)
 
 
-def _shifted_fwd(x, kernel, stride, padding):
-  return _shifted(x, kernel, stride, padding), (x, kernel)
+def _shifted_fwd(x, kernel, bias, stride, padding):
+  return _shifted(x, kernel, bias, stride, padding), (x, kernel)
 
 
 def _shifted_bwd(stride, padding, res, g):
@@ -181,11 +192,12 @@ def _shifted_bwd(stride, padding, res, g):
   (sh, sw), (ph, pw) = stride, padding
   _, ho, wo, _ = g.shape
   dk = _kernel_grad(x, g, kh, kw, stride, padding).astype(kernel.dtype)
+  db = col_sum(g).astype(kernel.dtype)
   if _dense_wins(h, w, ho, wo, kh, kw, stride, padding):
     # The forward's position matrix, transposed, maps output positions back to input positions
     # (ho*wo <= h*w terms per input position).
     t = _position_matrix(kernel, h, w, ho, wo, stride, padding)
-    return _dense(g, jnp.transpose(t, (1, 0, 2)), (h, w)), dk
+    return _dense(g, jnp.transpose(t, (1, 0, 2)), (h, w)), dk, db
   # Dilated g has (ho-1)*s+1 rows; pad so a valid kh-tap correlation gives h rows (lax.pad
   # accepts the negative high padding of inputs whose last rows no window reached).
   lo_h, lo_w = kh - 1 - ph, kw - 1 - pw
@@ -194,7 +206,7 @@ def _shifted_bwd(stride, padding, res, g):
   gp = lax.pad(g, jnp.zeros((), g.dtype),
                ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0)))
   real = ((max(lo_h, 0), lo_h + (ho - 1) * sh + 1), (max(lo_w, 0), lo_w + (wo - 1) * sw + 1))
-  return _shifted_valid(gp, kernel[::-1, ::-1], (1, 1), (h, w), real), dk
+  return _shifted_valid(gp, kernel[::-1, ::-1], (1, 1), (h, w), real), dk, db
 
 
 _shifted.defvjp(_shifted_fwd, _shifted_bwd)
@@ -340,11 +352,9 @@ class DepthwiseConv2d(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((channels,), param_dtype)) if use_bias else nnx.data(None)
 
   def __call__(self, x: Array) -> Array:
-    y = depthwise_conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                         stride=self.stride, padding=self.padding, method=self.method)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+    return depthwise_conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), bias,
+                            stride=self.stride, padding=self.padding, method=self.method)
 
 
 _SQRT_HALF = 0.7071067811865476
@@ -390,7 +400,8 @@ def col_sum(v: Array) -> Array:
   into one. The dot reads `v` once, vectorised over the features.
   """
   v = v.reshape(-1, v.shape[-1])
-  return lax.dot_general(jnp.ones((v.shape[0],), v.dtype), v, (((0,), (0,)), ((), ())))
+  return lax.dot_general(jnp.ones((v.shape[0],), v.dtype), v, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
 
 
 def dense(x: Array, kernel: Array, bias: Array | None = None, *, method: str = "auto") -> Array:
