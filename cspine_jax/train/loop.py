@@ -27,7 +27,6 @@ from flax import nnx
 
 from cspine_jax import input as input_lib
 from cspine_jax import metrics as metrics_lib
-from cspine_jax.infer import aggregate
 from cspine_jax.train import checkpoints as ckpt_lib
 from cspine_jax.train import logging as log_lib
 from cspine_jax.train import sharding as sharding_lib
@@ -407,8 +406,9 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
 def average_members(frames: list[pd.DataFrame], config: ml_collections.ConfigDict
                     ) -> pd.DataFrame:
   """One fold's out-of-fold predictions from its members' (rows matched by study): the mean
-  probability of each vertebra; patient_overall as the task makes it from the mean vertebrae
-  (stage 2: 1 - prod over the top-N, as ``predict`` does with the ensemble), else the mean."""
+  probability of each target; patient_overall then as the task derives it from the mean
+  vertebrae (``tasks.patient_overall``; stage 2 as ``predict`` does with its ensemble), or the
+  mean where the model predicts it itself."""
   if len(frames) == 1:
     return frames[0]
   cols = list(metrics_lib.TARGETS)
@@ -417,8 +417,10 @@ def average_members(frames: list[pd.DataFrame], config: ml_collections.ConfigDic
     raise ValueError("the members of a fold predicted different studies")
   out = index[0].copy()
   out[cols] = np.mean([f[cols].to_numpy(np.float64) for f in index], axis=0)
-  if config.task == "stage2":
-    out["patient_overall"] = aggregate.top_n_overall(out[cols[1:]].to_numpy(), config.eval.top_n)
+  derived = tasks_lib.patient_overall(config.task, out[cols[1:]].to_numpy(),
+                                      overall=config.eval.overall, top_n=config.eval.top_n)
+  if derived is not None:
+    out["patient_overall"] = derived
   return out.reset_index()
 
 

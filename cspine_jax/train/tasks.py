@@ -221,6 +221,19 @@ def _wide_labels(uids, y8: np.ndarray) -> pd.DataFrame:
   return df
 
 
+def patient_overall(task: str, vertebra_probs: np.ndarray, *, overall: str = "top_n",
+                    top_n: int = aggregate.DEFAULT_TOP_N) -> np.ndarray | None:
+  """patient_overall as ``task`` derives it from (S, 7) vertebra probabilities: stage 2 by
+  1 - prod over the top-N; the slice models by ``overall`` ("max" or "top_n"); None for the 3D
+  CNN, which predicts it itself."""
+  if task == "stage2":
+    return aggregate.top_n_overall(vertebra_probs, top_n)
+  if task == "slices2d":
+    return (aggregate.max_overall(vertebra_probs) if overall == "max" else
+            aggregate.top_n_overall(vertebra_probs, top_n))
+  return None
+
+
 def study_frames(task: str, collected: Mapping[str, np.ndarray], study_uid: np.ndarray,
                  overall: str = "top_n", top_n: int = aggregate.DEFAULT_TOP_N
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -248,7 +261,7 @@ def study_frames(task: str, collected: Mapping[str, np.ndarray], study_uid: np.n
     if np.isnan(p).any():  # A vertebra without a record: its column's mean stands in.
       p = np.where(np.isnan(p), np.nanmean(p, axis=0, keepdims=True), p)
       p = np.nan_to_num(p, nan=0.5)
-    pred = aggregate.wide_frame(order, p, top_n=top_n)
+    pred = aggregate.wide_frame(order, p, patient_overall(task, p, top_n=top_n))
   elif task == "slices2d":
     p = np.zeros((len(order), NV))
     y = np.zeros((len(order), NV))
@@ -256,8 +269,7 @@ def study_frames(task: str, collected: Mapping[str, np.ndarray], study_uid: np.n
       sel = rows == i
       p[i] = aggregate.pool_slices(collected["fracture_prob"][sel], collected["presence_prob"][sel])
       y[i] = np.max(collected["fracture"][sel], axis=0)
-    over = aggregate.max_overall(p) if overall == "max" else aggregate.top_n_overall(p, top_n)
-    pred = aggregate.wide_frame(order, p, over)
+    pred = aggregate.wide_frame(order, p, patient_overall(task, p, overall=overall, top_n=top_n))
   else:
     raise ValueError(f"task {task!r} has no per-study predictions")
   y8 = np.concatenate([y.max(axis=1, keepdims=True), y], axis=1)
