@@ -20,13 +20,20 @@ python3 -c "import jax, flax, optax, orbax.checkpoint, grain, pydicom; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" \
   || exit 1
 
-# 1. shifted vs lax depthwise conv (and the atto stage-2 model) at 224 px: which path is faster here.
-timeout "${DEPTHWISE_S:-120}" python3 benchmarks/depthwise_conv.py --size 224 --batch 16 \
-  --repeats 3 2>&1 | tee "$out/depthwise.log"
-# 2. train / eval step of every model at paper size in bf16, images/s and MFU.
-timeout "${TRAIN_S:-300}" python3 benchmarks/train_step.py --paper_only --dtype bfloat16 \
-  --configs "${CONFIGS:-stage2,stage1,single_head,cnn3d,multi_head}" --steps 10 --input_batches 5 \
-  2>&1 | tee "$out/train_step.log"
-# 3. two-stage inference from full-size (512 px) DICOM studies, 5-fold ensembles, bf16.
-timeout "${INFER_S:-150}" python3 benchmarks/inference.py --paper --dtype bfloat16 --size full \
-  --num_studies "${STUDIES:-4}" --folds 5 --batch_size 64 2>&1 | tee "$out/inference.log"
+# 1. two-stage inference from full-size (512 px) DICOM studies, 5-fold ensembles, bf16, with one
+#    reader thread and with decoder processes (the reader was the bottleneck with one thread).
+timeout "${INFER_S:-240}" python3 benchmarks/inference.py --paper --dtype bfloat16 --size full \
+  --num_studies "${STUDIES:-24}" --folds 5 --batch_size 64 --decode_workers "${DECODERS:-8,14}" \
+  2>&1 | tee "$out/inference.log"
+# 2. train / eval step of every model at paper size in bf16, images/s and MFU, grain with the
+#    host's cores; the larger batches show how far the chip is from saturation at the paper's.
+for spec in ${TRAIN_RUNS:-stage2:8 stage2:32 stage1:32 stage1:128 multi_head:32}; do
+  timeout "${TRAIN_S:-150}" python3 benchmarks/train_step.py --paper_only --dtype bfloat16 \
+    --configs "${spec%%:*}" --batch_size "${spec##*:}" --workers "${WORKERS:-14}" --steps 10 \
+    --input_batches 10 2>&1 | tee -a "$out/train_step.log"
+done
+# 3. shifted vs lax depthwise conv (and the atto stage-2 model) at 224 px: which path is faster.
+if [ -n "${DEPTHWISE:-}" ]; then
+  timeout 120 python3 benchmarks/depthwise_conv.py --size 224 --batch 16 --repeats 3 2>&1 \
+    | tee "$out/depthwise.log"
+fi

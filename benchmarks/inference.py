@@ -6,13 +6,16 @@
 Without --workdir the two stages are the ``configs/stage1.py:cpu`` and ``configs/stage2.py:cpu``
 models (and the ``configs/box_refine.py:cpu`` refiner unless --no_refine), freshly initialised (the timings do not depend on the weights), ``--folds`` copies each as
 the fold ensemble. Without --studies a few synthetic studies are generated into a temporary folder.
-The baseline measured in the same run is the decode-only floor (``io.dicom.read_series`` of every
-study, nothing else); the ratio says how much the models and crops add on top of reading the files.
+The baselines measured in the same run: the decode-only floor (every study read with the same
+readers, nothing else; ``--decode_workers 0,8`` measures each reader count in turn) and the
+host-side stage-1 image building alone; the ratio says how much the models and crops add on top
+of reading the files.
 For reference the seed method needed 6.5 s per study on a GPU (full-size models, 224 px).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -25,7 +28,7 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 
 from cspine_jax.infer import predict  # noqa: E402
-from cspine_jax.io import dicom  # noqa: E402
+from cspine_jax.infer import reader  # noqa: E402
 from cspine_jax.records import study as study_lib  # noqa: E402
 
 
@@ -68,8 +71,9 @@ def main(argv=None) -> int:
   p.add_argument("--size", default="small", help="synthetic study size: tiny, small or full (512 px)")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--no_refine", action="store_true", help="fresh models without the box refiner")
-  p.add_argument("--decode_workers", type=int, default=0,
-                 help="decoder processes (0: one reader thread, the floor's own speed)")
+  p.add_argument("--decode_workers", default="0",
+                 help="decoder processes, or a comma list of counts measured in turn (0: one "
+                      "reader thread)")
   args = p.parse_args(argv)
 
   tmp = None
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
   else:
     from cspine_jax import synthetic
     tmp = tempfile.TemporaryDirectory(prefix="bench_infer_")
-    synthetic.generate(pathlib.Path(tmp.name) / "rsna", args.num_studies, 0, size=args.size)
+    synthetic.generate(pathlib.Path(tmp.name) / "rsna", args.num_studies, 0, size=args.size,
+                       num_test=0, workers=max(1, min(os.cpu_count() or 1, args.num_studies)))
     studies = pathlib.Path(tmp.name) / "rsna" / "train_images"
   folders = predict.find_studies(studies)
   image_size = args.image_size or (224 if args.paper else 64)
@@ -90,28 +95,40 @@ def main(argv=None) -> int:
   # Warm-up on one study: compilation is paid once per process, not per study.
   predict.run(folders[:1], models, prior, batch_size=args.batch_size)
 
-  t0 = time.perf_counter()
-  for f in folders:
-    dicom.read_series(f, warn=False)
-  floor = (time.perf_counter() - t0) / len(folders)
-
-  t0 = time.perf_counter()
-  result = predict.run(folders, models, prior, batch_size=args.batch_size,
-                       decode_workers=args.decode_workers)
-  total = (time.perf_counter() - t0) / len(folders)
-  per = {k: v / len(folders) for k, v in result.seconds.items()}
-  slices = sum(r.shape[0] for r in result.results if r.shape) / len(folders)
   what = (f"trained run {args.workdir}" if args.workdir
           else f"fresh {variant or 'paper'} x{args.folds} folds")
-  print(f"studies: {len(folders)} (mean {slices:.0f} slices), models: {what}, "
-        f"{jax.devices()[0].device_kind}")
-  print("seconds per study by stage: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
-  located = sum(p.present for r in result.results if r.vertebrae for p in r.vertebrae)
-  print(f"vertebrae located by stage 1 (and cropped): {located} of {7 * len(folders)}")
-  print(f"decode-only floor (baseline, same run): {floor:.3f} s/study")
-  print(f"end to end: {total:.3f} s/study; ratio to the decode floor: {total / floor:.2f}x "
-        f"(decode overlaps the models: {args.decode_workers or 'one'} decoder "
-        f"{'processes' if args.decode_workers else 'thread'})")
+  print(f"studies: {len(folders)}, models: {what}, {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPU cores")
+  for workers in [int(w) for w in str(args.decode_workers).split(",")]:
+    how = f"{workers} decoder processes" if workers else "one decoder thread"
+    # Baselines in the same run: decoding alone with the same readers, and the host-side stage-1
+    # image building (windowing, resizing, 2.5D stacking) alone.
+    t0 = time.perf_counter()
+    series = [s for _, s, _, _ in reader.read_studies(folders, workers=workers)]
+    floor = (time.perf_counter() - t0) / len(folders)
+    t0 = time.perf_counter()
+    for s in series:
+      if s is not None:
+        study_lib.slice_images(study_lib.Loaded(study=None, series=s, mask=None),
+                               models.stage1_options)
+    images_s = (time.perf_counter() - t0) / len(folders)
+    del series
+
+    t0 = time.perf_counter()
+    result = predict.run(folders, models, prior, batch_size=args.batch_size,
+                         decode_workers=workers)
+    total = (time.perf_counter() - t0) / len(folders)
+    per = {k: v / len(folders) for k, v in result.seconds.items()}
+    slices = sum(r.shape[0] for r in result.results if r.shape) / len(folders)
+    located = sum(p.present for r in result.results if r.vertebrae for p in r.vertebrae)
+    print(f"--- {how}: mean {slices:.0f} slices per study")
+    print("seconds per study by stage (decode: summed over the decoders): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+    print(f"vertebrae located by stage 1 (and cropped): {located} of {7 * len(folders)}")
+    print(f"decode-only floor (baseline, same readers, same run): {floor:.3f} s/study; "
+          f"stage-1 image building alone (host): {images_s:.3f} s/study")
+    print(f"end to end: {total:.3f} s/study; ratio to the decode floor: {total / floor:.2f}x "
+          f"({how})")
   if tmp is not None:
     tmp.cleanup()
   return 0

@@ -118,12 +118,14 @@ def step_flops(jitted, *args) -> float | None:
 
 
 def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | None = None,
-          batch_size: int | None = None) -> dict:
+          batch_size: int | None = None, workers: int | None = None) -> dict:
   config = importlib.import_module(f"configs.{name}").get_config(variant)
   if dtype:
     config.model.dtype = dtype
   if batch_size:
     config.input.batch_size = batch_size
+  if workers is not None:
+    config.input.workers = workers
   task = config.task
   mesh = sharding.make_mesh()
   trainer = loop.make_trainer(config, 1000, mesh, seed=0)
@@ -178,6 +180,8 @@ def main() -> None:
   ap.add_argument("--paper_only", action="store_true", help="only the paper-size configs (GPU)")
   ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
   ap.add_argument("--batch_size", type=int, default=None, help="batch size override")
+  ap.add_argument("--workers", type=int, default=None,
+                  help="grain worker processes override (the configs have 2; a GPU host has more)")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--input_batches", type=int, default=20)
   args = ap.parse_args()
@@ -192,7 +196,7 @@ def main() -> None:
       steps = args.steps if variant or not on_cpu else 2
       try:
         row = bench(name, variant, steps, args.input_batches if variant or not on_cpu else 3,
-                    args.dtype, args.batch_size)
+                    args.dtype, args.batch_size, args.workers)
       except (ImportError, AttributeError, ValueError, KeyError) as e:
         print(f"{name}:{variant}: skipped ({type(e).__name__}: {e})")
         continue
