@@ -63,3 +63,31 @@ def test_default_decode_workers_leave_small_machines_one_thread(monkeypatch):
   for cores, want in ((1, 0), (2, 0), (3, 0), (4, 2), (16, 8)):
     monkeypatch.setattr(predict.os, "cpu_count", lambda c=cores: c)
     assert predict.default_decode_workers() == want
+
+
+def _halves(series: dicom.Series) -> dict[str, np.ndarray]:
+  """A ``prepare`` for the tests: host work on the decoded series, returned beside it."""
+  return {"top": series.volume[: len(series.volume) // 2] * 2,
+          "count": np.array([len(series.volume)])}
+
+
+def test_prepare_runs_in_the_decoders_and_arrays_come_back_mapped(tmp_path, real_data_dir):
+  folders = _folders(tmp_path, real_data_dir)
+  before = _shm_blocks()
+  threaded = list(reader.read_studies(folders, prepare=_halves))
+  pooled = list(reader.read_studies(folders, workers=2, depth=1, prepare=_halves))
+  for (f1, a, e1, _), (f2, b, e2, _) in zip(threaded, pooled):
+    assert f1 == f2 and (e1 is None) == (e2 is None)
+    if e1 is not None:
+      assert a is None and b is None and "study1" in str(e2)
+      continue
+    (s1, x1), (s2, x2) = a, b
+    np.testing.assert_array_equal(s1.volume, s2.volume)
+    assert x1.keys() == x2.keys() == {"top", "count"}
+    for k in x1:
+      np.testing.assert_array_equal(x1[k], x2[k])
+      assert x1[k].dtype == x2[k].dtype
+    np.testing.assert_array_equal(x2["top"], s2.volume[: len(s2.volume) // 2] * 2)
+    s2.volume[0, 0, 0] = 12345  # a private (copy-on-write) mapping: writable, affects no one
+    assert s2.volume[0, 0, 0] == 12345
+  assert _shm_blocks() <= before  # the mapped blocks' names were freed as they were taken

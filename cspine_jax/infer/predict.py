@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -43,7 +44,9 @@ from cspine_jax.records import vertebrae as vertebrae_lib
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 # uint8 stage-2 sequences (N, n/3, H, W, 3) and their vertebra indices (N,) -> (N,) probabilities.
 Stage2Fn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-STAGES = ("decode", "stage1", "refine", "crops", "stage2")
+# decode: the decoders' own time (summed over processes; stage-1 images included, made there);
+# wait: the model thread blocked on the readers (nothing decoded yet).
+STAGES = ("decode", "wait", "stage1", "refine", "crops", "stage2")
 
 
 class PredictError(ValueError):
@@ -168,12 +171,20 @@ def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size:
   return [np.concatenate(parts) for parts in zip(*outs)]
 
 
-def locate(series: dicom.Series, models: Models, batch_size: int
+def stage1_inputs(series: dicom.Series, options: study_lib.Options) -> dict[str, np.ndarray]:
+  """Host-side stage-1 work on a decoded series (the reader's ``prepare``: it runs where the
+  study was decoded, in the decoder processes when there are some)."""
+  loaded = study_lib.Loaded(study=None, series=series, mask=None)
+  return {"stage1_images": study_lib.slice_images(loaded, options)}
+
+
+def locate(series: dicom.Series, models: Models, batch_size: int, images: np.ndarray | None = None
            ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
   """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)), the
-  boxes as derived (:func:`refine_boxes` then refines them when the models have a refiner)."""
-  loaded = study_lib.Loaded(study=None, series=series, mask=None)
-  images = study_lib.slice_images(loaded, models.stage1_options)
+  boxes as derived (:func:`refine_boxes` then refines them when the models have a refiner).
+  ``images``: the slices' stage-1 images when already made (:func:`stage1_inputs`)."""
+  if images is None:
+    images = stage1_inputs(series, models.stage1_options)["stage1_images"]
   presence, boxes = in_batches(models.stage1, [images], batch_size)
   preds = pseudo_labels.derive(presence, boxes, series.numbers, models.rules)
   return preds, presence, boxes
@@ -240,7 +251,16 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
 
   from tqdm import tqdm
   bar = tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
-  for folder, series, error, dt in reader.read_studies(folders, workers=decode_workers):
+  prepare = functools.partial(stage1_inputs, options=models.stage1_options)
+  stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare)
+  while True:
+    t0 = time.perf_counter()
+    item = next(stream, None)
+    seconds["wait"] += time.perf_counter() - t0
+    if item is None:
+      break
+    folder, loaded, error, dt = item
+    series, inputs = loaded if loaded is not None else (None, {})
     seconds["decode"] += dt
     res = StudyResult(uid=study_uid(folder, series), folder=str(folder))
     results.append(res)
@@ -249,7 +269,7 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
         raise error
       res.shape = tuple(series.volume.shape)
       t0 = time.perf_counter()
-      located, _, _ = locate(series, models, batch_size)
+      located, _, _ = locate(series, models, batch_size, inputs.get("stage1_images"))
       t1 = time.perf_counter()
       res.vertebrae = refine_boxes(series, located, models)
       t2 = time.perf_counter()
