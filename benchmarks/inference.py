@@ -25,8 +25,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-import jax  # noqa: E402
-
 from cspine_jax.infer import predict  # noqa: E402
 from cspine_jax.infer import reader  # noqa: E402
 from cspine_jax.records import study as study_lib  # noqa: E402
@@ -75,6 +73,9 @@ def main(argv=None) -> int:
                  help="decoder processes, or a comma list of counts measured in turn (0: one "
                       "reader thread)")
   args = p.parse_args(argv)
+  # Imported here, not at the top: decoder processes re-import this module (spawn) and, like the
+  # predict command's, should not pay JAX's import.
+  import jax
 
   tmp = None
   if args.studies:
