@@ -233,3 +233,20 @@ def test_normalize_matches_layer_norm_values_and_gradients(shape):
       _close(a, b, rtol=2e-5)
   y16 = jax.jit(lambda x: layers.normalize(x, 1e-6, method="shifted"))(x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
+
+
+def test_cpu_steps_keep_freed_host_memory_for_the_next_step():
+  """XLA:CPU's per-step scratch buffers (tens of MB) are reused, not page-faulted in afresh."""
+  import resource
+  import sys
+  if not sys.platform.startswith("linux") or not steps.keep_freed_host_memory():
+    pytest.skip("glibc only")
+  assert steps.compiler_options("cpu") == steps.CPU_COMPILER_OPTIONS
+  faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = np.ones(8 * 2**20)  # 64 MB: above glibc's largest mmap threshold (32 MB)
+  del block
+  before = faults()
+  block = np.ones(8 * 2**20)
+  # Unmapped on free it faults in again (16,384 pages, ~500 with transparent huge pages).
+  assert faults() - before < 50
+  del block

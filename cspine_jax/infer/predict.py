@@ -410,6 +410,7 @@ class FoldEnsemble:
     import jax
     from flax import nnx
     from cspine_jax import input as input_lib
+    from cspine_jax.train import steps as steps_lib
     from cspine_jax.train import tasks as tasks_lib
 
     if not members:
@@ -430,7 +431,9 @@ class FoldEnsemble:
       x, kwargs = self.task.model_inputs(input_lib.device_inputs(batch, self.field))
       return self.task.predict(model(x, **kwargs))
 
-    self._forward = jax.jit(forward)
+    # The train steps' CPU compiler options: predict on CPU runs the same programs as validation.
+    self._forward = jax.jit(forward, compiler_options=steps_lib.compiler_options(
+        jax.devices()[0].platform))
 
   @classmethod
   def load(cls, stage_dir: str | os.PathLike, task: str) -> "FoldEnsemble":
