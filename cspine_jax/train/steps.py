@@ -84,8 +84,8 @@ def keep_freed_host_memory() -> bool:
   XLA:CPU allocates each step's scratch buffer afresh (62 MB in the atto stage-2 eval step).
   Above 32 MB glibc always maps such a block and unmaps it when freed, so every step page-faulted
   it in again: ~15,000 faults, a third of the eval step's time. Served from a heap that is not
-  trimmed, the next step reuses the pages. benchmarks/stage2_vs_torch.py --ours_only, 3
-  alternating pairs: inference 1576/1552/- vs 1377/-/- img/s, train 333/337/- vs 332/-/- (same).
+  trimmed, the next step reuses the pages. benchmarks/stage2_vs_torch.py --ours_only, alternating
+  runs: inference 1576/1552/1549 vs 1377/1362 img/s, train 333/337/323 vs 332/330 (unchanged).
   The cost: the process keeps its peak host memory until it exits.
   """
   if not _HOST_MEMORY_KEPT:
