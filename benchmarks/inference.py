@@ -110,18 +110,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for s in series:
       if s is not None:
-        study_lib.slice_images(study_lib.Loaded(study=None, series=s, mask=None),
-                               models.stage1_options)
+        predict.stage1_inputs(s, models.stage1_options)
     images_s = (time.perf_counter() - t0) / len(folders)
     del series
 
-    stamps: list[float] = []  # when each study's result was ready (stage 2 runs 4 at a time)
+    stamps: list[float] = []  # when each study's result was ready
+    first = 4  # studies per stage-2 batch: the first results arrive together
     t0 = time.perf_counter()
     result = predict.run(folders, models, prior, batch_size=args.batch_size,
-                         decode_workers=workers,
+                         studies_per_batch=first, decode_workers=workers,
                          on_study=lambda *_: stamps.append(time.perf_counter()))
     total = (time.perf_counter() - t0) / len(folders)
-    first = 4  # predict.run's studies_per_batch: the first results arrive together
     per = {k: v / len(folders) for k, v in result.seconds.items()}
     slices = sum(r.shape[0] for r in result.results if r.shape) / len(folders)
     located = sum(p.present for r in result.results if r.vertebrae for p in r.vertebrae)
