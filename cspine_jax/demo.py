@@ -78,11 +78,23 @@ def options_of(config: ml_collections.ConfigDict) -> study_lib.Options:
 
 
 def model_config(config: ml_collections.ConfigDict, name: str, data_dir: pathlib.Path,
-                 records_dir: pathlib.Path, vertebrae_file: pathlib.Path | None
-                 ) -> ml_collections.ConfigDict:
-  """``configs/<name>.py:cpu`` with the demo's data, records, folds, sizes and schedule."""
+                 records_dir: pathlib.Path, vertebrae_file: pathlib.Path | None,
+                 run_dir: pathlib.Path | None = None) -> ml_collections.ConfigDict:
+  """``configs/<name>.py:cpu`` with the demo's data, records, folds, sizes and schedule.
+  ``models.<name>.init_from`` = another model of the demo: each fold starts from that model's
+  encoder of the same fold (in ``run_dir``)."""
   c = importlib.import_module(f"configs.{name}").get_config("cpu")
   m = config.models[name]
+  init_from = m.get("init_from", "")
+  if init_from:
+    if run_dir is None:
+      raise ValueError(f"models.{name}.init_from={init_from!r} needs the run folder")
+    if init_from == "box_refine" and not config.get("refine_boxes", False):
+      raise ValueError(f"models.{name}.init_from='box_refine' needs refine_boxes=True (without it "
+                       "no box refiner is trained)")
+    # loop.train_and_evaluate trains a single fold (one model) in the run folder itself.
+    one_folder = config.train_fold >= 0 and config.models[init_from].get("members", 1) == 1
+    c.model.pretrained = str(run_dir / init_from / ("" if one_folder else "fold_{fold}"))
   c.seed = config.seed
   c.data_dir = str(data_dir)
   c.records_dir = str(records_dir)
@@ -164,7 +176,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   def train(name: str):
     vf = vertebrae_file if name not in ("stage1", "box_refine") else None
     return lambda: loop.train_and_evaluate(
-        model_config(config, name, data_dir, records_dir, vf), run_dir / name)
+        model_config(config, name, data_dir, records_dir, vf, run_dir), run_dir / name)
 
   progress.step("generate synthetic studies", generate)
   progress.step("prepare stage-1 records", prepare("stage1"))

@@ -129,6 +129,7 @@ class LoadReport:
   family: str
   num_tensors: int
   stem_adapted_from: int | None
+  fold: int | None = None  # the fold of the training run the weights came from, if one
 
 
 def family_of(encoder: nnx.Module) -> Family:
@@ -431,9 +432,32 @@ def read_converted(folder: str | pathlib.Path) -> tuple[dict[str, Any], Converte
   return meta, {k: (np.asarray(v), f"{folder.name}:{k}") for k, v in flat.items()}
 
 
+def read_run_folder(folder: str | pathlib.Path) -> tuple[dict[str, Any], Converted]:
+  """The image encoder of a training run folder (``<workdir>/fold_k``, which holds
+  ``checkpoints/``): (its checkpoint meta plus "family", {Flax path: (array, origin)}).
+
+  The best-scored kept step, else the latest (``train.checkpoints.restore_model``). Raises
+  WeightsError when nothing can be restored or the model has no image encoder.
+  """
+  from cspine_jax.train import checkpoints  # pylint: disable=import-outside-toplevel
+  folder = pathlib.Path(folder).resolve()
+  try:
+    model, meta = checkpoints.restore_model(folder)
+  except (checkpoints.NoCheckpointError, checkpoints.CheckpointMismatchError) as e:
+    raise WeightsError(f"{folder}: cannot restore its model: {e}") from e
+  name = meta.get("model", {}).get("name", "?")
+  encoder = getattr(model, "encoder", None)
+  if encoder is None:
+    raise WeightsError(f"{folder}: its {name!r} model has no image encoder to take weights from")
+  meta = dict(meta, model=name, family=family_of(encoder).name)
+  arrays = encoder_arrays(encoder)
+  return meta, {k: (v, f"{folder.name}@{meta['step']}:{k}") for k, v in arrays.items()}
+
+
 # ------------------------------------------------------------------------------ entry points
 def load_pretrained(encoder: nnx.Module, path: str | pathlib.Path) -> LoadReport:
-  """Loads timm weights (file) or imported weights (folder) into `encoder` in place.
+  """Loads timm weights (file), imported weights (folder) or the encoder of a training run
+  (a folder holding ``checkpoints/``, see `read_run_folder`) into `encoder` in place.
 
   For `config.model.pretrained`: call right after building the encoder and before creating the
   optimizer. Every parameter and BatchNorm statistic is replaced, so the encoder may also be an
@@ -442,6 +466,12 @@ def load_pretrained(encoder: nnx.Module, path: str | pathlib.Path) -> LoadReport
   """
   path = pathlib.Path(path)
   fam = family_of(encoder)
+  if path.is_dir() and (path / "checkpoints").is_dir():
+    meta, converted = read_run_folder(path)
+    if meta["family"] != fam.name:
+      raise WeightsError(f"{path}: its {meta['model']} model has a {meta['family']} encoder; "
+                         f"this encoder is {fam.name}")
+    return dataclasses.replace(assign(encoder, converted, str(path)), fold=meta.get("fold"))
   if path.is_dir():
     meta, converted = read_converted(path)
     if meta.get("family") != fam.name:

@@ -233,3 +233,45 @@ def test_config_pretrained_loads_the_encoder_for_training(tmp_path):
   config.model.name, config.model.pretrained = "cnn3d", str(folder)
   with pytest.raises(ValueError, match="no image encoder"):
     loop.build_model(config, seed=0)
+
+
+class _Position:
+  """A data iterator's saved position (the checkpoint stores one with the model)."""
+
+  def get_state(self) -> bytes:
+    return b"{}"
+
+
+def test_pretrained_from_the_same_folds_training_run(tmp_path):
+  """`model.pretrained=RUN/box_refine/fold_{fold}` starts fold k from the box refiner's fold-k
+  encoder (a training run folder, restored from its checkpoint); a run of another fold, a path
+  with {fold} but no fold, and a run folder without a checkpoint are refused."""
+  from configs import box_refine, stage2
+  from cspine_jax.train import checkpoints, loop, sharding
+  source_config = box_refine.get_config("cpu")
+  runs = tmp_path / "run" / "box_refine"
+  want = {}
+  for fold in (0, 1):
+    trainer = loop.make_trainer(source_config, 10, sharding.make_mesh(1), seed=10 + fold)
+    ck = checkpoints.Checkpointer(runs / f"fold_{fold}" / "checkpoints", async_save=False)
+    ck.save(3, trainer.state, _Position(), {"task": "box_refine", "fold": fold,
+                                             "model": source_config.model.to_dict()}, score=0.1)
+    ck.close()
+    want[fold] = weights.encoder_arrays(trainer.model().encoder)
+  config = stage2.get_config("cpu")
+  config.model.pretrained = str(runs / "fold_{fold}")
+  for fold in (0, 1):
+    got = weights.encoder_arrays(loop.build_model(config, seed=0, fold=fold).encoder)
+    assert set(got) == set(want[fold])
+    for k in got:
+      np.testing.assert_array_equal(got[k], want[fold][k])
+  assert not np.array_equal(want[0]["stem_conv.kernel"], want[1]["stem_conv.kernel"])
+  with pytest.raises(ValueError, match="needs a fold"):
+    loop.build_model(config, seed=0)
+  config.model.pretrained = str(runs / "fold_1")
+  with pytest.raises(ValueError, match="trained for fold 1 .*cannot start fold 0"):
+    loop.build_model(config, seed=0, fold=0)
+  (runs / "fold_2" / "checkpoints").mkdir(parents=True)
+  config.model.pretrained = str(runs / "fold_{fold}")
+  with pytest.raises(weights.WeightsError, match="fold_2: cannot restore its model"):
+    loop.build_model(config, seed=0, fold=2)

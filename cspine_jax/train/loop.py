@@ -174,27 +174,39 @@ def init_in_one_program(make: Callable[[], nnx.Module]) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def build_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
+def build_model(config: ml_collections.ConfigDict, seed: int, fold: int | None = None
+                ) -> nnx.Module:
   """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included);
-  ``config.model.pretrained`` (a timm file or an imported folder, see ``cspine_jax.weights``)
-  then replaces the image encoder's weights."""
+  ``config.model.pretrained`` (a timm file, an imported folder, or a training run folder, see
+  ``cspine_jax.weights``) then replaces the image encoder's weights. ``{fold}`` in that path
+  becomes ``fold``: stage 2 of fold k can start from the encoder another model learned on fold
+  k's training studies (``--config.model.pretrained=RUN/box_refine/fold_{fold}``). A run folder
+  of another fold is refused: its model has trained on this fold's validation studies."""
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
   model = init_in_one_program(lambda: models.make_model(config.model,
                                                         rngs=models.make_rngs(seed)))
   path = config.model.get("pretrained")
   if path:
     from cspine_jax import weights  # pylint: disable=g-import-not-at-top
+    if "{fold}" in path:
+      if fold is None:
+        raise ValueError(f"model.pretrained={path}: '{{fold}}' needs a fold to train")
+      path = path.replace("{fold}", str(fold))
     encoder = getattr(model, "encoder", None)
     if encoder is None:
       raise ValueError(f"model.pretrained={path}: model {config.model.get('name')!r} has no image "
                        "encoder to load weights into")
     report = weights.load_pretrained(encoder, path)
+    if fold is not None and report.fold is not None and report.fold != fold:
+      raise ValueError(f"model.pretrained={path}: a model trained for fold {report.fold} (it saw "
+                       f"fold {fold}'s validation studies) cannot start fold {fold}; use "
+                       "'fold_{fold}' in the path")
     log.info("encoder weights from %s (%d tensors)", report.source, report.num_tensors)
   return model
 
 
 def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed: int,
-                 model: nnx.Module | None = None) -> steps_lib.Trainer:
+                 model: nnx.Module | None = None, fold: int | None = None) -> steps_lib.Trainer:
   """The model (built from ``seed`` unless given), AdamW + schedule, and the steps; the train step
   augments as ``config.input.augment`` says, its draws keyed by ``seed`` and the step."""
   opt = config.optimizer
@@ -204,7 +216,7 @@ def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed
                          b1=opt.b1, b2=opt.b2)
   task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight,
                        presence_pos_weight=config.loss.get("presence_pos_weight", 1.0))
-  model = model if model is not None else build_model(config, seed)
+  model = model if model is not None else build_model(config, seed, fold)
   trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding,
                               augment=_augment(config), augment_seed=seed)
   trainer.schedule = schedule
@@ -303,7 +315,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   tc = config.train
   total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * data.steps_per_epoch
   seed = config.seed + fold + MEMBER_SEED_STRIDE * member
-  trainer = make_trainer(config, total_steps, mesh, seed)
+  trainer = make_trainer(config, total_steps, mesh, seed, fold=fold)
   loader = input_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
                                  seed=seed, workers=config.input.workers)
   it = iter(loader)
