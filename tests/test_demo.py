@@ -21,6 +21,12 @@ def test_tiny_demo_end_to_end(tmp_path):
   assert lines[-2] == ("two-stage competition metric (out-of-fold): "
                        f"{figures['oof']['two_stage']:.4f}")
   assert lines[-1] == f"prior baseline competition metric (out-of-fold): {figures['oof']['prior']:.4f}"
+  # Stage 2 started from the box refiner's encoder of its fold (models.stage2.init_from).
+  from cspine_jax.train import checkpoints
+  ck = checkpoints.Checkpointer(tmp_path / "run" / "stage2" / "checkpoints", async_save=False)
+  meta = ck.read_meta(ck.latest_step())
+  ck.close()
+  assert meta["model"]["pretrained"] == str(tmp_path / "run" / "box_refine") and meta["fold"] == 0
   # The pseudo-label figures against the masks are printed.
   assert "vs masks (out_of_fold" in text and "box IoU" in text
   # Results table: the four models and the prior, finite scores.
