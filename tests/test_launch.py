@@ -84,7 +84,7 @@ def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   from cspine_jax.train import loop
   from test_train import TinySeq
   monkeypatch.setattr(loop, "build_model",
-                      lambda config, seed: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
+                      lambda config, seed, fold=None: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
   c = _tiny_synthetic_config(tmp_path)
   c.fold = -1
   out = loop.train_and_evaluate(c, tmp_path / "run")
