@@ -107,14 +107,20 @@ def step_flops(jitted, *args) -> float | None:
 
   The lowered (pre-optimisation) module is analysed: on GPU the compiled module hides
   convolutions in cuDNN custom calls that the analysis does not count.
+  The reason is printed when there is no figure: the last H200 run gave none (MFU null) where
+  an earlier one had, and the exception was swallowed.
   """
   try:
     cost = jitted.lower(*args).cost_analysis()
-  except Exception:  # pylint: disable=broad-except  (some backends report nothing)
+  except Exception as e:  # pylint: disable=broad-except  (some backends report nothing)
+    print(f"step_flops: cost analysis failed: {e!r}", file=sys.stderr)
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and cost.get("flops") else None
+  if not cost or not cost.get("flops"):
+    print(f"step_flops: cost analysis reported no flops: {cost!r:.300}", file=sys.stderr)
+    return None
+  return float(cost["flops"])
 
 
 def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | None = None,
