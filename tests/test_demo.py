@@ -73,3 +73,27 @@ def test_tiny_demo_end_to_end(tmp_path):
   html = (tmp_path / "summary.html").read_text()
   assert "Results (out-of-fold)" in html and "data:image/png;base64" in html
   assert json.loads((tmp_path / "results.json").read_text())["oof"]["prior"] > 0
+
+
+def test_init_from_points_each_fold_at_the_same_folds_run(tmp_path):
+  """models.stage2.init_from='box_refine': all folds -> RUN/box_refine/fold_{fold} (filled in per
+  fold by loop.build_model); one fold with one model -> the run folder itself (where
+  loop.train_and_evaluate trains it); refused without the run folder or without a refiner."""
+  run = tmp_path / "run"
+
+  def stage2(config, run_dir=run):
+    return demo.model_config(config, "stage2", tmp_path / "data", tmp_path / "records",
+                             run / "vertebrae.csv", run_dir)
+
+  config = demo_config.get_config()
+  assert stage2(config).model.pretrained == str(run / "box_refine" / "fold_{fold}")
+  config.train_fold = 0
+  assert stage2(config).model.pretrained == str(run / "box_refine")
+  config.models.box_refine.members = 2
+  assert stage2(config).model.pretrained == str(run / "box_refine" / "fold_{fold}")
+  with pytest.raises(ValueError, match="needs the run folder"):
+    stage2(config, run_dir=None)
+  config.refine_boxes = False
+  with pytest.raises(ValueError, match="needs refine_boxes=True"):
+    stage2(config)
+  assert demo.model_config(config, "box_refine", tmp_path, tmp_path, None).model.pretrained is None
