@@ -210,6 +210,11 @@ def test_dense_matches_library_values_and_gradients(shape, dout):
   linear.kernel[...], linear.bias[...] = kernel, bias
   _close(layers.dense(x, kernel, bias, method="shifted"), linear(x))
   _close(layers.col_sum(x), x.reshape(-1, shape[-1]).sum(0))
+  x2, g2 = x.reshape(-1, shape[-1]), g.reshape(-1, dout)  # weight gradient, wide and tall results
+  for a, b in ((x2, g2), (g2, x2)):
+    got = jax.jit(layers.row_contraction)(a, b)
+    assert got.shape == (a.shape[1], b.shape[1])
+    _close(got, a.T @ b)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 40), (7, 80), (3, 2, 2, 5)])

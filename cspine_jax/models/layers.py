@@ -322,7 +322,7 @@ def _patch_conv_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
   patches = (x[:, :ho * k, :wo * k].reshape(n, ho, k, wo, k, cin)
              .transpose(0, 1, 3, 2, 4, 5).reshape(n * ho * wo, k * k * cin))
   g2 = g.reshape(n * ho * wo, cout)
-  dk = lax.dot_general(patches, g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  dk = row_contraction(patches, g2, preferred_element_type=acc)
   dp = lax.dot_general(g2, kernel.reshape(k * k * cin, cout), (((1,), (1,)), ((), ())),
                        preferred_element_type=acc).astype(x.dtype)
   dx = (dp.reshape(n, ho, wo, k, k, cin).transpose(0, 1, 3, 2, 4, 5)
@@ -404,6 +404,21 @@ def col_sum(v: Array) -> Array:
                          preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
 
 
+def row_contraction(a: Array, b: Array, **kwargs) -> Array:
+  """``a.T @ b`` for row-major (rows, p) and (rows, q): the weight gradient of a linear layer.
+
+  XLA:CPU's matmul over the rows of both operands runs 1.5-1.8x faster when the result is
+  wide (p <= q) than when it is tall (32768 x 160 by 32768 x 40: 2.5 vs 4.1 ms; 8192 x 320 by
+  8192 x 80: 2.6 vs 4.6 ms), so a tall result is computed as ``(b.T @ a).T``: a copy of a
+  small weight-shaped array. The transpose must not consume the dot directly, or XLA folds it
+  back into the tall dot (`_materialised` stands between them).
+  """
+  dims = (((0,), (0,)), ((), ()))
+  if a.shape[1] <= b.shape[1]:
+    return lax.dot_general(a, b, dims, **kwargs)
+  return _materialised(lax.dot_general(b, a, dims, **kwargs)).T
+
+
 def dense(x: Array, kernel: Array, bias: Array | None = None, *, method: str = "auto") -> Array:
   """`x @ kernel + bias` over the last axis of `x` (what `nnx.Linear` computes).
 
@@ -435,7 +450,7 @@ def _linear_bwd(res, g):
   x2 = x.reshape(-1, x.shape[-1])
   g2 = g.reshape(-1, g.shape[-1])
   dx = lax.dot_general(g2, kernel, (((1,), (1,)), ((), ()))).reshape(x.shape)
-  dk = lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+  dk = row_contraction(x2, g2)
   return dx.astype(x.dtype), dk.astype(kernel.dtype), col_sum(g2).astype(g.dtype)
 
 
