@@ -12,7 +12,7 @@ For each config at its ``:cpu`` size (and, with --paper, at the paper size for a
   * grain input throughput: batches/s of the training pipeline (read, decode, batch uint8,
     ``input.workers`` processes) over random records of the config's shapes written to a
     temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).
-  * model FLOPs per train step (XLA's cost analysis of the lowered step) and, on a GPU whose peak
+  * model FLOPs per train step (its matmuls and convolutions, `train.flops`) and, on a GPU whose peak
     is known, the model FLOPs utilisation (MFU) = achieved FLOP/s / the chip's dense bf16 peak.
 The machine may be shared: compare the ratios, not the absolute numbers.
 """
@@ -37,6 +37,7 @@ from absl import flags  # noqa: E402
 
 from cspine_jax import input as input_lib  # noqa: E402
 from cspine_jax.records import schema, shards  # noqa: E402
+from cspine_jax.train import flops as flops_lib  # noqa: E402
 from cspine_jax.train import loop, sharding  # noqa: E402
 from cspine_jax.train import steps as steps_lib  # noqa: E402
 
@@ -102,25 +103,11 @@ def peak_flops() -> float | None:
   return next((v for k, v in PEAK_BF16.items() if k.lower() in kind.lower()), None)
 
 
-def step_flops(jitted, *args) -> float | None:
-  """FLOPs of one call of a jitted function from XLA's HLO cost analysis (None if not reported).
-
-  The lowered (pre-optimisation) module is analysed: on GPU the compiled module hides
-  convolutions in cuDNN custom calls that the analysis does not count.
-  The reason is printed when there is no figure: the last H200 run gave none (MFU null) where
-  an earlier one had, and the exception was swallowed.
-  """
-  try:
-    cost = jitted.lower(*args).cost_analysis()
-  except Exception as e:  # pylint: disable=broad-except  (some backends report nothing)
-    print(f"step_flops: cost analysis failed: {e!r}", file=sys.stderr)
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or not cost.get("flops"):
-    print(f"step_flops: cost analysis reported no flops: {cost!r:.300}", file=sys.stderr)
-    return None
-  return float(cost["flops"])
+def step_flops(jitted, *args) -> float:
+  """Model FLOPs of one call of a jitted step: its matmuls and convolutions, counted from the
+  jaxpr (`train.flops`), the same figure on every backend. XLA's cost analysis was used before:
+  on GPU it gave no figure for the last H200 run (MFU null)."""
+  return float(flops_lib.count(jitted, *args))
 
 
 def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | None = None,
