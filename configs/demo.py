@@ -111,8 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # epochs 0.288, three models per fold 0.291; from stage 1's encoder 0.420.
       # Three models per fold, not two (~65 s more): with the encoder init, the third model
       # lowered stage 2 alone on four demos' records (seeds 0 and 1 of 90e65f5 and of 61c8bd3)
-      # every time: 0.2677 -> 0.2646, 0.2710 -> 0.2565, 0.3037 -> 0.2854, 0.2664 -> 0.2495; a
-      # fourth did not help (0.2854 -> 0.2833). The outcome still moves by +-0.04 with the seed
+      # every time: 0.2677 -> 0.2646, 0.2710 -> 0.2565, 0.3037 -> 0.2854, 0.2664 -> 0.2495 (on
+      # runs/base's, above, 0.292 -> 0.291); a fourth did not help (0.2854 -> 0.2833). The outcome still moves by +-0.04 with the seed
       # or any float perturbation (this session's speed commits moved seed 0 from 0.2677 to
       # 0.3037 with two models).
       "stage2": _model(30, 8, 5e-4, eval_every=6, augment={"max_rotation_deg": 0.0}, members=3,
