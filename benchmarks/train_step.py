@@ -161,7 +161,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
           "augment_ms": 1e3 * augment_s, "train_ms": 1e3 * train_s,
           "input_batches_per_s": 1 / input_s, "input_over_train": train_s / input_s,
           "workers": config.input.workers, "dtype": config.model.dtype,
-          "train_tflop_per_step": flops / 1e12 if flops else None,
+          "train_gflop_per_step": flops / 1e9 if flops else None,
           "train_tflops": flops / train_s / 1e12 if flops else None,
           "mfu": flops / train_s / peak if flops and peak else None}
 
