@@ -17,9 +17,13 @@ def test_dot_and_grouped_conv_by_hand():
   x, k = jnp.ones((2, 10, 10, 6)), jnp.ones((3, 3, 2, 12))  # 3 groups of 2 input features
 
   def conv(x, k):
-    return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    feature_group_count=3)
+    return lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
   assert flops.count(conv, x, k) == 2 * (2 * 10 * 10 * 12) * (3 * 3 * 2)
+  # Autodiff's input and kernel gradients are convolutions too (feature / batch groups on the
+  # GPU path): each costs what the forward does.
+  grads = jax.grad(lambda x, k: jnp.sum(conv(x, k)), argnums=(0, 1))
+  assert flops.count(grads, x, k) == 3 * flops.count(conv, x, k)
   assert flops.count(lambda x: jnp.tanh(x) * 2 + 1, x) == 0  # elementwise work is not counted
 
 

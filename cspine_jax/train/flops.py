@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 from jax.extend import core
 
+
 def count(fn: Callable[..., Any], *args, **kwargs) -> int:
   """FLOPs of one call of ``fn(*args, **kwargs)`` (a jitted function too): 2 x the multiply-adds
   of its matrix multiplies and convolutions, traced with the arguments' shapes (nothing runs)."""
