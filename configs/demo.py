@@ -1,6 +1,6 @@
 """The end-to-end demo on a generated synthetic RSNA-format set (CPU, 2 cores).
 
-    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 7 minutes on 2 cores)
+    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 8 minutes on 2 cores)
     python launch.py --config=configs/demo.py:tiny --workdir=/tmp/demo   (the test-suite setting)
 
 generate -> prepare -> stage 1 (all folds) -> box refiner (all folds) -> pseudo-labels -> stage 2
@@ -112,9 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Three models per fold, not two (~65 s more): with the encoder init, the third model
       # lowered stage 2 alone on four demos' records (seeds 0 and 1 of 90e65f5 and of 61c8bd3)
       # every time: 0.2677 -> 0.2646, 0.2710 -> 0.2565, 0.3037 -> 0.2854, 0.2664 -> 0.2495 (on
-      # runs/base's, above, 0.292 -> 0.291); a fourth did not help (0.2854 -> 0.2833). The outcome still moves by +-0.04 with the seed
-      # or any float perturbation (this session's speed commits moved seed 0 from 0.2677 to
-      # 0.3037 with two models).
+      # runs/base's, above, 0.292 -> 0.291); a fourth did not help (0.2854 -> 0.2833). The
+      # outcome still moves by +-0.04 with the seed or any float perturbation (the CPU speed
+      # commits 09aa9bb and 61c8bd3 moved seed 0 from 0.2677 to 0.3037 with two models).
       "stage2": _model(30, 8, 5e-4, eval_every=6, augment={"max_rotation_deg": 0.0}, members=3,
                        init_from="box_refine"),
       "cnn3d": _model(6, 8, 1e-3, eval_every=6),
