@@ -35,7 +35,9 @@ def base(task: str) -> ml_collections.ConfigDict:
       warmup_steps=-1, warmup_fraction=0.05, end_factor=0.0))
 
   c.input = ml_collections.ConfigDict(dict(batch_size=8, workers=2))
-  c.input.augment = ml_collections.ConfigDict(dict(enabled=True, max_rotation_deg=10.0, flip_prob=0.5))
+  # coarse_slices_prob / coarse_slices: input.AugmentOptions (thick-slice re-sampling; off here).
+  c.input.augment = ml_collections.ConfigDict(dict(enabled=True, max_rotation_deg=10.0, flip_prob=0.5,
+                                                   coarse_slices_prob=0.0, coarse_slices=(4, 12)))
 
   c.loss = ml_collections.ConfigDict(dict(box="smooth_l1", box_weight=1.0))
   c.eval = ml_collections.ConfigDict(dict(overall="top_n", top_n=7))

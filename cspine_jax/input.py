@@ -179,6 +179,11 @@ class AugmentOptions:
   """Train-time augmentation (the seed method: small random rotation, random horizontal flip)."""
   max_rotation_deg: float = 10.0
   flip_prob: float = 0.5
+  # Share of samples whose slices are re-sampled as if the sample had been cut from a thicker-slice
+  # study: its S slices spread over only n source slices, n uniform in ``coarse_slices``
+  # (:func:`coarsen_slices`). Sequence and volume samples only (stage 2, 3D CNN).
+  coarse_slices_prob: float = 0.0
+  coarse_slices: tuple[int, int] = (4, 12)
 
 
 def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -231,6 +236,41 @@ def augment_draws(key: jax.Array, batch_size: int, options: AugmentOptions
   angle = jax.random.uniform(k_angle, (batch_size,), jnp.float32, -m, m)
   flip = jax.random.uniform(k_flip, (batch_size,)) < options.flip_prob
   return angle, flip
+
+
+def coarse_slice_draws(key: jax.Array, batch_size: int, options: AugmentOptions) -> jax.Array:
+  """Per sample the number of source slices to re-sample it from (0: left as it is)."""
+  k_apply, k_count = jax.random.split(key)
+  lo, hi = (int(v) for v in options.coarse_slices)
+  if not 2 <= lo <= hi:
+    raise ValueError(f"coarse_slices must be (lo, hi) with 2 <= lo <= hi; got {(lo, hi)}")
+  count = jax.random.randint(k_count, (batch_size,), lo, hi + 1)
+  return jnp.where(jax.random.uniform(k_apply, (batch_size,)) < options.coarse_slices_prob, count, 0)
+
+
+def coarsen_slices(images: jax.Array, count: jax.Array) -> jax.Array:
+  """Each sample's S slices as a thicker-slice study would have given them: ``count[b]`` source
+  slices spread over the S positions by nearest neighbour, as the records' evenly spaced sampling
+  (``records.study.evenly_spaced``) repeats the slices of a vertebra that spans only ``count``
+  of them. ``count[b]`` = 0 (or >= S) leaves the sample as it is.
+
+  ``images`` is (B, T, H, W, C) with the slices in (T, C) order: a stage-2 sequence of T 2.5D
+  images of C consecutive slices each, or a volume of T slices (C = 1). The source slices are
+  taken from the sample's own S at their evenly spaced positions, so the first and last slice stay.
+  """
+  if images.ndim != 5:
+    raise ValueError(f"coarse slices need (B, T, H, W, C) sequences or volumes; got {images.shape}")
+  b, t, h, w, c = images.shape
+  s = t * c
+  x = jnp.moveaxis(images, -1, 2).reshape(b, s, h, w)
+  pos = jnp.arange(s, dtype=jnp.float32)[None]
+  n = jnp.clip(count, 2, s)[:, None].astype(jnp.float32)
+  source = jnp.round(pos * (n - 1) / (s - 1))  # which of the n source slices position i shows
+  index = jnp.round(source * (s - 1) / (n - 1)).astype(jnp.int32)  # where that slice is among S
+  index = jnp.where((count[:, None] > 0) & (count[:, None] < s), index,
+                    jnp.arange(s, dtype=jnp.int32)[None])
+  x = jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+  return jnp.moveaxis(x.reshape(b, t, c, h, w), 2, -1)
 
 
 def rotate_flip(images: jax.Array, angle: jax.Array, flip: jax.Array) -> jax.Array:
@@ -293,11 +333,15 @@ def rotate_flip_boxes(boxes: jax.Array, angle: jax.Array, flip: jax.Array, h: in
   return jnp.where(jnp.any(boxes != 0, axis=-1, keepdims=True), out, boxes)
 
 
+COARSE_SLICES_STREAM = 2
+
+
 def device_inputs(batch: Mapping[str, jax.Array], field: str, *, key: jax.Array | None = None,
                   augment: AugmentOptions | None = None) -> dict[str, jax.Array]:
   """A host batch as the model sees it, computed inside the jitted step.
 
-  With ``augment`` and ``key`` (training): one random rotation + flip per sample
+  With ``augment`` and ``key`` (training): where the options ask, coarser slices for some samples
+  (:func:`coarse_slice_draws`, :func:`coarsen_slices`), then one random rotation + flip per sample
   (:func:`augment_draws`, :func:`rotate_flip`) applied to the uint8 pixels, stage-1 ``box``
   following. Then uint8 images are normalised (:func:`normalize`). Float images are taken as
   already normalised (hand-made batches) and only augmented.
@@ -305,6 +349,10 @@ def device_inputs(batch: Mapping[str, jax.Array], field: str, *, key: jax.Array 
   out = dict(batch)
   x = out[field]
   raw = x.dtype == jnp.uint8
+  if augment is not None and key is not None and augment.coarse_slices_prob > 0:
+    # Its own stream, so the rotation and flip draws are those of runs without it.
+    count = coarse_slice_draws(jax.random.fold_in(key, COARSE_SLICES_STREAM), x.shape[0], augment)
+    x = coarsen_slices(x, count)
   if augment is not None and key is not None:
     angle, flip = augment_draws(key, x.shape[0], augment)
     x = rotate_flip(x, angle, flip)

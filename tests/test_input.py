@@ -181,6 +181,75 @@ def test_draws_per_sample_and_per_key():
   assert not np.any(np.asarray(none[0])) and not np.any(np.asarray(none[1]))
 
 
+def _numbered_sequence(batch: int, slices: int = 24, channels: int = 3) -> np.ndarray:
+  """(B, S/C, 4, 5, C) uint8 whose slice k (in (T, C) order) holds the value k everywhere."""
+  k = np.arange(slices, dtype=np.uint8).reshape(slices // channels, channels)
+  return np.broadcast_to(k[None, :, None, None, :], (batch, slices // channels, 4, 5, channels)).copy()
+
+
+def _slice_values(images: np.ndarray) -> np.ndarray:
+  """(B, T, H, W, C) -> (B, T*C): each slice's value (asserting it is constant over the slice)."""
+  b, t, h, w, c = images.shape
+  flat = np.moveaxis(np.asarray(images), -1, 2).reshape(b, t * c, h * w)
+  assert np.all(flat == flat[..., :1])
+  return flat[..., 0]
+
+
+def test_coarse_slices_repeat_like_a_thick_slice_vertebra_in_the_records():
+  from cspine_jax.records import study as study_lib
+  counts = np.array([0, 4, 5, 7, 12, 24, 40])
+  out = _slice_values(cinput.coarsen_slices(jnp.asarray(_numbered_sequence(len(counts))),
+                                            jnp.asarray(counts)))
+  np.testing.assert_array_equal(out[0], np.arange(24))  # 0: untouched
+  np.testing.assert_array_equal(out[5], np.arange(24))  # as many source slices as positions
+  np.testing.assert_array_equal(out[6], np.arange(24))  # more: nothing to coarsen
+  for row, n in zip(out[1:5], counts[1:5]):
+    # The records' sampling of a vertebra that spans n slices (records.study.evenly_spaced):
+    # position i shows source slice want[i]. Here source j is the sample's own slice at j's
+    # evenly spaced place, so the first and last stay and the order is kept.
+    want = study_lib.evenly_spaced(0, n - 1, 24)
+    values = np.unique(row)
+    assert len(values) == n and row[0] == 0 and row[-1] == 23
+    np.testing.assert_array_equal(np.searchsorted(values, row), want)
+  # A volume (C = 1) is coarsened along its depth; 4-D stage-1 images are refused.
+  vol = _numbered_sequence(1, 16, 1)
+  got = _slice_values(cinput.coarsen_slices(jnp.asarray(vol), jnp.array([4])))[0]
+  np.testing.assert_array_equal(got, [0, 0, 0] + [5] * 5 + [10] * 5 + [15] * 3)
+  with pytest.raises(ValueError, match="sequences or volumes"):
+    cinput.coarsen_slices(jnp.zeros((2, 8, 8, 3)), jnp.array([4, 4]))
+
+
+def test_coarse_slice_draws_and_their_place_in_the_train_inputs():
+  opts = cinput.AugmentOptions(coarse_slices_prob=0.5, coarse_slices=(4, 6))
+  counts = np.asarray(cinput.coarse_slice_draws(jax.random.key(0), 512, opts))
+  assert 0.4 < (counts > 0).mean() < 0.6
+  assert set(np.unique(counts)) == {0, 4, 5, 6}
+  with pytest.raises(ValueError, match="coarse_slices"):
+    cinput.coarse_slice_draws(jax.random.key(0), 4, cinput.AugmentOptions(coarse_slices=(6, 4)))
+  batch = {"images": _numbered_sequence(64)}
+  key = jax.random.key(5)
+  plain_opts = cinput.AugmentOptions(max_rotation_deg=0.0, flip_prob=0.0)
+  coarse_opts = cinput.AugmentOptions(max_rotation_deg=0.0, flip_prob=0.0, coarse_slices_prob=0.5)
+  plain = cinput.device_inputs(batch, "images", key=key, augment=plain_opts)["images"]
+  coarse = cinput.device_inputs(batch, "images", key=key, augment=coarse_opts)["images"]
+  np.testing.assert_allclose(np.asarray(plain), cinput.normalize(batch["images"]), atol=1e-6)
+  # The samples drawn are coarsened before normalisation; the others are untouched.
+  drawn = np.asarray(cinput.coarse_slice_draws(
+      jax.random.fold_in(key, cinput.COARSE_SLICES_STREAM), 64, coarse_opts))
+  want = cinput.normalize(np.asarray(cinput.coarsen_slices(jnp.asarray(batch["images"]),
+                                                           jnp.asarray(drawn))))
+  np.testing.assert_allclose(np.asarray(coarse), want, atol=1e-6)
+  assert 0 < (drawn > 0).sum() < 64
+  # With the turn and flip on, they are drawn from the step's key as without coarse slices, and
+  # applied after the coarsening.
+  both = cinput.AugmentOptions(coarse_slices_prob=0.5)
+  got = cinput.device_inputs(batch, "images", key=key, augment=both)["images"]
+  angle, flip = cinput.augment_draws(key, 64, cinput.AugmentOptions())
+  want = cinput.normalize(np.asarray(cinput.rotate_flip(
+      cinput.coarsen_slices(jnp.asarray(batch["images"]), jnp.asarray(drawn)), angle, flip)))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 def test_box_follows_the_image():
   img = np.zeros((32, 40, 3), np.uint8)
   img[6:14, 5:21] = 255  # box x0=5,y0=6,x1=21,y1=14

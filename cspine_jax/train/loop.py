@@ -156,7 +156,9 @@ def _augment(config) -> input_lib.AugmentOptions | None:
   aug = config.input.augment
   if not aug.enabled:
     return None
-  return input_lib.AugmentOptions(max_rotation_deg=aug.max_rotation_deg, flip_prob=aug.flip_prob)
+  return input_lib.AugmentOptions(max_rotation_deg=aug.max_rotation_deg, flip_prob=aug.flip_prob,
+                                  coarse_slices_prob=aug.coarse_slices_prob,
+                                  coarse_slices=tuple(aug.coarse_slices))
 
 
 # ---- model --------------------------------------------------------------------------------------
