@@ -190,6 +190,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     return pseudo_labels.label_from_run(data_dir, run_dir / "stage1", records_dir, vertebrae_file,
                                         rules=rules_of(config), progress=bool(config.progress),
                                         refine_dir=run_dir / "box_refine" if refine else None,
+                                        refine_passes=int(config.get("refine_passes", 1)),
                                         log=log)
 
   located = progress.step("stage-1 pseudo-labels", label)
@@ -231,7 +232,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   def infer():
     # The rules the pseudo-labels were made with (a template decode carries its fitted layout).
     predict.write_spec(run_dir, options, options, top_n=config.top_n, rules=located["rules"],
-                       refine_options=located["refine_options"])
+                       refine_options=located["refine_options"],
+                       refine_passes=located["refine_passes"])
     predict.write_prior(run_dir / predict.PRIOR,
                         labels_lib.read_train_csv(data_dir / "train.csv"))
     models = predict.load_models(run_dir)

@@ -138,6 +138,48 @@ def test_refine_maps_the_crop_answer_back():
     pseudo_labels.refine(preds, volume, lambda x: np.zeros((len(x), 4)), (16, 16))
 
 
+def test_refine_passes_start_each_look_from_the_last_box():
+  volume = np.zeros((20, 40, 80), np.uint8)
+  preds = _preds()
+  calls = []
+
+  def whole_crop(images):  # answers the whole crop: each pass grows the box by the margin
+    calls.append(len(images))
+    return _fixed([0, 0, 1, 1])(images)
+
+  once = pseudo_labels.refine(preds, volume, whole_crop, (16, 16))
+  twice = pseudo_labels.refine(preds, volume, whole_crop, (16, 16), passes=2)
+  again = pseudo_labels.refine(once, volume, whole_crop, (16, 16))
+  assert len(calls) == 4  # one refiner call per pass (all vertebrae of the study in one batch)
+  for a, b, c in zip(twice, again, once):
+    assert a == b
+    if c.present:
+      assert (a.box[2] - a.box[0]) > (c.box[2] - c.box[0])  # the second look grew it again
+  with pytest.raises(ValueError, match="passes must be >= 1"):
+    pseudo_labels.refine(preds, volume, whole_crop, (16, 16), passes=0)
+
+
+def test_inference_refines_as_often_as_the_spec_says(tmp_path):
+  import types
+  options = study_lib.Options(image_size=(16, 16))
+  path = predict.write_spec(tmp_path, options, options, refine_options=options, refine_passes=2)
+  assert json.loads(path.read_text())["refine_passes"] == 2
+  calls = []
+
+  def refiner(images):
+    calls.append(len(images))
+    return _fixed([0, 0, 1, 1])(images)
+
+  models = predict.Models(stage1=None, stage2=None, options=options, refiner=refiner,
+                          refine_options=options, refine_passes=2)
+  series = types.SimpleNamespace(volume=np.zeros((20, 40, 80), np.int16))  # all refine_boxes reads
+  out = predict.refine_boxes(series, _preds(), models)
+  assert len(calls) == 2
+  want = pseudo_labels.refine(_preds(), series.volume, refiner, (16, 16), passes=2,
+                              window=(options.window_level, options.window_width))
+  assert out == want
+
+
 def _stage1(images):
   """A stage 1 that shows C1..C7 on consecutive sevenths of the slices, one box everywhere."""
   n = len(images)

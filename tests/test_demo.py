@@ -52,6 +52,7 @@ def test_tiny_demo_end_to_end(tmp_path):
       "--stage1", str(tmp_path / "run" / "stage1"), "--out", str(cli / "vertebrae.csv"),
       "--decode", rules.decode, "--require_all", "--calibrate_boxes",
       "--box_smoothing", str(rules.box_smoothing), "--refine", str(tmp_path / "run" / "box_refine"),
+      "--refine_passes", str(demo_config.get_config("tiny").refine_passes),
       "--workdir", str(cli), "--no_progress"]) == 0
   assert (cli / "vertebrae.csv").read_text() == (tmp_path / "run" / "vertebrae.csv").read_text()
   spec = json.loads((cli / predict.SPEC).read_text())

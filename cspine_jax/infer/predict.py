@@ -65,6 +65,7 @@ class Models:
   # The box refiner (a box_refine run) and its records' options; None: the derived boxes stand.
   refiner: pseudo_labels.RefineFn | None = None
   refine_options: study_lib.Options | None = None
+  refine_passes: int = 1  # as the pseudo-labels stage 2 trained on were refined
 
   def __post_init__(self):
     if (self.refiner is None) != (self.refine_options is None):
@@ -197,7 +198,7 @@ def refine_boxes(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPre
     return tuple(preds)
   o = models.refine_options  # the HU volume: only the crops' blocks get windowed
   return pseudo_labels.refine(preds, series.volume, models.refiner, o.image_size,
-                              window=(o.window_level, o.window_width))
+                              window=(o.window_level, o.window_width), passes=models.refine_passes)
 
 
 def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction],
@@ -470,15 +471,18 @@ class FoldEnsemble:
 def write_spec(run_dir: str | os.PathLike, stage1_options: study_lib.Options,
                stage2_options: study_lib.Options, *, top_n: int = aggregate.DEFAULT_TOP_N,
                rules: pseudo_labels.Rules = pseudo_labels.Rules(),
-               refine_options: study_lib.Options | None = None) -> pathlib.Path:
+               refine_options: study_lib.Options | None = None,
+               refine_passes: int = 1) -> pathlib.Path:
   """Saves RUN/inference.json: what :func:`load_models` needs besides the checkpoints
-  (``refine_options``: the box refiner's records' options when RUN/box_refine is used)."""
+  (``refine_options``: the box refiner's records' options when RUN/box_refine is used, and
+  ``refine_passes`` its passes per box)."""
   path = pathlib.Path(run_dir) / SPEC
   path.parent.mkdir(parents=True, exist_ok=True)
   spec = {"stage1_options": stage1_options.to_json(), "stage2_options": stage2_options.to_json(),
           "top_n": top_n, "rules": dataclasses.asdict(rules)}
   if refine_options is not None:
     spec["refine_options"] = refine_options.to_json()
+    spec["refine_passes"] = int(refine_passes)
   path.write_text(json.dumps(spec, indent=1))
   return path
 
@@ -505,6 +509,7 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
   if refine_options is not None:  # the spec says the pseudo-labels were refined: so is inference
     models.refiner = refine_scorer(FoldEnsemble.load(run_dir / "box_refine", "box_refine"))
     models.refine_options = refine_options
+    models.refine_passes = int(spec.get("refine_passes", 1))
   return models
 
 

@@ -387,14 +387,23 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
 
 def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray,
            refiner: RefineFn, size: tuple[int, int],
-           window: tuple[float, float] | None = None
+           window: tuple[float, float] | None = None, passes: int = 1
            ) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Each located vertebra's box replaced by the refiner's (module docstring).
 
   ``volume``: the study's (S, H, W) series, the slices the predictions index, uint8 windowed or HU
   with ``window`` (level, width); ``size``: the refiner's input (H, W). A refined box that comes
-  out empty keeps the derived one.
+  out empty keeps the derived one. ``passes`` > 1: the refiner looks again at a crop around its
+  own box, each pass starting where the last one ended.
   """
+  if passes < 1:
+    raise ValueError(f"refine passes must be >= 1; got {passes}")
+  for _ in range(passes):
+    preds = _refine_once(preds, volume, refiner, size, window)
+  return tuple(preds)
+
+
+def _refine_once(preds, volume, refiner, size, window):
   from cspine_jax.records import box_refine  # pylint: disable=import-outside-toplevel
   _, h, w = volume.shape
   scale = np.array([w, h, w, h], np.float64)
@@ -475,7 +484,8 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
                   *, rules: Rules = Rules(), batch_size: int = 32,
                   folds: Mapping[str, int] | None = None, progress: bool = False,
                   refiner: RefineFn | Mapping[int, RefineFn] | None = None,
-                  refine_options=None, log: Callable[[str], None] = print) -> dict:
+                  refine_options=None, refine_passes: int = 1,
+                  log: Callable[[str], None] = print) -> dict:
   """Runs stage 1 on every study of ``data_dir``/train.csv and writes the ``--vertebrae`` file.
 
   ``stage1`` is one scorer, or the fold models ``{held-out fold: scorer}``: their outputs averaged
@@ -490,7 +500,8 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   ``calibrate_boxes`` without offsets fits them the same way (the file's from the ensemble's boxes,
   fold k's from model k's).
   ``refiner`` (one, or the fold models ``{held-out fold: refiner}`` of a ``box_refine`` run, whose
-  records' options are ``refine_options``) then refines every box (:func:`refine`): the file's by
+  records' options are ``refine_options``) then refines every box (:func:`refine`, ``refine_passes``
+  times): the file's by
   the fold models' average, fold k's out-of-fold ones by model k, after the fits above: from the
   windowed volumes kept in the first pass (up to ``KEEP_VOLUME_BYTES``), else read again.
   Unreadable studies are listed and left out of the file.
@@ -595,7 +606,8 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   result = {"failed": failed, "rules": file_rules}
   if refiner is not None:
     result["ensemble_derived"], result["out_of_fold_derived"] = compared(located, held_out)
-    _refine_all(inputs, located, held_out, refiner, refine_options, failed, progress, volumes)
+    _refine_all(inputs, located, held_out, refiner, refine_options, failed, progress, volumes,
+                refine_passes)
   result["ensemble"], result["out_of_fold"] = compared(located, held_out)
   vertebrae_lib.write_vertebrae(out_path, located)
   result["studies"] = len(located)
@@ -613,7 +625,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
 
 
 def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed: list,
-                progress: bool, volumes: dict) -> None:
+                progress: bool, volumes: dict, passes: int = 1) -> None:
   """:func:`label_dataset`'s second pass: refines ``located`` (by the refiners' average) and
   ``held_out`` (fold k's by refiner k) in place, from the kept ``volumes`` or the files read
   again; a study unreadable now joins ``failed``."""
@@ -648,22 +660,23 @@ def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed:
       located.pop(uid)
       held_out.pop(uid, None)
       continue
-    located[uid] = refine(located[uid], volume, averaged, options.image_size)
+    located[uid] = refine(located[uid], volume, averaged, options.image_size, passes=passes)
     if uid in held_out:
       k, preds = held_out[uid]
-      held_out[uid] = (k, refine(preds, volume, members.get(k, averaged), options.image_size))
+      held_out[uid] = (k, refine(preds, volume, members.get(k, averaged), options.image_size,
+                                 passes=passes))
   bar.close()
 
 
 def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
                    records_dir: str | os.PathLike, out_path: str | os.PathLike, *,
                    rules: Rules = Rules(), batch_size: int = 32, progress: bool = False,
-                   refine_dir: str | os.PathLike | None = None,
+                   refine_dir: str | os.PathLike | None = None, refine_passes: int = 1,
                    log: Callable[[str], None] = print) -> dict:
   """:func:`label_dataset` with the fold models of a stage-1 training run (``stage1_dir/fold_*``)
   and the preprocessing options and folds of the stage-1 records they trained on
   (``records_dir/stage1``); with ``refine_dir``, a box_refine run's fold models refine the boxes
-  (options from ``records_dir/box_refine``). Returns label_dataset's dict plus "options" (those
+  (options from ``records_dir/box_refine``), ``refine_passes`` times. Returns label_dataset's dict plus "options" (those
   options) and "refine_options" (the refiner's, or None)."""
   from cspine_jax.infer import predict
   from cspine_jax.records import pipeline, shards
@@ -685,8 +698,8 @@ def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
     refiners = {k: predict.refine_scorer(refine, fold=k) for k in refine.folds}
   result = label_dataset(data_dir, scorers, options, out_path, rules=rules, batch_size=batch_size,
                          folds=manifest["folds"], progress=progress, refiner=refiners,
-                         refine_options=refine_options, log=log)
-  return dict(result, options=options, refine_options=refine_options)
+                         refine_options=refine_options, refine_passes=refine_passes, log=log)
+  return dict(result, options=options, refine_options=refine_options, refine_passes=refine_passes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -698,6 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True, help="the --vertebrae CSV to write")
   p.add_argument("--refine", help="box_refine run folder (fold_*/checkpoints): refine the boxes "
                  "(its records under --records/box_refine)")
+  p.add_argument("--refine_passes", type=int, default=1,
+                 help="refiner passes per box, each from the last one's box (with --refine)")
   p.add_argument("--workdir", help="also write WORKDIR/inference.json for cspine_jax.predict "
                  "(stage-2 preprocessing taken as the stage-1 records' options)")
   p.add_argument("--decode", choices=DECODERS, default=Rules.decode)
@@ -720,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   require_all=args.require_all, calibrate_boxes=args.calibrate_boxes)
     result = label_from_run(args.data_dir, args.stage1, args.records, args.out, rules=rules,
                             batch_size=args.batch_size, progress=not args.no_progress,
-                            refine_dir=args.refine)
+                            refine_dir=args.refine, refine_passes=args.refine_passes)
   except (OSError, ValueError, KeyError) as e:  # missing runs/records, unfittable rules
     print(f"pseudo_labels: error: {e}", file=sys.stderr)
     return 2
@@ -728,7 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cspine_jax.infer import predict
     path = predict.write_spec(args.workdir, result["options"], result["options"],
                               top_n=args.top_n, rules=result["rules"],
-                              refine_options=result["refine_options"])
+                              refine_options=result["refine_options"],
+                              refine_passes=result["refine_passes"])
     print(f"inference spec -> {path}")
   return 1 if result["failed"] else 0
 
