@@ -1,6 +1,6 @@
 """The end-to-end demo on a generated synthetic RSNA-format set (CPU, 2 cores).
 
-    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 8 minutes on 2 cores)
+    python launch.py --config=configs/demo.py --workdir=runs/demo        (about 9 minutes on 2 cores)
     python launch.py --config=configs/demo.py:tiny --workdir=/tmp/demo   (the test-suite setting)
 
 generate -> prepare -> stage 1 (all folds) -> box refiner (all folds) -> pseudo-labels -> stage 2
