@@ -31,9 +31,10 @@ from cspine_jax.records import study as study_lib  # noqa: E402
 
 
 def fresh_models(folds: int, image_size: int, variant: str = "cpu",
-                 dtype: str | None = None, refine: bool = True) -> predict.Models:
-  """The stage-1/stage-2 (and box-refiner) models of ``variant`` ("cpu" or "" = paper), randomly
-  initialised, ``folds`` members each."""
+                 dtype: str | None = None, refine: bool = True,
+                 refine_passes: int = 1) -> predict.Models:
+  """The stage-1/stage-2 (and box-refiner, ``refine_passes`` per box) models of ``variant``
+  ("cpu" or "" = paper), randomly initialised, ``folds`` members each."""
   from flax import nnx
   from configs import box_refine as refine_config
   from configs import stage1 as stage1_config, stage2 as stage2_config
@@ -54,6 +55,7 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
   out = predict.ensemble_models(ensembles[0], ensembles[1], options, options)
   if refine:
     out.refiner, out.refine_options = predict.refine_scorer(ensembles[2]), options
+    out.refine_passes = refine_passes
   return out
 
 
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
   p.add_argument("--size", default="small", help="synthetic study size: tiny, small or full (512 px)")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--no_refine", action="store_true", help="fresh models without the box refiner")
+  p.add_argument("--refine_passes", type=int, default=1,
+                 help="refiner passes per box for fresh models (a trained run: its inference.json)")
   p.add_argument("--decode_workers", default="0",
                  help="decoder processes, or a comma list of counts measured in turn (0: one "
                       "reader thread)")
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
   image_size = args.image_size or (224 if args.paper else 64)
   variant = "" if args.paper else "cpu"
   models = (predict.load_models(args.workdir) if args.workdir
-            else fresh_models(args.folds, image_size, variant, args.dtype, not args.no_refine))
+            else fresh_models(args.folds, image_size, variant, args.dtype, not args.no_refine,
+                                 args.refine_passes))
   prior = [0.5] * 8
 
   # Warm-up on one study: compilation is paid once per process, not per study.
