@@ -185,6 +185,11 @@ class AugmentOptions:
   coarse_slices_prob: float = 0.0
   coarse_slices: tuple[int, int] = (4, 12)
 
+  def __post_init__(self):  # a bad range fails when the run builds its options, not in a step
+    lo, hi = (int(v) for v in self.coarse_slices)
+    if not 2 <= lo <= hi:
+      raise ValueError(f"coarse_slices must be (lo, hi) with 2 <= lo <= hi; got {(lo, hi)}")
+
 
 def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
   """grain's batch function: the records' array and number fields stacked along a new first axis;
@@ -242,8 +247,6 @@ def coarse_slice_draws(key: jax.Array, batch_size: int, options: AugmentOptions)
   """Per sample the number of source slices to re-sample it from (0: left as it is)."""
   k_apply, k_count = jax.random.split(key)
   lo, hi = (int(v) for v in options.coarse_slices)
-  if not 2 <= lo <= hi:
-    raise ValueError(f"coarse_slices must be (lo, hi) with 2 <= lo <= hi; got {(lo, hi)}")
   count = jax.random.randint(k_count, (batch_size,), lo, hi + 1)
   return jnp.where(jax.random.uniform(k_apply, (batch_size,)) < options.coarse_slices_prob, count, 0)
 

@@ -164,6 +164,12 @@ def test_inference_refines_as_often_as_the_spec_says(tmp_path):
   options = study_lib.Options(image_size=(16, 16))
   path = predict.write_spec(tmp_path, options, options, refine_options=options, refine_passes=2)
   assert json.loads(path.read_text())["refine_passes"] == 2
+  # A spec with bad passes is refused when it is read, naming the file (before any model loads).
+  spec = json.loads(path.read_text())
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / predict.SPEC).write_text(json.dumps(dict(spec, refine_passes=0)))
+  with pytest.raises(predict.PredictError, match=f"{predict.SPEC}.*passes must be >= 1"):
+    predict.load_models(tmp_path / "bad")
   calls = []
 
   def refiner(images):
@@ -230,6 +236,18 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
     pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "c.csv",
                                 batch_size=1000, folds=folds, refiner={0: refiners[0]},
                                 refine_options=options, log=lambda _: None)
+  # Bad passes are refused before the stage-1 pass runs (no scorer call), not after it.
+  calls = []
+
+  def counting(images):
+    calls.append(len(images))
+    return _stage1(images)
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+      pseudo_labels.label_dataset(data, counting, options, tmp_path / "d.csv", folds=folds,
+                                  refiner=refiners[0], refine_options=options, refine_passes=bad,
+                                  log=lambda _: None)
+  assert not calls and not (tmp_path / "d.csv").exists()
 
 
 def test_predict_refines_located_boxes_and_the_spec_names_the_refiner(segmented, tmp_path):

@@ -498,6 +498,7 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
     rules = pseudo_labels.Rules(**spec.get("rules", {}))
     refine_options = (study_lib.Options.from_json(spec["refine_options"])
                       if spec.get("refine_options") else None)
+    refine_passes = pseudo_labels.check_refine_passes(spec.get("refine_passes", 1))
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise PredictError(f"{spec_path}: cannot read the inference spec ({e}); it is written by "
                        "the demo / predict.write_spec with the records' preprocessing options")
@@ -509,7 +510,7 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
   if refine_options is not None:  # the spec says the pseudo-labels were refined: so is inference
     models.refiner = refine_scorer(FoldEnsemble.load(run_dir / "box_refine", "box_refine"))
     models.refine_options = refine_options
-    models.refine_passes = int(spec.get("refine_passes", 1))
+    models.refine_passes = refine_passes
   return models
 
 

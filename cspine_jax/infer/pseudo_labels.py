@@ -74,7 +74,7 @@ import math
 import os
 import pathlib
 import sys
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -396,11 +396,17 @@ def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray
   out empty keeps the derived one. ``passes`` > 1: the refiner looks again at a crop around its
   own box, each pass starting where the last one ended.
   """
-  if passes < 1:
-    raise ValueError(f"refine passes must be >= 1; got {passes}")
-  for _ in range(passes):
+  for _ in range(check_refine_passes(passes)):
     preds = _refine_once(preds, volume, refiner, size, window)
   return tuple(preds)
+
+
+def check_refine_passes(passes: Any) -> int:
+  """``passes`` as the int :func:`refine` takes; ValueError unless it is a whole number >= 1.
+  Checked where a run starts (pseudo-labels, the inference spec), not per study."""
+  if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+    raise ValueError(f"refine passes must be >= 1 (a whole number); got {passes!r}")
+  return int(passes)
 
 
 def _refine_once(preds, volume, refiner, size, window):
@@ -500,10 +506,10 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   ``calibrate_boxes`` without offsets fits them the same way (the file's from the ensemble's boxes,
   fold k's from model k's).
   ``refiner`` (one, or the fold models ``{held-out fold: refiner}`` of a ``box_refine`` run, whose
-  records' options are ``refine_options``) then refines every box (:func:`refine`, ``refine_passes``
-  times): the file's by
-  the fold models' average, fold k's out-of-fold ones by model k, after the fits above: from the
-  windowed volumes kept in the first pass (up to ``KEEP_VOLUME_BYTES``), else read again.
+  records' options are ``refine_options``) then refines every box (:func:`refine`,
+  ``refine_passes`` times): the file's by the fold models' average, fold k's out-of-fold ones by
+  model k, after the fits above: from the windowed volumes kept in the first pass (up to
+  ``KEEP_VOLUME_BYTES``), else read again.
   Unreadable studies are listed and left out of the file.
   Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs,
   "rules": the rules the file was made with (template and box offsets filled in)}, and with a
@@ -513,6 +519,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   from cspine_jax.io import dicom, nifti
   from cspine_jax.records import study as study_lib
 
+  refine_passes = check_refine_passes(refine_passes)  # before the stage-1 pass, not after it
   data_dir = pathlib.Path(data_dir)
   uids = labels_lib.read_train_csv(data_dir / "train.csv")["StudyInstanceUID"].tolist()
   inputs = [(uid,) + study_lib.study_paths(data_dir, uid) for uid in uids]
@@ -676,8 +683,9 @@ def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
   """:func:`label_dataset` with the fold models of a stage-1 training run (``stage1_dir/fold_*``)
   and the preprocessing options and folds of the stage-1 records they trained on
   (``records_dir/stage1``); with ``refine_dir``, a box_refine run's fold models refine the boxes
-  (options from ``records_dir/box_refine``), ``refine_passes`` times. Returns label_dataset's dict plus "options" (those
-  options) and "refine_options" (the refiner's, or None)."""
+  (options from ``records_dir/box_refine``), ``refine_passes`` times. Returns label_dataset's
+  dict plus "options" (those options), "refine_options" (the refiner's, or None) and
+  "refine_passes"."""
   from cspine_jax.infer import predict
   from cspine_jax.records import pipeline, shards
   from cspine_jax.records import study as study_lib
