@@ -188,6 +188,50 @@ def test_submission_format_fallback_and_error_report(tmp_path, studies, monkeypa
   assert set(result.seconds) == set(predict.STAGES)
 
 
+def test_a_series_where_stage1_finds_no_vertebra_gets_the_prior(tmp_path, studies):
+  """require_all places all seven vertebrae in any series; with no confident one (a series of
+  other anatomy: the fixture is an abdominal CT) stage 2 must not answer: prior + error entry."""
+  def unsure(images):
+    n = len(images)
+    presence = np.full((n, 7), 0.05)
+    presence[5:8, 6] = 0.3  # the best placed vertebra stays under the 0.5 threshold
+    return presence, np.tile([[0.25, 0.3, 0.75, 0.8]], (n, 1))
+
+  def stage2_must_not_run(seqs, vertebra):
+    raise AssertionError("stage 2 ran on a study where stage 1 found no vertebra")
+
+  models = predict.Models(stage1=unsure, stage2=stage2_must_not_run, options=OPTIONS,
+                          rules=pseudo_labels.Rules(decode="ordered", require_all=True))
+  prior = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
+  folders = predict.find_studies(studies)
+  result = predict.run(folders, models, prior, batch_size=8,
+                       on_study=predict.study_writer(tmp_path / "json", None))
+  assert [r.error is not None for r in result.results] == [True, True, True]
+  for r in result.results[:2]:
+    assert "stage 1 finds no cervical vertebra" in r.error and "0.3" in r.error
+    np.testing.assert_allclose(r.probs, prior)
+    assert all(v.present for v in r.vertebrae)  # the placement is kept for the report
+  info = json.loads((tmp_path / "json" / f"{folders[0].name}.json").read_text())
+  assert info["status"] == "fallback" and "NoVertebraFound" in info["error"]
+  assert info["vertebrae"]["C7"]["confidence"] == pytest.approx(0.3)
+  assert result.wide()["StudyInstanceUID"].tolist() == [f.name for f in folders]
+
+
+def test_found_confidence_tells_a_finding_from_a_placement():
+  presence = np.full((12, 7), 0.1)
+  placed = pseudo_labels.derive(presence, np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
+                                rules=pseudo_labels.Rules(decode="ordered", require_all=True))
+  assert all(p.present for p in placed)
+  assert pseudo_labels.found_confidence(placed) == pytest.approx(0.1)
+  with pytest.raises(pseudo_labels.NoVertebraFound, match="0.100 < 0.5"):
+    pseudo_labels.check_found(placed, 0.5)
+  presence[3:6, 2] = 0.9
+  found = pseudo_labels.derive(presence, np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
+                               rules=pseudo_labels.Rules(decode="ordered", require_all=True))
+  pseudo_labels.check_found(found, 0.5)  # C3 is found: no error
+  assert pseudo_labels.found_confidence([vertebrae_lib.absent(0.9)] * 7) == 0.0
+
+
 def test_single_study_folder_and_prior(tmp_path, studies):
   one = studies / "1.2.826.0.1.3680043.10001"
   assert predict.find_studies(one) == [one]
@@ -320,6 +364,29 @@ def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
   c1 = written[uids[0]][0]
   assert c1.present
   np.testing.assert_allclose(c1.box, (0.3, 0.3, 0.7, 0.7), atol=1e-6)
+
+
+def test_label_dataset_lists_the_studies_where_no_vertebra_is_found(tmp_path):
+  from cspine_jax import synthetic
+  data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 3, 5, size="tiny", num_test=0,
+                                         segmented_fraction=1.0))
+  uids = labels.read_train_csv(data / "train.csv")["StudyInstanceUID"].tolist()  # read order
+
+  def scorer(images):  # one call per study: the first shows no vertebra, the others C1..C7
+    n = len(images)
+    presence = np.full((n, 7), 0.2 if scorer.calls == 0 else 0.9)
+    scorer.calls += 1
+    return presence, np.tile([[0.2, 0.2, 0.7, 0.7]], (n, 1))
+  scorer.calls = 0
+
+  lines = []
+  result = pseudo_labels.label_dataset(
+      data, scorer, study_lib.Options(image_size=(32, 32)), tmp_path / "v.csv", batch_size=1000,
+      rules=pseudo_labels.Rules(decode="ordered", require_all=True), log=lines.append)
+  assert result["studies"] == 3 and result["not_found"] == [uids[0]]
+  assert any("no vertebra with confidence >= 0.5 in 1 studies" in line and uids[0] in line
+             for line in lines)
+  assert uids[0] in vertebrae_lib.read_vertebrae(tmp_path / "v.csv")  # kept in the file
 
 
 def test_template_fit_places_the_layout_where_per_slice_evidence_is_ambiguous():

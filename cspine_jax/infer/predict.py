@@ -13,8 +13,9 @@ per-vertebra probabilities -> patient_overall = top-N (``infer.aggregate``).
 
 Writes the long-format submission (``row_id,fractured``; 8 rows per study), one JSON per study
 (probabilities, ranges, boxes) and ``<out>.errors.json`` listing every study that fell back to the
-prior (with the reason). A study that cannot be read or processed gets the prior's probabilities and
-the run goes on; a folder whose name is not a StudyInstanceUID and whose files carry none cannot be
+prior (with the reason). A study that cannot be read or processed, or in which stage 1 finds no
+vertebra with confidence (``pseudo_labels.check_found``: a series of other anatomy), gets the prior's
+probabilities and the run goes on; a folder whose name is not a StudyInstanceUID and whose files carry none cannot be
 named in a submission, so it is only reported.
 """
 from __future__ import annotations
@@ -270,12 +271,13 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
         raise error
       res.shape = tuple(series.volume.shape)
       t0 = time.perf_counter()
-      located, _, _ = locate(series, models, batch_size, inputs.get("stage1_images"))
+      res.vertebrae, _, _ = locate(series, models, batch_size, inputs.get("stage1_images"))
       t1 = time.perf_counter()
-      res.vertebrae = refine_boxes(series, located, models)
+      seconds["stage1"] += t1 - t0
+      pseudo_labels.check_found(res.vertebrae, models.rules.threshold)
+      res.vertebrae = refine_boxes(series, res.vertebrae, models)
       t2 = time.perf_counter()
       seqs = crops(series, res.vertebrae, models.options)
-      seconds["stage1"] += t1 - t0
       seconds["refine"] += t2 - t1
       seconds["crops"] += time.perf_counter() - t2
     except Exception as e:  # noqa: BLE001 - one bad study must not stop the run
@@ -586,10 +588,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                else args.decode_workers),
                on_study=study_writer(json_dir, args.png_dir), progress=not args.no_progress)
   paths = write_outputs(result, out)
-  n_err = len(result.errors())
+  unnamed = sum(r.uid is None for r in result.results)
+  fallback = sum(r.uid is not None and r.error is not None for r in result.results)
   per = {k: v / max(len(folders), 1) for k, v in result.seconds.items()}
-  print(f"predict: {len(folders)} studies ({n_err} fell back to the prior) -> {paths['submission']}"
-        f"; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
+  print(f"predict: {len(folders)} studies ({fallback} fell back to the prior"
+        + (f", {unnamed} without a StudyInstanceUID have no rows" if unnamed else "")
+        + f") -> {paths['submission']}; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
   print("seconds per study: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
   return 0
 

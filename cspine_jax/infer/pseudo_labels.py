@@ -52,6 +52,13 @@ From them, per vertebra (documented rules, tested exactly with an oracle model):
   per-slice regressions on the whole 64 px slice; the refiner looks at the vertebra alone, closer.
   On the demo set: out-of-fold box IoU about 0.85 derived -> 0.93 refined.
 * Confidence: the mean presence probability over the range (absent: 1 - the peak probability).
+* Found or only placed: ``require_all`` and the template place all seven vertebrae in any series,
+  a chest CT included. A study is *found* when some located vertebra's confidence reaches
+  ``threshold`` (:func:`check_found`); ``predict`` gives a study where none is found the prior's
+  probabilities and an error entry instead of stage 2's answer about the wrong anatomy (the demo's
+  models called every vertebra of a real abdominal CT fractured, p 0.91, with the best vertebra at
+  confidence 0.10, where every demo study's best is 0.83 or more), and ``label_dataset`` lists such
+  studies.
 
 On studies with a segmentation :func:`compare_with_masks` reports the slice-range IoU and the box
 IoU against ``labels.vertebra_extents`` of the aligned mask.
@@ -385,6 +392,26 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
   return tuple(out)
 
 
+class NoVertebraFound(ValueError):
+  """Stage 1 finds no cervical vertebra in a series (:func:`check_found`)."""
+
+
+def found_confidence(preds: Sequence[vertebrae_lib.VertebraPrediction]) -> float:
+  """The highest confidence of a located vertebra (0 when none is located)."""
+  return max((p.confidence for p in preds if p.present), default=0.0)
+
+
+def check_found(preds: Sequence[vertebrae_lib.VertebraPrediction], threshold: float) -> None:
+  """Raises :class:`NoVertebraFound` unless some located vertebra's confidence (its mean presence
+  over its range) reaches ``threshold`` (module docstring: found or only placed)."""
+  best = found_confidence(preds)
+  if best < threshold:
+    raise NoVertebraFound(
+        f"stage 1 finds no cervical vertebra in this series (the most confident located one has "
+        f"mean presence {best:.3f} < {threshold}): not a cervical-spine CT, or one the models "
+        "cannot read")
+
+
 def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray,
            refiner: RefineFn, size: tuple[int, int],
            window: tuple[float, float] | None = None, passes: int = 1
@@ -510,8 +537,10 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   ``refine_passes`` times): the file's by the fold models' average, fold k's out-of-fold ones by
   model k, after the fits above: from the windowed volumes kept in the first pass (up to
   ``KEEP_VOLUME_BYTES``), else read again.
-  Unreadable studies are listed and left out of the file.
-  Returns {"studies", "failed": [(uid, reason)], "ensemble": IoUs, "out_of_fold": IoUs,
+  Unreadable studies are listed and left out of the file; studies in which no vertebra is found
+  with confidence (:func:`check_found`) stay in it and are listed.
+  Returns {"studies", "failed": [(uid, reason)], "not_found": [uid], "ensemble": IoUs,
+  "out_of_fold": IoUs,
   "rules": the rules the file was made with (template and box offsets filled in)}, and with a
   refiner "ensemble_derived" / "out_of_fold_derived": the IoUs before refinement.
   """
@@ -618,7 +647,14 @@ def label_dataset(data_dir: str | os.PathLike, stage1: Stage1Fn | Mapping[int, S
   result["ensemble"], result["out_of_fold"] = compared(located, held_out)
   vertebrae_lib.write_vertebrae(out_path, located)
   result["studies"] = len(located)
+  result["not_found"] = sorted(uid for uid, preds in located.items()
+                               if found_confidence(preds) < file_rules.threshold)
   log(f"pseudo-labels: {len(located)} studies -> {out_path} ({len(failed)} unreadable)")
+  if result["not_found"]:
+    shown = ", ".join(result["not_found"][:10]) + (" ..." if len(result["not_found"]) > 10 else "")
+    log(f"  stage 1 finds no vertebra with confidence >= {file_rules.threshold} in "
+        f"{len(result['not_found'])} studies (their ranges and boxes are placements, not "
+        f"findings): {shown}")
   for name in ("ensemble", "out_of_fold"):
     s = result[name]
     if s["pairs"]:
