@@ -347,6 +347,27 @@ def test_mixed_series(tmp_path):
     dicom.read_series(tmp_path, series_uid="9.9")
 
 
+def test_mixed_series_auto_reads_the_one_with_most_axial_slices(tmp_path):
+  sagittal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+  write_series(tmp_path, ramp_stack(3), [2.0, 1.0, 0.0])
+  write_series(tmp_path, ramp_stack(4), [2.0, 1.0, 0.0, -1.0], names=[f"s{i}.dcm" for i in range(4)],
+               series_uid="1.2.3.98", orientation=sagittal)  # more slices, but a reformat
+  s = read_quiet(tmp_path, series_uid=dicom.AUTO_SERIES)
+  assert s.series_uid == SERIES_UID and s.shape[0] == 3
+  assert s.warnings[0] == (f"2 series in the folder: read '{SERIES_UID}' (3 axial of 3 slices), "
+                           "not '1.2.3.98' (0 axial of 4 slices)")
+  assert dict(s.skipped)["s0.dcm"] == f"other series '1.2.3.98' (not selected)"
+  with pytest.warns(dicom.SeriesWarning, match="2 series in the folder"):
+    dicom.read_series(tmp_path, series_uid=dicom.AUTO_SERIES)
+  # Among axial series the larger one wins; one series alone needs no note.
+  write_series(tmp_path, ramp_stack(5), [3.0, 2.0, 1.0, 0.0, -1.0],
+               names=[f"t{i}.dcm" for i in range(5)], series_uid="1.2.3.97")
+  assert read_quiet(tmp_path, series_uid=dicom.AUTO_SERIES).series_uid == "1.2.3.97"
+  one = tmp_path / "one"
+  write_series(one, ramp_stack(3), [2.0, 1.0, 0.0])
+  assert read_quiet(one, series_uid=dicom.AUTO_SERIES).warnings == []
+
+
 def test_describe_is_json_ready(real_data_dir, tmp_path):
   src = real_data_dir / "totalseg_ct" / "dicom_jpeg_lossless"
   for p in sorted(src.iterdir())[:4]:

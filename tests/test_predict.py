@@ -232,6 +232,28 @@ def test_found_confidence_tells_a_finding_from_a_placement():
   assert pseudo_labels.found_confidence([vertebrae_lib.absent(0.9)] * 7) == 0.0
 
 
+def test_a_study_folder_with_several_series_reads_the_axial_one(tmp_path, studies):
+  """A scanner's export holds more than the axial series: predict reads the series with the most
+  axial slices and says so in the study's JSON; --series strict lets such a study fall back."""
+  import pydicom
+  folder = studies / "1.2.826.0.1.3680043.10001"
+  for i, path in enumerate(sorted(folder.iterdir())[:3]):  # a 3-slice second series
+    ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10001.77"
+    ds.save_as(folder / f"extra{i}.dcm")
+  prior = np.full(8, 0.1)
+  res = predict.run([folder], _models(), prior, batch_size=8,
+                    on_study=predict.study_writer(tmp_path / "json", None)).results[0]
+  assert res.error is None and res.shape == (20, 512, 512)
+  info = json.loads((tmp_path / "json" / f"{folder.name}.json").read_text())
+  assert info["status"] == "ok"
+  assert info["reader_notes"][0].startswith("2 series in the folder: read ")
+  assert "'1.2.826.0.1.3680043.10001.77' (3 axial of 3 slices)" in info["reader_notes"][0]
+  strict = predict.run([folder], _models(), prior, batch_size=8, series_uid=None).results[0]
+  assert "SeriesError" in strict.error and "2 series mixed" in strict.error
+  np.testing.assert_allclose(strict.probs, prior)
+
+
 def test_single_study_folder_and_prior(tmp_path, studies):
   one = studies / "1.2.826.0.1.3680043.10001"
   assert predict.find_studies(one) == [one]

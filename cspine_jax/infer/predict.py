@@ -2,7 +2,7 @@
 
     python -m cspine_jax.predict --studies DIR --workdir RUN --out submission.csv
         [--prior train.csv|prior.json] [--top_n 7] [--json_dir D] [--png_dir D] [--batch_size 32]
-        [--decode_workers N]
+        [--decode_workers N] [--series auto|strict|UID]
 
 DIR is a ``test_images/`` folder of study folders or one study folder of scanner files. Per study:
 read (``io.dicom.read_series`` in decoder processes, ``infer.reader``, that decode the next studies
@@ -84,6 +84,7 @@ class StudyResult:
   vertebrae: tuple[vertebrae_lib.VertebraPrediction, ...] | None = None
   shape: tuple[int, int, int] | None = None
   error: str | None = None
+  notes: tuple[str, ...] = ()  # the reader's notes on the series (``dicom.Series.warnings``)
 
   def to_json(self, numbers: np.ndarray | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"StudyInstanceUID": self.uid, "folder": self.folder,
@@ -94,6 +95,8 @@ class StudyResult:
       out["probabilities"] = {t: float(p) for t, p in zip(labels_lib.TARGETS, self.probs)}
     if self.shape is not None:
       out["shape"] = list(self.shape)
+    if self.notes:
+      out["reader_notes"] = list(self.notes)
     if self.vertebrae is not None:
       out["vertebrae"] = {name: _vertebra_json(p, numbers, self.shape)
                           for name, p in zip(labels_lib.VERTEBRAE, self.vertebrae)}
@@ -225,11 +228,13 @@ def default_decode_workers() -> int:
 def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
         batch_size: int = 32, studies_per_batch: int = 4, decode_workers: int = 0,
         on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
-        progress: bool = False) -> Run:
+        progress: bool = False, series_uid: str | None = dicom.AUTO_SERIES) -> Run:
   """Predicts every study folder; failures fall back to ``prior`` (8 probabilities).
 
   ``decode_workers`` > 0 decodes that many studies at once in separate processes (the reader is
-  the bottleneck on a GPU host); 0 reads in one background thread.
+  the bottleneck on a GPU host); 0 reads in one background thread. ``series_uid``: which series
+  of a folder that holds several (``dicom.read_series``; by default the one with the most axial
+  slices, the choice in the study's ``reader_notes``; None: such a folder falls back).
   """
   prior = np.asarray(prior, np.float64)
   seconds = dict.fromkeys(STAGES, 0.0)
@@ -254,7 +259,8 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
   from tqdm import tqdm
   bar = tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
   prepare = functools.partial(stage1_inputs, options=models.stage1_options)
-  stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare)
+  stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare,
+                               series_uid=series_uid)
   while True:
     t0 = time.perf_counter()
     item = next(stream, None)
@@ -270,6 +276,7 @@ def run(folders: Sequence[pathlib.Path], models: Models, prior: np.ndarray, *,
       if error is not None:
         raise error
       res.shape = tuple(series.volume.shape)
+      res.notes = tuple(series.warnings)
       t0 = time.perf_counter()
       res.vertebrae, _, _ = locate(series, models, batch_size, inputs.get("stage1_images"))
       t1 = time.perf_counter()
@@ -567,6 +574,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="processes decoding studies ahead (default: half the CPU cores on machines "
                  "with 4 or more; 0: one reader thread)")
   p.add_argument("--studies_per_batch", type=int, default=4)
+  p.add_argument("--series", default=dicom.AUTO_SERIES,
+                 help="a folder with several series: 'auto' reads the one with the most axial "
+                 "slices (noted in the study's JSON), 'strict' lets such a study fall back, or "
+                 "a SeriesInstanceUID")
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(argv)
 
@@ -586,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                studies_per_batch=args.studies_per_batch,
                decode_workers=(default_decode_workers() if args.decode_workers is None
                                else args.decode_workers),
-               on_study=study_writer(json_dir, args.png_dir), progress=not args.no_progress)
+               on_study=study_writer(json_dir, args.png_dir), progress=not args.no_progress,
+               series_uid=None if args.series == "strict" else args.series)
   paths = write_outputs(result, out)
   unnamed = sum(r.uid is None for r in result.results)
   fallback = sum(r.uid is not None and r.error is not None for r in result.results)

@@ -66,9 +66,10 @@ def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2)
 Prepare = Callable[[dicom.Series], dict[str, np.ndarray]]
 
 
-def _load(folder: pathlib.Path, prepare: Prepare | None) -> Any:
-  """The series, or (series, prepare(series)) when there is host-side work to do beside decoding."""
-  series = dicom.read_series(folder, warn=False)
+def _load(folder: pathlib.Path, prepare: Prepare | None, series_uid: str | None = None) -> Any:
+  """The series, or (series, prepare(series)) when there is host-side work to do beside decoding;
+  ``series_uid`` as in ``dicom.read_series``."""
+  series = dicom.read_series(folder, warn=False, series_uid=series_uid)
   return series if prepare is None else (series, prepare(series))
 
 
@@ -83,11 +84,12 @@ def _to_shared(array: np.ndarray) -> Block:
     shm.close()
 
 
-def _read_to_shared(folder: pathlib.Path, prepare: Prepare | None = None
+def _read_to_shared(folder: pathlib.Path, prepare: Prepare | None = None,
+                    series_uid: str | None = None
                     ) -> tuple[dicom.Series, Block, dict[str, Block], float]:
   """Worker side: read the series (and run ``prepare`` on it), move the arrays into shared memory."""
   start = time.perf_counter()
-  loaded = _load(folder, prepare)
+  loaded = _load(folder, prepare, series_uid)
   series, extras = loaded if prepare is not None else (loaded, {})
   volume = _to_shared(series.volume)
   blocks = {k: _to_shared(v) for k, v in extras.items()}
@@ -143,24 +145,25 @@ def _discard(future: cf.Future) -> None:
 
 
 def read_studies(folders: Sequence[pathlib.Path], workers: int = 0, depth: int = 2,
-                 prepare: Prepare | None = None) -> Iterator[Item]:
+                 prepare: Prepare | None = None, series_uid: str | None = None) -> Iterator[Item]:
   """Yields (folder, Series or None, error or None, seconds) in the order of ``folders``.
 
   ``workers == 0`` reads in one background thread (overlaps with the models only); ``workers > 0``
   decodes that many studies at once in spawned processes. ``prepare`` (a picklable function of
   the series returning named arrays, e.g. the stage-1 images) runs where the study was decoded,
   so that host work leaves the model's thread too; each item then holds (series, arrays) instead
-  of the series, and the seconds count decoding and preparing.
+  of the series, and the seconds count decoding and preparing. ``series_uid``: which series of a
+  folder that mixes several (``dicom.read_series``; ``dicom.AUTO_SERIES`` picks one).
   """
   folders = list(folders)
   if workers <= 0 or len(folders) <= 1:
-    yield from prefetched(folders, lambda f: _load(f, prepare), depth)
+    yield from prefetched(folders, lambda f: _load(f, prepare, series_uid), depth)
     return
   # spawn: the parent has JAX's threads running, which fork must not copy.
   ctx = multiprocessing.get_context("spawn")
   with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
     ahead = workers + max(depth, 0)
-    futures = collections.deque(pool.submit(_read_to_shared, f, prepare)
+    futures = collections.deque(pool.submit(_read_to_shared, f, prepare, series_uid)
                                 for f in folders[:ahead])
     submitted = len(futures)
     try:
@@ -174,7 +177,7 @@ def read_studies(folders: Sequence[pathlib.Path], workers: int = 0, depth: int =
         except Exception as e:  # noqa: BLE001 - handed to the consumer with its folder
           got = (folder, None, e, 0.0)
         if submitted < len(folders):
-          futures.append(pool.submit(_read_to_shared, folders[submitted], prepare))
+          futures.append(pool.submit(_read_to_shared, folders[submitted], prepare, series_uid))
           submitted += 1
         yield got
     finally:

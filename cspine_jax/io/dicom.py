@@ -19,8 +19,11 @@ Documented choices for imperfect folders (every choice is recorded in ``Series.s
 - Non-DICOM, unreadable, truncated or undecodable files, files without pixel data or position,
   multi-frame or colour images: skipped with the reason.
 - Several SeriesInstanceUIDs in one folder: :class:`SeriesError` listing each UID and its slice
-  count, unless ``series_uid=`` picks one (the others are then skipped as "other series"). An empty
-  or missing SeriesInstanceUID is a series of its own (``''``), as in real anonymised data.
+  count, unless ``series_uid=`` picks one (the others are then skipped as "other series"), or is
+  ``AUTO_SERIES``: the series with the most axial slices (a scanner's export of one study often
+  holds scouts, reformats and a second kernel beside the axial series), the choice and the
+  others noted in ``Series.warnings``. An empty or missing SeriesInstanceUID is a series of its
+  own (``''``), as in real anonymised data.
 - Slices whose orientation differs from the majority (e.g. a scout image): skipped.
 - Several slices at the same position (within ``_DUPLICATE_MM``): the one with the lowest file
   number (then name) is kept, the others skipped as duplicates.
@@ -476,6 +479,27 @@ def _describe_skips(skipped: list[tuple[str, str]], limit: int = 5) -> str:
   return text
 
 
+AUTO_SERIES = "auto"  # read_series(series_uid=AUTO_SERIES): the series with most axial slices
+_AXIAL_MIN_COS = 0.7  # a slice is axial when its normal is within ~45 degrees of the body axis
+
+
+def _axial(orientation: np.ndarray) -> bool:
+  normal = np.cross(orientation[:3], orientation[3:])
+  norm = np.linalg.norm(normal)
+  return bool(norm > 1e-3 and abs(normal[2]) / norm >= _AXIAL_MIN_COS)
+
+
+def _auto_series(slices: list["_Slice"]) -> tuple[str, str]:
+  """(the UID of the series with the most axial slices, a note naming the choice and the
+  others); ties go to the series with more slices, then the smaller UID."""
+  axial = collections.Counter(s.series_uid for s in slices if _axial(s.orientation))
+  total = collections.Counter(s.series_uid for s in slices)
+  ranked = sorted(total, key=lambda u: (-axial[u], -total[u], u))
+  describe = lambda u: f"{u!r} ({axial[u]} axial of {total[u]} slices)"  # noqa: E731
+  return ranked[0], (f"{len(total)} series in the folder: read {describe(ranked[0])}, not "
+                     + ", ".join(describe(u) for u in ranked[1:]))
+
+
 def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None,
                 min_slices: int = DEFAULT_MIN_SLICES, min_fraction: float = DEFAULT_MIN_FRACTION,
                 warn: bool = True,
@@ -485,7 +509,8 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
   Args:
     folder: the folder (``train_images/<UID>/`` or any folder of scanner files).
     series_uid: picks one SeriesInstanceUID when the folder mixes several ('' = the series whose
-      files leave it empty); without it a mixed folder raises SeriesError.
+      files leave it empty; ``AUTO_SERIES``: the one with the most axial slices, noted in
+      ``warnings``); without it a mixed folder raises SeriesError.
     min_slices: the fewest usable slices accepted.
     min_fraction: the smallest share of the series' files (all files met, less those of other
       series) that must be usable.
@@ -522,6 +547,11 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
   # One series per call: mixed folders need an explicit choice.
   by_series = collections.Counter(s.series_uid for s in slices)
   other_series = 0
+  if series_uid == AUTO_SERIES:
+    series_uid = None
+    if len(by_series) > 1:
+      series_uid, note = _auto_series(slices)
+      notes.append(note)
   if series_uid is not None:
     if series_uid not in by_series:
       raise SeriesError(f"{folder}: no slice of series {series_uid!r}; found "
