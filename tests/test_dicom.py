@@ -350,8 +350,9 @@ def test_mixed_series(tmp_path):
 def test_mixed_series_auto_reads_the_one_with_most_axial_slices(tmp_path):
   sagittal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
   write_series(tmp_path, ramp_stack(3), [2.0, 1.0, 0.0])
-  write_series(tmp_path, ramp_stack(4), [2.0, 1.0, 0.0, -1.0], names=[f"s{i}.dcm" for i in range(4)],
-               series_uid="1.2.3.98", orientation=sagittal)  # more slices, but a reformat
+  write_series(tmp_path, ramp_stack(4), [2.0, 1.0, 0.0, -1.0],
+               names=[f"s{i}.dcm" for i in range(4)], series_uid="1.2.3.98",
+               orientation=sagittal)  # more slices, but a reformat
   s = read_quiet(tmp_path, series_uid=dicom.AUTO_SERIES)
   assert s.series_uid == SERIES_UID and s.shape[0] == 3
   assert s.warnings[0] == (f"2 series in the folder: read '{SERIES_UID}' (3 axial of 3 slices), "

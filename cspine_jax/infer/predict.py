@@ -14,9 +14,10 @@ per-vertebra probabilities -> patient_overall = top-N (``infer.aggregate``).
 Writes the long-format submission (``row_id,fractured``; 8 rows per study), one JSON per study
 (probabilities, ranges, boxes) and ``<out>.errors.json`` listing every study that fell back to the
 prior (with the reason). A study that cannot be read or processed, or in which stage 1 finds no
-vertebra with confidence (``pseudo_labels.check_found``: a series of other anatomy), gets the prior's
-probabilities and the run goes on; a folder whose name is not a StudyInstanceUID and whose files carry none cannot be
-named in a submission, so it is only reported.
+vertebra with confidence (``pseudo_labels.check_found``: a series of other anatomy), gets the
+prior's probabilities and the run goes on; a folder whose name is not a StudyInstanceUID and whose
+files carry none cannot be named in a submission, so it is only reported. A folder of several
+series is read by its series with the most axial slices (``--series``).
 """
 from __future__ import annotations
 
