@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("study_dir", help="folder of one study's DICOM files")
   parser.add_argument("--mask", help="segmentation NIfTI to align with the series")
   parser.add_argument("--series-uid", default=None,
-                      help="SeriesInstanceUID to read when the folder mixes several")
+                      help="SeriesInstanceUID to read when the folder mixes several, or "
+                      f"'{dicom.AUTO_SERIES}' for the one with the most axial slices")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
   try:

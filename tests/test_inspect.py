@@ -95,3 +95,19 @@ def test_reversed_numbered_study(real_ct, tmp_path, capsys):
   info = run_json(capsys, [str(tmp_path)])
   assert info["reversed"] is True
   assert (info["first_number"], info["last_number"]) == (41, 37)
+
+
+def test_mixed_folder_needs_a_series_or_auto(real_ct, tmp_path, capsys):
+  import pydicom
+  for p in sorted((real_ct / "dicom_jpeg_lossless").iterdir())[:6]:
+    shutil.copy(p, tmp_path / p.name)
+  for i, p in enumerate(sorted((real_ct / "dicom_jpeg_lossless").iterdir())[6:8]):
+    ds = pydicom.dcmread(p)
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10009.2"
+    ds.save_as(tmp_path / f"other{i}.dcm")
+  assert inspect_cli.main([str(tmp_path)]) == 1
+  assert "2 series mixed in one folder" in capsys.readouterr().err
+  info = run_json(capsys, [str(tmp_path), "--series-uid", "auto"])
+  assert info["num_slices"] == 6
+  assert info["warnings"][0].startswith("2 series in the folder: read ")
+  assert "'1.2.826.0.1.3680043.10009.2' (2 axial of 2 slices)" in info["warnings"][0]
