@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/gpu.sh
 #
-# If a folder .whl/ of wheels exists (packages the GPU machine lacks: grain, pydicom, ...), they are
-# installed to /tmp/site first. Each benchmark has its own time limit so one slow part cannot
+# If a folder .whl/ of wheels exists (packages the GPU machine lacks: grain, pydicom, ...; made here
+# by `bash benchmarks/gpu_wheels.sh`, carried with the device call), they are installed to
+# /tmp/site first. Each benchmark has its own time limit so one slow part cannot
 # starve the others. The whole script takes longer than one 10-minute device call: choose parts,
 # e.g. `TRAIN_RUNS=none bash benchmarks/gpu.sh` (inference only, ~5 min) or
 # `INFER_S=0 TRAIN_RUNS="multi_head:32" bash benchmarks/gpu.sh`.
