@@ -358,8 +358,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
     for k, v in mp.items():
       window.setdefault(k, []).append(v)
     clock["steps"] += 1
-    if bar is not None:
-      bar.set_postfix(loss=f"{mp['loss']:.4f}")
+    if bar is not None:  # redrawn by update() at most every 0.1 s, not on every step
+      bar.set_postfix(loss=f"{mp['loss']:.4f}", refresh=False)
       bar.update(1)
     if window and (force or s % tc.log_every == 0):
       rate = clock["steps"] / max(time.perf_counter() - clock["t0"], 1e-9)
