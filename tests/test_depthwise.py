@@ -60,8 +60,9 @@ def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
 
 
 @pytest.mark.parametrize("shape,ksize,stride,pad", CASES + [((6, 16, 16, 3), 7, 1, 3)])
-def test_both_kernel_gradient_forms_match_lax(shape, ksize, stride, pad):
-  # _kernel_grad picks one form by map and batch size; each must be right on every case.
+def test_every_kernel_gradient_form_matches_lax(shape, ksize, stride, pad):
+  # _kernel_grad picks one form by map and batch size; each must be right on every case (the FFT
+  # form is for stride 1 only).
   x, _, rs = _pair(shape, 1, ksize)
   n, h, w, c = shape
   g = rs.standard_normal((n, (h + 2 * pad - ksize) // stride + 1,
@@ -73,10 +74,49 @@ def test_both_kernel_gradient_forms_match_lax(shape, ksize, stride, pad):
       return layers.depthwise_conv2d(x, k, stride=stride, padding=pad, method="lax")
     return jax.vjp(f, jnp.zeros((ksize, ksize, 1, c), jnp.float32))[1](g)[0]
 
-  forms = (layers._kernel_grad_pairs, layers._kernel_grad_rows)  # pylint: disable=protected-access
+  forms = [layers._kernel_grad_pairs, layers._kernel_grad_rows]  # pylint: disable=protected-access
+  if stride == 1:
+    forms.append(lambda x, g, kh, kw, _, padding: layers._kernel_grad_fft(x, g, kh, kw, padding))
   got = jax.jit(lambda x, g: [f(x, g, ksize, ksize, (stride,) * 2, (pad,) * 2) for f in forms])(x, g)
   for dk in got:
     _close(dk, ref(x, g))
+
+
+@pytest.mark.parametrize("shape,ksize,pad", [((2, 14, 15, 24), 7, 3), ((2, 16, 14, 25), 3, 1),
+                                             ((1, 17, 16, 24), 3, 0)])
+def test_large_stride_one_maps_take_the_fft_kernel_gradient(shape, ksize, pad):
+  """The FFT form is the one chosen on maps of 14x14 or more with 24 channels or more at stride 1
+  (odd and non-square sizes, 'same' and 'valid' padding), and the gradient through it matches
+  lax; with fewer channels rows stays."""
+  x, k, rs = _pair(shape, 2, ksize)
+  n, h, w, c = shape
+  ho, wo = h + 2 * pad - ksize + 1, w + 2 * pad - ksize + 1
+  g = rs.standard_normal((n, ho, wo, c)).astype(np.float32)
+  calls = []
+  real = layers._kernel_grad_fft  # pylint: disable=protected-access
+
+  def spy(*args):
+    calls.append(args[0].shape)
+    return real(*args)
+
+  layers._kernel_grad_fft = spy  # pylint: disable=protected-access
+  try:
+    got = jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x, k, padding=pad,
+                                                              method="shifted") * g))(k)
+  finally:
+    layers._kernel_grad_fft = real  # pylint: disable=protected-access
+  ref = jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x, k, padding=pad, method="lax") * g))(k)
+  assert calls == [shape]
+  _close(got, ref)
+  layers._kernel_grad_fft = spy  # pylint: disable=protected-access
+  try:
+    jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x[..., :8], k[..., :8], padding=pad,
+                                                        method="shifted") * g[..., :8]))(k)
+  finally:
+    layers._kernel_grad_fft = real  # pylint: disable=protected-access
+  assert calls == [shape]  # 8 channels: not the FFT
+  fft_size = layers._fft_size  # pylint: disable=protected-access
+  assert [fft_size(m) for m in (20, 62, 34, 7, 1)] == [20, 64, 36, 8, 1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion decisions")

@@ -220,18 +220,59 @@ def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
   """dk[i, j, 0, c] = sum_{n,y,x} xpad[n, y*sh+i, x*sw+j, c] * g[n, y, x, c].
 
   XLA:CPU materialises every shifted slice that feeds a reduction and then runs kh*kw separate
-  reductions (~4x slower), so both forms are matmuls. `_kernel_grad_pairs` costs ~ (h*w)*(ho*wo)
-  per channel and sample, `_kernel_grad_rows` ~ kh*(w+2pw)*(ho*wo): pairs win where the output map
-  is small against the batch and the kernel (9*ho*wo <= n*kh*kw) and at most 16x16. Measured,
-  ms per kernel gradient (pairs / rows), 7x7 at n = 128: 16x16x40 12.8 / 41.0, 8x8x80 3.2 / 23.4,
-  4x4x160 1.1 / 10.6, 2x2x320 0.9 / 2.5 (a direct tap sum); 7x7 at n = 16: 7x7x768 7.0 / 26.9,
-  14x14x384 87.5 / 41.8; 3x3 at n = 64: 8x8x128 3.4 / 4.8, 16x16x64 31.5 / 19.0.
+  reductions (~4x slower), so no form is a direct tap sum. `_kernel_grad_pairs` (a matmul) costs
+  ~ (h*w)*(ho*wo) per channel and sample, `_kernel_grad_rows` (a matmul) ~ kh*(w+2pw)*(ho*wo), and
+  `_kernel_grad_fft` (stride 1 only) ~ an FFT of each sample's channel. Pairs win where the output
+  map is small against the batch and the kernel (9*ho*wo <= n*kh*kw) and at most 16x16; past
+  that, at stride 1 on maps of 14x14 or more with 24 channels or more, the FFT (the matmul forms
+  spend most of their time on channel-major copies and the rows form on 7x as many column pairs
+  as the taps use; with few channels rows stays faster: 16x16x8 at n = 32 0.67 / 1.12 ms); else
+  rows. Measured, ms per kernel gradient (pairs / rows), 7x7 at n = 128: 16x16x40 12.8 / 41.0,
+  8x8x80 3.2 / 23.4, 4x4x160 1.1 / 10.6, 2x2x320 0.9 / 2.5 (a direct tap sum); 7x7 at n = 16:
+  7x7x768 7.0 / 26.9, 14x14x384 87.5 / 41.8; 3x3 at n = 64: 8x8x128 3.4 / 4.8, 16x16x64 31.5 /
+  19.0. The chosen form / the FFT (ConvNeXt-Tiny's maps at n = 16, 7x7): 56x56x96 109 / 70,
+  28x28x192 53 / 24, 14x14x384 16 / 13, 7x7x768 4.9 / 14 (pairs); at n = 128: 32x32x40 110 / 72,
+  16x16x40 6.2 / 15.8 (pairs); 32x32x24 at n = 64 30 / 11.
   """
   n = x.shape[0]
   _, ho, wo, _ = g.shape
   if 9 * ho * wo <= n * kh * kw and ho * wo <= 256:
     return _kernel_grad_pairs(x, g, kh, kw, stride, padding)
+  if tuple(stride) == (1, 1) and ho * wo >= 196 and x.shape[-1] >= 24:
+    return _kernel_grad_fft(x, g, kh, kw, padding)
   return _kernel_grad_rows(x, g, kh, kw, stride, padding)
+
+
+def _fft_size(m: int) -> int:
+  """The smallest length >= m whose prime factors are 2, 3 and 5 (fast FFT sizes: 62 -> 64)."""
+  k = m
+  while True:
+    r = k
+    for f in (2, 3, 5):
+      while r % f == 0:
+        r //= f
+    if r == 1:
+      return k
+    k += 1
+
+
+def _kernel_grad_fft(x: Array, g: Array, kh: int, kw: int, padding: tuple[int, int]) -> Array:
+  """Stride-1 kernel gradient as a correlation by FFT: per sample and channel, the padded input
+  correlated with g, summed over the batch in the frequency domain, lags 0..kh-1 x 0..kw-1.
+
+  A circular correlation of length L >= h + 2ph has no wrap-around at those lags (the last row a
+  lag reaches is ho - 1 + kh - 1 = h + 2ph - 1), so L is the next fast FFT size above it. Computed
+  in float32 at least: ~5e-7 relative to the matmul forms on ConvNeXt's maps.
+  """
+  n, h, w, c = x.shape
+  ph, pw = padding
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  size = (_fft_size(h + 2 * ph), _fft_size(w + 2 * pw))
+  xt = jnp.pad(jnp.transpose(x.astype(acc), (0, 3, 1, 2)), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+  gt = jnp.transpose(g.astype(acc), (0, 3, 1, 2))  # rfft2 pads it with zeros to `size`
+  spectrum = jnp.sum(jnp.fft.rfft2(xt, s=size) * jnp.conj(jnp.fft.rfft2(gt, s=size)), axis=0)
+  lags = jnp.fft.irfft2(spectrum, s=size)[:, :kh, :kw]  # (c, kh, kw)
+  return jnp.transpose(lags, (1, 2, 0))[:, :, None, :]
 
 
 def _kernel_grad_pairs(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
