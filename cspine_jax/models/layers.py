@@ -245,7 +245,7 @@ def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
 
 def _fft_size(m: int) -> int:
   """The smallest length >= m whose prime factors are 2, 3 and 5 (fast FFT sizes: 62 -> 64)."""
-  k = m
+  k = max(m, 1)
   while True:
     r = k
     for f in (2, 3, 5):
@@ -264,7 +264,7 @@ def _kernel_grad_fft(x: Array, g: Array, kh: int, kw: int, padding: tuple[int, i
   lag reaches is ho - 1 + kh - 1 = h + 2ph - 1), so L is the next fast FFT size above it. Computed
   in float32 at least: ~5e-7 relative to the matmul forms on ConvNeXt's maps.
   """
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   ph, pw = padding
   acc = jnp.promote_types(x.dtype, jnp.float32)
   size = (_fft_size(h + 2 * ph), _fft_size(w + 2 * pw))
