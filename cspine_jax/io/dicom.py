@@ -483,10 +483,16 @@ AUTO_SERIES = "auto"  # read_series(series_uid=AUTO_SERIES): the series with mos
 _AXIAL_MIN_COS = 0.7  # a slice is axial when its normal is within ~45 degrees of the body axis
 
 
-def _axial(orientation: np.ndarray) -> bool:
+def _unit_normal(orientation: np.ndarray) -> np.ndarray | None:
+  """The slice plane's unit normal from ImageOrientationPatient (None when degenerate)."""
   normal = np.cross(orientation[:3], orientation[3:])
   norm = np.linalg.norm(normal)
-  return bool(norm > 1e-3 and abs(normal[2]) / norm >= _AXIAL_MIN_COS)
+  return normal / norm if norm >= 1e-3 else None
+
+
+def _axial(orientation: np.ndarray) -> bool:
+  normal = _unit_normal(orientation)
+  return normal is not None and abs(normal[2]) >= _AXIAL_MIN_COS
 
 
 def _auto_series(slices: list["_Slice"]) -> tuple[str, str]:
@@ -579,10 +585,9 @@ def read_series(folder: str | os.PathLike[str], *, series_uid: str | None = None
           (s.name, f"orientation {list(key)} differs from the series' {list(main_orient)}"))
   slices = kept
   orientation = np.mean([s.orientation for s in slices], axis=0)
-  normal = np.cross(orientation[:3], orientation[3:])
-  if np.linalg.norm(normal) < 1e-3:
+  normal = _unit_normal(orientation)
+  if normal is None:
     raise SeriesError(f"{folder}: degenerate ImageOrientationPatient {list(orientation)}")
-  normal /= np.linalg.norm(normal)
 
   # Head to feet: order by the projection on the normal, falling in the superior (+z) sense.
   sense = -1.0 if normal[2] >= 0 else 1.0
