@@ -1,7 +1,7 @@
 """Stage-2 atto model on CPU: our jit-compiled train/eval steps vs the seed's PyTorch model.
 
     python benchmarks/stage2_vs_torch.py [--steps 6] [--batch 16] [--size 64]
-        [--encoder convnext_atto] [--torch_python PATH] [--ours_only]
+        [--encoder convnext_atto] [--torch_python PATH] [--ours_only] [--rounds 1]
 
 Ours: the project's own ``Trainer`` (``loop.make_trainer`` on ``configs/stage2.py`` with the encoder,
 image size and batch set here): a train step is forward + backward + global-norm clip + AdamW on the
@@ -15,7 +15,10 @@ The peer runs in this process when ``torch`` and ``timm`` import, else under ``-
 (another interpreter, e.g. a scratch venv with torch CPU + timm) as a subprocess, else the issue's
 reference figures for this machine kind (447 / 1752 images/s, torch 2.13 CPU, 2 cores) stand in.
 Each figure is the median of ``--steps`` timed calls after two warm-up calls; our first call of each
-step (compile + one run) is printed too. Ends with the ratios.
+step (compile + one run) is printed too. Ends with the ratios. With ``--rounds K`` the peer and ours
+are measured K times in turn (ours compiled once) and the ratio of each round and their median are
+printed: this machine's speed drifts by +-15% over minutes, so a ratio from one pair of
+measurements minutes apart says little.
 """
 from __future__ import annotations
 
@@ -143,8 +146,9 @@ def peer_figures(args) -> tuple[dict, str]:
 
 
 # ---- ours -----------------------------------------------------------------------------------------
-def ours(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
-  """(train, inference) images/s of the project's stage-2 Trainer steps on one CPU device."""
+def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
+  """A function measuring (train, inference) images/s of the project's stage-2 Trainer steps on
+  one CPU device; the steps are compiled (and the compile times recorded) on its first call."""
   sys.path.insert(0, str(REPO))
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -180,12 +184,18 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
     jax.block_until_ready(fn())
     return time.perf_counter() - t
 
-  compile_s = {"train": first_call(train), "inference": first_call(infer)}
-  n = batch * SEQ
-  return {"train": n / median_time(train, steps, jax.block_until_ready),
-          "inference": n / median_time(infer, steps, jax.block_until_ready),
-          "compile_s": compile_s,
-          "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.default_backend()}"}
+  compile_s = {}
+
+  def measure() -> dict:
+    if not compile_s:
+      compile_s.update(train=first_call(train), inference=first_call(infer))
+    n = batch * SEQ
+    return {"train": n / median_time(train, steps, jax.block_until_ready),
+            "inference": n / median_time(infer, steps, jax.block_until_ready),
+            "compile_s": dict(compile_s),
+            "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.default_backend()}"}
+
+  return measure
 
 
 def main() -> None:
@@ -197,24 +207,41 @@ def main() -> None:
   ap.add_argument("--torch_python", default=os.environ.get("CSPINE_TORCH_PYTHON"),
                   help="an interpreter with torch + timm for the peer (default $CSPINE_TORCH_PYTHON)")
   ap.add_argument("--ours_only", action="store_true")
+  ap.add_argument("--rounds", type=int, default=1,
+                  help="measure the peer and ours this many times in turn; report each round's "
+                       "ratio and their median")
   ap.add_argument("--peer_only", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.peer_only:  # run by peer_figures() under --torch_python: one JSON line
     print(json.dumps(torch_peer(args.batch, args.size, args.steps, args.encoder)))
     return
+  if args.rounds < 1:
+    ap.error("--rounds must be at least 1")
   print(f"{args.encoder} stage-2 model, {args.batch} x {SEQ} images of {args.size} px, "
         f"{os.cpu_count()} CPUs, median of {args.steps} steps")
-  peer, origin = (None, "") if args.ours_only else peer_figures(args)
-  mine = ours(args.batch, args.size, args.steps, args.encoder)
-  print(f"ours ({mine['jax']}, {mine['devices']}): train {mine['train']:.1f} images/s, "
-        f"inference {mine['inference']:.1f} images/s; first call (compile + run) train "
-        f"{mine['compile_s']['train']:.1f} s, inference {mine['compile_s']['inference']:.1f} s")
-  if peer is None:
-    return
-  print(f"torch peer, {origin}: train {peer['train']:.1f} images/s, "
-        f"inference {peer['inference']:.1f} images/s")
-  print(f"ratio_ours_over_torch_train: {mine['train'] / peer['train']:.2f}")
-  print(f"ratio_ours_over_torch_inference: {mine['inference'] / peer['inference']:.2f}")
+  measure_ours = ours(args.batch, args.size, args.steps, args.encoder)
+  ratios = {"train": [], "inference": []}
+  for r in range(args.rounds):
+    tag = f"round {r + 1}/{args.rounds}: " if args.rounds > 1 else ""
+    peer, origin = (None, "") if args.ours_only else peer_figures(args)
+    mine = measure_ours()
+    print(f"{tag}ours ({mine['jax']}, {mine['devices']}): train {mine['train']:.1f} images/s, "
+          f"inference {mine['inference']:.1f} images/s" + ("" if r else
+          f"; first call (compile + run) train {mine['compile_s']['train']:.1f} s, inference "
+          f"{mine['compile_s']['inference']:.1f} s"), flush=True)
+    if peer is None:
+      continue
+    print(f"{tag}torch peer, {origin}: train {peer['train']:.1f} images/s, "
+          f"inference {peer['inference']:.1f} images/s", flush=True)
+    for kind in ratios:
+      ratios[kind].append(mine[kind] / peer[kind])
+    if args.rounds > 1:
+      print(f"{tag}ratio train {ratios['train'][-1]:.2f}, inference "
+            f"{ratios['inference'][-1]:.2f}", flush=True)
+  for kind, values in ratios.items():
+    if values:
+      spread = f" (rounds {min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+      print(f"ratio_ours_over_torch_{kind}: {statistics.median(values):.2f}{spread}")
 
 
 if __name__ == "__main__":

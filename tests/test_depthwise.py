@@ -1,5 +1,5 @@
-"""layers.py's CPU formulations match the reference ops: the shifted depthwise conv lax's grouped
-convolution, the custom-VJP GELU jax.nn.gelu(approximate=False) (values and gradients)."""
+"""layers.py's CPU formulations match the reference ops: the shifted and native depthwise convs lax's
+grouped convolution, the custom-VJP GELU jax.nn.gelu(approximate=False) (values and gradients)."""
 import functools
 import re
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cspine_jax.models import layers
+from cspine_jax.models import layers, native
 from cspine_jax.train import steps
 
 
@@ -34,11 +34,14 @@ CASES = [((2, 9, 11, 5), 7, 1, 3), ((3, 2, 2, 4), 7, 1, 3), ((2, 4, 5, 6), 7, 1,
          # more rows than ConvNeXt's 7x7 needs for all 49 taps, several channels, a batch of 1
          ((1, 20, 5, 2), 7, 2, 3), ((2, 13, 6, 11), 7, 1, 3),
          # a strided map small enough for the dense (position-matrix) form
-         ((2, 3, 4, 5), 7, 2, 3)]
+         ((2, 3, 4, 5), 7, 2, 3),
+         # the native kernels' channel blocks: 64 + 16 + 16 + a tail of 4; 16 + 16 + 8, strided
+         ((2, 6, 5, 100), 7, 1, 3), ((3, 10, 9, 40), 5, 2, 2), ((2, 5, 6, 24), 3, 1, 0)]
 
 
+@pytest.mark.parametrize("method", ["shifted", "native"])
 @pytest.mark.parametrize("shape,ksize,stride,pad", CASES)
-def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
+def test_cpu_forms_match_lax_forward_and_gradients(shape, ksize, stride, pad, method):
   x, k, rs = _pair(shape, 0, ksize)
   n, h, w, c = shape
   g = rs.standard_normal((n, (h + 2 * pad - ksize) // stride + 1,
@@ -53,9 +56,9 @@ def test_shifted_matches_lax_forward_and_gradients(shape, ksize, stride, pad):
     y = f(x, k, b)
     return (y, *jax.grad(lambda x, k, b: jnp.sum(f(x, k, b) * g), argnums=(0, 1, 2))(x, k, b))
 
-  shifted, ref = run("shifted", x, k, b, g), run("lax", x, k, b, g)
-  assert shifted[0].shape == ref[0].shape
-  for a, b in zip(shifted, ref):
+  got, ref = run(method, x, k, b, g), run("lax", x, k, b, g)
+  assert got[0].shape == ref[0].shape
+  for a, b in zip(got, ref):
     _close(a, b)
 
 
@@ -146,6 +149,9 @@ def test_dense_form_on_small_maps_only():
 
 
 def test_auto_method_and_errors():
+  assert native.available(), "the native kernels should build here (g++ is on every machine kind)"
+  # The suite's 8 fake devices: the partitionable XLA form (test_native checks one device).
+  assert jax.device_count() == 8
   assert layers.resolve_method("auto") == ("shifted" if jax.default_backend() == "cpu" else "lax")
   with pytest.raises(ValueError, match="unknown depthwise conv method"):
     layers.resolve_method("fft")

@@ -107,13 +107,16 @@ def test_drop_path_only_in_train_mode():
     layers.DropPath(1.0)
 
 
-@pytest.mark.parametrize("drop_path_rate,train", [(0.0, True), (0.3, True), (0.3, False)])
-def test_convnext_cpu_form_matches_library_form(drop_path_rate, train):
-  """dw_method "shifted" (the CPU form: conv bias inside the tap sum; in training LayerNorm affine
+@pytest.mark.parametrize("drop_path_rate,train,method", [(0.0, True, "shifted"),
+                                                         (0.3, True, "shifted"),
+                                                         (0.3, False, "shifted"),
+                                                         (0.3, True, "native")])
+def test_convnext_cpu_form_matches_library_form(drop_path_rate, train, method):
+  """dw_method "shifted" / "native" (the CPU forms: conv bias inside the tap sum; in training LayerNorm affine
   folded into fc1 and the downsample conv, layer scale into fc2; custom VJPs) against "lax" (the
   library modules) on the same parameters: pooled features and every parameter's gradient, in
   train mode (same drop-path draws) and in eval mode (no folds)."""
-  models = [_encoder(dw_method=m, drop_path_rate=drop_path_rate) for m in ("shifted", "lax")]
+  models = [_encoder(dw_method=m, drop_path_rate=drop_path_rate) for m in (method, "lax")]
   for m in models:
     if not train:
       m.eval()

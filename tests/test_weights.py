@@ -32,7 +32,7 @@ def _eval_features(enc, x):
   return np.asarray(_features(enc, x))
 
 
-@pytest.mark.parametrize("method", ["lax", "shifted"])
+@pytest.mark.parametrize("method", ["lax", "shifted", "native"])
 def test_convnext_atto_matches_timm(method):
   x, io = _io("convnext_atto")
   enc = weights.build_encoder("convnext_atto", abstract=True, dw_method=method)

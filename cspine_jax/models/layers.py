@@ -5,10 +5,12 @@ to a slow generic loop (a 7x7 depthwise conv over a stage-2 batch took ~120 ms w
 shifted multiplies took 5-9 ms), and its gradient is slow too. The "shifted" formulation pads
 once and sums kh*kw shifted slices times per-channel weights; XLA fuses it into one loop and its
 autodiff gradient is again shifted multiplies. On GPU/TPU the library convolution is faster, so
-"auto" picks "shifted" on the CPU backend and "lax" elsewhere. On maps with fewer positions than
-useful taps (ConvNeXt's 4x4 and 2x2 stages) "shifted" sums over input positions instead
-(`_dense`): no padded copy, fewer terms. Both use the same parameters as an
-`nnx.Conv(feature_group_count=C)`: kernel (kh, kw, 1, C) and bias (C,).
+"auto" picks "lax" off the CPU. On maps with fewer positions than useful taps (ConvNeXt's 4x4 and
+2x2 stages) "shifted" sums over input positions instead (`_dense`): no padded copy, fewer terms.
+Fastest on CPU is "native" (what "auto" picks there when it can be built): C++ loops called
+through jax.ffi (`native`, `depthwise_cpu.cc`) that need no padded or transposed copies, for the
+forward and both gradients; it takes float32 (other dtypes use "shifted"). All use the same
+parameters as an `nnx.Conv(feature_group_count=C)`: kernel (kh, kw, 1, C) and bias (C,).
 """
 from __future__ import annotations
 
@@ -21,21 +23,34 @@ import numpy as np
 from jax import lax
 from flax import nnx
 
+from cspine_jax.models import native
+
 Array = jax.Array
 Dtype = Any
-Method = Literal["auto", "shifted", "lax"]
-METHODS = ("auto", "shifted", "lax")
+Method = Literal["auto", "native", "shifted", "lax"]
+METHODS = ("auto", "native", "shifted", "lax")
 
 # timm initialises convs and linears with trunc_normal(std=.02) and zero biases.
 trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
 
 def resolve_method(method: str) -> str:
-  """Maps "auto" to "shifted" on the CPU backend and "lax" elsewhere."""
+  """Maps "auto" to "lax" off the CPU; on the CPU backend to "native" where the native kernels
+  are available (`native.available()`, which builds them once) and JAX has one device, else to
+  "shifted".
+
+  One device, because XLA's SPMD partitioner does not know how to split a foreign call: on a
+  mesh of several CPU devices it gathers the whole batch onto every device and runs the call
+  there (right, but each device then does all the work), while the "shifted" ops partition.
+  Every method but "lax" means the CPU formulations for the other layers here (dense,
+  normalize, patch_conv); "native" and "shifted" differ only in the depthwise conv.
+  """
   if method not in METHODS:
     raise ValueError(f"unknown depthwise conv method {method!r}; expected one of {METHODS}")
   if method == "auto":
-    return "shifted" if jax.default_backend() == "cpu" else "lax"
+    if jax.default_backend() != "cpu":
+      return "lax"
+    return "native" if jax.device_count() == 1 and native.available() else "shifted"
   return method
 
 
@@ -52,19 +67,24 @@ def depthwise_conv2d(x: Array, kernel: Array, bias: Array | None = None, *,
   cross-correlation as `lax.conv_general_dilated(..., feature_group_count=C)`. "shifted" adds
   the bias inside its tap sum (the stored result is then the biased one: a LayerNorm after it
   reads it directly instead of a second full-size array of conv + bias) and returns its
-  gradient as a ones-vector dot (`col_sum`).
+  gradient as a ones-vector dot (`col_sum`). "native" runs float32 through the C++ kernels
+  (other dtypes through "shifted"); it raises `native.NativeBuildError` where they cannot be
+  built.
   """
   if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[3]:
     raise ValueError(f"depthwise_conv2d wants x (N,H,W,C) and kernel (kh,kw,1,C); got x "
                      f"{x.shape}, kernel {kernel.shape}")
   sh, sw = _pair(stride)
   ph, pw = _pair(padding)
-  if resolve_method(method) == "lax":
+  method = resolve_method(method)
+  if method == "lax":
     y = lax.conv_general_dilated(
         x, kernel, window_strides=(sh, sw), padding=((ph, ph), (pw, pw)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[3])
     return y if bias is None else y + bias
   bias = jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+  if method == "native" and x.dtype == kernel.dtype == jnp.float32:
+    return _native(x, kernel, bias, (sh, sw), (ph, pw))
   return _shifted(x, kernel, bias, (sh, sw), (ph, pw))
 
 
@@ -213,6 +233,37 @@ def _shifted_bwd(stride, padding, res, g):
 
 
 _shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def _out_hw(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int]
+            ) -> tuple[int, int]:
+  ho = _out_size(x.shape[1], kernel.shape[0], stride[0], padding[0])
+  wo = _out_size(x.shape[2], kernel.shape[1], stride[1], padding[1])
+  if ho <= 0 or wo <= 0:
+    raise ValueError(f"depthwise kernel {kernel.shape[:2]} larger than padded input {x.shape}")
+  return ho, wo
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native(x: Array, kernel: Array, bias: Array, stride: tuple[int, int],
+            padding: tuple[int, int]) -> Array:
+  """The C++ depthwise conv (float32); gradients by its two backward kernels."""
+  return native.depthwise_forward(x, kernel[:, :, 0, :], bias,
+                                  _out_hw(x, kernel, stride, padding), stride, padding)
+
+
+def _native_fwd(x, kernel, bias, stride, padding):
+  return _native(x, kernel, bias, stride, padding), (x, kernel)
+
+
+def _native_bwd(stride, padding, res, g):
+  x, kernel = res
+  dx = native.depthwise_input_grad(g, kernel[:, :, 0, :], x.shape[1:3], stride, padding)
+  dk = native.depthwise_kernel_grad(x, g, kernel.shape[:2], stride, padding)[:, :, None, :]
+  return dx, dk, col_sum(g).astype(kernel.dtype)
+
+
+_native.defvjp(_native_fwd, _native_bwd)
 
 
 def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],

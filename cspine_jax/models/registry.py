@@ -7,7 +7,7 @@
   encoder            "convnext_<variant>" | "efficientnet_v2_<variant>"   (not for cnn3d)
   drop_path_rate     encoder stochastic depth (default 0.0; the seed's stage 2 uses 0.1)
   dtype              compute dtype name, "float32" (default) or "bfloat16"
-  dw_method          ConvNeXt depthwise conv: "auto" (default) | "shifted" | "lax"
+  dw_method          ConvNeXt depthwise conv: "auto" (default) | "native" | "shifted" | "lax"
   in_chans           encoder input channels (default 3; cnn3d default 1)
   stage2:            lstm_hidden (None = encoder width), lstm_layers (1), attention_hidden,
                      vertebra_embedding (0 = off), dropout (0.0)

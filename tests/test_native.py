@@ -1,0 +1,106 @@
+"""The native depthwise kernels (models/native.py, models/depthwise_cpu.cc): how they are built,
+cached and turned off, and that they run under a sharded jit. Their numerics against lax are in
+test_depthwise.py (every case, forward and both gradients)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cspine_jax.models import layers, native
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _conv_and_grads(method):
+  def f(x, k, b):
+    return layers.depthwise_conv2d(x, k, b, padding=3, method=method)
+
+  def run(x, k, b, g):
+    y, vjp = jax.vjp(f, x, k, b)
+    return (y, *vjp(g))
+  return run
+
+
+def _inputs(shape=(8, 9, 7, 20), seed=0):
+  rs = np.random.RandomState(seed)
+  x = rs.standard_normal(shape).astype(np.float32)
+  k = rs.standard_normal((7, 7, 1, shape[-1])).astype(np.float32)
+  b = rs.standard_normal(shape[-1]).astype(np.float32)
+  g = rs.standard_normal(shape).astype(np.float32)
+  return x, k, b, g
+
+
+def test_a_failing_compiler_gives_an_error_that_shows_its_output(tmp_path, monkeypatch):
+  script = tmp_path / "broken-cxx"
+  script.write_text("#!/bin/sh\necho 'cc1plus: fatal error: out of disk' >&2\nexit 1\n")
+  script.chmod(0o755)
+  monkeypatch.setenv("CXX", str(script))
+  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(tmp_path / "cache"))
+  with pytest.raises(native.NativeBuildError, match=r"(?s)broken-cxx .*failed \(1\).*out of disk"):
+    native.load()
+  assert not list((tmp_path / "cache").glob("*.so*"))  # no half-written library left behind
+
+
+def test_a_broken_cached_library_is_built_again(tmp_path, monkeypatch):
+  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(tmp_path))
+  path = native.library_path(native._compiler())  # pylint: disable=protected-access
+  path.write_bytes(b"not a shared object")  # e.g. a copy cut short
+  lib = native.load()
+  assert hasattr(lib, "CspineDepthwiseForward")
+  assert path.stat().st_size > 10_000
+  # The key covers the source, compiler, flags, jaxlib and CPU: another CPU gets its own file.
+  monkeypatch.setattr(native, "_cpu_signature", lambda: "model name: another CPU")
+  assert native.library_path(native._compiler()) != path  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("env,devices,want", [({}, 1, ["True", "native"]),
+                                               ({"CSPINE_NATIVE": "0"}, 1, ["False", "shifted"]),
+                                               ({}, 2, ["True", "shifted"])])
+def test_auto_takes_the_native_kernels_on_one_cpu_device_unless_turned_off(env, devices, want):
+  code = ("from cspine_jax.models import layers, native; "
+          "print(native.available(), layers.resolve_method('auto'))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
+  assert out == want
+
+
+def test_native_asked_for_where_it_cannot_be_built_says_so(monkeypatch):
+  monkeypatch.setattr(native, "available", lambda: False)
+  assert layers.resolve_method("auto") in ("shifted", "lax")
+  x, k, b, _ = _inputs()
+  with pytest.raises(native.NativeBuildError, match="not available"):
+    layers.depthwise_conv2d(x, k, b, padding=3, method="native")
+
+
+def test_other_dtypes_take_the_xla_form():
+  x, k, b, _ = _inputs((2, 8, 8, 16))
+  f = jax.jit(lambda x, k, b: layers.depthwise_conv2d(x, k, b, padding=3, method="native"))
+  assert "cspine_depthwise" in f.lower(x, k, b).as_text()
+  x16, k16, b16 = (a.astype(jnp.bfloat16) for a in (x, k, b))
+  assert "cspine_depthwise" not in f.lower(x16, k16, b16).as_text()
+  y16 = f(x16, k16, b16)
+  assert y16.dtype == jnp.bfloat16
+  want = f(x, k, b)
+  np.testing.assert_allclose(np.asarray(y16, np.float32), want, rtol=0.05,
+                             atol=0.03 * np.abs(want).max())
+
+
+def test_a_batch_sharded_over_eight_devices_gives_the_single_device_result():
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ("data",))
+  x, k, b, g = _inputs()
+  run = _conv_and_grads("native")
+  want = jax.jit(run)(x, k, b, g)
+  batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  got = jax.jit(run, in_shardings=(batch, rep, rep, batch))(
+      jax.device_put(x, batch), k, b, jax.device_put(g, batch))
+  for a, w in zip(got, want):
+    np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
