@@ -301,3 +301,29 @@ def test_cpu_steps_keep_freed_host_memory_for_the_next_step():
   # Unmapped on free it faults in again (16,384 pages, ~500 with transparent huge pages).
   assert faults() - before < 50
   del block
+
+
+@pytest.mark.parametrize("method", ["shifted", "native"])
+@pytest.mark.parametrize("shape", [(2, 9, 11, 100), (3, 4, 5, 24), (2, 2, 2, 8)])
+def test_conv_then_normalize_matches_the_library_ops(shape, method):
+  # ConvNeXt's depthwise conv + LayerNorm (no affine): one native call against lax's conv and
+  # the plain formulas, values and all three gradients.
+  x, k, rs = _pair(shape, 3)
+  b = rs.standard_normal(shape[-1]).astype(np.float32)
+  g = rs.standard_normal(shape).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fused, x, k, b, g):
+    def f(x, k, b):
+      if fused:
+        return layers.depthwise_conv2d_normalize(x, k, b, 1e-6, padding=3, method=method)
+      return layers.normalize(layers.depthwise_conv2d(x, k, b, padding=3, method="lax"), 1e-6,
+                              method="lax")
+    y, vjp = jax.vjp(f, x, k, b)
+    return (y, *vjp(g))
+
+  got, want = run(True, x, k, b, g), run(False, x, k, b, g)
+  if method == "native":
+    assert "cspine_depthwise_forward_normalized" in run.lower(True, x, k, b, g).as_text()
+  for a, w in zip(got, want):
+    _close(a, w, rtol=2e-5)

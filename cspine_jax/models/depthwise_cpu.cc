@@ -13,10 +13,12 @@
 //   forward       y[n,p,q,c]   = b[c] + sum_{i,j} x[n, p*sh+i-ph, q*sw+j-pw, c] k[i,j,c]
 //   input grad    dx[n,a,b,c]  = sum_{(p,i): p*sh+i-ph=a} sum_{(q,j): q*sw+j-pw=b} g[n,p,q,c] k[i,j,c]
 //   kernel grad   dk[i,j,c]    = sum_{n,p,q} x[n, p*sh+i-ph, q*sw+j-pw, c] g[n,p,q,c]
-// with x read as 0 outside [0,H) x [0,W).
+// with x read as 0 outside [0,H) x [0,W). A fourth normalises the forward's output per pixel
+// over the channels (ConvNeXt's LayerNorm after the depthwise conv) while each row is in cache.
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -116,9 +118,26 @@ inline void ForChannelBlocks(int64_t channels, const PixelFn& pixel) {
   if (c0 < channels) pixel(std::integral_constant<int, 0>(), c0, channels - c0);
 }
 
-// y = the depthwise correlation of x with k (kh, kw, C) plus bias, for the geometry `g`.
+// Normalises each pixel's C channels of `y` in place (LayerNorm without affine, two-pass
+// statistics) and stores 1 / sqrt(var + eps) per pixel in `rstd`.
+void NormalizePixels(float* y, float* rstd, int64_t pixels, int64_t channels, float eps) {
+  for (int64_t q = 0; q < pixels; ++q) {
+    float* v = y + q * channels;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < channels; ++c) sum += v[c];
+    const float mean = sum / channels;
+    float sq = 0.0f;
+    for (int64_t c = 0; c < channels; ++c) sq += (v[c] - mean) * (v[c] - mean);
+    const float r = 1.0f / std::sqrt(sq / channels + eps);
+    for (int64_t c = 0; c < channels; ++c) v[c] = (v[c] - mean) * r;
+    rstd[q] = r;
+  }
+}
+
+// y = the depthwise correlation of x with k (kh, kw, C) plus bias, for the geometry `g`; with
+// `rstd`, each output row is also normalised over the channels while it is in cache.
 void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const float* kp,
-                const float* bp, float* yp) {
+                const float* bp, float* yp, float* rstd = nullptr, float eps = 0.0f) {
   // Pixels whose window meets no padding column: q in [q_in, q_out).
   const int64_t q_in = std::min<int64_t>(g.wo, (g.pw + g.sw - 1) / g.sw);
   const int64_t q_out = std::max<int64_t>(q_in, std::min<int64_t>(
@@ -126,7 +145,7 @@ void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const
   ParallelFor(pool, g.n * g.ho, PoolWorkers(pool), [&](int64_t t, int64_t) {
     const int64_t n = t / g.ho, p = t % g.ho;
     const float* x_n = xp + n * g.h * g.w * g.c;
-    float* y_row = yp + (n * g.ho + p) * g.wo * g.c;
+    float* y_row = yp + t * g.wo * g.c;
     ForChannelBlocks(g.c, [&](auto cb_tag, int64_t c0, int64_t cb) {
       constexpr int kCB = decltype(cb_tag)::value;
       constexpr int kP = PixelsPerCall<kCB>();
@@ -140,6 +159,7 @@ void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const
         }
       }
     });
+    if (rstd != nullptr) NormalizePixels(y_row, rstd + t * g.wo, g.wo, g.c, eps);
   });
 }
 
@@ -152,6 +172,24 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, ph, pw};
   RunForward(pool, g, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+// The forward followed by a LayerNorm without affine: y normalised per pixel, and rstd (N,HO,WO).
+ffi::Error DepthwiseForwardNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                      ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
+                                      ffi::ResultBuffer<ffi::F32> y,
+                                      ffi::ResultBuffer<ffi::F32> rstd, int64_t sh, int64_t sw,
+                                      int64_t ph, int64_t pw, float eps) {
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions(), rd = rstd->dimensions();
+  if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || kd[2] != xd[3] || yd[3] != xd[3] ||
+      rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2]) {
+    return ffi::Error::InvalidArgument(
+        "depthwise forward normalized: want x NHWC, k (kh,kw,C), y NHWC, rstd NHW");
+  }
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, ph, pw};
+  RunForward(pool, g, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data(),
+             rstd->typed_data(), eps);
   return ffi::Error::Success();
 }
 
@@ -303,6 +341,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CspineDepthwiseForward, DepthwiseForward,
                                                       .Arg<ffi::Buffer<ffi::F32>>()
                                                       .Arg<ffi::Buffer<ffi::F32>>()
                                                       .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CspineDepthwiseForwardNormalized, DepthwiseForwardNormalized,
+                              CSPINE_BIND_STRIDES(ffi::Ffi::Bind()
+                                                      .Ctx<ffi::ThreadPool>()
+                                                      .Arg<ffi::Buffer<ffi::F32>>()
+                                                      .Arg<ffi::Buffer<ffi::F32>>()
+                                                      .Arg<ffi::Buffer<ffi::F32>>()
+                                                      .Ret<ffi::Buffer<ffi::F32>>()
+                                                      .Ret<ffi::Buffer<ffi::F32>>())
+                                  .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CspineDepthwiseInputGrad, DepthwiseInputGrad,
                               CSPINE_BIND_STRIDES(ffi::Ffi::Bind()

@@ -266,6 +266,47 @@ def _native_bwd(stride, padding, res, g):
 _native.defvjp(_native_fwd, _native_bwd)
 
 
+def depthwise_conv2d_normalize(x: Array, kernel: Array, bias: Array | None, epsilon: float, *,
+                               padding: int | tuple[int, int] = 0,
+                               method: str = "auto") -> Array:
+  """`normalize(depthwise_conv2d(x, kernel, bias, padding=padding), epsilon)` (stride 1):
+  ConvNeXt's depthwise conv and the LayerNorm after it, without the norm's affine part.
+
+  With "native" and float32 one C++ call normalises each output row while it is still in cache
+  (the separate statistics and normalisation passes over the activation are gone), and its
+  gradient needs only the normalised output and the per-pixel 1/std; elsewhere the two ops.
+  """
+  m = resolve_method(method)
+  ph, pw = _pair(padding)
+  if m == "native" and x.dtype == kernel.dtype == jnp.float32:
+    bias = jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+    return _native_normalized(x, kernel, bias, (ph, pw), float(epsilon))
+  return normalize(depthwise_conv2d(x, kernel, bias, padding=(ph, pw), method=m), epsilon,
+                   method=m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _native_normalized(x: Array, kernel: Array, bias: Array, padding: tuple[int, int],
+                       epsilon: float) -> Array:
+  return _native_normalized_fwd(x, kernel, bias, padding, epsilon)[0]
+
+
+def _native_normalized_fwd(x, kernel, bias, padding, epsilon):
+  y, rstd = native.depthwise_forward_normalized(
+      x, kernel[:, :, 0, :], bias, _out_hw(x, kernel, (1, 1), padding), (1, 1), padding, epsilon)
+  return y, (x, kernel, y, rstd[..., None])
+
+
+def _native_normalized_bwd(padding, epsilon, res, g):
+  del epsilon
+  x, kernel, xhat, rstd = res
+  g_conv = _normalize_grad(g, xhat, rstd)
+  return _native_bwd((1, 1), padding, (x, kernel), g_conv)
+
+
+_native_normalized.defvjp(_native_normalized_fwd, _native_normalized_bwd)
+
+
 def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
                  padding: tuple[int, int]) -> Array:
   """dk[i, j, 0, c] = sum_{n,y,x} xpad[n, y*sh+i, x*sw+j, c] * g[n, y, x, c].
@@ -451,6 +492,14 @@ class DepthwiseConv2d(nnx.Module):
     return depthwise_conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), bias,
                             stride=self.stride, padding=self.padding, method=self.method)
 
+  def normalized(self, x: Array, epsilon: float) -> Array:
+    """`normalize(self(x), epsilon)`, as one native call where it can be (stride 1 only)."""
+    if self.stride != 1:
+      raise ValueError(f"normalized() wants stride 1; this conv has stride {self.stride}")
+    bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+    return depthwise_conv2d_normalize(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                      bias, epsilon, padding=self.padding, method=self.method)
+
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -588,10 +637,15 @@ def _normalize_bwd(epsilon, res, g):
   del epsilon
   x, mean, rstd = res
   xhat = (x.astype(mean.dtype) - mean) * rstd
-  gf = g.astype(mean.dtype)
-  dx = rstd * (gf - jnp.mean(gf, axis=-1, keepdims=True)
-               - xhat * jnp.mean(gf * xhat, axis=-1, keepdims=True))
-  return (dx.astype(x.dtype),)
+  return (_normalize_grad(g, xhat, rstd).astype(x.dtype),)
+
+
+def _normalize_grad(g: Array, xhat: Array, rstd: Array) -> Array:
+  """The input gradient of `(x - mean) * rstd` over the last axis, from the normalised `xhat`
+  and `rstd` (broadcastable, float32 or wider): rstd (g - mean(g) - xhat mean(g xhat))."""
+  gf = g.astype(rstd.dtype)
+  return rstd * (gf - jnp.mean(gf, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(gf * xhat, axis=-1, keepdims=True))
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)

@@ -29,6 +29,7 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).with_name("depthwise_cpu.cc")
 # ffi target name -> exported handler symbol.
 TARGETS = {"cspine_depthwise_forward": "CspineDepthwiseForward",
+           "cspine_depthwise_forward_normalized": "CspineDepthwiseForwardNormalized",
            "cspine_depthwise_input_grad": "CspineDepthwiseInputGrad",
            "cspine_depthwise_kernel_grad": "CspineDepthwiseKernelGrad"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -135,12 +136,14 @@ def _strides(stride: tuple[int, int], padding: tuple[int, int]) -> dict[str, np.
           "ph": np.int64(padding[0]), "pw": np.int64(padding[1])}
 
 
-def _call(target: str, shape: tuple[int, ...], *args, stride, padding) -> jax.Array:
+def _call(target: str, shape, *args, stride, padding, **attrs):
+  """The target's result(s): `shape` one result's shape, or a list of them."""
   if not available():
     raise NativeBuildError("the native depthwise kernels are not available (see the log)")
-  out = jax.ShapeDtypeStruct(shape, np.float32)
+  out = ([jax.ShapeDtypeStruct(s, np.float32) for s in shape] if isinstance(shape, list)
+         else jax.ShapeDtypeStruct(shape, np.float32))
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      *args, **_strides(stride, padding))
+      *args, **_strides(stride, padding), **attrs)
 
 
 def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, out_hw: tuple[int, int],
@@ -148,6 +151,18 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, out_hw: 
   """y (N, HO, WO, C) from float32 x (N, H, W, C), kernel (kh, kw, C) and bias (C,)."""
   return _call("cspine_depthwise_forward", (x.shape[0], *out_hw, x.shape[3]), x, kernel, bias,
                stride=stride, padding=padding)
+
+
+def depthwise_forward_normalized(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                                 out_hw: tuple[int, int], stride: tuple[int, int],
+                                 padding: tuple[int, int], epsilon: float
+                                 ) -> tuple[jax.Array, jax.Array]:
+  """The forward, then each pixel normalised over its channels (LayerNorm without affine):
+  (y (N, HO, WO, C), rstd (N, HO, WO) = 1 / sqrt(var + epsilon))."""
+  n, c = x.shape[0], x.shape[3]
+  y, rstd = _call("cspine_depthwise_forward_normalized", [(n, *out_hw, c), (n, *out_hw)],
+                  x, kernel, bias, stride=stride, padding=padding, eps=np.float32(epsilon))
+  return y, rstd
 
 
 def depthwise_input_grad(g: jax.Array, kernel: jax.Array, in_hw: tuple[int, int],
