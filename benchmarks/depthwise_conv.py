@@ -1,12 +1,15 @@
-"""Shifted vs lax depthwise conv, and the whole ConvNeXt-atto stage-2 model, on this backend.
+"""Native vs shifted vs lax depthwise conv, and the whole ConvNeXt stage-2 model, on this backend.
 
-Prints forward and forward+backward times of the 7x7 depthwise convs of ConvNeXt-atto at the
-stage-2 CPU size (16 vertebra samples x 8 images at 64 px), then train / inference images/s of
-the atto stage-2 model (encoder + BiLSTM + attention) for both formulations, measured in the same
-run, and ends with ratio lines. Train = a plain `jax.jit`'d value_and_grad of a BCE loss over
-`nnx.split` state (no optimizer update). Each figure is the best of `--repeats` timed calls.
+Prints forward and forward+backward times of the 7x7 depthwise convs of a ConvNeXt (default atto
+at the stage-2 CPU size: 16 vertebra samples x 8 images at 64 px; `--variant tiny --size 224
+--batch 2` is the paper size), then train / inference images/s of the stage-2 model (encoder +
+BiLSTM + attention) for each formulation, measured in the same run, and ends with ratio lines.
+"native" (the C++ kernels, `models/native.py`) is left out where it cannot be built. Train = a
+plain `jax.jit`'d value_and_grad of a BCE loss over `nnx.split` state (no optimizer update). Each
+figure is the best of `--repeats` timed calls.
 
-  python benchmarks/depthwise_conv.py [--repeats 2] [--batch 16] [--size 64] [--skip-model]
+  python benchmarks/depthwise_conv.py [--repeats 2] [--batch 16] [--size 64] [--variant atto]
+      [--skip-model]
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cspine_jax.models import convnext, layers, sequence  # noqa: E402
+from cspine_jax.models import convnext, layers, native, sequence  # noqa: E402
 
 SEQ = 8
 # PyTorch peer on this machine kind: ConvNeXt-atto stage-2 model at 64 px, batch 16x8.
@@ -42,9 +45,10 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
   return best
 
 
-def bench_convs(n: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:
-  """Forward and forward+backward time of all atto depthwise convs (one call per block)."""
-  depths, dims = convnext.VARIANTS["atto"]
+def bench_convs(n: int, size: int, repeats: int, variant: str, methods: list[str]
+                ) -> dict[str, tuple[float, float]]:
+  """Forward and forward+backward time of all the variant's depthwise convs (one call per block)."""
+  depths, dims = convnext.VARIANTS[variant]
   key = jax.random.key(0)
   xs, ks = [], []
   for stage, (depth, dim) in enumerate(zip(depths, dims)):
@@ -54,7 +58,7 @@ def bench_convs(n: int, size: int, repeats: int) -> dict[str, tuple[float, float
       xs.append(jax.random.normal(k1, (n, hw, hw, dim)))
       ks.append(0.02 * jax.random.normal(k2, (7, 7, 1, dim)))
   out = {}
-  for method in ("shifted", "lax"):
+  for method in methods:
     def fwd(xs, ks, method=method):
       return [layers.depthwise_conv2d(x, k, padding=3, method=method) for x, k in zip(xs, ks)]
 
@@ -67,10 +71,11 @@ def bench_convs(n: int, size: int, repeats: int) -> dict[str, tuple[float, float
   return out
 
 
-def bench_model(batch: int, size: int, repeats: int, method: str) -> tuple[float, float]:
-  """(train images/s, inference images/s) of the atto stage-2 model with `method` convs."""
+def bench_model(batch: int, size: int, repeats: int, method: str, variant: str
+                ) -> tuple[float, float]:
+  """(train images/s, inference images/s) of the stage-2 model with `method` convs."""
   rngs = nnx.Rngs(params=jax.random.key(0, impl="rbg"), dropout=jax.random.key(1, impl="rbg"))
-  enc = convnext.ConvNeXt("atto", drop_path_rate=0.1, dw_method=method, rngs=rngs)
+  enc = convnext.ConvNeXt(variant, drop_path_rate=0.1, dw_method=method, rngs=rngs)
   model = sequence.Stage2Model(enc, rngs=rngs)
   images = jax.random.normal(jax.random.key(2), (batch, SEQ, size, size, 3))
   labels = (jax.random.uniform(jax.random.key(3), (batch,)) > 0.5).astype(jnp.float32)
@@ -105,28 +110,39 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--batch", type=int, default=16, help="vertebra samples (x8 images each)")
   ap.add_argument("--size", type=int, default=64)
+  ap.add_argument("--variant", default="atto", choices=sorted(convnext.VARIANTS))
   ap.add_argument("--skip-model", action="store_true")
   args = ap.parse_args()
   n = args.batch * SEQ
+  methods = (["native"] if jax.default_backend() == "cpu" and native.available() else [])
+  methods += ["shifted", "lax"]
   print(f"backend: {jax.default_backend()}  devices: {jax.device_count()}  images: {n} x "
-        f"{args.size}px  repeats: {args.repeats}")
+        f"{args.size}px  variant: {args.variant}  repeats: {args.repeats}  methods: {methods}")
 
-  convs = bench_convs(n, args.size, args.repeats)
+  convs = bench_convs(n, args.size, args.repeats, args.variant, methods)
   for method, (tf, tb) in convs.items():
-    print(f"atto_depthwise_{method}: forward {tf * 1e3:.2f} ms  forward+backward "
+    print(f"{args.variant}_depthwise_{method}: forward {tf * 1e3:.2f} ms  forward+backward "
           f"{tb * 1e3:.2f} ms")
+  speed = {}
   if not args.skip_model:
-    speed = {m: bench_model(args.batch, args.size, args.repeats, m) for m in ("shifted", "lax")}
+    speed = {m: bench_model(args.batch, args.size, args.repeats, m, args.variant)
+             for m in methods}
     for method, (tr, inf) in speed.items():
-      print(f"atto_stage2_{method}: train {tr:.1f} images/s  inference {inf:.1f} images/s")
-  print(f"ratio_shifted_over_lax_conv_forward: {convs['lax'][0] / convs['shifted'][0]:.2f}")
-  print(f"ratio_shifted_over_lax_conv_backward: {convs['lax'][1] / convs['shifted'][1]:.2f}")
-  if not args.skip_model:
-    print(f"ratio_shifted_over_lax_train: {speed['shifted'][0] / speed['lax'][0]:.2f}")
-    print(f"ratio_shifted_over_lax_inference: {speed['shifted'][1] / speed['lax'][1]:.2f}")
-    if args.batch == 16 and args.size == 64:
-      print(f"ratio_shifted_over_torch_train: {speed['shifted'][0] / TORCH_TRAIN_IMG_S:.2f}")
-      print(f"ratio_shifted_over_torch_inference: {speed['shifted'][1] / TORCH_INFER_IMG_S:.2f}")
+      print(f"{args.variant}_stage2_{method}: train {tr:.1f} images/s  inference {inf:.1f} "
+            "images/s")
+  pairs = [(m, "lax") for m in methods if m != "lax"]
+  if "native" in methods:
+    pairs.append(("native", "shifted"))
+  for a, b in pairs:
+    print(f"ratio_{a}_over_{b}_conv_forward: {convs[b][0] / convs[a][0]:.2f}")
+    print(f"ratio_{a}_over_{b}_conv_backward: {convs[b][1] / convs[a][1]:.2f}")
+    if speed:
+      print(f"ratio_{a}_over_{b}_train: {speed[a][0] / speed[b][0]:.2f}")
+      print(f"ratio_{a}_over_{b}_inference: {speed[a][1] / speed[b][1]:.2f}")
+  if speed and (args.variant, args.batch, args.size) == ("atto", 16, 64):
+    best = methods[0]
+    print(f"ratio_{best}_over_torch_train: {speed[best][0] / TORCH_TRAIN_IMG_S:.2f}")
+    print(f"ratio_{best}_over_torch_inference: {speed[best][1] / TORCH_INFER_IMG_S:.2f}")
 
 
 if __name__ == "__main__":
