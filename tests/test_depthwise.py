@@ -327,3 +327,27 @@ def test_conv_then_normalize_matches_the_library_ops(shape, method):
     assert "cspine_depthwise_forward_normalized" in run.lower(True, x, k, b, g).as_text()
   for a, w in zip(got, want):
     _close(a, w, rtol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["shifted", "native"])
+def test_conv_then_layer_norm_with_affine_matches_the_library_ops(method):
+  # The affine form (ConvNeXt's eval path): values and the gradients of all five inputs.
+  x, k, rs = _pair((2, 9, 11, 100), 4)
+  b, s, t = (rs.standard_normal(100).astype(np.float32) for _ in range(3))
+  g = rs.standard_normal(x.shape).astype(np.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fused, *args):
+    def f(x, k, b, s, t):
+      if fused:
+        return layers.depthwise_conv2d_normalize(x, k, b, 1e-6, s, t, padding=3, method=method)
+      y = layers.depthwise_conv2d(x, k, b, padding=3, method="lax")
+      return layers.normalize(y, 1e-6, method="lax") * s + t
+    y, vjp = jax.vjp(f, *args)
+    return (y, *vjp(g))
+
+  got, want = run(True, x, k, b, s, t), run(False, x, k, b, s, t)
+  for a, w in zip(got, want):
+    _close(a, w, rtol=2e-5)
+  with pytest.raises(ValueError, match="both scale and shift"):
+    layers.depthwise_conv2d_normalize(x, k, b, 1e-6, s, None, padding=3, method=method)

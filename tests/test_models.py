@@ -110,7 +110,8 @@ def test_drop_path_only_in_train_mode():
 @pytest.mark.parametrize("drop_path_rate,train,method", [(0.0, True, "shifted"),
                                                          (0.3, True, "shifted"),
                                                          (0.3, False, "shifted"),
-                                                         (0.3, True, "native")])
+                                                         (0.3, True, "native"),
+                                                         (0.3, False, "native")])
 def test_convnext_cpu_form_matches_library_form(drop_path_rate, train, method):
   """dw_method "shifted" / "native" (the CPU forms: conv bias inside the tap sum; in training LayerNorm affine
   folded into fc1 and the downsample conv, layer scale into fc2; custom VJPs) against "lax" (the

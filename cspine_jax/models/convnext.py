@@ -137,16 +137,17 @@ class ConvNeXtBlock(nnx.Module):
     # around them. The conv + normalisation and both linears take their CPU forms
     # (`DepthwiseConv2d.normalized`, `layers.dense`).
     dt, m = self.dtype, self.dw_method
-    y = self.conv_dw.normalized(x, LN_EPS)
     w1, b1 = self.mlp_fc1.kernel[...].astype(dt), self.mlp_fc1.bias[...].astype(dt)
     w2, b2 = self.mlp_fc2.kernel[...].astype(dt), self.mlp_fc2.bias[...].astype(dt)
     scale, shift = self.norm.scale[...].astype(dt), self.norm.bias[...].astype(dt)
     gamma = self.gamma[...].astype(dt)
-    rows = y.size // y.shape[-1]
+    rows = x.size // x.shape[-1]
     if self.drop_path.deterministic or rows <= w1.shape[1]:
-      y = layers.dense(y * scale + shift, w1, b1, method=m)
+      y = self.conv_dw.normalized(x, LN_EPS, scale, shift)  # the affine part inside the call
+      y = layers.dense(y, w1, b1, method=m)
       y = layers.dense(layers.gelu(y), w2, b2, method=m) * gamma
     else:
+      y = self.conv_dw.normalized(x, LN_EPS)
       y = layers.dense(y, scale[:, None] * w1, shift @ w1 + b1, method=m)
       y = layers.dense(layers.gelu(y), w2 * gamma, b2 * gamma, method=m)
     return x + self.drop_path(y)

@@ -14,7 +14,8 @@
 //   input grad    dx[n,a,b,c]  = sum_{(p,i): p*sh+i-ph=a} sum_{(q,j): q*sw+j-pw=b} g[n,p,q,c] k[i,j,c]
 //   kernel grad   dk[i,j,c]    = sum_{n,p,q} x[n, p*sh+i-ph, q*sw+j-pw, c] g[n,p,q,c]
 // with x read as 0 outside [0,H) x [0,W). A fourth normalises the forward's output per pixel
-// over the channels (ConvNeXt's LayerNorm after the depthwise conv) while each row is in cache.
+// over the channels (ConvNeXt's LayerNorm after the depthwise conv, optionally with its affine
+// part) while each row is in cache.
 
 #include <algorithm>
 #include <atomic>
@@ -118,9 +119,18 @@ inline void ForChannelBlocks(int64_t channels, const PixelFn& pixel) {
   if (c0 < channels) pixel(std::integral_constant<int, 0>(), c0, channels - c0);
 }
 
-// Normalises each pixel's C channels of `y` in place (LayerNorm without affine, two-pass
-// statistics) and stores 1 / sqrt(var + eps) per pixel in `rstd`.
-void NormalizePixels(float* y, float* rstd, int64_t pixels, int64_t channels, float eps) {
+// Normalises each pixel's C channels of `y` in place (LayerNorm, two-pass statistics), then
+// applies the affine part (`scale`, `shift`; null: none), and stores 1 / sqrt(var + eps) per
+// pixel in `rstd`.
+struct Norm {
+  float* rstd;
+  float eps;
+  const float* scale;
+  const float* shift;
+};
+
+void NormalizePixels(float* y, const Norm& norm, int64_t first, int64_t pixels,
+                     int64_t channels) {
   for (int64_t q = 0; q < pixels; ++q) {
     float* v = y + q * channels;
     float sum = 0.0f;
@@ -128,16 +138,20 @@ void NormalizePixels(float* y, float* rstd, int64_t pixels, int64_t channels, fl
     const float mean = sum / channels;
     float sq = 0.0f;
     for (int64_t c = 0; c < channels; ++c) sq += (v[c] - mean) * (v[c] - mean);
-    const float r = 1.0f / std::sqrt(sq / channels + eps);
-    for (int64_t c = 0; c < channels; ++c) v[c] = (v[c] - mean) * r;
-    rstd[q] = r;
+    const float r = 1.0f / std::sqrt(sq / channels + norm.eps);
+    if (norm.scale != nullptr) {
+      for (int64_t c = 0; c < channels; ++c) v[c] = (v[c] - mean) * r * norm.scale[c] + norm.shift[c];
+    } else {
+      for (int64_t c = 0; c < channels; ++c) v[c] = (v[c] - mean) * r;
+    }
+    norm.rstd[first + q] = r;
   }
 }
 
 // y = the depthwise correlation of x with k (kh, kw, C) plus bias, for the geometry `g`; with
 // `rstd`, each output row is also normalised over the channels while it is in cache.
 void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const float* kp,
-                const float* bp, float* yp, float* rstd = nullptr, float eps = 0.0f) {
+                const float* bp, float* yp, const Norm* norm = nullptr) {
   // Pixels whose window meets no padding column: q in [q_in, q_out).
   const int64_t q_in = std::min<int64_t>(g.wo, (g.pw + g.sw - 1) / g.sw);
   const int64_t q_out = std::max<int64_t>(q_in, std::min<int64_t>(
@@ -159,7 +173,7 @@ void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const
         }
       }
     });
-    if (rstd != nullptr) NormalizePixels(y_row, rstd + t * g.wo, g.wo, g.c, eps);
+    if (norm != nullptr) NormalizePixels(y_row, *norm, t * g.wo, g.wo, g.c);
   });
 }
 
@@ -175,21 +189,27 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
-// The forward followed by a LayerNorm without affine: y normalised per pixel, and rstd (N,HO,WO).
+// The forward followed by a LayerNorm: y normalised per pixel, then times scale plus shift (both
+// (C,); an empty scale: no affine part), and rstd (N,HO,WO).
 ffi::Error DepthwiseForwardNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                       ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
+                                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                                       ffi::ResultBuffer<ffi::F32> y,
                                       ffi::ResultBuffer<ffi::F32> rstd, int64_t sh, int64_t sw,
                                       int64_t ph, int64_t pw, float eps) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions(), rd = rstd->dimensions();
+  const bool affine = scale.element_count() > 0;
   if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || kd[2] != xd[3] || yd[3] != xd[3] ||
-      rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2]) {
+      rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2] ||
+      (affine && (scale.element_count() != xd[3] || shift.element_count() != xd[3]))) {
     return ffi::Error::InvalidArgument(
-        "depthwise forward normalized: want x NHWC, k (kh,kw,C), y NHWC, rstd NHW");
+        "depthwise forward normalized: want x NHWC, k (kh,kw,C), scale and shift (C,) or empty, "
+        "y NHWC, rstd NHW");
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, ph, pw};
-  RunForward(pool, g, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data(),
-             rstd->typed_data(), eps);
+  const Norm norm{rstd->typed_data(), eps, affine ? scale.typed_data() : nullptr,
+                  affine ? shift.typed_data() : nullptr};
+  RunForward(pool, g, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data(), &norm);
   return ffi::Error::Success();
 }
 
@@ -345,6 +365,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CspineDepthwiseForward, DepthwiseForward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CspineDepthwiseForwardNormalized, DepthwiseForwardNormalized,
                               CSPINE_BIND_STRIDES(ffi::Ffi::Bind()
                                                       .Ctx<ffi::ThreadPool>()
+                                                      .Arg<ffi::Buffer<ffi::F32>>()
+                                                      .Arg<ffi::Buffer<ffi::F32>>()
                                                       .Arg<ffi::Buffer<ffi::F32>>()
                                                       .Arg<ffi::Buffer<ffi::F32>>()
                                                       .Arg<ffi::Buffer<ffi::F32>>()

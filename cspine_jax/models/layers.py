@@ -266,23 +266,31 @@ def _native_bwd(stride, padding, res, g):
 _native.defvjp(_native_fwd, _native_bwd)
 
 
-def depthwise_conv2d_normalize(x: Array, kernel: Array, bias: Array | None, epsilon: float, *,
+def depthwise_conv2d_normalize(x: Array, kernel: Array, bias: Array | None, epsilon: float,
+                               scale: Array | None = None, shift: Array | None = None, *,
                                padding: int | tuple[int, int] = 0,
                                method: str = "auto") -> Array:
-  """`normalize(depthwise_conv2d(x, kernel, bias, padding=padding), epsilon)` (stride 1):
-  ConvNeXt's depthwise conv and the LayerNorm after it, without the norm's affine part.
+  """`normalize(depthwise_conv2d(x, kernel, bias, padding=padding), epsilon)` (stride 1), times
+  `scale` plus `shift` when given: ConvNeXt's depthwise conv and the LayerNorm after it.
 
   With "native" and float32 one C++ call normalises each output row while it is still in cache
-  (the separate statistics and normalisation passes over the activation are gone), and its
-  gradient needs only the normalised output and the per-pixel 1/std; elsewhere the two ops.
+  (the separate statistics, normalisation and affine passes over the activation are gone).
+  Without the affine part its gradient needs only the normalised output and the per-pixel
+  1/std; with it, the backward recomputes those (one more forward: training folds the affine
+  part into the next layer instead, see `ConvNeXtBlock`). Elsewhere the separate ops.
   """
   m = resolve_method(method)
   ph, pw = _pair(padding)
+  if (scale is None) != (shift is None):
+    raise ValueError("depthwise_conv2d_normalize wants both scale and shift, or neither")
   if m == "native" and x.dtype == kernel.dtype == jnp.float32:
     bias = jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
-    return _native_normalized(x, kernel, bias, (ph, pw), float(epsilon))
-  return normalize(depthwise_conv2d(x, kernel, bias, padding=(ph, pw), method=m), epsilon,
-                   method=m)
+    if scale is None:
+      return _native_normalized(x, kernel, bias, (ph, pw), float(epsilon))
+    return _native_normalized_affine(x, kernel, bias, scale.astype(kernel.dtype),
+                                     shift.astype(kernel.dtype), (ph, pw), float(epsilon))
+  y = normalize(depthwise_conv2d(x, kernel, bias, padding=(ph, pw), method=m), epsilon, method=m)
+  return y if scale is None else y * scale + shift
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -305,6 +313,30 @@ def _native_normalized_bwd(padding, epsilon, res, g):
 
 
 _native_normalized.defvjp(_native_normalized_fwd, _native_normalized_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _native_normalized_affine(x: Array, kernel: Array, bias: Array, scale: Array, shift: Array,
+                              padding: tuple[int, int], epsilon: float) -> Array:
+  return native.depthwise_forward_normalized(
+      x, kernel[:, :, 0, :], bias, _out_hw(x, kernel, (1, 1), padding), (1, 1), padding, epsilon,
+      scale, shift)[0]
+
+
+def _native_normalized_affine_fwd(x, kernel, bias, scale, shift, padding, epsilon):
+  y = _native_normalized_affine(x, kernel, bias, scale, shift, padding, epsilon)
+  return y, (x, kernel, bias, scale)
+
+
+def _native_normalized_affine_bwd(padding, epsilon, res, g):
+  x, kernel, bias, scale = res
+  xhat, vjp = jax.vjp(lambda x, k, b: _native_normalized(x, k, b, padding, epsilon),
+                      x, kernel, bias)
+  dx, dk, db = vjp(g * scale)
+  return dx, dk, db, col_sum(g * xhat).astype(scale.dtype), col_sum(g).astype(scale.dtype)
+
+
+_native_normalized_affine.defvjp(_native_normalized_affine_fwd, _native_normalized_affine_bwd)
 
 
 def _kernel_grad(x: Array, g: Array, kh: int, kw: int, stride: tuple[int, int],
@@ -492,13 +524,16 @@ class DepthwiseConv2d(nnx.Module):
     return depthwise_conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), bias,
                             stride=self.stride, padding=self.padding, method=self.method)
 
-  def normalized(self, x: Array, epsilon: float) -> Array:
-    """`normalize(self(x), epsilon)`, as one native call where it can be (stride 1 only)."""
+  def normalized(self, x: Array, epsilon: float, scale: Array | None = None,
+                 shift: Array | None = None) -> Array:
+    """`normalize(self(x), epsilon)` (times `scale` plus `shift` when given), as one native call
+    where it can be (stride 1 only)."""
     if self.stride != 1:
       raise ValueError(f"normalized() wants stride 1; this conv has stride {self.stride}")
     bias = None if self.bias is None else self.bias[...].astype(self.dtype)
     return depthwise_conv2d_normalize(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                      bias, epsilon, padding=self.padding, method=self.method)
+                                      bias, epsilon, scale, shift, padding=self.padding,
+                                      method=self.method)
 
 
 _SQRT_HALF = 0.7071067811865476

@@ -155,13 +155,17 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, out_hw: 
 
 def depthwise_forward_normalized(x: jax.Array, kernel: jax.Array, bias: jax.Array,
                                  out_hw: tuple[int, int], stride: tuple[int, int],
-                                 padding: tuple[int, int], epsilon: float
+                                 padding: tuple[int, int], epsilon: float,
+                                 scale: jax.Array | None = None, shift: jax.Array | None = None
                                  ) -> tuple[jax.Array, jax.Array]:
-  """The forward, then each pixel normalised over its channels (LayerNorm without affine):
-  (y (N, HO, WO, C), rstd (N, HO, WO) = 1 / sqrt(var + epsilon))."""
+  """The forward, then each pixel normalised over its channels (LayerNorm; with `scale` and
+  `shift` (C,) its affine part too): (y (N, HO, WO, C), rstd (N, HO, WO) = 1/sqrt(var + eps))."""
   n, c = x.shape[0], x.shape[3]
+  if scale is None:  # empty operands: no affine part
+    scale = shift = np.zeros((0,), np.float32)
   y, rstd = _call("cspine_depthwise_forward_normalized", [(n, *out_hw, c), (n, *out_hw)],
-                  x, kernel, bias, stride=stride, padding=padding, eps=np.float32(epsilon))
+                  x, kernel, bias, scale, shift, stride=stride, padding=padding,
+                  eps=np.float32(epsilon))
   return y, rstd
 
 
