@@ -351,3 +351,23 @@ def test_conv_then_layer_norm_with_affine_matches_the_library_ops(method):
     _close(a, w, rtol=2e-5)
   with pytest.raises(ValueError, match="both scale and shift"):
     layers.depthwise_conv2d_normalize(x, k, b, 1e-6, s, None, padding=3, method=method)
+
+
+def test_bias_add_and_layer_norm_cpu_forms_match_autodiff():
+  rs = np.random.RandomState(7)
+  x = rs.standard_normal((3, 5, 6, 16)).astype(np.float32)
+  s, t, g = (rs.standard_normal(16).astype(np.float32), rs.standard_normal(16).astype(np.float32),
+             rs.standard_normal((3, 5, 6, 16)).astype(np.float32))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(method, x, s, t):
+    def f(x, s, t):
+      return layers.add_bias(layers.layer_norm(x, s, t, 1e-6, method=method), s, method=method)
+    y, vjp = jax.vjp(f, x, s, t)
+    return (y, *vjp(g))
+
+  for a, w in zip(run("shifted", x, s, t), run("lax", x, s, t)):
+    _close(a, w)
+  norm = nnx.LayerNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
+  norm.scale[...], norm.bias[...] = s, t
+  _close(layers.layer_norm(x, s, t, 1e-6, method="shifted"), norm(x))

@@ -83,7 +83,7 @@ def _patch_conv(conv: nnx.Conv, x: Array, method: str) -> Array:
   `method` (the model's `dw_method`, "auto" = by backend) also picks its CPU gradient form."""
   kernel = conv.kernel[...].astype(conv.dtype)
   y = layers.patch_conv(x.astype(conv.dtype), kernel, method=method)
-  return y + conv.bias[...].astype(conv.dtype)
+  return layers.add_bias(y, conv.bias[...].astype(conv.dtype), method=method)
 
 
 def _normed_patch_conv(norm: nnx.LayerNorm, conv: nnx.Conv, x: Array, method: str,
@@ -97,9 +97,10 @@ def _normed_patch_conv(norm: nnx.LayerNorm, conv: nnx.Conv, x: Array, method: st
   xhat = layers.normalize(x.astype(dt), norm.epsilon, method=method)
   bias = conv.bias[...].astype(dt)
   if not fold or x.size <= kernel.size:
-    return layers.patch_conv(xhat * scale + shift, kernel, method=method) + bias
+    return layers.add_bias(layers.patch_conv(xhat * scale + shift, kernel, method=method), bias,
+                           method=method)
   y = layers.patch_conv(xhat, kernel * scale[:, None], method=method)
-  return y + (bias + jnp.einsum("ijco,c->o", kernel, shift))
+  return layers.add_bias(y, bias + jnp.einsum("ijco,c->o", kernel, shift), method=method)
 
 
 class ConvNeXtBlock(nnx.Module):
@@ -211,7 +212,13 @@ class ConvNeXt(nnx.Module):
     """(N, H, W, in_chans) -> last feature map (N, H/32, W/32, dims[-1]) in the compute dtype."""
     if x.ndim != 4 or x.shape[-1] != self.in_chans:
       raise ValueError(f"ConvNeXt wants (N, H, W, {self.in_chans}) input; got {x.shape}")
-    x = self.stem_norm(_patch_conv(self.stem_conv, x.astype(self.dtype), self.dw_method))
+    x = _patch_conv(self.stem_conv, x.astype(self.dtype), self.dw_method)
+    if layers.resolve_method(self.dw_method) == "lax":
+      x = self.stem_norm(x)
+    else:  # the same LayerNorm, with col_sum gradients for its scale and shift
+      norm = self.stem_norm
+      x = layers.layer_norm(x, norm.scale[...].astype(self.dtype),
+                            norm.bias[...].astype(self.dtype), norm.epsilon, method=self.dw_method)
     for stage in self.stages:
       x = stage(x)
     return x
