@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +105,18 @@ def test_a_batch_sharded_over_eight_devices_gives_the_single_device_result():
       jax.device_put(x, batch), k, b, jax.device_put(g, batch))
   for a, w in zip(got, want):
     np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_an_unwritable_home_builds_into_the_temporary_directory(tmp_path, monkeypatch):
+  home = tmp_path / "home"
+  home.mkdir()
+  home.chmod(0o500)  # read-only home (root ignores modes, so the refusal is faked below too)
+  monkeypatch.delenv("CSPINE_NATIVE_CACHE", raising=False)
+  monkeypatch.setattr(pathlib.Path, "home", staticmethod(lambda: home))
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(home))
+                      else real_access(p, mode))
+  try:
+    assert native.cache_dir().parent == pathlib.Path(tempfile.gettempdir())
+  finally:
+    home.chmod(0o700)

@@ -7,7 +7,8 @@ Where that cannot be done (no compiler, a failed build, CSPINE_NATIVE=0) it logs
 returns False; `layers` then keeps its XLA formulation ("shifted"), which computes the same.
 
 Environment: CSPINE_NATIVE=0 turns the kernels off; CSPINE_NATIVE_CACHE sets the cache folder
-(default ~/.cache/cspine_jax/native); CXX names the compiler (default: g++, else c++, clang++).
+(default ~/.cache/cspine_jax/native, or a folder in the temporary directory where the home
+folder cannot be written); CXX names the compiler (default: g++, else c++, clang++).
 """
 from __future__ import annotations
 
@@ -60,8 +61,18 @@ def _cpu_signature() -> str:
 
 
 def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("CSPINE_NATIVE_CACHE")
-                      or pathlib.Path.home() / ".cache" / "cspine_jax" / "native")
+  """CSPINE_NATIVE_CACHE, else ~/.cache/cspine_jax/native, else (a home folder that cannot be
+  written, as on some CI runners) a per-user folder in the temporary directory."""
+  if os.environ.get("CSPINE_NATIVE_CACHE"):
+    return pathlib.Path(os.environ["CSPINE_NATIVE_CACHE"])
+  home = pathlib.Path.home() / ".cache" / "cspine_jax" / "native"
+  try:
+    home.mkdir(parents=True, exist_ok=True)
+    if os.access(home, os.W_OK):
+      return home
+  except OSError:
+    pass
+  return pathlib.Path(tempfile.gettempdir()) / f"cspine_jax_native_{os.getuid()}"
 
 
 def library_path(compiler: str) -> pathlib.Path:
