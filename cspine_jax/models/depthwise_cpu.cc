@@ -119,9 +119,8 @@ inline void ForChannelBlocks(int64_t channels, const PixelFn& pixel) {
   if (c0 < channels) pixel(std::integral_constant<int, 0>(), c0, channels - c0);
 }
 
-// Normalises each pixel's C channels of `y` in place (LayerNorm, two-pass statistics), then
-// applies the affine part (`scale`, `shift`; null: none), and stores 1 / sqrt(var + eps) per
-// pixel in `rstd`.
+// The LayerNorm after the forward: 1 / sqrt(var + eps) goes to `rstd`; `scale` and `shift`
+// (null: none) are its affine part.
 struct Norm {
   float* rstd;
   float eps;
@@ -129,6 +128,8 @@ struct Norm {
   const float* shift;
 };
 
+// Normalises each of `pixels` pixels' channels of `y` in place (two-pass statistics), then
+// applies the affine part; the pixels' rstd go to norm.rstd[first ...].
 void NormalizePixels(float* y, const Norm& norm, int64_t first, int64_t pixels,
                      int64_t channels) {
   for (int64_t q = 0; q < pixels; ++q) {
@@ -149,7 +150,7 @@ void NormalizePixels(float* y, const Norm& norm, int64_t first, int64_t pixels,
 }
 
 // y = the depthwise correlation of x with k (kh, kw, C) plus bias, for the geometry `g`; with
-// `rstd`, each output row is also normalised over the channels while it is in cache.
+// `norm`, each output row is also normalised over the channels while it is in cache.
 void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const float* kp,
                 const float* bp, float* yp, const Norm* norm = nullptr) {
   // Pixels whose window meets no padding column: q in [q_in, q_out).
@@ -177,11 +178,18 @@ void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const
   });
 }
 
+// x NHWC, k (kh, kw, C) and y NHWC with the same channels.
+using Dims = ffi::AnyBuffer::Dimensions;
+
+bool ForwardShapesFit(const Dims& xd, const Dims& kd, const Dims& yd) {
+  return xd.size() == 4 && kd.size() == 3 && yd.size() == 4 && kd[2] == xd[3] && yd[3] == xd[3];
+}
+
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                             int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || kd[2] != xd[3] || yd[3] != xd[3]) {
+  if (!ForwardShapesFit(xd, kd, yd)) {
     return ffi::Error::InvalidArgument("depthwise forward: want x NHWC, k (kh,kw,C), y NHWC");
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, ph, pw};
@@ -199,8 +207,7 @@ ffi::Error DepthwiseForwardNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
                                       int64_t ph, int64_t pw, float eps) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions(), rd = rstd->dimensions();
   const bool affine = scale.element_count() > 0;
-  if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || kd[2] != xd[3] || yd[3] != xd[3] ||
-      rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2] ||
+  if (!ForwardShapesFit(xd, kd, yd) || rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2] ||
       (affine && (scale.element_count() != xd[3] || shift.element_count() != xd[3]))) {
     return ffi::Error::InvalidArgument(
         "depthwise forward normalized: want x NHWC, k (kh,kw,C), scale and shift (C,) or empty, "
@@ -214,7 +221,6 @@ ffi::Error DepthwiseForwardNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
 }
 
 // ---- input gradient --------------------------------------------------------------------------
-// dx at input pixel (a, b): the output pixels whose window covers it, each times its tap.
 // dx at input pixel (a, b) for stride > 1: the output pixels whose window covers it, each times
 // its tap (every tap tested; at unit stride the forward loop with the flipped kernel is used).
 template <int CB>

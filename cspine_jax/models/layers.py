@@ -82,14 +82,34 @@ def depthwise_conv2d(x: Array, kernel: Array, bias: Array | None = None, *,
         x, kernel, window_strides=(sh, sw), padding=((ph, ph), (pw, pw)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[3])
     return y if bias is None else y + bias
-  bias = jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
-  if method == "native" and x.dtype == kernel.dtype == jnp.float32:
+  bias = _bias_or_zeros(bias, kernel)
+  if _takes_native(method, x, kernel):
     return _native(x, kernel, bias, (sh, sw), (ph, pw))
   return _shifted(x, kernel, bias, (sh, sw), (ph, pw))
 
 
+def _bias_or_zeros(bias: Array | None, kernel: Array) -> Array:
+  return jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+
+
+def _takes_native(method: str, x: Array, kernel: Array) -> bool:
+  """Whether the resolved `method` sends this conv to the C++ kernels (float32 only)."""
+  return method == "native" and x.dtype == kernel.dtype == jnp.float32
+
+
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
   return (size + 2 * pad - k) // stride + 1
+
+
+def _out_hw(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int]
+            ) -> tuple[int, int]:
+  """The output map of the depthwise conv; an error where the kernel exceeds the padded input."""
+  kh, kw = kernel.shape[:2]
+  ho = _out_size(x.shape[1], kh, stride[0], padding[0])
+  wo = _out_size(x.shape[2], kw, stride[1], padding[1])
+  if ho <= 0 or wo <= 0:
+    raise ValueError(f"depthwise kernel {kh}x{kw} larger than padded input {x.shape}")
+  return ho, wo
 
 
 def _useful_taps(lo: int, hi: int, out_size: int, k: int, stride: int) -> list[int]:
@@ -147,10 +167,8 @@ def _shifted(x: Array, kernel: Array, bias: Array, stride: tuple[int, int],
   """Shifted-slices depthwise conv with a hand-written VJP (see `_shifted_bwd`)."""
   _, h, w, _ = x.shape
   kh, kw = kernel.shape[:2]
-  (sh, sw), (ph, pw) = stride, padding
-  ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
-  if ho <= 0 or wo <= 0:
-    raise ValueError(f"depthwise kernel {kh}x{kw} larger than padded input {x.shape}")
+  ph, pw = padding
+  ho, wo = _out_hw(x, kernel, stride, padding)
   if _dense_wins(h, w, ho, wo, kh, kw, stride, padding):
     return _dense(x, _position_matrix(kernel, h, w, ho, wo, stride, padding), (ho, wo), bias)
   xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
@@ -235,15 +253,6 @@ def _shifted_bwd(stride, padding, res, g):
 _shifted.defvjp(_shifted_fwd, _shifted_bwd)
 
 
-def _out_hw(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int]
-            ) -> tuple[int, int]:
-  ho = _out_size(x.shape[1], kernel.shape[0], stride[0], padding[0])
-  wo = _out_size(x.shape[2], kernel.shape[1], stride[1], padding[1])
-  if ho <= 0 or wo <= 0:
-    raise ValueError(f"depthwise kernel {kernel.shape[:2]} larger than padded input {x.shape}")
-  return ho, wo
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _native(x: Array, kernel: Array, bias: Array, stride: tuple[int, int],
             padding: tuple[int, int]) -> Array:
@@ -283,8 +292,8 @@ def depthwise_conv2d_normalize(x: Array, kernel: Array, bias: Array | None, epsi
   ph, pw = _pair(padding)
   if (scale is None) != (shift is None):
     raise ValueError("depthwise_conv2d_normalize wants both scale and shift, or neither")
-  if m == "native" and x.dtype == kernel.dtype == jnp.float32:
-    bias = jnp.zeros(kernel.shape[3:], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+  if _takes_native(m, x, kernel):
+    bias = _bias_or_zeros(bias, kernel)
     if scale is None:
       return _native_normalized(x, kernel, bias, (ph, pw), float(epsilon))
     return _native_normalized_affine(x, kernel, bias, scale.astype(kernel.dtype),
