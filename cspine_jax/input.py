@@ -1,8 +1,9 @@
 """grain input pipelines over the ArrayRecord record sets (``OUT/TASK/*.array_record``).
 
-One pipeline for every task: read a record by index from the task's shards, decode it with
-``records.schema.decode``, batch; the images stay uint8. The :class:`grain.DataLoader` shuffles by
-seed, shards by JAX process and runs worker processes; its iterator state (``get_state``/
+One pipeline for every task: a batch's records read by index from the task's shards, decoded with
+``records.schema.decode`` and stacked (:class:`EpochBatches`); the images stay uint8. The
+:class:`grain.DataLoader` reads batches ahead in a thread or in worker processes; the records are
+shuffled by seed per epoch and split by JAX process; the iterator state (``get_state``/
 ``set_state``) goes into the training checkpoint so a resumed run gets exactly the next batch.
 
 The per-pixel work runs on the device, inside the jitted steps (:func:`device_inputs`): at train
@@ -192,9 +193,9 @@ class AugmentOptions:
 
 
 def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-  """grain's batch function: the records' array and number fields stacked along a new first axis;
-  string / None fields (study_uid) are dropped, so batches hold arrays only (ids travel as
-  record_id). Each field is copied into one preallocated array: np.stack (grain's default) spent
+  """A batch of :class:`EpochBatches`: the records' array and number fields stacked along a new
+  first axis; string / None fields (study_uid) are dropped, so batches hold arrays only (ids
+  travel as record_id). Each field is copied into one preallocated array: np.stack (grain's default) spent
   ~1.8 of ~4.5 ms per 16-record slice batch re-checking and expanding every element."""
   first = elements[0]
   out = {}
@@ -369,82 +370,125 @@ def device_inputs(batch: Mapping[str, jax.Array], field: str, *, key: jax.Array 
   return out
 
 
-class EpochSampler:
-  """A grain sampler: this process's contiguous share of the records, each epoch in its own order.
+class EpochBatches:
+  """A grain data source whose item k is the k-th batch this process reads, read whole in one call.
 
-  Same contract as ``grain.samplers.IndexSampler`` (global index -> ``RecordMetadata``; the
-  DataLoader takes the sharding from ``_shard_options``), but an epoch's order is one numpy
-  permutation of ``(seed, epoch)``, computed once per epoch and process, instead of grain's
-  per-index ``index_shuffle`` (~150 us a call for a few hundred records) plus a per-record
-  ``np.random.Generator`` that only a RandomMap needs (~20 us; augmentation runs on the device).
+  Epoch ``k // batches_per_epoch`` visits the process's records (``source``, already its share) in
+  one numpy permutation of ``(seed, epoch)`` (in order without ``shuffle``); its batch ``b`` holds
+  positions ``b * batch_size ...`` of that order, decoded and stacked by :func:`stack_records`.
+  ``drop_remainder``: full batches only (each epoch drops its own last partial batch); otherwise
+  the epoch's last batch may be short. ``num_epochs=None`` repeats forever.
+
+  Why batches, not records: grain hands each item through its read threads, futures and buffers
+  (~0.1 ms an item on 2 cores), more than reading + decoding a small record costs (~0.02 ms for a
+  64 px slice), so a record-level pipeline fed slice models at ~1.6x their CPU step rate; a batch
+  per item pays that once per batch. Worker processes then take whole batches in turn.
   """
 
-  def __init__(self, num_records: int, shard_options: grain.sharding.ShardOptions, *,
-               shuffle: bool, seed: int, num_epochs: int | None):
-    self._num_records = int(num_records)
-    self._shard_options = shard_options
+  def __init__(self, source: RecordSource, batch_size: int, *, shuffle: bool, seed: int,
+               drop_remainder: bool, num_epochs: int | None):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self._source = source
+    self._batch_size = int(batch_size)
     self._shuffle = shuffle
     self._seed = int(seed)
+    self._drop_remainder = drop_remainder
     self._num_epochs = num_epochs
-    self._start, end = _even_split(self._num_records, shard_options)
-    self._local = end - self._start  # may be 0: a process with no held-out records
+    n = len(source)
+    self.batches_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
     self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) in use
 
   def __len__(self) -> int:
+    if self.batches_per_epoch == 0:
+      return 0
     if self._num_epochs is None:
       return sys.maxsize
-    return self._local * self._shard_options.shard_count * self._num_epochs
+    return self.batches_per_epoch * self._num_epochs
 
   def __repr__(self) -> str:
-    return (f"EpochSampler(num_records={self._num_records}, shard_options={self._shard_options!r}, "
-            f"shuffle={self._shuffle}, seed={self._seed}, num_epochs={self._num_epochs})")
+    # grain keeps this in saved iterator states: it names the batches, not the object.
+    return (f"EpochBatches({self._source!r}, batch_size={self._batch_size}, "
+            f"shuffle={self._shuffle}, seed={self._seed}, drop_remainder={self._drop_remainder}, "
+            f"num_epochs={self._num_epochs})")
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_order"] = None
     return state
 
-  def __getitem__(self, index: int) -> grain.RecordMetadata:
+  def positions(self, index: int) -> np.ndarray:
+    """The source positions that batch ``index`` holds."""
     if index < 0 or index >= len(self):
-      raise IndexError(f"sampler index {index} out of range [0, {len(self)})")
-    epoch, pos = divmod(index // self._shard_options.shard_count, self._local)
-    if self._shuffle:
-      if self._order is None or self._order[0] != epoch:
-        self._order = (epoch, np.random.default_rng((self._seed, epoch)).permutation(self._local))
-      pos = int(self._order[1][pos])
-    return grain.RecordMetadata(index=index, record_key=self._start + pos)
+      raise IndexError(f"batch {index} out of range [0, {len(self)})")
+    epoch, b = divmod(int(index), self.batches_per_epoch)
+    pos = np.arange(b * self._batch_size, min((b + 1) * self._batch_size, len(self._source)))
+    if not self._shuffle:
+      return pos
+    if self._order is None or self._order[0] != epoch:
+      rng = np.random.default_rng((self._seed, epoch))
+      self._order = (epoch, rng.permutation(len(self._source)))
+    return self._order[1][pos]
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return stack_records([self._source[int(p)] for p in self.positions(index)])
 
 
-# grain's default ReadOptions (16 threads, 500 prefetched records) suit remote disks; here every
-# record is a local read of ~10-100 us, and each next() walked the 500-future buffer (~1 ms per
-# record on 2 cores, more than the read and decode together). A small buffer of a few threads does.
-READ_THREADS = 2
+class _BatchIndexSampler:
+  """grain sampler over the batches of :class:`EpochBatches`: item k -> batch k (no sharding:
+  the source is already this process's share). Unlike grain's samplers it allows 0 items, so a
+  process with no held-out records reads nothing."""
+
+  def __init__(self, num_batches: int):
+    self._num_batches = int(num_batches)
+    self._shard_options = grain.sharding.NoSharding()
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __repr__(self) -> str:
+    return f"_BatchIndexSampler(num_batches={self._num_batches})"
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if index < 0 or index >= self._num_batches:
+      raise IndexError(f"sampler index {index} out of range [0, {self._num_batches})")
+    return grain.RecordMetadata(index=index, record_key=index)
+
+
+# grain's default ReadOptions (16 threads, 500 prefetched items) suit remote disks; here an item is
+# a batch of local reads, and one thread two batches ahead keeps ahead of the step (two threads
+# contended for the GIL: box_refine:cpu 0.96 -> 1.3 ms a batch on 2 cores).
+READ_THREADS = 1
 READ_BUFFER_BATCHES = 2
 
 
 def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool, seed: int,
                 workers: int = 0, num_epochs: int | None = None,
                 shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
-  """A grain DataLoader: (shuffle, shard, decode, batch) of uint8 images.
+  """A grain DataLoader of uint8 batches: this process's share of ``source``, shuffled per epoch
+  (training) or in order, read a batch at a time (:class:`EpochBatches`).
 
   Augmentation and normalisation happen in the steps (:func:`device_inputs`).
 
   Training: shuffled by ``seed``, repeated (``num_epochs=None`` = forever), full batches only.
   Evaluation: in order, one pass, the last batch may be short (the caller pads it).
-  ``shard_options`` defaults to this JAX process's share (``ShardByJaxProcess``).
+  ``shard_options`` defaults to this JAX process's share (``ShardByJaxProcess``): contiguous
+  record ranges (:func:`local_num_records`).
   """
   if len(source) == 0:
     raise ValueError(f"no records to load for task {task!r} from {source.paths[:1]}...")
-  if shard_options is None:
-    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=train)
-  sampler = EpochSampler(len(source), shard_options, shuffle=train, seed=seed,
-                         num_epochs=num_epochs if train else 1)
   if task not in IMAGE_FIELD:
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(IMAGE_FIELD)}")
-  ops = [grain.transforms.Batch(batch_size, drop_remainder=train, batch_fn=stack_records)]
-  read = grain.ReadOptions(num_threads=READ_THREADS,
-                           prefetch_buffer_size=READ_BUFFER_BATCHES * batch_size)
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+  if shard_options is None:
+    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=train)
+  start, end = _even_split(len(source), shard_options)
+  batches = EpochBatches(source.subset(source.indices[start:end]), batch_size, shuffle=train,
+                         seed=seed, drop_remainder=train, num_epochs=num_epochs if train else 1)
+  if train and batches.batches_per_epoch == 0:
+    raise ValueError(f"{end - start} training records of this process make no full batch of "
+                     f"{batch_size} (task {task!r}, {source.paths[:1]}...)")
+  read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER_BATCHES)
+  return grain.DataLoader(data_source=batches, sampler=_BatchIndexSampler(len(batches)),
                           worker_count=workers, worker_buffer_size=2, read_options=read)
 
 

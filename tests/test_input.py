@@ -381,17 +381,50 @@ def test_corrupt_record_is_named(tmp_path):
 
 
 def test_workers_are_deterministic(tmp_path):
-  # grain batches inside each worker, so batches depend on the worker count, not on the run.
+  # workers take whole batches in turn; the batches do not depend on the worker count or the run.
   write_task_shards(tmp_path, "stage2", 12)
   src = open_source(tmp_path, "stage2")
   kw = dict(batch_size=3, train=True, seed=0, num_epochs=1,
             shard_options=grain.sharding.NoSharding(), workers=2)
   a = list(cinput.make_loader(src, "stage2", **kw))
   b = list(cinput.make_loader(src, "stage2", **kw))
-  assert len(a) == len(b) == 4
+  in_process = list(cinput.make_loader(src, "stage2", **dict(kw, workers=0)))
+  assert len(a) == len(b) == len(in_process) == 4
   assert sorted(np.concatenate([x["record_id"] for x in a]).tolist()) == list(range(12))
-  for x, y in zip(a, b):
+  for x, y, z in zip(a, b, in_process):
     np.testing.assert_array_equal(x["images"], y["images"])
+    np.testing.assert_array_equal(x["record_id"], z["record_id"])
+
+
+def test_each_epoch_drops_its_own_partial_batch(tmp_path):
+  # 11 records, batches of 4: 2 full batches an epoch, the 3 left over differ between epochs.
+  write_task_shards(tmp_path, "stage1", 11)
+  src = open_source(tmp_path, "stage1")
+  ids = _ids(cinput.make_loader(src, "stage1", batch_size=4, train=True, seed=0, num_epochs=3,
+                                shard_options=grain.sharding.NoSharding()))
+  assert [len(b) for b in ids] == [4] * 6
+  epochs = [sum(ids[2 * e:2 * e + 2], []) for e in range(3)]
+  assert all(len(set(e)) == 8 and set(e) <= set(range(11)) for e in epochs)
+  assert len({tuple(sorted(e)) for e in epochs}) > 1  # each epoch leaves other records out
+  batches = cinput.EpochBatches(src, 4, shuffle=True, seed=0, drop_remainder=True, num_epochs=3)
+  assert len(batches) == 6 and batches.batches_per_epoch == 2
+  np.testing.assert_array_equal(batches[5]["record_id"], ids[5])  # a batch is addressable alone
+  with pytest.raises(IndexError, match="batch 6"):
+    batches.positions(6)
+
+
+def test_too_few_training_records_for_a_batch_fail_clearly(tmp_path):
+  write_task_shards(tmp_path, "stage1", 5)
+  src = open_source(tmp_path, "stage1")
+  with pytest.raises(ValueError, match="5 training records .* no full batch of 8"):
+    cinput.make_loader(src, "stage1", batch_size=8, train=True, seed=0,
+                       shard_options=grain.sharding.NoSharding())
+  # evaluation keeps the short batch; a process whose share is empty reads nothing
+  assert _ids(cinput.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
+                                 shard_options=grain.sharding.NoSharding())) == [list(range(5))]
+  empty = grain.sharding.ShardOptions(7, 8, drop_remainder=False)  # 5 records over 8 processes
+  assert _ids(cinput.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
+                                 shard_options=empty)) == []
 
 
 def test_stack_records_batches_arrays_and_drops_strings():
