@@ -329,6 +329,10 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path):
     np.testing.assert_array_equal(got["record_id"], want["record_id"])
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["box"], want["box"])
+  other = iter(cinput.make_loader(src, "stage1", batch_size=4, train=True, seed=5,
+                                  shard_options=grain.sharding.NoSharding()))
+  with pytest.raises(ValueError, match="batch_size=3"):  # a position in other batches is refused
+    other.set_state(state)
 
 
 def test_fold_filter_from_the_manifest(tmp_path):
