@@ -344,6 +344,17 @@ def test_model_initialised_in_one_program_matches_eager_construction(caplog):
     if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # above the size limit a CPU model is built eagerly: the same values, no one-program compile
+  with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.DEBUG), jax.log_compiles(True):
+    mp.setattr(loop, "ONE_PROGRAM_MAX_VALUES", 1000)
+    caplog.clear()
+    large = nnx.state(loop.init_in_one_program(make))
+  assert not [r for r in caplog.records if "jit(<lambda>)" in r.getMessage()
+              and r.getMessage().startswith("Finished XLA compilation")]
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(large)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_members_per_fold_are_averaged_out_of_fold(tmp_path, monkeypatch):
