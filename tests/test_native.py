@@ -120,3 +120,15 @@ def test_an_unwritable_home_builds_into_the_temporary_directory(tmp_path, monkey
     assert native.cache_dir().parent == pathlib.Path(tempfile.gettempdir())
   finally:
     home.chmod(0o700)
+
+
+def test_the_kernel_gradient_is_the_same_to_the_bit_every_call():
+  # Training runs must repeat exactly: the kernel gradient's sum over rows may not depend on which
+  # pool thread took which rows (per-thread accumulators did: the demo's scores moved run to run).
+  x = jax.random.normal(jax.random.key(0), (16, 28, 28, 96))
+  k = jax.random.normal(jax.random.key(1), (7, 7, 1, 96))
+  grad = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(
+      layers.depthwise_conv2d(x, k, padding=3, method="native")))))
+  first = np.asarray(grad(k))
+  for _ in range(30):
+    np.testing.assert_array_equal(np.asarray(grad(k)), first)

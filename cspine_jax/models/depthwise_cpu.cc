@@ -31,21 +31,21 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Runs body(task, worker) for task in [0, tasks) on the calling thread and up to `workers - 1`
-// helpers from XLA's pool. The caller takes tasks too, so the call finishes even when the pool is
-// busy with other work; a helper that starts after every task is taken returns without touching
-// `body` (it only reads the shared counters, which it co-owns).
+// Runs body(task) for task in [0, tasks) on the calling thread and up to `workers - 1` helpers
+// from XLA's pool. The caller takes tasks too, so the call finishes even when the pool is busy
+// with other work; a helper that starts after every task is taken returns without touching
+// `body` (it only reads the shared counters, which it co-owns). Which thread runs a task varies
+// from call to call: a task's result may not depend on it.
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, int64_t workers, const Body& body) {
   struct Shared {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
-    std::atomic<int64_t> worker_ids{1};
   };
   auto shared = std::make_shared<Shared>();
-  auto run = [shared, tasks, &body](int64_t worker) {
+  auto run = [shared, tasks, &body]() {
     for (int64_t t = shared->next.fetch_add(1); t < tasks; t = shared->next.fetch_add(1)) {
-      body(t, worker);
+      body(t);
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -53,10 +53,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, int64_t workers, const Bo
   for (int64_t w = 1; w < workers; ++w) {
     pool.Schedule([shared, run, tasks]() {
       if (shared->next.load() >= tasks) return;  // all taken: `body` may be gone already
-      run(shared->worker_ids.fetch_add(1));
+      run();
     });
   }
-  run(0);
+  run();
   while (shared->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
 }
 
@@ -157,7 +157,7 @@ void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const
   const int64_t q_in = std::min<int64_t>(g.wo, (g.pw + g.sw - 1) / g.sw);
   const int64_t q_out = std::max<int64_t>(q_in, std::min<int64_t>(
       g.wo, g.w + g.pw - g.kw >= 0 ? (g.w + g.pw - g.kw) / g.sw + 1 : 0));
-  ParallelFor(pool, g.n * g.ho, PoolWorkers(pool), [&](int64_t t, int64_t) {
+  ParallelFor(pool, g.n * g.ho, PoolWorkers(pool), [&](int64_t t) {
     const int64_t n = t / g.ho, p = t % g.ho;
     const float* x_n = xp + n * g.h * g.w * g.c;
     float* y_row = yp + t * g.wo * g.c;
@@ -268,7 +268,7 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy,
     RunForward(pool, gt, gp, flipped.data(), zeros.data(), dp);
     return ffi::Error::Success();
   }
-  ParallelFor(pool, g.n * g.h, PoolWorkers(pool), [&](int64_t t, int64_t) {
+  ParallelFor(pool, g.n * g.h, PoolWorkers(pool), [&](int64_t t) {
     const int64_t n = t / g.h, a = t % g.h;
     const float* g_n = gp + n * g.ho * g.wo * g.c;
     for (int64_t b = 0; b < g.w; ++b) {
@@ -283,7 +283,7 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy,
 
 // ---- kernel gradient -------------------------------------------------------------------------
 // Adds output row p of sample n's contribution to every tap, channels [c0, c0 + CB): per tap the
-// sum over the row's columns in CB registers, then one add into the worker's accumulator.
+// sum over the row's columns in CB registers, then one add into the chunk's accumulator.
 template <int CB>
 inline void KernelGradRow(const Geometry& g, const float* x_n, const float* g_n, float* dk,
                           int64_t p, int64_t c0, int64_t cb) {
@@ -334,24 +334,34 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* gp = gy.typed_data();
   const int64_t taps = g.kh * g.kw * g.c;
   const int64_t tasks = g.n * g.ho;
-  const int64_t workers = std::min(PoolWorkers(pool), tasks);
-  // One accumulator per worker (no shared writes), summed at the end in worker order.
-  std::vector<float> partial(workers * taps, 0.0f);
-  ParallelFor(pool, tasks, workers, [&](int64_t t, int64_t worker) {
-    const int64_t n = t / g.ho, p = t % g.ho;
-    float* acc = partial.data() + worker * taps;
-    const float* x_n = xp + n * g.h * g.w * g.c;
-    const float* g_n = gp + n * g.ho * g.wo * g.c;
-    ForChannelBlocks(g.c, [&](auto cb_tag, int64_t c0, int64_t cb) {
-      KernelGradRow<decltype(cb_tag)::value>(g, x_n, g_n, acc, p, c0, cb);
-    });
+  const int64_t workers = PoolWorkers(pool);
+  // The rows split into a fixed number of contiguous chunks, each summed in row order into its own
+  // accumulator, the chunks then added in chunk order: the same bits whichever thread takes which
+  // chunk, so a training run repeats exactly (accumulators per thread made the sum depend on the
+  // scheduling). The chunk count depends only on the pool size, so it is fixed on a machine.
+  const int64_t chunks = std::min<int64_t>(tasks, std::max<int64_t>(8, 2 * workers));
+  std::vector<float> partial(chunks * taps, 0.0f);
+  ParallelFor(pool, chunks, workers, [&](int64_t chunk) {
+    float* acc = partial.data() + chunk * taps;
+    for (int64_t t = chunk * tasks / chunks; t < (chunk + 1) * tasks / chunks; ++t) {
+      const int64_t n = t / g.ho, p = t % g.ho;
+      const float* x_n = xp + n * g.h * g.w * g.c;
+      const float* g_n = gp + n * g.ho * g.wo * g.c;
+      ForChannelBlocks(g.c, [&](auto cb_tag, int64_t c0, int64_t cb) {
+        KernelGradRow<decltype(cb_tag)::value>(g, x_n, g_n, acc, p, c0, cb);
+      });
+    }
   });
   float* out = dk->typed_data();
-  for (int64_t e = 0; e < taps; ++e) {
-    float s = 0.0f;
-    for (int64_t w = 0; w < workers; ++w) s += partial[w * taps + e];
-    out[e] = s;
-  }
+  constexpr int64_t kSumBlock = 4096;  // taps per task of the (parallel) sum over chunks
+  const int64_t sum_tasks = (taps + kSumBlock - 1) / kSumBlock;
+  ParallelFor(pool, sum_tasks, workers, [&](int64_t b) {
+    for (int64_t e = b * kSumBlock; e < std::min(taps, (b + 1) * kSumBlock); ++e) {
+      float s = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * taps + e];
+      out[e] = s;
+    }
+  });
   return ffi::Error::Success();
 }
 
