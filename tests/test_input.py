@@ -312,11 +312,12 @@ def test_uint8_batches_and_the_one_normalisation(tmp_path):
                              atol=1e-6)
 
 
-def test_state_restore_resumes_the_exact_next_batch(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_restore_resumes_the_exact_next_batch(tmp_path, workers):
   write_task_shards(tmp_path, "stage1", 20)
   src = open_source(tmp_path, "stage1")
   make = lambda: cinput.make_loader(src, "stage1", batch_size=3, train=True, seed=5,
-                                    shard_options=grain.sharding.NoSharding())
+                                    shard_options=grain.sharding.NoSharding(), workers=workers)
   it = iter(make())
   for _ in range(4):
     next(it)
@@ -330,7 +331,7 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path):
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["box"], want["box"])
   other = iter(cinput.make_loader(src, "stage1", batch_size=4, train=True, seed=5,
-                                  shard_options=grain.sharding.NoSharding()))
+                                  shard_options=grain.sharding.NoSharding(), workers=workers))
   with pytest.raises(ValueError, match="batch_size=3"):  # a position in other batches is refused
     other.set_state(state)
 
