@@ -12,6 +12,8 @@ For each config at its ``:cpu`` size (and, with --paper, at the paper size for a
   * grain input throughput: batches/s of the training pipeline (read, decode, batch uint8,
     ``input.workers`` processes) over random records of the config's shapes written to a
     temporary folder, and its ratio to the train step's consumption (goal >= 2 for :cpu).
+  * seconds to build the model and optimizer state, and of the first train step (compile + run):
+    where a short device slot goes before any step is timed;
   * model FLOPs per train step (its matmuls and convolutions, `train.flops`) and, on a GPU whose peak
     is known, the model FLOPs utilisation (MFU) = achieved FLOP/s / the chip's dense bf16 peak.
 The machine may be shared: compare the ratios, not the absolute numbers.
@@ -84,9 +86,17 @@ def write_records(folder: pathlib.Path, task: str, config, n: int) -> pathlib.Pa
   return folder
 
 
-def timed(fn, n: int) -> float:
-  """Seconds per call of fn over n calls (after one warm-up call)."""
+def first_call(fn) -> float:
+  """Seconds of fn's first call (compile + one run)."""
+  t = time.perf_counter()
   jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def timed(fn, n: int, warm_up: bool = True) -> float:
+  """Seconds per call of fn over n calls (after one warm-up call unless ``warm_up`` is False)."""
+  if warm_up:
+    jax.block_until_ready(fn())
   t = time.perf_counter()
   for _ in range(n):
     out = fn()
@@ -121,7 +131,9 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
     config.input.workers = workers
   task = config.task
   mesh = sharding.make_mesh()
+  t = time.perf_counter()
   trainer = loop.make_trainer(config, 1000, mesh, seed=0)
+  build_s = time.perf_counter() - t  # model + optimizer state (see loop.init_in_one_program)
   with tempfile.TemporaryDirectory() as tmp:
     n_records = max((16 if variant else 4) * config.input.batch_size, 28)
     records = write_records(pathlib.Path(tmp), task, config, n_records)
@@ -146,7 +158,8 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   flops = step_flops(trainer.update_step, trainer.state,
                      trainer.prepare_step(steps_lib.optimizer_step(trainer.state), gbatch))
   peak = peak_flops()
-  train_s = timed(train, steps)
+  first_train_s = first_call(train)
+  train_s = timed(train, steps, warm_up=False)
   field = input_lib.IMAGE_FIELD[task]
   step0 = steps_lib.optimizer_step(trainer.state)
   augment_s = (timed(lambda: trainer.prepare_step(step0, gbatch)[field], steps)
@@ -161,6 +174,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
           "augment_ms": 1e3 * augment_s, "train_ms": 1e3 * train_s,
           "input_batches_per_s": 1 / input_s, "input_over_train": train_s / input_s,
           "workers": config.input.workers, "dtype": config.model.dtype,
+          "build_s": build_s, "first_train_step_s": first_train_s,
           "train_gflop_per_step": flops / 1e9 if flops else None,
           "train_tflops": flops / train_s / 1e12 if flops else None,
           "mfu": flops / train_s / peak if flops and peak else None}
@@ -201,7 +215,8 @@ def main() -> None:
           f"{r['train_ms']:.1f} ms), eval {r['eval_images_per_s']:.1f} img/s, "
           f"grain/train ratio {r['input_over_train']:.2f} (goal >= 2 for :cpu)"
           + (f", {r['train_tflops']:.1f} TFLOP/s" if r["train_tflops"] else "")
-          + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else ""))
+          + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
+          + f"; build {r['build_s']:.1f} s, first train step (compile) {r['first_train_step_s']:.1f} s")
 
 
 if __name__ == "__main__":
