@@ -153,6 +153,7 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
+  from benchmarks.train_step import first_call  # pylint: disable=import-outside-toplevel
   from cspine_jax.train import loop, sharding  # pylint: disable=import-outside-toplevel
   from configs import stage2  # pylint: disable=import-outside-toplevel
 
@@ -178,11 +179,6 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
 
   def infer():
     return trainer.eval_step(trainer.state, eval_batch)[0]
-
-  def first_call(fn) -> float:  # compile + one run
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t
 
   compile_s = {}
 

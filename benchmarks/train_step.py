@@ -216,7 +216,8 @@ def main() -> None:
           f"grain/train ratio {r['input_over_train']:.2f} (goal >= 2 for :cpu)"
           + (f", {r['train_tflops']:.1f} TFLOP/s" if r["train_tflops"] else "")
           + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
-          + f"; build {r['build_s']:.1f} s, first train step (compile) {r['first_train_step_s']:.1f} s")
+          + f"; build {r['build_s']:.1f} s, "
+          f"first train step (compile) {r['first_train_step_s']:.1f} s")
 
 
 if __name__ == "__main__":

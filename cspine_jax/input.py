@@ -195,8 +195,9 @@ class AugmentOptions:
 def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
   """A batch of :class:`EpochBatches`: the records' array and number fields stacked along a new
   first axis; string / None fields (study_uid) are dropped, so batches hold arrays only (ids
-  travel as record_id). Each field is copied into one preallocated array: np.stack (grain's default) spent
-  ~1.8 of ~4.5 ms per 16-record slice batch re-checking and expanding every element."""
+  travel as record_id). Each field is copied into one preallocated array: np.stack (grain's
+  default) spent ~1.8 of ~4.5 ms per 16-record slice batch re-checking and expanding every
+  element."""
   first = elements[0]
   out = {}
   for key, value in first.items():
