@@ -4,7 +4,7 @@ Prints forward and forward+backward times of the 7x7 depthwise convs of a ConvNe
 at the stage-2 CPU size: 16 vertebra samples x 8 images at 64 px; `--variant tiny --size 224
 --batch 2` is the paper size), then train / inference images/s of the stage-2 model (encoder +
 BiLSTM + attention) for each formulation, measured in the same run, and ends with ratio lines.
-"native" (the C++ kernels, `models/native.py`) is left out where it cannot be built. Train = a
+"native" (the C++ kernels, `models/cpu/native.py`) is left out where it cannot be built. Train = a
 plain `jax.jit`'d value_and_grad of a BCE loss over `nnx.split` state (no optimizer update). Each
 figure is the best of `--repeats` timed calls.
 
@@ -26,7 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cspine_jax.models import convnext, layers, native, sequence  # noqa: E402
+from cspine_jax.models import convnext, layers, sequence  # noqa: E402
+from cspine_jax.models.cpu import native  # noqa: E402
 
 SEQ = 8
 # PyTorch peer on this machine kind: ConvNeXt-atto stage-2 model at 64 px, batch 16x8.

@@ -25,14 +25,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-from cspine_jax.infer import predict  # noqa: E402
+from cspine_jax.infer import ensemble
+from cspine_jax.infer import predict
+from cspine_jax.infer import spec
 from cspine_jax.infer import reader  # noqa: E402
-from cspine_jax.records import study as study_lib  # noqa: E402
+from cspine_jax.pp import options as options_lib
 
 
 def fresh_models(folds: int, image_size: int, variant: str = "cpu",
                  dtype: str | None = None, refine: bool = True,
-                 refine_passes: int = 1) -> predict.Models:
+                 refine_passes: int = 1) -> spec.Models:
   """The stage-1/stage-2 (and box-refiner, ``refine_passes`` per box) models of ``variant``
   ("cpu" or "" = paper), randomly initialised, ``folds`` members each."""
   from flax import nnx
@@ -48,13 +50,13 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
       cfg.model.dtype = dtype
     members = [(models.make_model(cfg.model, rngs=nnx.Rngs(k)), {"task": task, "fold": k})
                for k in range(folds)]
-    ensembles.append(predict.FoldEnsemble(members, task))
+    ensembles.append(ensemble.FoldEnsemble(members, task))
   s2 = stage2_config.get_config(variant)
-  options = study_lib.Options(image_size=(image_size, image_size),
+  options = options_lib.Options(image_size=(image_size, image_size),
                               stage2_slices=s2.prepare.stage2_slices)
-  out = predict.ensemble_models(ensembles[0], ensembles[1], options, options)
+  out = spec.ensemble_models(ensembles[0], ensembles[1], options, options)
   if refine:
-    out.refiner, out.refine_options = predict.refine_scorer(ensembles[2]), options
+    out.refiner, out.refine_options = ensemble.refine_scorer(ensembles[2]), options
     out.refine_passes = refine_passes
   return out
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
   folders = predict.find_studies(studies)
   image_size = args.image_size or (224 if args.paper else 64)
   variant = "" if args.paper else "cpu"
-  models = (predict.load_models(args.workdir) if args.workdir
+  models = (spec.load_models(args.workdir) if args.workdir
             else fresh_models(args.folds, image_size, variant, args.dtype, not args.no_refine,
                                  args.refine_passes))
   prior = [0.5] * 8

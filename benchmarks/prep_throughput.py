@@ -41,8 +41,9 @@ if str(REPO) not in sys.path:
 
 from cspine_jax import labels as labels_lib  # noqa: E402
 from cspine_jax.records import pipeline  # noqa: E402
-from cspine_jax.records import study as study_lib  # noqa: E402
-from cspine_jax.records import vertebrae as vertebrae_lib  # noqa: E402
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
+from cspine_jax.io import vertebrae as vertebrae_lib  # noqa: E402
 
 
 def decode_floor(files: list[pathlib.Path]) -> int:
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
       a_par = len(files) / best_of(args.repeats,
                                    lambda: decode_floor_parallel(files, args.workers))
       print(f"(a') decode floor, {args.workers} processes (info):    {a_par:8.1f} slices/s")
-    opts = study_lib.Options()  # Paper defaults: 224 px, bone window, 24 slices per vertebra.
+    opts = options_lib.Options()  # Paper defaults: 224 px, bone window, 24 slices per vertebra.
     run = [0]
 
     def prep(task, root, vertebrae=None):

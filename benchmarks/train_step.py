@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from cspine_jax import input as input_lib  # noqa: E402
+from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.records import schema, shards  # noqa: E402
 from cspine_jax.train import flops as flops_lib  # noqa: E402
 from cspine_jax.train import loop, sharding  # noqa: E402
@@ -137,8 +137,8 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   with tempfile.TemporaryDirectory() as tmp:
     n_records = max((16 if variant else 4) * config.input.batch_size, 28)
     records = write_records(pathlib.Path(tmp), task, config, n_records)
-    src = input_lib.record_index(records, task).source()
-    loader = input_lib.make_loader(src, task, batch_size=config.input.batch_size, train=True,
+    src = loader_lib.record_index(records, task).source()
+    loader = loader_lib.make_loader(src, task, batch_size=config.input.batch_size, train=True,
                                    seed=0, workers=config.input.workers)
     it = iter(loader)
     batch = next(it)
@@ -160,7 +160,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   peak = peak_flops()
   first_train_s = first_call(train)
   train_s = timed(train, steps, warm_up=False)
-  field = input_lib.IMAGE_FIELD[task]
+  field = loader_lib.IMAGE_FIELD[task]
   step0 = steps_lib.optimizer_step(trainer.state)
   augment_s = (timed(lambda: trainer.prepare_step(step0, gbatch)[field], steps)
                if trainer.augment else 0.0)

@@ -7,11 +7,19 @@ from __future__ import annotations
 import ml_collections
 
 
+def prepare() -> ml_collections.ConfigDict:
+  """``pp.options.Options`` of the record sets (part of each set's identity), every field."""
+  return ml_collections.ConfigDict(dict(
+      image_size=(224, 224), window_level=400.0, window_width=1800.0, num_folds=5, fold_seed=0,
+      stage2_slices=24, crop_margin=0.1, cube_size=64, cnn3d_crop=False, stage2_locate="mask"))
+
+
 def base(task: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0
-  # Data: data_dir None => a synthetic RSNA-format set generated and prepared once beside workdir.
+  # Data: data_dir None => a synthetic RSNA-format set generated and prepared once beside workdir;
+  # records_dir None => records under workdir/records (prepared when missing).
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.records_dir = ml_collections.FieldReference(None, field_type=str)
   c.vertebrae_file = ml_collections.FieldReference(None, field_type=str)  # stage-1 output for stage 2
@@ -20,9 +28,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   # Every synthetic study gets a mask so stage 2 finds its vertebrae without a stage-1 run.
   c.synthetic = ml_collections.ConfigDict(dict(num_studies=40, seed=0, size="small",
                                                segmented_fraction=1.0))
-  # records.study.Options for data_prep.prepare (part of the record set's identity).
-  c.prepare = ml_collections.ConfigDict(dict(image_size=(224, 224), num_folds=c.get_ref("num_folds"),
-                                             stage2_slices=24, cube_size=64))
+  c.prepare = prepare()
+  c.prepare.num_folds = c.get_ref("num_folds")
 
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # compute dtype ("bfloat16": bf16 compute, float32 params)
@@ -45,7 +52,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   # members: models per fold, each from its own seed (fold_k, fold_k_member_1, ...); their
   # probabilities are averaged out-of-fold and at inference.
   c.train = ml_collections.ConfigDict(dict(
-      epochs=20, max_steps=0, stop_at_step=0, log_every=10, checkpoint_every=0, checkpoint_keep=2,
+      epochs=20, max_steps=0, stop_at_step=0, eval_every=1, log_every=10, checkpoint_every=0,
+      checkpoint_keep=2,
       keep_best=1, async_checkpoints=True, param_sharding="replicated", progress=True,
       tensorboard=True, members=1))
   return c

@@ -18,12 +18,12 @@ import sys
 from typing import Sequence
 
 from cspine_jax.records import pipeline
-from cspine_jax.records import study as study_lib
+from cspine_jax.pp import options as options_lib
 
 
 def options_parser() -> argparse.ArgumentParser:
   """The preprocessing options shared by this command and the TFDS/Beam entry point."""
-  d = study_lib.Options()
+  d = options_lib.Options()
   p = argparse.ArgumentParser(add_help=False)
   p.add_argument("--image_size", type=int, nargs="+", default=list(d.image_size),
                  help="H [W] of 2D images (paper 224)")
@@ -35,16 +35,16 @@ def options_parser() -> argparse.ArgumentParser:
   p.add_argument("--crop_margin", type=float, default=d.crop_margin)
   p.add_argument("--cube_size", type=int, default=d.cube_size, help="cnn3d cube edge (paper 224)")
   p.add_argument("--cnn3d_crop", action="store_true", help="cnn3d: crop to C1-C7 first")
-  p.add_argument("--stage2_locate", choices=study_lib.STAGE2_LOCATE, default=d.stage2_locate,
+  p.add_argument("--stage2_locate", choices=options_lib.STAGE2_LOCATE, default=d.stage2_locate,
                  help="stage-2 crops from the mask where there is one, or from --vertebrae always")
   return p
 
 
-def options_from_args(args: argparse.Namespace) -> study_lib.Options:
+def options_from_args(args: argparse.Namespace) -> options_lib.Options:
   size = args.image_size
   if len(size) not in (1, 2):
     raise ValueError(f"--image_size takes H or H W, got {size}")
-  return study_lib.Options(
+  return options_lib.Options(
       image_size=(size[0], size[-1]), window_level=args.window_level,
       window_width=args.window_width, num_folds=args.num_folds, fold_seed=args.fold_seed,
       stage2_slices=args.stage2_slices, crop_margin=args.crop_margin, cube_size=args.cube_size,

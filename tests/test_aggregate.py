@@ -1,9 +1,8 @@
 """Aggregation rules against hand-computed values."""
 import numpy as np
-import pandas as pd
 import pytest
 
-from cspine_jax.infer import aggregate
+from cspine_jax import aggregate
 
 P = np.array([0.1, 0.5, 0.2, 0.0, 0.3, 0.05, 0.4])
 

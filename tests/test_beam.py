@@ -2,18 +2,16 @@
 plain Beam pipeline give the same records as the local data_prep.prepare command."""
 import collections
 import importlib.util
-import json
 
-import numpy as np
 import pytest
 
 from cspine_jax.records import beam as beam_lib
 from cspine_jax.records import pipeline
 from cspine_jax.records import shards
-from cspine_jax.records import study as study_lib
+from cspine_jax.pp import options as options_lib
 from cspine_jax.synthetic import generate
 
-OPTS = study_lib.Options(image_size=(24, 24), num_folds=2, stage2_slices=6, cube_size=8)
+OPTS = options_lib.Options(image_size=(24, 24), num_folds=2, stage2_slices=6, cube_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -9,42 +9,49 @@ import pytest
 from cspine_jax.infer import predict, pseudo_labels
 from cspine_jax.models import box_refine as model_lib
 from cspine_jax.models import registry
+from cspine_jax.pp import refine_input
 from cspine_jax.records import box_refine
-from cspine_jax.records import study as study_lib
-from cspine_jax.records import vertebrae as vertebrae_lib
+from cspine_jax.pp import image as image_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
+from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.train import tasks
+from cspine_jax.infer import ensemble as ensemble_lib
+from cspine_jax.infer import spec as spec_lib
+from cspine_jax.localize import derive as derive_lib
+from cspine_jax.localize import refine as refine_lib
 
-INNER = box_refine.MARGIN / (1 + 2 * box_refine.MARGIN)
+INNER = refine_input.MARGIN / (1 + 2 * refine_input.MARGIN)
 
 
 def test_crop_frame_round_trip_and_projections():
-  frame = box_refine.crop_frame((20, 30, 40, 70))  # 20 x 40 px
-  m = box_refine.MARGIN
+  frame = refine_input.crop_frame((20, 30, 40, 70))  # 20 x 40 px
+  m = refine_input.MARGIN
   assert frame == pytest.approx((20 - 20 * m, 30 - 40 * m, 20 * (1 + 2 * m), 40 * (1 + 2 * m)))
-  np.testing.assert_allclose(box_refine.to_crop((20, 30, 40, 70), frame),
+  np.testing.assert_allclose(refine_input.to_crop((20, 30, 40, 70), frame),
                              [INNER, INNER, 1 - INNER, 1 - INNER], atol=1e-6)
   box = (22.5, 28.0, 41.0, 66.5)
-  np.testing.assert_allclose(box_refine.from_crop(box_refine.to_crop(box, frame), frame), box,
+  np.testing.assert_allclose(refine_input.from_crop(refine_input.to_crop(box, frame), frame), box,
                              atol=1e-4)
   # A bright block on the top third of the range only: channel 0 shows it where its box says.
   volume = np.zeros((12, 64, 64), np.uint8)
   volume[3:5, 20:40, 10:30] = 200  # rows 20..39, columns 10..29
-  image, frame = box_refine.crop_input(volume, 3, 11, (10, 20, 30, 40), (32, 32))
+  image, frame = refine_input.crop_input(volume, 3, 11, (10, 20, 30, 40), (32, 32))
   assert image.shape == (32, 32, 3) and image.dtype == np.uint8
   assert image[..., 1:].max() == 0 and image[..., 0].max() == 200
   rows, cols = np.nonzero(image[..., 0] > 100)
-  x0, y0, x1, y1 = box_refine.to_crop((10, 20, 30, 40), frame) * 32
+  x0, y0, x1, y1 = refine_input.to_crop((10, 20, 30, 40), frame) * 32
   assert abs(cols.min() - x0) <= 1 and abs(cols.max() + 1 - x1) <= 1
   assert abs(rows.min() - y0) <= 1 and abs(rows.max() + 1 - y1) <= 1
   # From HU with the window (only the frame's block windowed): the same pixels as windowing the
   # whole volume first, for frames inside the image and reaching past its edges.
   hu = np.random.default_rng(0).normal(300, 600, (12, 64, 64)).astype(np.float32)
   for box in ((10, 20, 30, 40), (-5, -3, 12, 9), (50, 40, 70, 66), (1.5, 2.25, 3.75, 4.5)):
-    whole, _ = box_refine.crop_input(study_lib.window(hu, 400, 1800), 2, 9, box, (24, 20))
-    block, _ = box_refine.crop_input(hu, 2, 9, box, (24, 20), window=(400, 1800))
+    whole, _ = refine_input.crop_input(image_lib.window(hu, 400, 1800), 2, 9, box, (24, 20))
+    block, _ = refine_input.crop_input(hu, 2, 9, box, (24, 20), window=(400, 1800))
     np.testing.assert_array_equal(block, whole)
   with pytest.raises(study_lib.StudyError, match="empty slice range"):
-    box_refine.crop_input(volume, 20, 30, (10, 20, 30, 40), (32, 32))
+    refine_input.crop_input(volume, 20, 30, (10, 20, 30, 40), (32, 32))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def test_records_are_jittered_crops_of_the_true_box(segmented):
   uid = sorted(truth)[0]
   image_dir, mask_path = study_lib.study_paths(data, uid)
   study = study_lib.StudyInput(uid, str(image_dir), str(mask_path), fold=1)
-  options = study_lib.Options(image_size=(32, 32))
+  options = options_lib.Options(image_size=(32, 32))
   records = list(box_refine.process(study, options))
   present = [v for v, name in enumerate(("C1", "C2", "C3", "C4", "C5", "C6", "C7"))
              if truth[uid]["vertebrae"][name] is not None]
@@ -121,21 +128,21 @@ def _fixed(box):
 def test_refine_maps_the_crop_answer_back():
   volume = np.zeros((20, 40, 80), np.uint8)
   preds = _preds()
-  same = pseudo_labels.refine(preds, volume, _fixed([INNER, INNER, 1 - INNER, 1 - INNER]), (16, 16))
+  same = refine_lib.refine(preds, volume, _fixed([INNER, INNER, 1 - INNER, 1 - INNER]), (16, 16))
   for a, b in zip(same, preds):
     assert a.present == b.present and a.first_index == b.first_index
     np.testing.assert_allclose(a.box, b.box, atol=1e-6)
   # The whole crop: the box grown by MARGIN (20 x 30 px -> 8 px / 12 px more per side), clipped.
-  grown = pseudo_labels.refine(preds, volume, _fixed([0, 0, 1, 1]), (16, 16))
-  m = box_refine.MARGIN
+  grown = refine_lib.refine(preds, volume, _fixed([0, 0, 1, 1]), (16, 16))
+  m = refine_input.MARGIN
   np.testing.assert_allclose(grown[0].box, (0.25 - m * 0.25, 0.25 - m * 0.5, 0.5 + m * 0.25,
                                             min(1.0, 0.75 + m * 0.5)), atol=1e-6)
   assert not grown[6].present
   # An empty answer keeps the derived box; a wrong shape is an error.
-  kept = pseudo_labels.refine(preds, volume, _fixed([0.6, 0.6, 0.4, 0.4]), (16, 16))
+  kept = refine_lib.refine(preds, volume, _fixed([0.6, 0.6, 0.4, 0.4]), (16, 16))
   assert kept[0].box == preds[0].box
   with pytest.raises(ValueError, match="box refiner returned"):
-    pseudo_labels.refine(preds, volume, lambda x: np.zeros((len(x), 4)), (16, 16))
+    refine_lib.refine(preds, volume, lambda x: np.zeros((len(x), 4)), (16, 16))
 
 
 def test_refine_passes_start_each_look_from_the_last_box():
@@ -147,41 +154,41 @@ def test_refine_passes_start_each_look_from_the_last_box():
     calls.append(len(images))
     return _fixed([0, 0, 1, 1])(images)
 
-  once = pseudo_labels.refine(preds, volume, whole_crop, (16, 16))
-  twice = pseudo_labels.refine(preds, volume, whole_crop, (16, 16), passes=2)
-  again = pseudo_labels.refine(once, volume, whole_crop, (16, 16))
+  once = refine_lib.refine(preds, volume, whole_crop, (16, 16))
+  twice = refine_lib.refine(preds, volume, whole_crop, (16, 16), passes=2)
+  again = refine_lib.refine(once, volume, whole_crop, (16, 16))
   assert len(calls) == 4  # one refiner call per pass (all vertebrae of the study in one batch)
   for a, b, c in zip(twice, again, once):
     assert a == b
     if c.present:
       assert (a.box[2] - a.box[0]) > (c.box[2] - c.box[0])  # the second look grew it again
   with pytest.raises(ValueError, match="passes must be >= 1"):
-    pseudo_labels.refine(preds, volume, whole_crop, (16, 16), passes=0)
+    refine_lib.refine(preds, volume, whole_crop, (16, 16), passes=0)
 
 
 def test_inference_refines_as_often_as_the_spec_says(tmp_path):
   import types
-  options = study_lib.Options(image_size=(16, 16))
-  path = predict.write_spec(tmp_path, options, options, refine_options=options, refine_passes=2)
+  options = options_lib.Options(image_size=(16, 16))
+  path = spec_lib.write_spec(tmp_path, options, options, refine_options=options, refine_passes=2)
   assert json.loads(path.read_text())["refine_passes"] == 2
   # A spec with bad passes is refused when it is read, naming the file (before any model loads).
   spec = json.loads(path.read_text())
   (tmp_path / "bad").mkdir()
-  (tmp_path / "bad" / predict.SPEC).write_text(json.dumps(dict(spec, refine_passes=0)))
-  with pytest.raises(predict.PredictError, match=f"{predict.SPEC}.*passes must be >= 1"):
-    predict.load_models(tmp_path / "bad")
+  (tmp_path / "bad" / spec_lib.SPEC).write_text(json.dumps(dict(spec, refine_passes=0)))
+  with pytest.raises(ensemble_lib.PredictError, match=f"{spec_lib.SPEC}.*passes must be >= 1"):
+    spec_lib.load_models(tmp_path / "bad")
   calls = []
 
   def refiner(images):
     calls.append(len(images))
     return _fixed([0, 0, 1, 1])(images)
 
-  models = predict.Models(stage1=None, stage2=None, options=options, refiner=refiner,
+  models = spec_lib.Models(stage1=None, stage2=None, options=options, refiner=refiner,
                           refine_options=options, refine_passes=2)
   series = types.SimpleNamespace(volume=np.zeros((20, 40, 80), np.int16))  # all refine_boxes reads
   out = predict.refine_boxes(series, _preds(), models)
   assert len(calls) == 2
-  want = pseudo_labels.refine(_preds(), series.volume, refiner, (16, 16), passes=2,
+  want = refine_lib.refine(_preds(), series.volume, refiner, (16, 16), passes=2,
                               window=(options.window_level, options.window_width))
   assert out == want
 
@@ -202,7 +209,7 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
   data, truth = segmented
   uids = sorted(truth)
   folds = {u: i % 2 for i, u in enumerate(uids)}
-  options = study_lib.Options(image_size=(32, 32))
+  options = options_lib.Options(image_size=(32, 32))
   scorer = _stage1
   refiners = {0: _fixed([INNER, INNER, 1 - INNER, 1 - INNER]), 1: _fixed([0, 0, 1, 1])}
   plain = pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "a.csv",
@@ -217,8 +224,8 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
   half = (0 + INNER) / 2, (0 + INNER) / 2, (1 + 1 - INNER) / 2, (1 + 1 - INNER) / 2
   _, h, w = truth[uids[0]]["shape"]
   scale = np.array([w, h, w, h], float)
-  frame = box_refine.crop_frame(np.array([0.3, 0.3, 0.6, 0.7]) * scale)
-  expect = np.clip(np.array(box_refine.from_crop(half, frame)) / scale, 0, 1)
+  frame = refine_input.crop_frame(np.array([0.3, 0.3, 0.6, 0.7]) * scale)
+  expect = np.clip(np.array(refine_input.from_crop(half, frame)) / scale, 0, 1)
   np.testing.assert_allclose(b[uids[0]][0].box, expect, atol=1e-5)
   assert a[uids[0]][0].box == pytest.approx((0.3, 0.3, 0.6, 0.7))
   # Volumes kept from the first pass and volumes read again give the same crops.
@@ -254,11 +261,11 @@ def test_predict_refines_located_boxes_and_the_spec_names_the_refiner(segmented,
   from cspine_jax.io import dicom
   data, truth = segmented
   series = dicom.read_series(data / "train_images" / sorted(truth)[0], warn=False)
-  options = study_lib.Options(image_size=(32, 32))
+  options = options_lib.Options(image_size=(32, 32))
   stage1 = _stage1
-  rules = pseudo_labels.Rules(require_all=True)
-  base = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules)
-  grown = predict.Models(stage1=stage1, stage2=None, options=options, rules=rules,
+  rules = derive_lib.Rules(require_all=True)
+  base = spec_lib.Models(stage1=stage1, stage2=None, options=options, rules=rules)
+  grown = spec_lib.Models(stage1=stage1, stage2=None, options=options, rules=rules,
                          refiner=_fixed([0, 0, 1, 1]), refine_options=options)
   before, _, _ = predict.locate(series, base, 64)
   assert predict.refine_boxes(series, before, base) == before  # no refiner: unchanged
@@ -268,9 +275,9 @@ def test_predict_refines_located_boxes_and_the_spec_names_the_refiner(segmented,
     assert (p.first_index, p.last_index) == (q.first_index, q.last_index)
     assert q.box[0] < p.box[0] and q.box[2] > p.box[2], (p.box, q.box)
   with pytest.raises(ValueError, match="needs its options"):
-    predict.Models(stage1=stage1, stage2=None, options=options, refiner=_fixed([0, 0, 1, 1]))
-  predict.write_spec(tmp_path, options, options, refine_options=options)
-  spec = json.loads((tmp_path / predict.SPEC).read_text())
-  assert study_lib.Options.from_json(spec["refine_options"]) == options
-  predict.write_spec(tmp_path, options, options)
-  assert "refine_options" not in json.loads((tmp_path / predict.SPEC).read_text())
+    spec_lib.Models(stage1=stage1, stage2=None, options=options, refiner=_fixed([0, 0, 1, 1]))
+  spec_lib.write_spec(tmp_path, options, options, refine_options=options)
+  spec = json.loads((tmp_path / spec_lib.SPEC).read_text())
+  assert options_lib.Options.from_json(spec["refine_options"]) == options
+  spec_lib.write_spec(tmp_path, options, options)
+  assert "refine_options" not in json.loads((tmp_path / spec_lib.SPEC).read_text())

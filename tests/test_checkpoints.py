@@ -5,13 +5,13 @@ import pathlib
 import subprocess
 import sys
 
+import grain
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from cspine_jax import input as cinput
+from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.train import checkpoints, sharding, steps, tasks
 from test_input import write_task_shards
 from test_train import TinySeq
@@ -26,9 +26,9 @@ def make_trainer(width=8, num_devices=None):
 
 
 def make_iterator(records):
-  src = cinput.record_index(records, "stage2").source()
-  loader = cinput.make_loader(src, "stage2", batch_size=8, train=True, seed=0,
-                              shard_options=cinput.grain.sharding.NoSharding())
+  src = loader_lib.record_index(records, "stage2").source()
+  loader = loader_lib.make_loader(src, "stage2", batch_size=8, train=True, seed=0,
+                              shard_options=grain.sharding.NoSharding())
   return iter(loader)
 
 

@@ -1,18 +1,27 @@
 """The end-to-end demo at its tiny setting: every output exists and is well formed."""
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from configs import demo as demo_config
-from cspine_jax import demo, labels, metrics
+from cspine_jax import labels, metrics
+from cspine_jax.infer import spec as spec_lib
+from cspine_jax.io import vertebrae
+from cspine_jax.pipeline import runner, training
+from cspine_jax.train import checkpoints
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path):
   lines = []
-  figures = demo.run_demo(demo_config.get_config("tiny"), tmp_path, log=lines.append)
+  figures = runner.run(demo_config.get_config("tiny"), tmp_path, log=lines.append)
   text = "\n".join(lines)
   # Progress was shown step by step; the run ends with the results table and the two metrics.
   assert "train stage 1 (all folds) done" in text and "stage-1 pseudo-labels done" in text
@@ -22,7 +31,6 @@ def test_tiny_demo_end_to_end(tmp_path):
                        f"{figures['oof']['two_stage']:.4f}")
   assert lines[-1] == f"prior baseline competition metric (out-of-fold): {figures['oof']['prior']:.4f}"
   # Stage 2 started from the box refiner's encoder of its fold (models.stage2.init_from).
-  from cspine_jax.train import checkpoints
   ck = checkpoints.Checkpointer(tmp_path / "run" / "stage2" / "checkpoints", async_save=False)
   meta = ck.read_meta(ck.latest_step())
   ck.close()
@@ -36,7 +44,6 @@ def test_tiny_demo_end_to_end(tmp_path):
   top_n = pd.read_csv(tmp_path / "eval" / "top_n.csv")
   assert top_n["N"].tolist() == list(range(1, 8))
   # Pseudo-labels: a readable --vertebrae file covering every train study, IoUs against masks.
-  from cspine_jax.records import vertebrae
   located = vertebrae.read_vertebrae(tmp_path / "run" / "vertebrae.csv")
   train = labels.read_train_csv(tmp_path / "data" / "train.csv")
   assert set(located) == set(train["StudyInstanceUID"])
@@ -44,19 +51,20 @@ def test_tiny_demo_end_to_end(tmp_path):
     s = figures["pseudo_labels"][name]
     assert s["pairs"] > 0 and 0 <= s["range_iou"] <= 1 and 0 <= s["box_iou"] <= 1
   # The command line makes the same file (and inference spec) from the trained stage-1 run.
-  from cspine_jax.infer import pseudo_labels, predict
   rules = demo_config.get_config("tiny").pseudo_labels
   cli = tmp_path / "cli"
-  assert pseudo_labels.main([
-      "--data_dir", str(tmp_path / "data"), "--records", str(tmp_path / "records"),
-      "--stage1", str(tmp_path / "run" / "stage1"), "--out", str(cli / "vertebrae.csv"),
-      "--decode", rules.decode, "--require_all", "--calibrate_boxes",
-      "--box_smoothing", str(rules.box_smoothing), "--refine", str(tmp_path / "run" / "box_refine"),
-      "--refine_passes", str(demo_config.get_config("tiny").refine_passes),
-      "--workdir", str(cli), "--no_progress"]) == 0
+  done = subprocess.run([
+      sys.executable, "-m", "cspine_jax.pseudo_labels", f"--data_dir={tmp_path / 'data'}",
+      f"--records={tmp_path / 'records'}", f"--stage1={tmp_path / 'run' / 'stage1'}",
+      f"--out={cli / 'vertebrae.csv'}", f"--decode={rules.decode}", "--require_all",
+      "--calibrate_boxes", f"--box_smoothing={rules.box_smoothing}",
+      f"--refine={tmp_path / 'run' / 'box_refine'}",
+      f"--refine_passes={demo_config.get_config('tiny').refine_passes}", f"--workdir={cli}",
+      "--noprogress"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
   assert (cli / "vertebrae.csv").read_text() == (tmp_path / "run" / "vertebrae.csv").read_text()
-  spec = json.loads((cli / predict.SPEC).read_text())
-  assert spec == json.loads((tmp_path / "run" / predict.SPEC).read_text())
+  spec = json.loads((cli / spec_lib.SPEC).read_text())
+  assert spec == json.loads((tmp_path / "run" / spec_lib.SPEC).read_text())
   # Test-set submission from DICOM: 8 rows per test study, probabilities, the per-study JSON.
   truth = json.loads((tmp_path / "data" / "ground_truth.json").read_text())["studies"]
   test_uids = sorted(u for u, s in truth.items() if s["split"] == "test")
@@ -77,24 +85,21 @@ def test_tiny_demo_end_to_end(tmp_path):
 
 
 def test_init_from_points_each_fold_at_the_same_folds_run(tmp_path):
-  """models.stage2.init_from='box_refine': all folds -> RUN/box_refine/fold_{fold} (filled in per
-  fold by loop.build_model); one fold with one model -> the run folder itself (where
-  loop.train_and_evaluate trains it); refused without the run folder or without a refiner."""
+  """init_from.stage2='box_refine': all folds -> RUN/box_refine/fold_{fold} (filled in per fold by
+  train.warm_start); one fold with one model -> the run folder itself (where
+  loop.train_and_evaluate trains it); refused without a refiner."""
   run = tmp_path / "run"
 
   def stage2(config, run_dir=run):
-    return demo.model_config(config, "stage2", tmp_path / "data", tmp_path / "records",
-                             run / "vertebrae.csv", run_dir)
+    return training.model_config(config, "stage2", run_dir)
 
   config = demo_config.get_config()
   assert stage2(config).model.pretrained == str(run / "box_refine" / "fold_{fold}")
   config.train_fold = 0
   assert stage2(config).model.pretrained == str(run / "box_refine")
-  config.models.box_refine.members = 2
+  config.models.box_refine.train.members = 2
   assert stage2(config).model.pretrained == str(run / "box_refine" / "fold_{fold}")
-  with pytest.raises(ValueError, match="needs the run folder"):
-    stage2(config, run_dir=None)
   config.refine_boxes = False
   with pytest.raises(ValueError, match="needs refine_boxes=True"):
     stage2(config)
-  assert demo.model_config(config, "box_refine", tmp_path, tmp_path, None).model.pretrained is None
+  assert training.model_config(config, "box_refine", run).model.pretrained is None

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cspine_jax.models import layers, native
+from cspine_jax.models import layers
+from cspine_jax.models.cpu import native
 from cspine_jax.train import steps
+from cspine_jax.train import runtime
 
 
 def _pair(shape, seed=0, ksize=7):
@@ -290,9 +292,8 @@ def test_cpu_steps_keep_freed_host_memory_for_the_next_step():
   """XLA:CPU's per-step scratch buffers (tens of MB) are reused, not page-faulted in afresh."""
   import resource
   import sys
-  if not sys.platform.startswith("linux") or not steps.keep_freed_host_memory():
+  if not sys.platform.startswith("linux") or not runtime.keep_freed_host_memory():
     pytest.skip("glibc only")
-  assert steps.compiler_options("cpu") == steps.CPU_COMPILER_OPTIONS
   faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   block = np.ones(8 * 2**20)  # 64 MB: above glibc's largest mmap threshold (32 MB)
   del block

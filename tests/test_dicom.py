@@ -513,10 +513,10 @@ def test_direct_reader_equals_pydicom(tmp_path, tsyntax, dtype, bits, slope, int
 
 def test_direct_reader_window_figures(tmp_path):
   """A bone window (level 400, width 1800) applied by the reader, on known HU."""
-  from cspine_jax.records import study
+  from cspine_jax.pp import image as image_lib
   hu = np.array([[-3000, -500, 400, 1300, 3000, -1024, 0, 1000]], np.int16).repeat(3, 0)
   write_series(tmp_path, [hu, hu], [1.0, 0.0])
-  s = dicom.read_series(tmp_path, map_hu=lambda h: study.window(h, 400, 1800))
+  s = dicom.read_series(tmp_path, map_hu=lambda h: image_lib.window(h, 400, 1800))
   assert s.volume.dtype == np.uint8 and s.shape == (2, 3, 8)
   # (hu + 500) * 255 / 1800, rounded half up, clipped: 0 -> 71 (70.8), 1000 -> 213 (212.5).
   np.testing.assert_array_equal(s.volume[0, 0], [0, 0, 128, 255, 255, 0, 71, 213])

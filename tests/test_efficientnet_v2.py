@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from cspine_jax import weights
+from cspine_jax.models import pretrained
 from cspine_jax.models import efficientnet_v2 as effnet
 from cspine_jax.models import layers
 
@@ -39,7 +39,7 @@ def _abstract(variant, **kw):
 
 def _loaded(fixture, variant, **kw):
   enc = _abstract(variant, **kw)
-  weights.load_pretrained(enc, FIXTURES / f"{fixture}.safetensors")
+  pretrained.load_pretrained(enc, FIXTURES / f"{fixture}.safetensors")
   return enc
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import evaluate
 from cspine_jax import metrics
-from cspine_jax.infer import aggregate
+from cspine_jax import aggregate
 from cspine_jax.labels import TARGETS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

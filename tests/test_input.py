@@ -10,7 +10,8 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from cspine_jax import input as cinput
+from cspine_jax.inputs import augment as augment_lib
+from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.records import schema, shards
 
 
@@ -61,8 +62,8 @@ def write_task_shards(out: pathlib.Path, task: str, n: int, size: int = 16, num_
   return out
 
 
-def open_source(out: pathlib.Path, task: str) -> cinput.RecordSource:
-  return cinput.record_index(out, task).source()
+def open_source(out: pathlib.Path, task: str) -> loader_lib.RecordSource:
+  return loader_lib.record_index(out, task).source()
 
 
 def _ids(loader, limit=None):
@@ -78,7 +79,7 @@ def _ids_per_process(src, **loader_kw):
   """(shard options, record ids in loader order) for each of 2 processes' stage-2 loaders."""
   for shard in range(2):
     opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
-    loader = cinput.make_loader(src, "stage2", shard_options=opts, **loader_kw)
+    loader = loader_lib.make_loader(src, "stage2", shard_options=opts, **loader_kw)
     yield opts, [i for b in _ids(loader) for i in b]
 
 
@@ -87,7 +88,7 @@ def test_each_record_once_per_epoch_across_two_processes(tmp_path):
   src = open_source(tmp_path, "stage2")
   seen = []
   for opts, ids in _ids_per_process(src, batch_size=1, train=True, seed=3, num_epochs=1):
-    assert len(ids) == cinput.local_num_records(22, opts)
+    assert len(ids) == loader_lib.local_num_records(22, opts)
     seen += ids
   assert sorted(seen) == list(range(22))
 
@@ -97,9 +98,9 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
   src = open_source(tmp_path, "stage2")
   opts = grain.sharding.NoSharding()
   kw = dict(batch_size=4, train=True, num_epochs=2, shard_options=opts)
-  a = _ids(cinput.make_loader(src, "stage2", seed=1, **kw))
-  b = _ids(cinput.make_loader(src, "stage2", seed=1, **kw))
-  c = _ids(cinput.make_loader(src, "stage2", seed=2, **kw))
+  a = _ids(loader_lib.make_loader(src, "stage2", seed=1, **kw))
+  b = _ids(loader_lib.make_loader(src, "stage2", seed=1, **kw))
+  c = _ids(loader_lib.make_loader(src, "stage2", seed=2, **kw))
   assert a == b and a != c
   assert len(a) == 8 and sorted(sum(a[:4], [])) == list(range(16))
   assert sorted(sum(a[4:], [])) == list(range(16)) and sum(a[4:], []) != sum(a[:4], [])
@@ -111,7 +112,7 @@ def test_uneven_held_out_split_reads_every_record_once(tmp_path):
   src = open_source(tmp_path, "stage2")
   seen = []
   for opts, ids in _ids_per_process(src, batch_size=4, train=False, seed=0):
-    assert len(ids) == cinput.local_num_records(21, opts) and ids == sorted(ids)
+    assert len(ids) == loader_lib.local_num_records(21, opts) and ids == sorted(ids)
     seen += ids
   assert seen == list(range(21))
 
@@ -137,7 +138,7 @@ def test_rotation_matches_pil_and_the_flip_is_exact():
   batch = np.stack([img] * 6)
   angles = np.array([0.0, 0.0, 3.3, -9.7, 10.0, -10.0], np.float32)
   flips = np.array([False, True, False, True, False, True])
-  got = np.asarray(cinput.rotate_flip(jnp.asarray(batch), jnp.asarray(angles), jnp.asarray(flips)))
+  got = np.asarray(augment_lib.rotate_flip(jnp.asarray(batch), jnp.asarray(angles), jnp.asarray(flips)))
   assert got.dtype == np.float32 and got.shape == batch.shape
   np.testing.assert_array_equal(got[0], img)
   np.testing.assert_array_equal(got[1], img[:, ::-1])
@@ -154,7 +155,7 @@ def test_one_turn_per_sample_shared_by_its_images():
   seq = rng.integers(0, 255, (2, 1, 16, 20, 3), dtype=np.uint8)
   seq = np.concatenate([seq] * 8, axis=1)  # (2, 8, 16, 20, 3): 8 equal images per sample
   angle, flip = jnp.array([7.0, -4.0]), jnp.array([True, False])
-  out = np.asarray(cinput.rotate_flip(jnp.asarray(seq), angle, flip))
+  out = np.asarray(augment_lib.rotate_flip(jnp.asarray(seq), angle, flip))
   for b in range(2):
     for k in range(1, 8):
       np.testing.assert_array_equal(out[b, k], out[b, 0])
@@ -162,22 +163,22 @@ def test_one_turn_per_sample_shared_by_its_images():
     assert np.abs(out[b, 0] - want).max() < 1.0
   # A volume (B, D, H, W, 1) turns in its H, W plane, every slice alike.
   vol = rng.integers(0, 255, (1, 4, 16, 16, 1), dtype=np.uint8)
-  out = np.asarray(cinput.rotate_flip(jnp.asarray(vol), jnp.array([9.0]), jnp.array([True])))
+  out = np.asarray(augment_lib.rotate_flip(jnp.asarray(vol), jnp.array([9.0]), jnp.array([True])))
   for d in range(4):
     assert np.abs(out[0, d] - _pil_rotate_flip(vol[0, d], 9.0, True)).max() < 1.0
 
 
 def test_draws_per_sample_and_per_key():
-  opts = cinput.AugmentOptions(max_rotation_deg=10.0, flip_prob=0.5)
-  angle, flip = cinput.augment_draws(jax.random.key(0), 256, opts)
+  opts = augment_lib.AugmentOptions(max_rotation_deg=10.0, flip_prob=0.5)
+  angle, flip = augment_lib.augment_draws(jax.random.key(0), 256, opts)
   angle, flip = np.asarray(angle), np.asarray(flip)
   assert angle.min() >= -10 and angle.max() <= 10 and angle.std() > 4
   assert 0.35 < flip.mean() < 0.65
-  again = np.asarray(cinput.augment_draws(jax.random.key(0), 256, opts)[0])
-  other = np.asarray(cinput.augment_draws(jax.random.key(1), 256, opts)[0])
+  again = np.asarray(augment_lib.augment_draws(jax.random.key(0), 256, opts)[0])
+  other = np.asarray(augment_lib.augment_draws(jax.random.key(1), 256, opts)[0])
   np.testing.assert_array_equal(angle, again)
   assert not np.allclose(angle, other)
-  none = cinput.augment_draws(jax.random.key(0), 64, cinput.AugmentOptions(0.0, 0.0))
+  none = augment_lib.augment_draws(jax.random.key(0), 64, augment_lib.AugmentOptions(0.0, 0.0))
   assert not np.any(np.asarray(none[0])) and not np.any(np.asarray(none[1]))
 
 
@@ -196,9 +197,9 @@ def _slice_values(images: np.ndarray) -> np.ndarray:
 
 
 def test_coarse_slices_repeat_like_a_thick_slice_vertebra_in_the_records():
-  from cspine_jax.records import study as study_lib
+  from cspine_jax.pp import image as image_lib
   counts = np.array([0, 4, 5, 7, 12, 24, 40])
-  out = _slice_values(cinput.coarsen_slices(jnp.asarray(_numbered_sequence(len(counts))),
+  out = _slice_values(augment_lib.coarsen_slices(jnp.asarray(_numbered_sequence(len(counts))),
                                             jnp.asarray(counts)))
   np.testing.assert_array_equal(out[0], np.arange(24))  # 0: untouched
   np.testing.assert_array_equal(out[5], np.arange(24))  # as many source slices as positions
@@ -207,46 +208,46 @@ def test_coarse_slices_repeat_like_a_thick_slice_vertebra_in_the_records():
     # The records' sampling of a vertebra that spans n slices (records.study.evenly_spaced):
     # position i shows source slice want[i]. Here source j is the sample's own slice at j's
     # evenly spaced place, so the first and last stay and the order is kept.
-    want = study_lib.evenly_spaced(0, n - 1, 24)
+    want = image_lib.evenly_spaced(0, n - 1, 24)
     values = np.unique(row)
     assert len(values) == n and row[0] == 0 and row[-1] == 23
     np.testing.assert_array_equal(np.searchsorted(values, row), want)
   # A volume (C = 1) is coarsened along its depth; 4-D stage-1 images are refused.
   vol = _numbered_sequence(1, 16, 1)
-  got = _slice_values(cinput.coarsen_slices(jnp.asarray(vol), jnp.array([4])))[0]
+  got = _slice_values(augment_lib.coarsen_slices(jnp.asarray(vol), jnp.array([4])))[0]
   np.testing.assert_array_equal(got, [0, 0, 0] + [5] * 5 + [10] * 5 + [15] * 3)
   with pytest.raises(ValueError, match="sequences or volumes"):
-    cinput.coarsen_slices(jnp.zeros((2, 8, 8, 3)), jnp.array([4, 4]))
+    augment_lib.coarsen_slices(jnp.zeros((2, 8, 8, 3)), jnp.array([4, 4]))
 
 
 def test_coarse_slice_draws_and_their_place_in_the_train_inputs():
-  opts = cinput.AugmentOptions(coarse_slices_prob=0.5, coarse_slices=(4, 6))
-  counts = np.asarray(cinput.coarse_slice_draws(jax.random.key(0), 512, opts))
+  opts = augment_lib.AugmentOptions(coarse_slices_prob=0.5, coarse_slices=(4, 6))
+  counts = np.asarray(augment_lib.coarse_slice_draws(jax.random.key(0), 512, opts))
   assert 0.4 < (counts > 0).mean() < 0.6
   assert set(np.unique(counts)) == {0, 4, 5, 6}
   with pytest.raises(ValueError, match="coarse_slices"):
-    cinput.coarse_slice_draws(jax.random.key(0), 4, cinput.AugmentOptions(coarse_slices=(6, 4)))
+    augment_lib.coarse_slice_draws(jax.random.key(0), 4, augment_lib.AugmentOptions(coarse_slices=(6, 4)))
   batch = {"images": _numbered_sequence(64)}
   key = jax.random.key(5)
-  plain_opts = cinput.AugmentOptions(max_rotation_deg=0.0, flip_prob=0.0)
-  coarse_opts = cinput.AugmentOptions(max_rotation_deg=0.0, flip_prob=0.0, coarse_slices_prob=0.5)
-  plain = cinput.device_inputs(batch, "images", key=key, augment=plain_opts)["images"]
-  coarse = cinput.device_inputs(batch, "images", key=key, augment=coarse_opts)["images"]
-  np.testing.assert_allclose(np.asarray(plain), cinput.normalize(batch["images"]), atol=1e-6)
+  plain_opts = augment_lib.AugmentOptions(max_rotation_deg=0.0, flip_prob=0.0)
+  coarse_opts = augment_lib.AugmentOptions(max_rotation_deg=0.0, flip_prob=0.0, coarse_slices_prob=0.5)
+  plain = augment_lib.device_inputs(batch, "images", key=key, augment=plain_opts)["images"]
+  coarse = augment_lib.device_inputs(batch, "images", key=key, augment=coarse_opts)["images"]
+  np.testing.assert_allclose(np.asarray(plain), augment_lib.normalize(batch["images"]), atol=1e-6)
   # The samples drawn are coarsened before normalisation; the others are untouched.
-  drawn = np.asarray(cinput.coarse_slice_draws(
-      jax.random.fold_in(key, cinput.COARSE_SLICES_STREAM), 64, coarse_opts))
-  want = cinput.normalize(np.asarray(cinput.coarsen_slices(jnp.asarray(batch["images"]),
+  drawn = np.asarray(augment_lib.coarse_slice_draws(
+      jax.random.fold_in(key, augment_lib.COARSE_SLICES_STREAM), 64, coarse_opts))
+  want = augment_lib.normalize(np.asarray(augment_lib.coarsen_slices(jnp.asarray(batch["images"]),
                                                            jnp.asarray(drawn))))
   np.testing.assert_allclose(np.asarray(coarse), want, atol=1e-6)
   assert 0 < (drawn > 0).sum() < 64
   # With the turn and flip on, they are drawn from the step's key as without coarse slices, and
   # applied after the coarsening.
-  both = cinput.AugmentOptions(coarse_slices_prob=0.5)
-  got = cinput.device_inputs(batch, "images", key=key, augment=both)["images"]
-  angle, flip = cinput.augment_draws(key, 64, cinput.AugmentOptions())
-  want = cinput.normalize(np.asarray(cinput.rotate_flip(
-      cinput.coarsen_slices(jnp.asarray(batch["images"]), jnp.asarray(drawn)), angle, flip)))
+  both = augment_lib.AugmentOptions(coarse_slices_prob=0.5)
+  got = augment_lib.device_inputs(batch, "images", key=key, augment=both)["images"]
+  angle, flip = augment_lib.augment_draws(key, 64, augment_lib.AugmentOptions())
+  want = augment_lib.normalize(np.asarray(augment_lib.rotate_flip(
+      augment_lib.coarsen_slices(jnp.asarray(batch["images"]), jnp.asarray(drawn)), angle, flip)))
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
@@ -257,8 +258,8 @@ def test_box_follows_the_image():
   cases = [(0.0, True), (12.0, False), (-9.0, True), (10.0, True)]
   angles = jnp.array([a for a, _ in cases])
   flips = jnp.array([f for _, f in cases])
-  out = np.asarray(cinput.rotate_flip(jnp.asarray(np.stack([img] * 4)), angles, flips))
-  boxes = np.asarray(cinput.rotate_flip_boxes(jnp.asarray(np.stack([box] * 4)), angles, flips,
+  out = np.asarray(augment_lib.rotate_flip(jnp.asarray(np.stack([img] * 4)), angles, flips))
+  boxes = np.asarray(augment_lib.rotate_flip_boxes(jnp.asarray(np.stack([box] * 4)), angles, flips,
                                               32, 40))
   for k in range(4):
     ys, xs = np.nonzero(out[k, ..., 0] > 127)
@@ -266,7 +267,7 @@ def test_box_follows_the_image():
     np.testing.assert_allclose(boxes[k], got, atol=2.5 / 32)
   np.testing.assert_allclose(boxes[0], [1 - 21 / 40, 6 / 32, 1 - 5 / 40, 14 / 32], atol=1e-6)
   # No vertebra shown: the all-zero box stays zero whatever the turn.
-  zero = cinput.rotate_flip_boxes(jnp.zeros((4, 4)), angles, flips, 32, 40)
+  zero = augment_lib.rotate_flip_boxes(jnp.zeros((4, 4)), angles, flips, 32, 40)
   assert not np.any(np.asarray(zero))
 
 
@@ -275,18 +276,18 @@ def test_device_inputs_augment_only_with_a_key_and_normalise_like_the_host():
   batch = {"image": rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8),
            "box": np.tile(np.array([0.2, 0.3, 0.6, 0.7], np.float32), (4, 1)),
            "presence": np.ones((4, 7), np.float32)}
-  host = cinput.normalize(batch["image"])
-  plain = jax.jit(lambda b: cinput.device_inputs(b, "image"))(batch)
+  host = augment_lib.normalize(batch["image"])
+  plain = jax.jit(lambda b: augment_lib.device_inputs(b, "image"))(batch)
   np.testing.assert_allclose(np.asarray(plain["image"]), host, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(plain["box"]), batch["box"])
-  opts = cinput.AugmentOptions()
-  aug = jax.jit(lambda b, k: cinput.device_inputs(b, "image", key=k, augment=opts))(
+  opts = augment_lib.AugmentOptions()
+  aug = jax.jit(lambda b, k: augment_lib.device_inputs(b, "image", key=k, augment=opts))(
       batch, jax.random.key(3))
-  angle, flip = cinput.augment_draws(jax.random.key(3), 4, opts)
-  want = cinput.normalize(np.asarray(cinput.rotate_flip(jnp.asarray(batch["image"]), angle, flip)))
+  angle, flip = augment_lib.augment_draws(jax.random.key(3), 4, opts)
+  want = augment_lib.normalize(np.asarray(augment_lib.rotate_flip(jnp.asarray(batch["image"]), angle, flip)))
   np.testing.assert_allclose(np.asarray(aug["image"]), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(aug["box"]), np.asarray(
-      cinput.rotate_flip_boxes(jnp.asarray(batch["box"]), angle, flip, 16, 16)), atol=1e-6)
+      augment_lib.rotate_flip_boxes(jnp.asarray(batch["box"]), angle, flip, 16, 16)), atol=1e-6)
   np.testing.assert_array_equal(np.asarray(aug["presence"]), batch["presence"])
   assert not np.allclose(np.asarray(aug["image"]), host)
 
@@ -294,7 +295,7 @@ def test_device_inputs_augment_only_with_a_key_and_normalise_like_the_host():
 def test_uint8_batches_and_the_one_normalisation(tmp_path):
   write_task_shards(tmp_path, "cnn3d", 6)
   src = open_source(tmp_path, "cnn3d")
-  loader = cinput.make_loader(src, "cnn3d", batch_size=4, train=False, seed=0,
+  loader = loader_lib.make_loader(src, "cnn3d", batch_size=4, train=False, seed=0,
                               shard_options=grain.sharding.NoSharding())
   batches = list(loader)
   assert [b["volume"].shape[0] for b in batches] == [4, 2]  # eval keeps the short last batch
@@ -302,13 +303,13 @@ def test_uint8_batches_and_the_one_normalisation(tmp_path):
   assert v.dtype == np.uint8 and v.shape == (4, 8, 16, 16, 1)
   np.testing.assert_array_equal(v[0], src[0]["volume"])
   assert "study_uid" not in batches[0] and batches[0]["labels"].shape == (4, 8)
-  x = cinput.normalize(v)
+  x = augment_lib.normalize(v)
   assert x.dtype == np.float32 and -1.001 <= x.min() < x.max() <= 1.001
   np.testing.assert_allclose(x, (v / 255.0 - 0.5) / 0.5, atol=1e-6)
   rgb = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
-  want = (rgb / 255.0 - np.array(cinput.IMAGENET_MEAN)) / np.array(cinput.IMAGENET_STD)
-  np.testing.assert_allclose(cinput.normalize(rgb), want, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(jax.jit(cinput.normalize)(rgb)), cinput.normalize(rgb),
+  want = (rgb / 255.0 - np.array(augment_lib.IMAGENET_MEAN)) / np.array(augment_lib.IMAGENET_STD)
+  np.testing.assert_allclose(augment_lib.normalize(rgb), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(augment_lib.normalize)(rgb)), augment_lib.normalize(rgb),
                              atol=1e-6)
 
 
@@ -316,7 +317,7 @@ def test_uint8_batches_and_the_one_normalisation(tmp_path):
 def test_state_restore_resumes_the_exact_next_batch(tmp_path, workers):
   write_task_shards(tmp_path, "stage1", 20)
   src = open_source(tmp_path, "stage1")
-  make = lambda: cinput.make_loader(src, "stage1", batch_size=3, train=True, seed=5,
+  make = lambda: loader_lib.make_loader(src, "stage1", batch_size=3, train=True, seed=5,
                                     shard_options=grain.sharding.NoSharding(), workers=workers)
   it = iter(make())
   for _ in range(4):
@@ -330,7 +331,7 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path, workers):
     np.testing.assert_array_equal(got["record_id"], want["record_id"])
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["box"], want["box"])
-  other = iter(cinput.make_loader(src, "stage1", batch_size=4, train=True, seed=5,
+  other = iter(loader_lib.make_loader(src, "stage1", batch_size=4, train=True, seed=5,
                                   shard_options=grain.sharding.NoSharding(), workers=workers))
   with pytest.raises(ValueError, match="batch_size=3"):  # a position in other batches is refused
     other.set_state(state)
@@ -338,7 +339,7 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path, workers):
 
 def test_fold_filter_from_the_manifest(tmp_path):
   write_task_shards(tmp_path, "slices2d", 30)
-  index = cinput.record_index(tmp_path, "slices2d")
+  index = loader_lib.record_index(tmp_path, "slices2d")
   src = index.source()
   tr, va = index.ids(1, train=True), index.ids(1, train=False)
   assert sorted(np.concatenate([tr, va]).tolist()) == list(range(30))
@@ -355,11 +356,11 @@ def test_missing_manifest_or_shard(tmp_path):
   write_task_shards(tmp_path, "stage2", 14)
   victim = sorted((tmp_path / "stage2").glob("*.array_record"))[0]
   victim.unlink()
-  with pytest.raises(cinput.ShardError, match=victim.name):
-    cinput.record_index(tmp_path, "stage2")
+  with pytest.raises(loader_lib.ShardError, match=victim.name):
+    loader_lib.record_index(tmp_path, "stage2")
   (tmp_path / "stage2" / "manifest.json").unlink()
   with pytest.raises(ValueError, match="manifest"):
-    cinput.record_index(tmp_path, "stage2")
+    loader_lib.record_index(tmp_path, "stage2")
 
 
 def test_truncated_shard_is_named(tmp_path):
@@ -367,7 +368,7 @@ def test_truncated_shard_is_named(tmp_path):
   bad = sorted((tmp_path / "stage2").glob("*.array_record"))[1]
   data = bad.read_bytes()
   bad.write_bytes(data[: len(data) // 2])
-  with pytest.raises(cinput.ShardError, match=bad.name):
+  with pytest.raises(loader_lib.ShardError, match=bad.name):
     open_source(tmp_path, "stage2")
 
 
@@ -379,9 +380,9 @@ def test_corrupt_record_is_named(tmp_path):
     w.write(schema.encode(make_record("stage2", i)))
   w.write(schema.encode(make_record("stage2", 3))[:60])  # a record cut inside its header
   w.close()
-  src = cinput.RecordSource([folder / "x.array_record"])
+  src = loader_lib.RecordSource([folder / "x.array_record"])
   assert src[0]["vertebra"] == 0
-  with pytest.raises(cinput.ShardError, match=r"x\.array_record.*record 3"):
+  with pytest.raises(loader_lib.ShardError, match=r"x\.array_record.*record 3"):
     src[3]
 
 
@@ -391,9 +392,9 @@ def test_workers_are_deterministic(tmp_path):
   src = open_source(tmp_path, "stage2")
   kw = dict(batch_size=3, train=True, seed=0, num_epochs=1,
             shard_options=grain.sharding.NoSharding(), workers=2)
-  a = list(cinput.make_loader(src, "stage2", **kw))
-  b = list(cinput.make_loader(src, "stage2", **kw))
-  in_process = list(cinput.make_loader(src, "stage2", **dict(kw, workers=0)))
+  a = list(loader_lib.make_loader(src, "stage2", **kw))
+  b = list(loader_lib.make_loader(src, "stage2", **kw))
+  in_process = list(loader_lib.make_loader(src, "stage2", **dict(kw, workers=0)))
   assert len(a) == len(b) == len(in_process) == 4
   assert sorted(np.concatenate([x["record_id"] for x in a]).tolist()) == list(range(12))
   for x, y, z in zip(a, b, in_process):
@@ -405,13 +406,13 @@ def test_each_epoch_drops_its_own_partial_batch(tmp_path):
   # 11 records, batches of 4: 2 full batches an epoch, the 3 left over differ between epochs.
   write_task_shards(tmp_path, "stage1", 11)
   src = open_source(tmp_path, "stage1")
-  ids = _ids(cinput.make_loader(src, "stage1", batch_size=4, train=True, seed=0, num_epochs=3,
+  ids = _ids(loader_lib.make_loader(src, "stage1", batch_size=4, train=True, seed=0, num_epochs=3,
                                 shard_options=grain.sharding.NoSharding()))
   assert [len(b) for b in ids] == [4] * 6
   epochs = [sum(ids[2 * e:2 * e + 2], []) for e in range(3)]
   assert all(len(set(e)) == 8 and set(e) <= set(range(11)) for e in epochs)
   assert len({tuple(sorted(e)) for e in epochs}) > 1  # each epoch leaves other records out
-  batches = cinput.EpochBatches(src, 4, shuffle=True, seed=0, drop_remainder=True, num_epochs=3)
+  batches = loader_lib.EpochBatches(src, 4, shuffle=True, seed=0, drop_remainder=True, num_epochs=3)
   assert len(batches) == 6 and batches.batches_per_epoch == 2
   np.testing.assert_array_equal(batches[5]["record_id"], ids[5])  # a batch is addressable alone
   with pytest.raises(IndexError, match="batch 6"):
@@ -422,20 +423,20 @@ def test_too_few_training_records_for_a_batch_fail_clearly(tmp_path):
   write_task_shards(tmp_path, "stage1", 5)
   src = open_source(tmp_path, "stage1")
   with pytest.raises(ValueError, match="5 training records .* no full batch of 8"):
-    cinput.make_loader(src, "stage1", batch_size=8, train=True, seed=0,
+    loader_lib.make_loader(src, "stage1", batch_size=8, train=True, seed=0,
                        shard_options=grain.sharding.NoSharding())
   # evaluation keeps the short batch; a process whose share is empty reads nothing
-  assert _ids(cinput.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
+  assert _ids(loader_lib.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
                                  shard_options=grain.sharding.NoSharding())) == [list(range(5))]
   empty = grain.sharding.ShardOptions(7, 8, drop_remainder=False)  # 5 records over 8 processes
-  assert _ids(cinput.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
+  assert _ids(loader_lib.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
                                  shard_options=empty)) == []
 
 
 def test_stack_records_batches_arrays_and_drops_strings():
   recs = [{"image": np.full((2, 3), i, np.uint8), "label": np.float32(i), "record_id": i,
            "present": bool(i), "study_uid": f"1.2.{i}", "extra": None} for i in range(3)]
-  batch = cinput.stack_records(recs)
+  batch = loader_lib.stack_records(recs)
   assert set(batch) == {"image", "label", "record_id", "present"}
   assert batch["image"].shape == (3, 2, 3) and batch["image"].dtype == np.uint8
   np.testing.assert_array_equal(batch["image"][:, 0, 0], [0, 1, 2])
@@ -445,4 +446,4 @@ def test_stack_records_batches_arrays_and_drops_strings():
     assert batch[key].dtype == np.stack([np.asarray(r[key]) for r in recs]).dtype
   recs[2]["image"] = np.zeros((3,), np.uint8)
   with pytest.raises(ValueError, match="field 'image': record 2 has shape"):
-    cinput.stack_records(recs)
+    loader_lib.stack_records(recs)

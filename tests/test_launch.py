@@ -9,8 +9,14 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from flax import nnx
+
 from configs import cnn3d, multi_head, single_head, stage1, stage2
+from cspine_jax import metrics
+from cspine_jax.pipeline import runner
+from cspine_jax.train import loop
 import launch
+from test_train import TinySeq
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -78,16 +84,12 @@ def _tiny_synthetic_config(tmp_path):
 
 
 def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
-  """fold=-1 on a synthetic set generated + prepared by the launcher (tiny local model)."""
-  from flax import nnx
-  from cspine_jax import metrics
-  from cspine_jax.train import loop
-  from test_train import TinySeq
+  """fold=-1 on a synthetic set generated + prepared by the pipeline (tiny local model)."""
   monkeypatch.setattr(loop, "build_model",
                       lambda config, seed, fold=None: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
   c = _tiny_synthetic_config(tmp_path)
   c.fold = -1
-  out = loop.train_and_evaluate(c, tmp_path / "run")
+  out = runner.run(c, tmp_path / "run")
   assert [r["fold"] for r in out["folds"]] == [0, 1] and all(r["finished"] for r in out["folds"])
   cache = tmp_path / "synthetic_6_0_small_1"
   assert (cache / "records" / "stage2" / "manifest.json").exists()
@@ -96,9 +98,13 @@ def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   labels = pd.read_csv(cache / "rsna" / "train.csv", dtype={"StudyInstanceUID": str})
   assert 0 < metrics.competition_loss(labels, oof) < 5
   assert (tmp_path / "run" / "learning_curves.png").stat().st_size > 1000
-  # A second run reuses the generated set and resumes the finished folds (no new steps).
-  again = loop.train_and_evaluate(c, tmp_path / "run")
-  assert [r["step"] for r in again["folds"]] == [2, 2]
+  # A second run reuses the generated set and skips the finished steps; their results stand.
+  lines = []
+  again = runner.run(c, tmp_path / "run", log=lines.append)
+  assert again == json.loads(json.dumps(out))
+  assert "(0 to run)" in lines[0]
+  steps = json.loads((tmp_path / "run" / "pipeline.json").read_text())["steps"]
+  assert [s["state"] for s in steps] == ["done"] * 3
 
 
 @pytest.mark.slow

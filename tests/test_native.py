@@ -1,4 +1,4 @@
-"""The native depthwise kernels (models/native.py, models/depthwise_cpu.cc): how they are built,
+"""The native depthwise kernels (models/cpu/native.py, models/cpu/depthwise_cpu.cc): how they are built,
 cached and turned off, and that they run under a sharded jit. Their numerics against lax are in
 test_depthwise.py (every case, forward and both gradients)."""
 import os
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cspine_jax.models import layers, native
+from cspine_jax.models import layers
+from cspine_jax.models.cpu import native
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_a_broken_cached_library_is_built_again(tmp_path, monkeypatch):
                                                ({"CSPINE_NATIVE": "0"}, 1, ["False", "shifted"]),
                                                ({}, 2, ["True", "shifted"])])
 def test_auto_takes_the_native_kernels_on_one_cpu_device_unless_turned_off(env, devices, want):
-  code = ("from cspine_jax.models import layers, native; "
+  code = ("from cspine_jax.models import layers; from cspine_jax.models.cpu import native; "
           "print(native.available(), layers.resolve_method('auto'))")
   env = dict(os.environ, JAX_PLATFORMS="cpu", **env,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")

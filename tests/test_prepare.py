@@ -2,7 +2,6 @@
 generator's ground truth, kill-and-restart, bad studies, option mismatch, the --vertebrae file."""
 import collections
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -19,14 +18,15 @@ from cspine_jax.io import dicom
 from cspine_jax.records import pipeline
 from cspine_jax.records import shards
 from cspine_jax.records import slices2d
-from cspine_jax.records import stage2
-from cspine_jax.records import study as study_lib
-from cspine_jax.records import vertebrae as vertebrae_lib
+from cspine_jax.pp import crops as crops_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
+from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.synthetic import generate
 from data_prep import prepare as prepare_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OPTS = study_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=16)
+OPTS = options_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=16)
 NUM_STUDIES = 5
 
 
@@ -156,7 +156,7 @@ def _expected_stage2(root, uid, info):
   out = {}
   for name, v in _located(info).items():
     ext = study_lib.Extent(v["first"], v["last"], tuple(v["box"]))
-    out[labels_lib.VERTEBRAE.index(name)] = stage2.vertebra_images(series.volume, ext, OPTS)
+    out[labels_lib.VERTEBRAE.index(name)] = crops_lib.vertebra_images(series.volume, ext, OPTS)
   return out
 
 
@@ -288,7 +288,7 @@ def test_stage2_locate_vertebrae_crops_every_study_by_the_file(data, tmp_path):
     for r in srecs:
       if r["present"]:
         first, last, box = boxes[uid, r["vertebra"]]
-        expected = stage2.vertebra_images(series.volume, study_lib.Extent(first, last, box), opts)
+        expected = crops_lib.vertebra_images(series.volume, study_lib.Extent(first, last, box), opts)
         np.testing.assert_array_equal(r["images"], expected)
 
 
@@ -359,7 +359,7 @@ def test_bad_study_is_listed_and_the_rest_written(data, built, tmp_path):
 def test_restart_with_other_options_is_refused(data, tmp_path):
   root, _ = data
   pipeline.prepare(root, tmp_path, "cnn3d", OPTS, progress=False)
-  other = study_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=8)
+  other = options_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=8)
   with pytest.raises(pipeline.PrepareError, match="cube_size"):
     pipeline.prepare(root, tmp_path, "cnn3d", other, progress=False)
   assert prepare_cli.main(_cli_args(root, tmp_path, "cnn3d", "--window_level", "300")) == 2

@@ -2,7 +2,6 @@
 file, and the image helpers (window, resize, 2.5D, crops, depth resampling, fracture targets)."""
 import collections
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -11,9 +10,11 @@ from cspine_jax.records import cnn3d
 from cspine_jax.records import folds
 from cspine_jax.records import shards
 from cspine_jax.records import slices2d
-from cspine_jax.records import stage2
-from cspine_jax.records import study
-from cspine_jax.records import vertebrae
+from cspine_jax.pp import crops as crops_lib
+from cspine_jax.pp import image as image_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
+from cspine_jax.io import vertebrae
 
 
 # ----------------------------------------------------------------------------- folds
@@ -132,39 +133,39 @@ def test_resolve_prefers_file_numbers():
 
 def test_window_bone_default():
   hu = np.array([[-3000, -500, 400, 1300, 3000, 400 + 900 * (2 * 100 / 255 - 1)]], np.float32)
-  out = study.window(hu, 400, 1800)
+  out = image_lib.window(hu, 400, 1800)
   assert out.dtype == np.uint8
   np.testing.assert_array_equal(out, [[0, 0, 128, 255, 255, 100]])
   big = np.random.default_rng(0).normal(300, 800, (9, 37, 41)).astype(np.float32)
   ref = np.clip(np.floor((big - (-500)) * (255 / 1800) + 0.5), 0, 255).astype(np.uint8)
-  np.testing.assert_array_equal(study.window(big, 400, 1800), ref)
+  np.testing.assert_array_equal(image_lib.window(big, 400, 1800), ref)
 
 
 def test_resize_and_stack_25d():
   vol = np.stack([np.full((40, 60), i * 10, np.uint8) for i in range(5)])
-  res = study.resize_slices(vol, (16, 24))
+  res = image_lib.resize_slices(vol, (16, 24))
   assert res.shape == (5, 16, 24) and res.dtype == np.uint8
   np.testing.assert_array_equal(res[:, 0, 0], [0, 10, 20, 30, 40])
-  img = study.stack_25d(res)
+  img = image_lib.stack_25d(res)
   assert img.shape == (5, 16, 24, 3)
   np.testing.assert_array_equal(img[0, 0, 0], [0, 0, 10])  # Edge repeats the end slice.
   np.testing.assert_array_equal(img[2, 0, 0], [10, 20, 30])
   np.testing.assert_array_equal(img[4, 0, 0], [30, 40, 40])
-  np.testing.assert_array_equal(study.stack_25d(res, [1])[0, 3, 3], [0, 10, 20])
+  np.testing.assert_array_equal(image_lib.stack_25d(res, [1])[0, 3, 3], [0, 10, 20])
 
 
 def test_evenly_spaced_paper_example():
   # "47 slices -> 24 slices with index 0, 2, 4, ..., 46".
-  np.testing.assert_array_equal(study.evenly_spaced(0, 46, 24), np.arange(0, 47, 2))
-  idx = study.evenly_spaced(5, 9, 24)  # Fewer slices than samples: repeats, stays in range.
+  np.testing.assert_array_equal(image_lib.evenly_spaced(0, 46, 24), np.arange(0, 47, 2))
+  idx = image_lib.evenly_spaced(5, 9, 24)  # Fewer slices than samples: repeats, stays in range.
   assert idx.min() == 5 and idx.max() == 9 and np.all(np.diff(idx) >= 0)
 
 
 def test_crop_box_margin_and_clip():
-  assert study.crop_box((10, 20, 30, 60), 0.1, 100, 100) == (8, 16, 32, 64)
-  assert study.crop_box((0, 0, 100, 50), 0.5, 60, 100) == (0, 0, 100, 60)
-  with pytest.raises(study.StudyError):
-    study.crop_box((5, 5, 5, 9), 0.0, 10, 10)
+  assert crops_lib.crop_box((10, 20, 30, 60), 0.1, 100, 100) == (8, 16, 32, 64)
+  assert crops_lib.crop_box((0, 0, 100, 50), 0.5, 60, 100) == (0, 0, 100, 60)
+  with pytest.raises(study_lib.StudyError):
+    crops_lib.crop_box((5, 5, 5, 9), 0.0, 10, 10)
 
 
 def test_stage2_vertebra_images_crop_before_resize():
@@ -172,12 +173,12 @@ def test_stage2_vertebra_images_crop_before_resize():
   s, h, w = 30, 64, 80
   vol = np.broadcast_to(np.arange(s, dtype=np.float32)[:, None, None] * 50 - 500, (s, h, w)).copy()
   vol[:, :, :40] = -1000  # Left half dark: the crop (x >= 40) must not see it.
-  opts = study.Options(image_size=(8, 8), stage2_slices=6, crop_margin=0.0)
-  ext = study.Extent(first=4, last=14, box=(40, 10, 80, 50))
-  images = stage2.vertebra_images(vol, ext, opts)
+  opts = options_lib.Options(image_size=(8, 8), stage2_slices=6, crop_margin=0.0)
+  ext = study_lib.Extent(first=4, last=14, box=(40, 10, 80, 50))
+  images = crops_lib.vertebra_images(vol, ext, opts)
   assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
-  idx = study.evenly_spaced(4, 14, 6)
-  expected = study.window(vol[idx, 0, 79], 400, 1800).reshape(2, 3)
+  idx = image_lib.evenly_spaced(4, 14, 6)
+  expected = image_lib.window(vol[idx, 0, 79], 400, 1800).reshape(2, 3)
   np.testing.assert_array_equal(images[:, 0, 0, :], expected)
   assert np.all(images == images[:, :1, :1, :])  # Uniform crop: the dark half was cut away.
 
@@ -207,12 +208,12 @@ def test_fracture_targets_rule():
 
 def test_options_validation():
   with pytest.raises(ValueError, match="multiple of 3"):
-    study.Options(stage2_slices=10)
+    options_lib.Options(stage2_slices=10)
   with pytest.raises(ValueError, match="image_size"):
-    study.Options(image_size=(0, 4))
-  assert study.Options(image_size=[32, 48]).to_json()["image_size"] == [32, 48]
-  opts = study.Options(image_size=(32, 48), crop_margin=0.2, stage2_locate="vertebrae")
-  assert study.Options.from_json(json.loads(json.dumps(opts.to_json()))) == opts
+    options_lib.Options(image_size=(0, 4))
+  assert options_lib.Options(image_size=[32, 48]).to_json()["image_size"] == [32, 48]
+  opts = options_lib.Options(image_size=(32, 48), crop_margin=0.2, stage2_locate="vertebrae")
+  assert options_lib.Options.from_json(json.loads(json.dumps(opts.to_json()))) == opts
 
 
 def test_pixel_box_survives_the_file(tmp_path):
@@ -237,29 +238,29 @@ def test_window_at_read_equals_window_after(tmp_path, tsyntax):
   spec = studies.sample_study(7, 0, "tiny", has_segmentation=True, transfer_syntax=tsyntax,
                               corrupt=("garbled",))
   studies.write_study(spec, tmp_path)
-  image_dir, mask = study.study_paths(tmp_path, spec.uid)
-  inp = study.StudyInput(uid=spec.uid, image_dir=image_dir, mask_path=mask, fold=0,
+  image_dir, mask = study_lib.study_paths(tmp_path, spec.uid)
+  inp = study_lib.StudyInput(uid=spec.uid, image_dir=image_dir, mask_path=mask, fold=0,
                          labels=(0,) * 8)
-  opts = study.Options(image_size=(32, 32))
-  hu = study.load(inp, with_mask=True)
-  win = study.load(inp, with_mask=True, options=opts)
+  opts = options_lib.Options(image_size=(32, 32))
+  hu = study_lib.load(inp, with_mask=True)
+  win = study_lib.load(inp, with_mask=True, options=opts)
   assert hu.window is None and hu.series.volume.dtype == np.float32
   assert win.window == (400.0, 1800.0) and win.series.volume.dtype == np.uint8
   assert win.series.skipped and win.series.skipped == hu.series.skipped
-  np.testing.assert_array_equal(win.series.volume, study.window(hu.series.volume, 400, 1800))
+  np.testing.assert_array_equal(win.series.volume, image_lib.window(hu.series.volume, 400, 1800))
   np.testing.assert_array_equal(win.mask, hu.mask)
-  planes = study.load(inp, with_mask=True, options=opts, planes=True)
+  planes = study_lib.load(inp, with_mask=True, options=opts, planes=True)
   assert planes.planes == (32, 32) and planes.series.volume.shape[1:] == (32, 32)
   assert planes.series.shape == hu.series.shape  # The DICOM grid, which the mask is on.
   np.testing.assert_array_equal(planes.mask, hu.mask)
-  np.testing.assert_array_equal(study.slice_images(planes, opts), study.slice_images(hu, opts))
-  with pytest.raises(study.StudyError, match="made from HU slices"):
-    study.slice_images(win, opts)  # Full-size windowed uint8 would round twice: refused.
-  with pytest.raises(study.StudyError, match="the options ask for"):
-    study.slice_images(planes, study.Options(image_size=(16, 16)))
-  ext = study.Extent(2, 9, (10, 12, 40, 44))
+  np.testing.assert_array_equal(study_lib.slice_images(planes, opts), study_lib.slice_images(hu, opts))
+  with pytest.raises(study_lib.StudyError, match="made from HU slices"):
+    study_lib.slice_images(win, opts)  # Full-size windowed uint8 would round twice: refused.
+  with pytest.raises(study_lib.StudyError, match="the options ask for"):
+    study_lib.slice_images(planes, options_lib.Options(image_size=(16, 16)))
+  ext = study_lib.Extent(2, 9, (10, 12, 40, 44))
   np.testing.assert_array_equal(
-      stage2.vertebra_images(win.series.volume, ext, opts, win.window),
-      stage2.vertebra_images(hu.series.volume, ext, opts))
-  with pytest.raises(study.StudyError, match=r"read in window \(400.0, 1800.0\)"):
-    study.windowed(win.series.volume, study.Options(window_level=300.0), win.window)
+      crops_lib.vertebra_images(win.series.volume, ext, opts, win.window),
+      crops_lib.vertebra_images(hu.series.volume, ext, opts))
+  with pytest.raises(study_lib.StudyError, match=r"read in window \(400.0, 1800.0\)"):
+    study_lib.windowed(win.series.volume, options_lib.Options(window_level=300.0), win.window)

@@ -2,12 +2,11 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
 from cspine_jax import labels, metrics
-from cspine_jax.infer import aggregate
+from cspine_jax import aggregate
 from cspine_jax.report import plots, study_png, tables
 
 

@@ -2,6 +2,7 @@
 import json
 import math
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs import stage2 as stage2_config
 from cspine_jax import metrics
-from cspine_jax.train import loop, losses, sharding, steps, tasks
+from cspine_jax.inputs import augment as augment_lib
+from cspine_jax.pipeline import training
+from cspine_jax.train import loop, losses, runtime, sharding, steps, tasks
 from test_input import write_task_shards
 
 
@@ -180,8 +183,9 @@ def test_kill_and_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
   assert len(oof) == 2 and set(oof["fold"]) == {0}
   p = oof[[f"C{i}" for i in range(1, 8)]].to_numpy()
   np.testing.assert_allclose(oof["patient_overall"], 1 - np.prod(1 - p, axis=1), rtol=1e-6)
-  assert (tmp_path / "full" / "learning_curves.png").stat().st_size > 1000
   assert any((tmp_path / "full" / "tensorboard").iterdir())
+  training.learning_curves(tmp_path / "full", "tiny")  # what the pipeline draws after training
+  assert (tmp_path / "full" / "learning_curves.png").stat().st_size > 1000
 
 
 def test_nan_loss_stops_with_the_step_number(tmp_path, monkeypatch):
@@ -196,16 +200,16 @@ def test_nan_loss_stops_with_the_step_number(tmp_path, monkeypatch):
 
 
 def test_distributed_environment_detection():
-  assert not loop.wants_distributed({})
-  assert loop.wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-  assert loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
-  assert not loop.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
-  assert loop.wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
-  assert loop.distributed_args({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}) == {
+  assert not runtime.wants_distributed({})
+  assert runtime.wants_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert runtime.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+  assert not runtime.wants_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
+  assert runtime.wants_distributed({"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert runtime.distributed_args({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}) == {
       "num_processes": 4, "process_id": 2}
-  assert loop.distributed_args({"SLURM_JOB_ID": "7"}) == {}  # JAX detects SLURM by itself
+  assert runtime.distributed_args({"SLURM_JOB_ID": "7"}) == {}  # JAX detects SLURM by itself
   with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
-    loop.distributed_args({"JAX_PROCESS_ID": "two"})
+    runtime.distributed_args({"JAX_PROCESS_ID": "two"})
 
 
 class TinyImage(nnx.Module):
@@ -233,11 +237,11 @@ class TinyImage(nnx.Module):
 
 @pytest.mark.parametrize("task", ["stage1", "cnn3d", "slices2d"])
 def test_every_task_trains_and_scores(tmp_path, task):
-  from cspine_jax import input as cinput
+  from cspine_jax.inputs import loader as loader_lib
   write_task_shards(tmp_path, task, 28, size=16)
-  index = cinput.record_index(tmp_path, task)
-  loader = cinput.make_loader(index.source(), task, batch_size=8, train=False, seed=0,
-                              shard_options=cinput.grain.sharding.NoSharding())
+  index = loader_lib.record_index(tmp_path, task)
+  loader = loader_lib.make_loader(index.source(), task, batch_size=8, train=False, seed=0,
+                              shard_options=grain.sharding.NoSharding())
   mesh = sharding.make_mesh()
   channels = 1 if task == "cnn3d" else 3
   tx = steps.make_tx(steps.make_schedule(1e-2, 10, 1), weight_decay=0.0, clip_norm=1.0)
@@ -290,7 +294,6 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_train_step_augments_on_the_device_and_eval_does_not():
   """uint8 batches: the train step turns/flips each sample by draws of (seed, step); eval only
   normalises, so two trainers that differ only in augmentation evaluate alike."""
-  from cspine_jax import input as cinput
   mesh = sharding.make_mesh()
   rng = np.random.default_rng(0)
   host = dict(_batch(), images=rng.integers(0, 255, (16, 8, 8, 8, 3), dtype=np.uint8))
@@ -301,13 +304,13 @@ def test_train_step_augments_on_the_device_and_eval_does_not():
     return steps.Trainer(TinySeq(rngs=nnx.Rngs(0, dropout=1)), tx, tasks.get("stage2"), mesh,
                          augment=augment, augment_seed=seed)
 
-  plain, aug, aug2 = make(None), make(cinput.AugmentOptions()), make(cinput.AugmentOptions())
+  plain, aug, aug2 = make(None), make(augment_lib.AugmentOptions()), make(augment_lib.AugmentOptions())
   e_plain, m_plain = plain.eval_step(plain.state, batch)
   e_aug, m_aug = aug.eval_step(aug.state, batch)
   np.testing.assert_array_equal(np.asarray(e_plain["prob"]), np.asarray(e_aug["prob"]))
   assert float(m_plain["loss"]) == float(m_aug["loss"])
   # The eval step sees exactly the host normalisation.
-  x = cinput.normalize(host["images"])
+  x = augment_lib.normalize(host["images"])
   want = plain.model()(x, host["vertebra"])
   np.testing.assert_allclose(np.asarray(e_plain["prob"]), np.asarray(jax.nn.sigmoid(want)),
                              rtol=1e-5, atol=1e-6)
@@ -322,8 +325,8 @@ def test_train_step_augments_on_the_device_and_eval_does_not():
   assert losses_["aug"] == losses_["aug2"]
   assert losses_["aug"][0] != losses_["plain"][0]
   # Each step draws anew: fold_in of the optimizer step.
-  a0, _ = cinput.augment_draws(aug.augment_key(0), 16, aug.augment)
-  a1, _ = cinput.augment_draws(aug.augment_key(1), 16, aug.augment)
+  a0, _ = augment_lib.augment_draws(aug.augment_key(0), 16, aug.augment)
+  a1, _ = augment_lib.augment_draws(aug.augment_key(1), 16, aug.augment)
   assert not np.allclose(np.asarray(a0), np.asarray(a1))
 
 
@@ -367,11 +370,10 @@ def test_members_per_fold_are_averaged_out_of_fold(tmp_path, monkeypatch):
   monkeypatch.setattr(loop, "build_model", build)
   records = _records(tmp_path)
   cfg = tiny_config(max_steps=3)
-  cfg.records_dir = str(records)
   cfg.fold = 1
   cfg.train.members = 2
   cfg.eval.top_n = 2
-  out = loop.train_and_evaluate(cfg, tmp_path / "run")
+  out = loop.train_and_evaluate(cfg, tmp_path / "run", records)
   assert [r["member"] for r in out["folds"]] == [0, 1]
   assert seeds == [1, 1 + loop.MEMBER_SEED_STRIDE]  # member 0 keeps the single model's seed
   first, second = (pd.read_csv(tmp_path / "run" / d / "oof_predictions.csv",
@@ -386,6 +388,6 @@ def test_members_per_fold_are_averaged_out_of_fold(tmp_path, monkeypatch):
   top2 = np.sort(mean.to_numpy(), axis=1)[:, -2:]
   np.testing.assert_allclose(merged["patient_overall"], 1 - np.prod(1 - top2, axis=1), rtol=1e-9)
   assert set(merged["fold"]) == {1}
-  # predict.fold_dirs finds both members: the inference ensemble averages them.
-  from cspine_jax.infer import predict
-  assert [d.name for d in predict.fold_dirs(tmp_path / "run")] == ["fold_1", "fold_1_member_1"]
+  # ensemble.fold_dirs finds both members: the inference ensemble averages them.
+  from cspine_jax.infer import ensemble
+  assert [d.name for d in ensemble.fold_dirs(tmp_path / "run")] == ["fold_1", "fold_1_member_1"]

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from cspine_jax.models import pretrained
 from cspine_jax import weights
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "timm"
@@ -35,10 +36,10 @@ def _eval_features(enc, x):
 @pytest.mark.parametrize("method", ["lax", "shifted", "native"])
 def test_convnext_atto_matches_timm(method):
   x, io = _io("convnext_atto")
-  enc = weights.build_encoder("convnext_atto", abstract=True, dw_method=method)
-  report = weights.load_pretrained(enc, CONVNEXT)
+  enc = pretrained.build_encoder("convnext_atto", abstract=True, dw_method=method)
+  report = pretrained.load_pretrained(enc, CONVNEXT)
   assert report.family == "convnext" and report.stem_adapted_from is None
-  assert report.num_tensors == len(weights.encoder_arrays(enc))
+  assert report.num_tensors == len(pretrained.encoder_arrays(enc))
   got = _eval_features(enc, x)
   assert got.shape == io["features"].shape == (2, 320)
   assert np.abs(got - io["features"]).max() <= 1e-4
@@ -46,9 +47,9 @@ def test_convnext_atto_matches_timm(method):
 
 def test_mapping_layouts_on_known_tensors():
   sd = load_file(str(CONVNEXT))
-  enc = weights.build_encoder("convnext_atto", abstract=True)
-  weights.load_pretrained(enc, CONVNEXT)
-  arrays = weights.encoder_arrays(enc)
+  enc = pretrained.build_encoder("convnext_atto", abstract=True)
+  pretrained.load_pretrained(enc, CONVNEXT)
+  arrays = pretrained.encoder_arrays(enc)
   np.testing.assert_array_equal(arrays["stem_conv.kernel"],
                                 sd["stem.0.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(arrays["stages.2.blocks.3.conv_dw.kernel"],
@@ -58,10 +59,10 @@ def test_mapping_layouts_on_known_tensors():
   np.testing.assert_array_equal(arrays["stages.3.downsample_norm.scale"],
                                 sd["stages.3.downsample.0.weight"])
   np.testing.assert_array_equal(arrays["head_norm.bias"], sd["head.norm.bias"])
-  e = weights.build_encoder("efficientnet_v2_test", abstract=True)
-  weights.load_pretrained(e, EFFNET)
+  e = pretrained.build_encoder("efficientnet_v2_test", abstract=True)
+  pretrained.load_pretrained(e, EFFNET)
   esd = load_file(str(EFFNET))
-  ea = weights.encoder_arrays(e)
+  ea = pretrained.encoder_arrays(e)
   np.testing.assert_array_equal(ea["blocks.4.1.bn2.var"], esd["blocks.4.1.bn2.running_var"])
   np.testing.assert_array_equal(ea["blocks.4.1.se.conv_reduce.kernel"],
                                 esd["blocks.4.1.se.conv_reduce.weight"].transpose(2, 3, 1, 0))
@@ -73,16 +74,16 @@ def test_linear_mlp_layout_and_wrappers():
   sd = load_file(str(CONVNEXT))
   linear = {("module." + k): (v[:, :, 0, 0] if ".mlp.fc" in k and v.ndim == 4 else v)
             for k, v in sd.items()}
-  cleaned = weights.clean_state_dict({"state_dict": linear, "epoch": 3})
+  cleaned = pretrained.clean_state_dict({"state_dict": linear, "epoch": 3})
   assert set(cleaned) == set(sd)
-  a = weights.build_encoder("convnext_atto", abstract=True)
-  b = weights.build_encoder("convnext_atto", abstract=True)
-  weights.load_pretrained(a, CONVNEXT)
-  conv, unmatched = weights.convert_timm(cleaned, weights.FAMILIES["convnext"])
+  a = pretrained.build_encoder("convnext_atto", abstract=True)
+  b = pretrained.build_encoder("convnext_atto", abstract=True)
+  pretrained.load_pretrained(a, CONVNEXT)
+  conv, unmatched = pretrained.convert_timm(cleaned, pretrained.FAMILIES["convnext"])
   assert not unmatched
-  weights.assign(b, conv, "<wrapped>")
-  got = weights.encoder_arrays(b)
-  for k, v in weights.encoder_arrays(a).items():
+  pretrained.assign(b, conv, "<wrapped>")
+  got = pretrained.encoder_arrays(b)
+  for k, v in pretrained.encoder_arrays(a).items():
     np.testing.assert_array_equal(got[k], v)
 
 
@@ -107,10 +108,10 @@ def test_mismatched_files_name_the_keys(tmp_path):
                                      "file (640, 320) vs encoder (1280, 320)"]),
   }
   for name, (bad, needles) in cases.items():
-    enc = weights.build_encoder("convnext_atto", abstract=True)
+    enc = pretrained.build_encoder("convnext_atto", abstract=True)
     path = _write(tmp_path, bad, name)
-    with pytest.raises(weights.WeightsError) as err:
-      weights.load_pretrained(enc, path)
+    with pytest.raises(pretrained.WeightsError) as err:
+      pretrained.load_pretrained(enc, path)
     msg = str(err.value)
     assert str(path) in msg
     for needle in needles:
@@ -118,9 +119,9 @@ def test_mismatched_files_name_the_keys(tmp_path):
     # nothing was copied: the abstract encoder still holds shapes only
     assert isinstance(enc.head_norm.scale.get_value(), jax.ShapeDtypeStruct)
   # a ConvNeXt file into an EfficientNetV2 encoder fails on every key, not silently
-  enc = weights.build_encoder("efficientnet_v2_test", abstract=True)
-  with pytest.raises(weights.WeightsError, match="no efficientnet_v2 rule"):
-    weights.load_pretrained(enc, CONVNEXT)
+  enc = pretrained.build_encoder("efficientnet_v2_test", abstract=True)
+  with pytest.raises(pretrained.WeightsError, match="no efficientnet_v2 rule"):
+    pretrained.load_pretrained(enc, CONVNEXT)
 
 
 @pytest.mark.parametrize("name,stem_key", [("convnext_atto", "stem_conv.kernel"),
@@ -129,16 +130,16 @@ def test_in_chans_adaptation_equals_timm(name, stem_key):
   _, io = _io(name)
   model = {"convnext_atto": "convnext_atto", "efficientnetv2_test": "efficientnet_v2_test"}[name]
   for c in (1, 5):
-    enc = weights.build_encoder(model, in_chans=c, abstract=True)
-    report = weights.load_pretrained(enc, FIXTURES / f"{name}.safetensors")
+    enc = pretrained.build_encoder(model, in_chans=c, abstract=True)
+    report = pretrained.load_pretrained(enc, FIXTURES / f"{name}.safetensors")
     assert report.stem_adapted_from == 3
-    got = weights.encoder_arrays(enc)[stem_key]
+    got = pretrained.encoder_arrays(enc)[stem_key]
     want = io[f"stem_in{c}"].transpose(2, 3, 1, 0)  # timm's adapt_input_conv, OIHW -> HWIO
     assert got.shape[2] == c
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   # 3 channels (the 2.5D input) is used as it is
   k = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
-  assert weights.adapt_stem_kernel(k, 3) is k
+  assert pretrained.adapt_stem_kernel(k, 3) is k
 
 
 def test_import_cli_and_orbax_roundtrip(tmp_path):
@@ -147,16 +148,16 @@ def test_import_cli_and_orbax_roundtrip(tmp_path):
   rc = weights.main(["import", "--source", str(EFFNET), "--model", "efficientnet_v2_test",
                      "--out", str(out)], print_fn=lines.append)
   assert rc == 0 and "imported 206 tensors" in lines[0], lines
-  meta = json.loads((out / weights.META_FILE).read_text())
+  meta = json.loads((out / pretrained.META_FILE).read_text())
   assert (meta["model"], meta["family"], meta["variant"], meta["in_chans"]) == (
       "efficientnet_v2_test", "efficientnet_v2", "test", 3)
   assert meta["shapes"]["conv_stem.kernel"] == [3, 3, 3, 8]
-  direct = weights.build_encoder("efficientnet_v2_test", abstract=True, dw_method="lax")
-  weights.load_pretrained(direct, EFFNET)
-  restored = weights.build_encoder("efficientnet_v2_test", abstract=True, dw_method="lax")
-  report = weights.load_pretrained(restored, out)
+  direct = pretrained.build_encoder("efficientnet_v2_test", abstract=True, dw_method="lax")
+  pretrained.load_pretrained(direct, EFFNET)
+  restored = pretrained.build_encoder("efficientnet_v2_test", abstract=True, dw_method="lax")
+  report = pretrained.load_pretrained(restored, out)
   assert report.num_tensors == 206
-  a, b = weights.encoder_arrays(direct), weights.encoder_arrays(restored)
+  a, b = pretrained.encoder_arrays(direct), pretrained.encoder_arrays(restored)
   assert set(a) == set(b)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
@@ -165,10 +166,10 @@ def test_import_cli_and_orbax_roundtrip(tmp_path):
   np.testing.assert_array_equal(got, _eval_features(direct, x))
   assert np.abs(got - io["features"]).max() <= 1e-4
   # the imported folder also adapts the stem, and refuses another family or a second import
-  one = weights.build_encoder("efficientnet_v2_test", in_chans=1, abstract=True)
-  assert weights.load_pretrained(one, out).stem_adapted_from == 3
-  with pytest.raises(weights.WeightsError, match="holds efficientnet_v2 weights"):
-    weights.load_pretrained(weights.build_encoder("convnext_test", abstract=True), out)
+  one = pretrained.build_encoder("efficientnet_v2_test", in_chans=1, abstract=True)
+  assert pretrained.load_pretrained(one, out).stem_adapted_from == 3
+  with pytest.raises(pretrained.WeightsError, match="holds efficientnet_v2 weights"):
+    pretrained.load_pretrained(pretrained.build_encoder("convnext_test", abstract=True), out)
   lines.clear()
   assert weights.main(["import", "--source", str(EFFNET), "--model", "efficientnet_v2_test",
                        "--out", str(out)], print_fn=lines.append) == 1
@@ -183,26 +184,26 @@ def test_cli_reports_bad_inputs(tmp_path):
   assert weights.main(["import", "--source", str(CONVNEXT), "--model", "resnet50",
                        "--out", str(tmp_path / "o")], print_fn=lines.append) == 1
   assert "unknown model name 'resnet50'" in lines[-1]
-  with pytest.raises(weights.WeightsError, match="unknown convnext variant 'huge'"):
-    weights.parse_model_name("convnext_huge")
+  with pytest.raises(pretrained.WeightsError, match="unknown convnext variant 'huge'"):
+    pretrained.parse_model_name("convnext_huge")
   assert not (tmp_path / "o").exists()
 
 
 def test_unreadable_sources(tmp_path):
-  enc = weights.build_encoder("convnext_test", abstract=True)
-  with pytest.raises(weights.WeightsError, match="weights file not found"):
-    weights.load_pretrained(enc, tmp_path / "nope.safetensors")
+  enc = pretrained.build_encoder("convnext_test", abstract=True)
+  with pytest.raises(pretrained.WeightsError, match="weights file not found"):
+    pretrained.load_pretrained(enc, tmp_path / "nope.safetensors")
   bad = tmp_path / "w.npz"
   bad.write_bytes(b"x")
-  with pytest.raises(weights.WeightsError, match="unsupported weights file type '.npz'"):
-    weights.load_pretrained(enc, bad)
+  with pytest.raises(pretrained.WeightsError, match="unsupported weights file type '.npz'"):
+    pretrained.load_pretrained(enc, bad)
   junk = tmp_path / "junk.safetensors"
   junk.write_bytes(b"\x00" * 16)
-  with pytest.raises(weights.WeightsError, match="cannot read safetensors"):
-    weights.load_pretrained(enc, junk)
+  with pytest.raises(pretrained.WeightsError, match="cannot read safetensors"):
+    pretrained.load_pretrained(enc, junk)
   (tmp_path / "folder").mkdir()
-  with pytest.raises(weights.WeightsError, match="not an imported weights folder"):
-    weights.load_pretrained(enc, tmp_path / "folder")
+  with pytest.raises(pretrained.WeightsError, match="not an imported weights folder"):
+    pretrained.load_pretrained(enc, tmp_path / "folder")
   pth = tmp_path / "w.pth"
   pth.write_bytes(b"not a zip")
   try:
@@ -210,23 +211,23 @@ def test_unreadable_sources(tmp_path):
     want = "torch.load"
   except ImportError:
     want = "needs torch, which is not installed"
-  with pytest.raises(weights.WeightsError, match=want):
-    weights.load_pretrained(enc, pth)
+  with pytest.raises(pretrained.WeightsError, match=want):
+    pretrained.load_pretrained(enc, pth)
 
 
 def test_config_pretrained_loads_the_encoder_for_training(tmp_path):
   """`--config.model.pretrained=FOLDER` (an imported folder) sets the stage-2 encoder's weights."""
   from configs import stage2
   from cspine_jax.train import loop
-  source = weights.build_encoder("convnext_test")
+  source = pretrained.build_encoder("convnext_test")
   rng = np.random.default_rng(0)  # values no init would give
   nnx.update(source, jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
                                   nnx.state(source, nnx.Param)))
-  folder = weights.save_converted(source, tmp_path / "enc", model="convnext_test")
+  folder = pretrained.save_converted(source, tmp_path / "enc", model="convnext_test")
   config = stage2.get_config("cpu")
   config.model.pretrained = str(folder)
   model = loop.build_model(config, seed=0)
-  want, got = weights.encoder_arrays(source), weights.encoder_arrays(model.encoder)
+  want, got = pretrained.encoder_arrays(source), pretrained.encoder_arrays(model.encoder)
   assert set(want) == set(got)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
@@ -257,11 +258,11 @@ def test_pretrained_from_the_same_folds_training_run(tmp_path):
     ck.save(3, trainer.state, _Position(), {"task": "box_refine", "fold": fold,
                                              "model": source_config.model.to_dict()}, score=0.1)
     ck.close()
-    want[fold] = weights.encoder_arrays(trainer.model().encoder)
+    want[fold] = pretrained.encoder_arrays(trainer.model().encoder)
   config = stage2.get_config("cpu")
   config.model.pretrained = str(runs / "fold_{fold}")
   for fold in (0, 1):
-    got = weights.encoder_arrays(loop.build_model(config, seed=0, fold=fold).encoder)
+    got = pretrained.encoder_arrays(loop.build_model(config, seed=0, fold=fold).encoder)
     assert set(got) == set(want[fold])
     for k in got:
       np.testing.assert_array_equal(got[k], want[fold][k])
@@ -273,5 +274,5 @@ def test_pretrained_from_the_same_folds_training_run(tmp_path):
     loop.build_model(config, seed=0, fold=0)
   (runs / "fold_2" / "checkpoints").mkdir(parents=True)
   config.model.pretrained = str(runs / "fold_{fold}")
-  with pytest.raises(weights.WeightsError, match="fold_2: cannot restore its model"):
+  with pytest.raises(pretrained.WeightsError, match="fold_2: cannot restore its model"):
     loop.build_model(config, seed=0, fold=2)

@@ -27,11 +27,11 @@ class BoxRefiner(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     # Zero kernel and a bias at the crop's inner box: training starts from "the derived box is
     # right", the crop frame's own answer (records.box_refine.MARGIN on each side).
-    from cspine_jax.records import box_refine as records  # pylint: disable=import-outside-toplevel
+    from cspine_jax.pp import refine_input
     self.head = nnx.Linear(encoder.num_features, NUM_VERTEBRAE * 4, param_dtype=param_dtype,
                            kernel_init=nnx.initializers.zeros_init(),
                            bias_init=lambda *_: jnp.tile(
-                               jnp.array(records.INNER_BOX, param_dtype), NUM_VERTEBRAE),
+                               jnp.array(refine_input.INNER_BOX, param_dtype), NUM_VERTEBRAE),
                            rngs=rngs)
 
   def __call__(self, images: Array) -> Array:

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 from flax import nnx
 
-from cspine_jax.models import native
+from cspine_jax.models.cpu import native
 
 Array = jax.Array
 Dtype = Any

@@ -4,7 +4,7 @@
   fracture (7) and vertebra (7).
 - multi head (the seed's EfficientNetV2-S model): two parallel heads on the shared features,
   fracture (7) and vertebra (7), optimised together; optional hidden layer per head.
-Study-level aggregation lives in `cspine_jax.infer.aggregate`.
+Study-level aggregation lives in `cspine_jax.aggregate`.
 """
 from __future__ import annotations
 

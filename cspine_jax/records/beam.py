@@ -20,9 +20,9 @@ import pathlib
 import shlex
 from typing import Any, Iterator, Sequence
 
-from cspine_jax.records import pipeline
-from cspine_jax.records import shards
-from cspine_jax.records import study as study_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
+from cspine_jax.records import pipeline, shards
 
 _LOG = logging.getLogger(__name__)
 COUNTER_NAMESPACE = "cspine_records"
@@ -33,7 +33,7 @@ def record_key(task: str, record: dict[str, Any]) -> str:
   return "/".join(str(record[f]) for f in pipeline.TASKS[task].KEY_FIELDS)
 
 
-def keyed_examples(study: study_lib.StudyInput, task: str, options: study_lib.Options
+def keyed_examples(study: study_lib.StudyInput, task: str, options: options_lib.Options
                    ) -> Iterator[tuple[str, dict[str, Any]]]:
   """The records of one study, keyed; a failing study yields nothing (logged and counted)."""
   import apache_beam as beam
@@ -61,12 +61,12 @@ def pipeline_options(text: str | Sequence[str] | None):
 
 
 def build_records(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task: str,
-                  options: study_lib.Options | None = None, *,
+                  options: options_lib.Options | None = None, *,
                   vertebrae_file: str | os.PathLike | None = None,
                   beam_options: Any = None) -> dict[str, Any]:
   """The local record set (shards + manifest.json under out_dir/task) built by a Beam pipeline."""
   import apache_beam as beam
-  options = options or study_lib.Options()
+  options = options or options_lib.Options()
   plan = pipeline.make_plan(data_dir, task, options, vertebrae_file)
   task_dir = pathlib.Path(out_dir) / task
   task_dir.mkdir(parents=True, exist_ok=True)

@@ -28,16 +28,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from cspine_jax import labels as labels_lib
-from cspine_jax.records import box_refine
-from cspine_jax.records import cnn3d
+from cspine_jax.io import vertebrae as vertebrae_lib
+from cspine_jax.pp import image as image_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
+from cspine_jax.records import box_refine, cnn3d, schema, shards, slices2d, stage1, stage2
 from cspine_jax.records import folds as folds_lib
-from cspine_jax.records import schema
-from cspine_jax.records import shards
-from cspine_jax.records import slices2d
-from cspine_jax.records import stage1
-from cspine_jax.records import stage2
-from cspine_jax.records import study as study_lib
-from cspine_jax.records import vertebrae as vertebrae_lib
 
 TASKS = {m.NAME: m for m in (stage1, stage2, cnn3d, slices2d, box_refine)}
 IDENTITY = "options.json"
@@ -57,7 +53,7 @@ class Plan:
   """
   task: str
   data_dir: pathlib.Path
-  options: study_lib.Options
+  options: options_lib.Options
   studies: list[study_lib.StudyInput]
   folds: dict[str, int]
   skipped: dict[str, str]  # Studies of train.csv this task does not use, and why.
@@ -71,7 +67,7 @@ class Plan:
     feats = TASKS[self.task].features(self.options)
     return {"features": {k: {"shape": list(shape), "dtype": np.dtype(dt).name}
                          for k, (shape, dt) in feats.items()},
-            "schema_version": schema.SCHEMA_VERSION, "pixels_version": study_lib.PIXELS_VERSION,
+            "schema_version": schema.SCHEMA_VERSION, "pixels_version": image_lib.PIXELS_VERSION,
             "task": self.task,
             "data_dir": str(self.data_dir), "options": self.options.to_json(),
             "vertebrae_file_sha256": self.vertebrae_sha256,
@@ -86,7 +82,7 @@ def _sha256(path: str | os.PathLike) -> str:
   return h.hexdigest()
 
 
-def make_plan(data_dir: str | os.PathLike, task: str, options: study_lib.Options,
+def make_plan(data_dir: str | os.PathLike, task: str, options: options_lib.Options,
               vertebrae_file: str | os.PathLike | None = None) -> Plan:
   """Reads the CSVs (UIDs validated before they become paths), assigns folds, lists the studies."""
   if task not in TASKS:
@@ -120,7 +116,7 @@ def make_plan(data_dir: str | os.PathLike, task: str, options: study_lib.Options
               None if vertebrae_file is None else _sha256(vertebrae_file))
 
 
-def records_of(task: str, study: study_lib.StudyInput, options: study_lib.Options):
+def records_of(task: str, study: study_lib.StudyInput, options: options_lib.Options):
   """The records of one study for ``task`` (a generator; raises when the study cannot be used)."""
   return TASKS[task].process(study, options)
 
@@ -129,7 +125,7 @@ def shard_name(uid: str) -> str:
   return f"{labels_lib.check_uid(uid)}{shards.SHARD_SUFFIX}"
 
 
-def run_study(task: str, study: study_lib.StudyInput, options: study_lib.Options,
+def run_study(task: str, study: study_lib.StudyInput, options: options_lib.Options,
               task_dir: str) -> tuple[str, int, str | None]:
   """Worker body: one study -> its shard (atomic), or a bad-study note. Returns (uid, n, reason)."""
   task_dir = pathlib.Path(task_dir)
@@ -246,11 +242,11 @@ def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None =
 
 
 def prepare(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task: str,
-            options: study_lib.Options | None = None, *,
+            options: options_lib.Options | None = None, *,
             vertebrae_file: str | os.PathLike | None = None, workers: int = 1,
             progress: bool = True, start_method: str = "auto") -> dict[str, Any]:
   """Builds (or finishes) ``out_dir/task``; returns the manifest written there."""
-  options = options or study_lib.Options()
+  options = options or options_lib.Options()
   plan = make_plan(data_dir, task, options, vertebrae_file)
   task_dir = pathlib.Path(out_dir) / task
   task_dir.mkdir(parents=True, exist_ok=True)

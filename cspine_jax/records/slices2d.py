@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cspine_jax.records import study as study_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
 
 NAME = "slices2d"
 KEY_FIELDS = ("study_uid", "index")
@@ -25,7 +26,7 @@ def skip_reason(study: study_lib.StudyInput) -> str | None:
   return study_lib.unlocated_reason(study)
 
 
-def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:
+def features(options: options_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:
   h, w = options.image_size
   return {"image": ((h, w, 3), np.uint8), "presence": ((7,), np.float32),
           "fracture": ((7,), np.float32), "study_uid": ((), np.str_), "index": ((), np.int64),
@@ -45,7 +46,7 @@ def fracture_targets(presence: np.ndarray, fractured: np.ndarray, numbers: np.nd
   return fracture
 
 
-def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
+def process(study: study_lib.StudyInput, options: options_lib.Options) -> Iterator[dict[str, Any]]:
   targets = study_lib.require_labels(study)
   loaded = study_lib.load(study, with_mask=True, options=options, planes=True)
   presence = study_lib.presence(loaded)

@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from cspine_jax import labels as labels_lib
-from cspine_jax.records import study as study_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
 
 NAME = "stage1"
 KEY_FIELDS = ("study_uid", "index")
@@ -22,14 +23,14 @@ def skip_reason(study: study_lib.StudyInput) -> str | None:
   return None if study.mask_path is not None else "no segmentation"
 
 
-def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:
+def features(options: options_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:
   h, w = options.image_size
   return {"image": ((h, w, 3), np.uint8), "presence": ((7,), np.float32),
           "area": ((7,), np.float32), "box": ((4,), np.float32), "study_uid": ((), np.str_),
           "index": ((), np.int64), "number": ((), np.int64), "fold": ((), np.int64)}
 
 
-def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
+def process(study: study_lib.StudyInput, options: options_lib.Options) -> Iterator[dict[str, Any]]:
   # Each slice windowed and resized as it is decoded: only the small images are kept.
   loaded = study_lib.load(study, with_mask=True, options=options, planes=True)
   if loaded.mask is None:

@@ -14,7 +14,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cspine_jax.records import study as study_lib
+from cspine_jax.pp import crops as crops_lib
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
 
 NAME = "stage2"
 KEY_FIELDS = ("study_uid", "vertebra")
@@ -24,29 +26,14 @@ def skip_reason(study: study_lib.StudyInput) -> str | None:
   return study_lib.unlocated_reason(study)
 
 
-def features(options: study_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:
+def features(options: options_lib.Options) -> dict[str, tuple[tuple[int, ...], Any]]:
   h, w = options.image_size
   return {"images": ((options.stage2_slices // 3, h, w, 3), np.uint8), "label": ((), np.float32),
           "vertebra": ((), np.int64), "present": ((), np.bool_), "study_uid": ((), np.str_),
           "fold": ((), np.int64)}
 
 
-def vertebra_images(volume: np.ndarray, extent: study_lib.Extent, options: study_lib.Options,
-                    applied: tuple[float, float] | None = None) -> np.ndarray:
-  """(S, H0, W0) HU volume + one vertebra's extent -> uint8 (n/3, H, W, 3) sequence.
-
-  ``applied``: the window the reader already applied to ``volume`` (uint8), if any."""
-  _, height, width = volume.shape
-  idx = study_lib.evenly_spaced(extent.first, extent.last, options.stage2_slices)
-  x0, y0, x1, y1 = study_lib.crop_box(extent.box, options.crop_margin, height, width)
-  crop = volume[idx, y0:y1, x0:x1]  # Crop first: only the vertebra's pixels are windowed/resized.
-  win = study_lib.windowed(crop, options, applied)
-  res = study_lib.resize_slices(win, options.image_size)
-  h, w = options.image_size
-  return np.ascontiguousarray(res.reshape(-1, 3, h, w).transpose(0, 2, 3, 1))
-
-
-def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator[dict[str, Any]]:
+def process(study: study_lib.StudyInput, options: options_lib.Options) -> Iterator[dict[str, Any]]:
   targets = study_lib.require_labels(study)
   loaded = study_lib.load(study, with_mask=options.stage2_locate == "mask", options=options)
   extents = study_lib.extents(loaded)
@@ -56,6 +43,6 @@ def process(study: study_lib.StudyInput, options: study_lib.Options) -> Iterator
     if extent is None:
       images = np.zeros((options.stage2_slices // 3, h, w, 3), np.uint8)
     else:
-      images = vertebra_images(loaded.series.volume, extent, options, loaded.window)
+      images = crops_lib.vertebra_images(loaded.series.volume, extent, options, loaded.window)
     yield {"images": images, "label": np.float32(targets[1 + v]), "vertebra": v,
            "present": extent is not None, "study_uid": study.uid, "fold": study.fold}

@@ -26,12 +26,11 @@ import os
 import sys
 from typing import Sequence
 
-import numpy as np
 import tensorflow_datasets as tfds
 
+from cspine_jax.pp import options as options_lib
 from cspine_jax.records import beam as beam_lib
 from cspine_jax.records import pipeline
-from cspine_jax.records import study as study_lib
 
 VERSION = "1.0.0"
 
@@ -39,7 +38,7 @@ VERSION = "1.0.0"
 class CspineConfig(tfds.core.BuilderConfig):
   """One record set: the task, its preprocessing options and the optional --vertebrae file."""
 
-  def __init__(self, *, task: str, options: study_lib.Options, vertebrae_file: str | None = None,
+  def __init__(self, *, task: str, options: options_lib.Options, vertebrae_file: str | None = None,
                name: str | None = None):
     if task not in pipeline.TASKS:
       raise ValueError(f"unknown task {task!r}; choose one of {sorted(pipeline.TASKS)}")
@@ -51,7 +50,7 @@ class CspineConfig(tfds.core.BuilderConfig):
     self.vertebrae_file = vertebrae_file
 
 
-def config_name(task: str, options: study_lib.Options, vertebrae_file: str | None = None) -> str:
+def config_name(task: str, options: options_lib.Options, vertebrae_file: str | None = None) -> str:
   """The paper configs keep the task's name; anything else gets a short hash of its options."""
   if vertebrae_file is None and options == _paper_options(task):
     return task
@@ -59,8 +58,8 @@ def config_name(task: str, options: study_lib.Options, vertebrae_file: str | Non
   return f"{task}_{hashlib.sha256(text).hexdigest()[:10]}"
 
 
-def _paper_options(task: str) -> study_lib.Options:
-  return study_lib.Options(cube_size=224) if task == "cnn3d" else study_lib.Options()
+def _paper_options(task: str) -> options_lib.Options:
+  return options_lib.Options(cube_size=224) if task == "cnn3d" else options_lib.Options()
 
 
 class CspineRecords(tfds.core.GeneratorBasedBuilder):
@@ -99,7 +98,7 @@ class CspineRecords(tfds.core.GeneratorBasedBuilder):
 
 
 def build(data_dir: str | os.PathLike, tfds_dir: str | os.PathLike, task: str,
-          options: study_lib.Options | None = None, *, vertebrae_file: str | None = None,
+          options: options_lib.Options | None = None, *, vertebrae_file: str | None = None,
           beam_pipeline_options: str | Sequence[str] | None = "runner=DirectRunner"
           ) -> CspineRecords:
   """Builds one config with Beam (``download_and_prepare``) and returns the builder."""

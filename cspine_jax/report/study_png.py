@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Sequence
+from typing import Container, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import patches  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import patches  # noqa: E402
 
 from cspine_jax import labels as labels_lib  # noqa: E402
+from cspine_jax.io import vertebrae as vertebrae_lib  # noqa: E402
 
 # Display window (HU) that shows bone and soft tissue together; a picture only, not a model input.
 _DISPLAY_HU = (-400.0, 1400.0)
@@ -126,3 +127,24 @@ def render_study(volume: np.ndarray, path: str | os.PathLike, *, ranges: Sequenc
   fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
   return path
+
+
+def png_writer(png_dir: str | os.PathLike, only: Container[str] | None = None):
+  """A callback for ``infer.predict.run``: each predicted study's picture as soon as it is known
+  (studies that fell back are not drawn; ``only``: the study names to draw)."""
+  png_dir = pathlib.Path(png_dir)
+  png_dir.mkdir(parents=True, exist_ok=True)
+
+  def write(res, series) -> None:
+    name = res.uid or pathlib.Path(res.folder).name
+    if series is None or res.vertebrae is None or res.error or (only is not None and
+                                                                name not in only):
+      return
+    spans = [vertebrae_lib.resolve(p, series.numbers, series.volume.shape) for p in res.vertebrae]
+    render_study(series.volume, png_dir / f"{name}.png",
+                 ranges=[None if s is None else s[:2] for s in spans],
+                 boxes=[None if s is None else s[2] for s in spans], probs=res.probs[1:],
+                 overall=float(res.probs[0]), pixel_spacing=series.pixel_spacing,
+                 slice_spacing=series.slice_spacing, title=name)
+
+  return write

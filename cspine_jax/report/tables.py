@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as sk_metrics
 
+from cspine_jax import aggregate, metrics
 from cspine_jax import labels as labels_lib
-from cspine_jax import metrics
-from cspine_jax.infer import aggregate
 
 # The seed's results table, in its order (slides: 3D CNN 0.6048, single-head 0.5813, multi-head
 # 0.5019, two-stage 0.3691 on its cross-validation).

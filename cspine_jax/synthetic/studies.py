@@ -16,6 +16,7 @@ import json
 import pathlib
 
 import numpy as np
+import pandas as pd
 
 from cspine_jax import labels as labels_lib
 from cspine_jax.synthetic import anatomy as anat
@@ -320,3 +321,16 @@ def _write_one(job) -> tuple[str, dict, list]:
     spec = dataclasses.replace(spec, corrupt=corrupt)
   entry, rows = write_study(spec, out)
   return spec.uid, entry, rows
+
+
+def test_labels(data_dir: str | pathlib.Path) -> pd.DataFrame:
+  """Wide labels (StudyInstanceUID, patient_overall, C1..C7) of a generated set's held-out test
+  studies, from its ground_truth.json (the real data has no test labels)."""
+  truth = json.loads((pathlib.Path(data_dir) / "ground_truth.json").read_text())["studies"]
+  rows = []
+  for uid, s in sorted(truth.items()):
+    if s.get("split") != "test":
+      continue
+    y = [int(v in s.get("fractured", [])) for v in labels_lib.VERTEBRAE]
+    rows.append([uid, max(y)] + y)
+  return pd.DataFrame(rows, columns=["StudyInstanceUID", *labels_lib.TARGETS])

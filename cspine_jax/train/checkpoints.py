@@ -21,7 +21,6 @@ from typing import Any, Mapping
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -209,6 +208,7 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
 
   run_dir = pathlib.Path(run_dir)

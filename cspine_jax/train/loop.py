@@ -25,13 +25,15 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-from cspine_jax import input as input_lib
 from cspine_jax import metrics as metrics_lib
+from cspine_jax.inputs import augment as augment_lib
+from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.train import checkpoints as ckpt_lib
 from cspine_jax.train import logging as log_lib
 from cspine_jax.train import sharding as sharding_lib
 from cspine_jax.train import steps as steps_lib
 from cspine_jax.train import tasks as tasks_lib
+from cspine_jax.train import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -47,96 +49,19 @@ class NonFiniteLossError(FloatingPointError):
         "optimizer.lr or check the records")
 
 
-# ---- distributed set-up -------------------------------------------------------------------------
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
-
-def wants_distributed(env: dict[str, str] | None = None) -> bool:
-  """True when the environment describes several hosts (explicit coordinator, SLURM, TPU pod)."""
-  env = os.environ if env is None else env
-  if any(env.get(k) for k in _MULTIHOST_ENV):
-    return True
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-    return True
-  return "," in env.get("TPU_WORKER_HOSTNAMES", "")
-
-
-def distributed_args(env: dict[str, str] | None = None) -> dict[str, int]:
-  """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID (a plain multi-node launch
-  without SLURM, MPI or a TPU pod, whose values JAX detects itself)."""
-  env = os.environ if env is None else env
-  out = {}
-  for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-    if env.get(key):
-      try:
-        out[arg] = int(env[key])
-      except ValueError as e:
-        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from e
-  return out
-
-
-def maybe_initialize_distributed() -> None:
-  """Calls ``jax.distributed.initialize()`` once when several hosts take part (before any jax op)."""
-  if wants_distributed():
-    try:
-      jax.distributed.initialize(**distributed_args())
-    except RuntimeError as e:
-      if "already" not in str(e):
-        raise
-
-
 # ---- data ---------------------------------------------------------------------------------------
-def resolve_records(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
-  """The records folder holding ``config.task``; prepares it (and a synthetic set) when missing.
-
-  records_dir set: used as is (prepared from data_dir when its manifest is missing).
-  data_dir set, no records_dir: records under ``workdir/records``.
-  Neither: a synthetic RSNA-format set is generated and prepared once under
-  ``<workdir parent>/synthetic_<n>_<seed>`` and reused by later runs.
-  """
-  task = config.task
-  data_dir = config.get("data_dir")
-  records_dir = config.get("records_dir")
-  if records_dir is None:
-    if data_dir is None:
-      syn = config.synthetic
-      cache = workdir.absolute().parent / (f"synthetic_{syn.num_studies}_{syn.seed}_{syn.size}_"
-                                           f"{syn.segmented_fraction:g}")
-      data_dir = cache / "rsna"
-      records_dir = cache / "records"
-      if not (data_dir / "train.csv").exists():
-        from cspine_jax import synthetic  # pylint: disable=g-import-not-at-top
-        if jax.process_index() == 0:
-          synthetic.generate(data_dir, syn.num_studies, syn.seed, size=syn.size,
-                             segmented_fraction=syn.segmented_fraction)
-    else:
-      records_dir = workdir / "records"
-  records_dir = pathlib.Path(records_dir)
-  if not (records_dir / task / "manifest.json").exists():
-    if data_dir is None:
-      raise FileNotFoundError(f"{records_dir / task}: no records (manifest.json) and no data_dir "
-                              "to prepare them from")
-    from cspine_jax.records import pipeline, study  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
-      options = study.Options.from_json(config.prepare.to_dict())
-      pipeline.prepare(data_dir, records_dir, task, options,
-                       vertebrae_file=config.get("vertebrae_file"),
-                       workers=max(1, config.input.workers), progress=False)
-  return records_dir
-
-
 @dataclasses.dataclass
 class FoldData:
-  index: input_lib.RecordIndex
-  train: input_lib.RecordSource
-  val: input_lib.RecordSource
+  index: loader_lib.RecordIndex
+  train: loader_lib.RecordSource
+  val: loader_lib.RecordSource
   local_batch: int
   steps_per_epoch: int
 
 
 def make_data(config: ml_collections.ConfigDict, records_dir: pathlib.Path, fold: int,
               mesh: jax.sharding.Mesh) -> FoldData:
-  index = input_lib.record_index(records_dir, config.task)
+  index = loader_lib.record_index(records_dir, config.task)
   source = index.source()
   train = source.subset(index.ids(fold, train=True))
   val = source.subset(index.ids(fold, train=False))
@@ -145,38 +70,35 @@ def make_data(config: ml_collections.ConfigDict, records_dir: pathlib.Path, fold
                      f"{jax.process_count()} processes")
   local_batch = sharding_lib.check_batch_size(config.input.batch_size // jax.process_count(), mesh)
   shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  per_epoch = input_lib.local_num_records(len(train), shard) // local_batch
+  per_epoch = loader_lib.local_num_records(len(train), shard) // local_batch
   if per_epoch < 1:
     raise ValueError(f"{records_dir / config.task}: {len(train)} training records (fold {fold}) "
                      f"make no full batch of {config.input.batch_size}")
   return FoldData(index, train, val, local_batch, per_epoch)
 
 
-def _augment(config) -> input_lib.AugmentOptions | None:
+def _augment(config) -> augment_lib.AugmentOptions | None:
   aug = config.input.augment
   if not aug.enabled:
     return None
-  return input_lib.AugmentOptions(max_rotation_deg=aug.max_rotation_deg, flip_prob=aug.flip_prob,
+  return augment_lib.AugmentOptions(max_rotation_deg=aug.max_rotation_deg, flip_prob=aug.flip_prob,
                                   coarse_slices_prob=aug.coarse_slices_prob,
                                   coarse_slices=tuple(aug.coarse_slices))
 
 
 # ---- model --------------------------------------------------------------------------------------
 # Above this many values (parameters and buffers) a CPU model is built eagerly: the one program's
-# unoptimised code then runs longer than the per-shape eager programs take to compile
-# (ConvNeXt-Tiny stage 2, 40M values: 17.2 s in one program, of which 12.2 s running, vs 5.9 s
-# eager; EfficientNetV2-S, 22M: 27 s vs 11.5 s). The :cpu and demo models hold < 0.5M.
+# unoptimised code then runs longer than the per-shape eager programs take to compile.
 ONE_PROGRAM_MAX_VALUES = 5_000_000
 
 
 def init_in_one_program(make: Callable[[], nnx.Module]) -> nnx.Module:
   """``make()``, with all parameter initialisers run as one jit-compiled program.
 
-  Built eagerly, every initialiser call of a new shape compiles its own small XLA program (~150
-  for the 2D baselines: 8.7-16.9 s on 2 CPU cores before the first step); one program compiled at
-  backend optimisation level 0 (it runs once) takes 3.7-9.8 s. Same values and structure: the
-  graph comes from ``nnx.eval_shape``, the state from the jitted ``make``. A large model on CPU
-  is built eagerly (``ONE_PROGRAM_MAX_VALUES``).
+  Built eagerly, every initialiser call of a new shape compiles its own small XLA program; one
+  program compiled at backend optimisation level 0 (it runs once) costs a fraction of that. Same
+  values and structure: the graph comes from ``nnx.eval_shape``, the state from the jitted
+  ``make``. A large model on CPU is built eagerly (``ONE_PROGRAM_MAX_VALUES``).
   """
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   on_cpu = jax.default_backend() == "cpu"
@@ -190,31 +112,13 @@ def init_in_one_program(make: Callable[[], nnx.Module]) -> nnx.Module:
 def build_model(config: ml_collections.ConfigDict, seed: int, fold: int | None = None
                 ) -> nnx.Module:
   """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included);
-  ``config.model.pretrained`` (a timm file, an imported folder, or a training run folder, see
-  ``cspine_jax.weights``) then replaces the image encoder's weights. ``{fold}`` in that path
-  becomes ``fold``: stage 2 of fold k can start from the encoder another model learned on fold
-  k's training studies (``--config.model.pretrained=RUN/box_refine/fold_{fold}``). A run folder
-  of another fold is refused: its model has trained on this fold's validation studies."""
+  ``config.model.pretrained`` then replaces the image encoder's weights (``train.warm_start``)."""
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
   model = init_in_one_program(lambda: models.make_model(config.model,
                                                         rngs=models.make_rngs(seed)))
   path = config.model.get("pretrained")
   if path:
-    from cspine_jax import weights  # pylint: disable=g-import-not-at-top
-    if "{fold}" in path:
-      if fold is None:
-        raise ValueError(f"model.pretrained={path}: '{{fold}}' needs a fold to train")
-      path = path.replace("{fold}", str(fold))
-    encoder = getattr(model, "encoder", None)
-    if encoder is None:
-      raise ValueError(f"model.pretrained={path}: model {config.model.get('name')!r} has no image "
-                       "encoder to load weights into")
-    report = weights.load_pretrained(encoder, path)
-    if fold is not None and report.fold is not None and report.fold != fold:
-      raise ValueError(f"model.pretrained={path}: a model trained for fold {report.fold} (it saw "
-                       f"fold {fold}'s validation studies) cannot start fold {fold}; use "
-                       "'fold_{fold}' in the path")
-    log.info("encoder weights from %s (%d tensors)", report.source, report.num_tensors)
+    warm_start.init_encoder(model, path, fold, config.model.get("name"))
   return model
 
 
@@ -257,10 +161,10 @@ def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.
   """Held-out scores and (for the fracture models) the per-study wide predictions of fold k."""
   batch = data.local_batch
   shard = grain.sharding.ShardByJaxProcess(drop_remainder=False)
-  loader = input_lib.make_loader(data.val, config.task, batch_size=batch, train=False,
+  loader = loader_lib.make_loader(data.val, config.task, batch_size=batch, train=False,
                                  seed=config.seed, workers=config.input.workers)
   # Every host runs the same number of steps (the largest share), padding with empty batches.
-  counts = [input_lib.local_num_records(len(data.val), grain.sharding.ShardOptions(
+  counts = [loader_lib.local_num_records(len(data.val), grain.sharding.ShardOptions(
       i, shard.shard_count, False)) for i in range(shard.shard_count)]
   num_batches = math.ceil(max(counts) / batch)
   it = iter(loader)
@@ -329,7 +233,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * data.steps_per_epoch
   seed = config.seed + fold + MEMBER_SEED_STRIDE * member
   trainer = make_trainer(config, total_steps, mesh, seed, fold=fold)
-  loader = input_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
+  loader = loader_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
                                  seed=seed, workers=config.input.workers)
   it = iter(loader)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.checkpoint_keep,
@@ -418,13 +322,6 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
              "best_step": meta["best_step"], "finished": step >= total_steps}
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if writer.path.exists():
-      try:
-        from cspine_jax.report import plots  # pylint: disable=g-import-not-at-top
-        plots.learning_curves({f"{config.model.get('name', config.task)}/fold_{fold}": writer.path},
-                              workdir / "learning_curves.png")
-      except (ImportError, ValueError) as e:
-        log.warning("no learning-curve plot: %s", e)
   return summary
 
 
@@ -449,19 +346,19 @@ def average_members(frames: list[pd.DataFrame], config: ml_collections.ConfigDic
   return out.reset_index()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                       ) -> dict[str, Any]:
-  """Trains the configured task; ``config.fold = -1`` runs every fold and merges their OOF CSVs."""
-  maybe_initialize_distributed()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       records_dir: str | os.PathLike) -> dict[str, Any]:
+  """Trains the configured task on the record sets under ``records_dir``; ``config.fold = -1``
+  runs every fold and merges their OOF CSVs."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  records_dir = resolve_records(config, workdir)
+  records_dir = pathlib.Path(records_dir)
   members = int(config.train.get("members", 1))
   if members < 1:
     raise ValueError(f"train.members must be >= 1; got {members}")
   if config.fold >= 0 and members == 1:
     return train_fold(config, workdir, records_dir, config.fold)
-  num_folds = input_lib.record_index(records_dir, config.task).num_folds
+  num_folds = loader_lib.record_index(records_dir, config.task).num_folds
   folds = [config.fold] if config.fold >= 0 else list(range(num_folds))
   results = [train_fold(config, member_dir(workdir, k, m), records_dir, k, member=m)
              for k in folds for m in range(members)]
@@ -474,10 +371,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     ignore_index=True)
     oof.to_csv(workdir / "oof_predictions.csv", index=False)
     out["oof_predictions"] = str(workdir / "oof_predictions.csv")
-    from cspine_jax.report import plots  # pylint: disable=g-import-not-at-top
-    name = config.model.get("name", config.task)
-    plots.learning_curves({f"{name}/fold_{k}": workdir / f"fold_{k}" / "log.jsonl"
-                           for k in range(num_folds) if (workdir / f"fold_{k}" / "log.jsonl").exists()},
-                          workdir / "learning_curves.png")
     (workdir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
   return out

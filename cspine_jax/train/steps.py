@@ -13,7 +13,6 @@ one did), both normalise.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -22,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from cspine_jax import input as input_lib
+from cspine_jax.inputs import augment as augment_lib
 from cspine_jax.train import sharding as sharding_lib
 from cspine_jax.train.tasks import Task
 
@@ -47,54 +46,16 @@ def make_tx(schedule: optax.Schedule, *, weight_decay: float, clip_norm: float |
   return optax.chain(*parts)
 
 
-# XLA:CPU (jax 0.10) hands dots and the elementwise work around them to YNNPACK fusions by
-# default; for ConvNeXt that pulls the 49-tap depthwise conv, LayerNorm and bias adds into YNNPACK
-# graphs that materialise every tap and broadcast. With them off, XLA's own loop fusions run that
-# work and Eigen the dots: atto stage-2 forward ~350 -> ~240 ms at 16x8 images of 64 px
-# (benchmarks/stage2_vs_torch.py). Per-jit options, so nothing global changes.
-# 512-bit vectors (AVX-512 hosts; others ignore it): stage2_vs_torch --ours_only, 3 alternating
-# pairs, train 156/155/153 vs 152/142/129 img/s, inference 1003/1109/804 vs 746/929/1004.
-# LLVM at -O1 instead of -O2: cold compiles are the larger cost of short runs (a 2D baseline's
-# first train step 13.0 -> 9.6 s and 26.0 -> 21.5 s; whole fold 26.5 -> 21.0 s and 53.8 -> 45.4 s)
-# and the steps did not get slower: stage2_vs_torch --ours_only, 2 alternating pairs, atto train
-# 140/143 vs 134/130 img/s, inference 899/736 vs 718/811; the demo's test encoder train 2370/2168
-# vs 1860/1878, inference 10240/10562 vs 11579/13502.
+# YNNPACK dot fusions off (they materialise the depthwise conv's taps), 512-bit vectors where the
+# host has them, LLVM at -O1 (cold compiles dominate short runs); per-jit, nothing global changes.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
                         "xla_cpu_prefer_vector_width": 512,
                         "xla_backend_optimization_level": 1}
 
 
 def compiler_options(platform: str) -> dict[str, Any] | None:
-  """The XLA options the train/eval steps compile with on ``platform`` (None: XLA's defaults).
-  On CPU this also keeps freed host memory in the process (:func:`keep_freed_host_memory`)."""
-  if platform != "cpu":
-    return None
-  keep_freed_host_memory()
-  return dict(CPU_COMPILER_OPTIONS)
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-@functools.cache
-def keep_freed_host_memory() -> bool:
-  """glibc: large blocks from the heap, and freed memory kept for the next step (process-wide,
-  once; False where the C library is not glibc).
-
-  XLA:CPU allocates each step's scratch buffer afresh (62 MB in the atto stage-2 eval step).
-  Above 32 MB glibc always maps such a block and unmaps it when freed, so every step page-faulted
-  it in again: ~15,000 faults, a third of the eval step's time. Served from a heap that is not
-  trimmed, the next step reuses the pages. benchmarks/stage2_vs_torch.py --ours_only, alternating
-  runs: inference 1576/1552/1549 vs 1377/1362 img/s, train 333/337/323 vs 332/330 (unchanged).
-  The cost: the process keeps its peak host memory until it exits.
-  """
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-  except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator as it is
-    return False
+  """The XLA options the train/eval steps compile with on ``platform`` (None: XLA's defaults)."""
+  return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
 
 
 AUGMENT_STREAM = 0x617567  # "aug"
@@ -111,7 +72,7 @@ class Trainer:
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, task: Task, mesh: Mesh,
-               param_rule: str = "replicated", augment: input_lib.AugmentOptions | None = None,
+               param_rule: str = "replicated", augment: augment_lib.AugmentOptions | None = None,
                augment_seed: int = 0):
     self.task = task
     self.mesh = mesh
@@ -125,8 +86,7 @@ class Trainer:
     rep = sharding_lib.replicated(mesh)
     opts = compiler_options(mesh.devices.flat[0].platform)
     # Two programs: the inputs are made (augmented, normalised) by their own small jit, so XLA
-    # materialises them once; fused into the update step, XLA:CPU recomputed the rotation's
-    # gather in the first layer's forward and in its backward (stage-2 :cpu step 30 -> 49 ms).
+    # materialises them once instead of recomputing the rotation's gather in the backward.
     self.prepare_step = jax.jit(self._prepare, compiler_options=opts)
     self.update_step = jax.jit(self._update, donate_argnums=0,
                                out_shardings=(self.state_shardings, rep), compiler_options=opts)
@@ -149,7 +109,7 @@ class Trainer:
   def _prepare(self, step: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The model inputs of the step after ``step`` updates: augmented (when on), normalised."""
     key = None if self.augment is None else self.augment_key(step)
-    return input_lib.device_inputs(batch, self.task.input_field, key=key, augment=self.augment)
+    return augment_lib.device_inputs(batch, self.task.input_field, key=key, augment=self.augment)
 
   def _update(self, state: nnx.State, batch: Mapping[str, jax.Array]):
     model, optimizer = nnx.merge(self.graphdef, state)
@@ -169,7 +129,7 @@ class Trainer:
     model, _ = nnx.merge(self.graphdef, state)
     model.eval()
     mask = self._mask(batch)
-    batch = input_lib.device_inputs(batch, self.task.input_field)
+    batch = augment_lib.device_inputs(batch, self.task.input_field)
     x, kwargs = self.task.model_inputs(batch)
     outputs = model(x, **kwargs)
     _, metrics = self.task.loss(outputs, batch, mask)

@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from cspine_jax import aggregate, metrics
 from cspine_jax import labels as labels_lib
-from cspine_jax import metrics
-from cspine_jax.infer import aggregate
 from cspine_jax.train import losses
 
 Array = jax.Array
@@ -282,8 +281,8 @@ def box_refine_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
   v = np.asarray(collected["vertebra"], np.int64)
   pred = np.asarray(collected["boxes_pred"])[np.arange(len(v)), v]
   truth = np.asarray(collected["box"], np.float64)
-  from cspine_jax.records import box_refine as records  # pylint: disable=import-outside-toplevel
-  start = np.tile(records.INNER_BOX, (len(v), 1))
+  from cspine_jax.pp import refine_input
+  start = np.tile(refine_input.INNER_BOX, (len(v), 1))
   return {"box_iou": float(np.mean(labels_lib.box_iou(pred, truth))) if len(v) else 0.0,
           "start_box_iou": float(np.mean(labels_lib.box_iou(start, truth))) if len(v) else 0.0,
           "box_l1": float(np.mean(np.abs(pred - truth))) if len(v) else 0.0}

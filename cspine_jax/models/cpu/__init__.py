@@ -1,0 +1,1 @@
+"""XLA:CPU formulations of the models' layers: native C++ kernels and their XLA twins."""

@@ -1,0 +1,84 @@
+"""The pipeline's scoring steps: out-of-fold tables of the trained models, and the test prediction."""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Sequence
+
+import pandas as pd
+
+from cspine_jax import labels as labels_lib
+from cspine_jax import metrics, synthetic
+from cspine_jax.infer import predict, spec
+from cspine_jax.report import plots, study_png, tables
+
+# Display names of the trained models, in the seed's results-table order.
+NAMES = {"cnn3d": "3D CNN", "single_head": "Single-head", "multi_head": "Multi-head",
+         "stage2": "Two-stage"}
+PRIOR = "Prior (train means)"
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+  return df.to_dict(orient="records")
+
+
+def evaluate_oof(data_dir: pathlib.Path, run_dir: pathlib.Path, eval_dir: pathlib.Path,
+                 models: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+  """Results, per-fold, top-N and AUC tables of the models' out-of-fold predictions (the first
+  is the headline model) beside the prior, as CSVs in ``eval_dir`` with a reliability plot."""
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  train_labels = labels_lib.read_train_csv(data_dir / "train.csv")
+  preds = {}
+  for name in models:
+    oof = metrics.read_predictions(run_dir / name / "oof_predictions.csv")
+    preds[NAMES[name]] = oof
+    oof.to_csv(eval_dir / f"{name}_oof.csv", index=False)
+  headline = preds[NAMES[models[0]]]
+  folds = tables.read_folds(run_dir / models[0] / "oof_predictions.csv")
+  out = {"results": tables.results_table(train_labels, preds, train_labels),
+         "scores": tables.score_table(train_labels, headline, folds),
+         "top_n": tables.top_n_table(train_labels, headline),
+         "auc": tables.auc_table(train_labels, headline)}
+  lab, pred = tables.aligned(train_labels, headline)
+  plots.reliability_plot(lab, pred, eval_dir / "reliability.png",
+                         title=f"{NAMES[models[0]]}, out-of-fold")
+  for k, df in out.items():
+    df.to_csv(eval_dir / f"{k}.csv", index=False)
+  return {k: records(df) for k, df in out.items()}
+
+
+def predict_test(data_dir: pathlib.Path, run_dir: pathlib.Path, test_dir: pathlib.Path, *,
+                 pngs: int = 0, progress: bool = False, batch_size: int = 32) -> dict[str, Any]:
+  """The held-out test studies predicted from their DICOM files with RUN's models: the
+  submission, a JSON per study, pictures of the first ``pngs``; scored when the set is generated
+  (its ground truth holds the test labels)."""
+  spec.write_prior(run_dir / spec.PRIOR, labels_lib.read_train_csv(data_dir / "train.csv"))
+  models = spec.load_models(run_dir)
+  folders = predict.find_studies(data_dir / "test_images")
+  json_study = predict.json_writer(test_dir / "studies")
+  png_study = study_png.png_writer(test_dir / "png", only={f.name for f in folders[:pngs]})
+
+  def on_study(res, series):
+    json_study(res, series)
+    png_study(res, series)
+
+  result = predict.run(folders, models, spec.load_prior(run_dir / spec.PRIOR),
+                       batch_size=batch_size, on_study=on_study, progress=progress)
+  paths = predict.write_outputs(result, test_dir / "submission.csv")
+  out = {"studies": len(folders), "fallbacks": len(result.errors()),
+         "seconds_per_study": {k: v / max(len(folders), 1) for k, v in result.seconds.items()},
+         "submission": str(paths["submission"])}
+  if (data_dir / "ground_truth.json").exists():
+    labels = synthetic.test_labels(data_dir)
+    prior = tables.prior_predictions(labels_lib.read_train_csv(data_dir / "train.csv"),
+                                     labels["StudyInstanceUID"].tolist())
+    sub = metrics.read_predictions(paths["submission"])
+    out = {"score": metrics.competition_loss(labels, sub),
+           "prior": metrics.competition_loss(labels, prior), **out}
+  return out
+
+
+def oof_summary(results: list[dict[str, Any]]) -> dict[str, float]:
+  """Two-stage and prior scores of :func:`evaluate_oof`'s results table, and their ratio."""
+  score = {row["model"]: float(row["score"]) for row in results}
+  two, prior = score[NAMES["stage2"]], score[PRIOR]
+  return {"two_stage": two, "prior": prior, "ratio": two / prior}
