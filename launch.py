@@ -20,7 +20,9 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with a variant: configs/stage2.py:cpu",
+    "config",
+    None,
+    "Config file, optionally with a variant: configs/stage2.py:cpu",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, logs, predictions); "
                                "default runs/<config name>")
@@ -39,7 +41,8 @@ def main(argv) -> int:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
-  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS["config"]))
   # Library INFO records (orbax's per-checkpoint lines) would bury the progress and the tables;
   # an explicit --verbosity wins.
   if not flags.FLAGS["verbosity"].present:

@@ -13,17 +13,24 @@ the run cannot start (no studies, a bad run folder or prior).
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from cspine_jax import labels as labels_lib
-from cspine_jax.infer import ensemble, predict, spec
+from cspine_jax.infer import ensemble
+from cspine_jax.infer import predict
+from cspine_jax.infer import spec
 from cspine_jax.io import dicom
 from cspine_jax.report import study_png
 from cspine_jax.train import runtime
 
-_STUDIES = flags.DEFINE_string("studies", None, "test_images/ folder, or one study folder",
+_STUDIES = flags.DEFINE_string("studies",
+                               None,
+                               "test_images/ folder, or one study folder",
                                required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: stage1/, stage2/, inference.json",
+_WORKDIR = flags.DEFINE_string("workdir",
+                               None,
+                               "run folder: stage1/, stage2/, inference.json",
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "submission CSV (row_id,fractured)", required=True)
 _PRIOR = flags.DEFINE_string("prior", None, "train.csv or prior.json for fallbacks (default "
@@ -64,18 +71,22 @@ def main(argv) -> int:
     writers.append(study_png.png_writer(_PNG_DIR.value))
   workers = _DECODE_WORKERS.value
   result = predict.run(
-      folders, models, prior, batch_size=_BATCH_SIZE.value,
+      folders,
+      models,
+      prior,
+      batch_size=_BATCH_SIZE.value,
       studies_per_batch=_STUDIES_PER_BATCH.value,
       decode_workers=predict.default_decode_workers() if workers is None else workers,
       on_study=lambda res, series: [w(res, series) for w in writers],
-      progress=_PROGRESS.value, series_uid=None if _SERIES.value == "strict" else _SERIES.value)
+      progress=_PROGRESS.value,
+      series_uid=None if _SERIES.value == "strict" else _SERIES.value)
   paths = predict.write_outputs(result, out)
   unnamed = sum(r.uid is None for r in result.results)
   fallback = sum(r.uid is not None and r.error is not None for r in result.results)
   per = {k: v / max(len(folders), 1) for k, v in result.seconds.items()}
-  print(f"predict: {len(folders)} studies ({fallback} fell back to the prior"
-        + (f", {unnamed} without a StudyInstanceUID have no rows" if unnamed else "")
-        + f") -> {paths['submission']}; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
+  print(f"predict: {len(folders)} studies ({fallback} fell back to the prior" +
+        (f", {unnamed} without a StudyInstanceUID have no rows" if unnamed else "") +
+        f") -> {paths['submission']}; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
   print("seconds per study: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
   return 0
 

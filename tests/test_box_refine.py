@@ -29,9 +29,11 @@ def test_crop_frame_round_trip_and_projections():
   m = refine_input.MARGIN
   assert frame == pytest.approx((20 - 20 * m, 30 - 40 * m, 20 * (1 + 2 * m), 40 * (1 + 2 * m)))
   np.testing.assert_allclose(refine_input.to_crop((20, 30, 40, 70), frame),
-                             [INNER, INNER, 1 - INNER, 1 - INNER], atol=1e-6)
+                             [INNER, INNER, 1 - INNER, 1 - INNER],
+                             atol=1e-6)
   box = (22.5, 28.0, 41.0, 66.5)
-  np.testing.assert_allclose(refine_input.from_crop(refine_input.to_crop(box, frame), frame), box,
+  np.testing.assert_allclose(refine_input.from_crop(refine_input.to_crop(box, frame), frame),
+                             box,
                              atol=1e-4)
   # A bright block on the top third of the range only: channel 0 shows it where its box says.
   volume = np.zeros((12, 64, 64), np.uint8)
@@ -183,13 +185,20 @@ def test_inference_refines_as_often_as_the_spec_says(tmp_path):
     calls.append(len(images))
     return _fixed([0, 0, 1, 1])(images)
 
-  models = spec_lib.Models(stage1=None, stage2=None, options=options, refiner=refiner,
-                          refine_options=options, refine_passes=2)
+  models = spec_lib.Models(stage1=None,
+                           stage2=None,
+                           options=options,
+                           refiner=refiner,
+                           refine_options=options,
+                           refine_passes=2)
   series = types.SimpleNamespace(volume=np.zeros((20, 40, 80), np.int16))  # all refine_boxes reads
   out = predict.refine_boxes(series, _preds(), models)
   assert len(calls) == 2
-  want = refine_lib.refine(_preds(), series.volume, refiner, (16, 16), passes=2,
-                              window=(options.window_level, options.window_width))
+  want = refine_lib.refine(_preds(),
+                           series.volume,
+                           refiner, (16, 16),
+                           passes=2,
+                           window=(options.window_level, options.window_width))
   assert out == want
 
 
@@ -265,8 +274,12 @@ def test_predict_refines_located_boxes_and_the_spec_names_the_refiner(segmented,
   stage1 = _stage1
   rules = derive_lib.Rules(require_all=True)
   base = spec_lib.Models(stage1=stage1, stage2=None, options=options, rules=rules)
-  grown = spec_lib.Models(stage1=stage1, stage2=None, options=options, rules=rules,
-                         refiner=_fixed([0, 0, 1, 1]), refine_options=options)
+  grown = spec_lib.Models(stage1=stage1,
+                          stage2=None,
+                          options=options,
+                          rules=rules,
+                          refiner=_fixed([0, 0, 1, 1]),
+                          refine_options=options)
   before, _, _ = predict.locate(series, base, 64)
   assert predict.refine_boxes(series, before, base) == before  # no refiner: unchanged
   after = predict.refine_boxes(series, predict.locate(series, grown, 64)[0], grown)

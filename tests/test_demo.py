@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 
 from configs import demo as demo_config
-from cspine_jax import labels, metrics
+from cspine_jax import labels
+from cspine_jax import metrics
 from cspine_jax.infer import spec as spec_lib
 from cspine_jax.io import vertebrae
-from cspine_jax.pipeline import runner, training
+from cspine_jax.pipeline import runner
+from cspine_jax.pipeline import training
 from cspine_jax.train import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +62,12 @@ def test_tiny_demo_end_to_end(tmp_path):
       "--calibrate_boxes", f"--box_smoothing={rules.box_smoothing}",
       f"--refine={tmp_path / 'run' / 'box_refine'}",
       f"--refine_passes={demo_config.get_config('tiny').refine_passes}", f"--workdir={cli}",
-      "--noprogress"], cwd=REPO, capture_output=True, text=True, timeout=600)
+      "--noprogress"
+  ],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=600)
   assert done.returncode == 0, done.stderr
   assert (cli / "vertebrae.csv").read_text() == (tmp_path / "run" / "vertebrae.csv").read_text()
   spec = json.loads((cli / spec_lib.SPEC).read_text())

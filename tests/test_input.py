@@ -205,7 +205,7 @@ def test_coarse_slices_repeat_like_a_thick_slice_vertebra_in_the_records():
   np.testing.assert_array_equal(out[5], np.arange(24))  # as many source slices as positions
   np.testing.assert_array_equal(out[6], np.arange(24))  # more: nothing to coarsen
   for row, n in zip(out[1:5], counts[1:5]):
-    # The records' sampling of a vertebra that spans n slices (records.study.evenly_spaced):
+    # The records' sampling of a vertebra that spans n slices (pp.image.evenly_spaced):
     # position i shows source slice want[i]. Here source j is the sample's own slice at j's
     # evenly spaced place, so the first and last stay and the order is kept.
     want = image_lib.evenly_spaced(0, n - 1, 24)

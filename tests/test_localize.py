@@ -97,8 +97,8 @@ def test_ordered_decoding_keeps_the_levels_in_order():
   # A weak model (every probability under 0.5, highest on the right slices): thresholding calls
   # everything absent; the ordered decoding with require_all still finds each level.
   weak = presence * 0.3 + 0.1
-  assert not any(p.present for p in derive_lib.derive(
-      weak, boxes, rules=derive_lib.Rules(decode="threshold")))
+  assert not any(
+      p.present for p in derive_lib.derive(weak, boxes, rules=derive_lib.Rules(decode="threshold")))
   assert not any(p.present for p in derive_lib.derive(weak, boxes))
   got = derive_lib.derive(weak, boxes, rules=derive_lib.Rules(require_all=True))
   for p, (first, last) in zip(got, truth):
@@ -113,15 +113,17 @@ def test_ordered_decoding_keeps_the_levels_in_order():
 
 def test_found_confidence_tells_a_finding_from_a_placement():
   presence = np.full((12, 7), 0.1)
-  placed = derive_lib.derive(presence, np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
-                                rules=derive_lib.Rules(decode="ordered", require_all=True))
+  placed = derive_lib.derive(presence,
+                             np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
+                             rules=derive_lib.Rules(decode="ordered", require_all=True))
   assert all(p.present for p in placed)
   assert derive_lib.found_confidence(placed) == pytest.approx(0.1)
   with pytest.raises(derive_lib.NoVertebraFound, match="0.100 < 0.5"):
     derive_lib.check_found(placed, 0.5)
   presence[3:6, 2] = 0.9
-  found = derive_lib.derive(presence, np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
-                               rules=derive_lib.Rules(decode="ordered", require_all=True))
+  found = derive_lib.derive(presence,
+                            np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
+                            rules=derive_lib.Rules(decode="ordered", require_all=True))
   derive_lib.check_found(found, 0.5)  # C3 is found: no error
   assert derive_lib.found_confidence([vertebrae_lib.absent(0.9)] * 7) == 0.0
 
@@ -138,24 +140,25 @@ def test_template_fit_places_the_layout_where_per_slice_evidence_is_ambiguous():
   # C4..C6 indistinguishable slice by slice: each of them 0.6 anywhere from C4's top to C6's end.
   presence[20:38, 3:6] = 0.6
   rules = derive_lib.Rules(decode="template", template=template)
-  got = [(p.first_index, p.last_index) for p in derive_lib.derive(presence, np.tile(
-      [0.2, 0.2, 0.8, 0.8], (50, 1)), rules=rules)]
+  got = [(p.first_index, p.last_index)
+         for p in derive_lib.derive(presence, np.tile([0.2, 0.2, 0.8, 0.8], (50, 1)), rules=rules)]
   assert got == truth
   ordered = ranges_lib.ordered_ranges(presence, require_all=True)
   assert ordered[3:6] != truth[3:6]  # what the template fixes
   # A study twice as long (thinner slices) is fitted by the same layout.
   stretched = np.repeat(presence, 2, axis=0)
   got2 = ranges_lib.template_ranges(stretched, template)
-  assert all(abs(a - 2 * t[0]) <= 1 and abs(b - (2 * t[1] + 1)) <= 1 for (a, b), t in
-             zip(got2, truth))
+  assert all(
+      abs(a - 2 * t[0]) <= 1 and abs(b - (2 * t[1] + 1)) <= 1 for (a, b), t in zip(got2, truth))
 
 
 def test_template_rules_are_checked_and_survive_the_inference_spec(tmp_path):
   with pytest.raises(ValueError, match="7 \\(start, end\\)"):
     derive_lib.Rules(decode="template", template=((0.0, 0.2),) * 6)
   with pytest.raises(ValueError, match="needs Rules.template"):
-    derive_lib.derive(np.full((10, 7), .5), np.zeros((10, 4)),
-                         rules=derive_lib.Rules(decode="template"))
+    derive_lib.derive(np.full((10, 7), .5),
+                      np.zeros((10, 4)),
+                      rules=derive_lib.Rules(decode="template"))
   with pytest.raises(ValueError, match="all seven"):
     ranges_lib.vertebra_template([[(0, 3)] * 6 + [None]])
   template = tuple((v / 8, (v + 1.5) / 8) for v in range(7))
@@ -182,8 +185,9 @@ def test_box_offsets_fit_apply_and_validate(tmp_path):
   with pytest.raises(ValueError, match="calibrate_boxes is False"):
     derive_lib.Rules(box_offsets=offsets)
   with pytest.raises(ValueError, match="needs Rules.box_offsets"):
-    derive_lib.derive(np.full((10, 7), .5), np.zeros((10, 4)),
-                         rules=derive_lib.Rules(calibrate_boxes=True))
+    derive_lib.derive(np.full((10, 7), .5),
+                      np.zeros((10, 4)),
+                      rules=derive_lib.Rules(calibrate_boxes=True))
   rules = derive_lib.Rules(calibrate_boxes=True, box_offsets=offsets)
   options = options_lib.Options(image_size=(32, 32))
   spec_lib.write_spec(tmp_path, options, options, rules=rules)
@@ -198,8 +202,11 @@ def test_box_smoothing_denoises_per_slice_boxes():
   boxes = np.tile([.2, .3, .6, .7], (12, 1))
   boxes[5] = 0  # a slice without a box
   np.testing.assert_allclose(boxes_lib.smooth_boxes(boxes, 2.0), boxes, atol=1e-12)
-  ramp = np.stack([np.linspace(.1, .3, 40), np.full(40, .2), np.linspace(.5, .7, 40),
-                   np.full(40, .8)], 1)
+  ramp = np.stack(
+      [np.linspace(.1, .3, 40),
+       np.full(40, .2),
+       np.linspace(.5, .7, 40),
+       np.full(40, .8)], 1)
   got = boxes_lib.smooth_boxes(ramp, 3.0)
   np.testing.assert_allclose(got[12:28], ramp[12:28], atol=1e-9)  # away from the ends
   np.testing.assert_array_equal(boxes_lib.smooth_boxes(ramp, 0.0), ramp)
@@ -210,8 +217,9 @@ def test_box_smoothing_denoises_per_slice_boxes():
   ious = {}
   for f in (0.0, 0.15):
     rules = derive_lib.Rules(box_smoothing=f)
-    ious[f] = compare_lib.summarise(compare_lib.compare(
-        derive_lib.derive(presence, noisy, rules=rules), mask, np.arange(40)))["box_iou"]
+    ious[f] = compare_lib.summarise(
+        compare_lib.compare(derive_lib.derive(presence, noisy, rules=rules), mask,
+                            np.arange(40)))["box_iou"]
   assert ious[0.15] > ious[0.0] + 0.05, ious
   with pytest.raises(ValueError, match="box_smoothing"):
     derive_lib.Rules(box_smoothing=1.5)

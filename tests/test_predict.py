@@ -6,8 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cspine_jax import aggregate, labels, metrics
-from cspine_jax.infer import ensemble, predict
+from cspine_jax import aggregate
+from cspine_jax import labels
+from cspine_jax import metrics
+from cspine_jax.infer import ensemble
+from cspine_jax.infer import predict
 from cspine_jax.infer import spec as spec_lib
 from cspine_jax.localize import derive as derive_lib
 from cspine_jax.pp import options as options_lib
@@ -60,7 +63,11 @@ def test_submission_format_fallback_and_error_report(tmp_path, studies, monkeypa
   folders = predict.find_studies(studies)
   assert [f.name[-5:] for f in folders] == ["10001", "10002", "10003"]
   writers = [predict.json_writer(tmp_path / "json"), study_png.png_writer(tmp_path / "png")]
-  result = predict.run(folders, _models(), prior, batch_size=8, studies_per_batch=2,
+  result = predict.run(folders,
+                       _models(),
+                       prior,
+                       batch_size=8,
+                       studies_per_batch=2,
                        on_study=lambda res, series: [w(res, series) for w in writers])
   paths = predict.write_outputs(result, tmp_path / "sub" / "submission.csv")
   sub = pd.read_csv(paths["submission"], dtype={"row_id": str})
@@ -99,11 +106,16 @@ def test_a_series_where_stage1_finds_no_vertebra_gets_the_prior(tmp_path, studie
   def stage2_must_not_run(seqs, vertebra):
     raise AssertionError("stage 2 ran on a study where stage 1 found no vertebra")
 
-  models = spec_lib.Models(stage1=unsure, stage2=stage2_must_not_run, options=OPTIONS,
-                          rules=derive_lib.Rules(decode="ordered", require_all=True))
+  models = spec_lib.Models(stage1=unsure,
+                           stage2=stage2_must_not_run,
+                           options=OPTIONS,
+                           rules=derive_lib.Rules(decode="ordered", require_all=True))
   prior = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
   folders = predict.find_studies(studies)
-  result = predict.run(folders, models, prior, batch_size=8,
+  result = predict.run(folders,
+                       models,
+                       prior,
+                       batch_size=8,
                        on_study=predict.json_writer(tmp_path / "json"))
   assert [r.error is not None for r in result.results] == [True, True, True]
   for r in result.results[:2]:
@@ -126,7 +138,10 @@ def test_a_study_folder_with_several_series_reads_the_axial_one(tmp_path, studie
     ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10001.77"
     ds.save_as(folder / f"extra{i}.dcm")
   prior = np.full(8, 0.1)
-  res = predict.run([folder], _models(), prior, batch_size=8,
+  res = predict.run([folder],
+                    _models(),
+                    prior,
+                    batch_size=8,
                     on_study=predict.json_writer(tmp_path / "json")).results[0]
   assert res.error is None and res.shape == (20, 512, 512)
   info = json.loads((tmp_path / "json" / f"{folder.name}.json").read_text())
@@ -161,6 +176,7 @@ def test_in_batches_pads_to_one_shape():
   def fn(x):
     shapes.append(x.shape)
     return x.sum(1), x[:, 0]
+
   a, b = ensemble.in_batches(fn, [np.arange(14.).reshape(7, 2)], 3)
   assert shapes == [(3, 2)] * 3
   np.testing.assert_allclose(a, np.arange(14.).reshape(7, 2).sum(1))
@@ -169,13 +185,15 @@ def test_in_batches_pads_to_one_shape():
 
 def test_fold_ensemble_restores_checkpoints_and_averages(tmp_path, monkeypatch):
 
-  from test_checkpoints import make_iterator, make_trainer
+  from test_checkpoints import make_iterator
+  from test_checkpoints import make_trainer
   from test_input import write_task_shards
   from test_train import TinySeq
 
   from cspine_jax import models
   from cspine_jax.inputs import augment as augment_lib
-  from cspine_jax.train import checkpoints, sharding
+  from cspine_jax.train import checkpoints
+  from cspine_jax.train import sharding
   records = write_task_shards(tmp_path / "rec", "stage2", 21)
   trainer, it = make_trainer(), make_iterator(records)
   rng = np.random.default_rng(0)

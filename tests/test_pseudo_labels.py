@@ -20,8 +20,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_oracle_pseudo_labels_on_generated_studies(tmp_path, capsys):
   from cspine_jax import synthetic
-  from cspine_jax.io import dicom, nifti
-  data = synthetic.generate(tmp_path / "rsna", 4, 3, size="tiny", num_test=0,
+  from cspine_jax.io import dicom
+  from cspine_jax.io import nifti
+  data = synthetic.generate(tmp_path / "rsna",
+                            4,
+                            3,
+                            size="tiny",
+                            num_test=0,
                             segmented_fraction=1.0)
   truth = json.loads((pathlib.Path(data) / "ground_truth.json").read_text())["studies"]
   located, rows = {}, []
@@ -51,26 +56,36 @@ def test_oracle_pseudo_labels_on_generated_studies(tmp_path, capsys):
 def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
   """Fold models: one pass each; the file holds their average, out-of-fold uses the own model."""
   from cspine_jax import synthetic
-  data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 4, 5, size="tiny", num_test=0,
-                                         segmented_fraction=1.0))
+  data = pathlib.Path(
+      synthetic.generate(tmp_path / "rsna", 4, 5, size="tiny", num_test=0, segmented_fraction=1.0))
   uids = sorted(json.loads((data / "ground_truth.json").read_text())["studies"])
   calls = {0: 0, 1: 0}
 
   def scorer(fold, p, box):
+
     def fn(images):
       calls[fold] += 1
       n = len(images)
       presence = np.zeros((n, 7))
-      presence[: n // 2, :4] = p  # fold-specific, so the average differs from either model
+      presence[:n // 2, :4] = p  # fold-specific, so the average differs from either model
       presence[n // 2:, 4:] = 0.9
       return presence, np.tile(np.asarray(box, float), (n, 1))
+
     return fn
 
   options = options_lib.Options(image_size=(32, 32))
   out = tmp_path / "vertebrae.csv"
-  result = pseudo_labels.label_dataset(
-      data, {0: scorer(0, 0.9, (0.2, 0.2, 0.6, 0.6)), 1: scorer(1, 0.3, (0.4, 0.4, 0.8, 0.8))},
-      options, out, batch_size=1000, folds={u: i % 2 for i, u in enumerate(uids)}, log=lambda _: None)
+  result = pseudo_labels.label_dataset(data, {
+      0: scorer(0, 0.9, (0.2, 0.2, 0.6, 0.6)),
+      1: scorer(1, 0.3, (0.4, 0.4, 0.8, 0.8))
+  },
+                                       options,
+                                       out,
+                                       batch_size=1000,
+                                       folds={
+                                           u: i % 2 for i, u in enumerate(uids)
+                                       },
+                                       log=lambda _: None)
   assert calls == {0: 4, 1: 4}  # one batch per study per model: no second out-of-fold pass
   assert result["studies"] == 4 and result["out_of_fold"]["pairs"] == 4 * 7
   written = vertebrae_lib.read_vertebrae(out)
@@ -82,8 +97,8 @@ def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
 
 def test_label_dataset_lists_the_studies_where_no_vertebra_is_found(tmp_path):
   from cspine_jax import synthetic
-  data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 3, 5, size="tiny", num_test=0,
-                                         segmented_fraction=1.0))
+  data = pathlib.Path(
+      synthetic.generate(tmp_path / "rsna", 3, 5, size="tiny", num_test=0, segmented_fraction=1.0))
   uids = labels.read_train_csv(data / "train.csv")["StudyInstanceUID"].tolist()  # read order
 
   def scorer(images):  # one call per study: the first shows no vertebra, the others C1..C7
@@ -91,12 +106,17 @@ def test_label_dataset_lists_the_studies_where_no_vertebra_is_found(tmp_path):
     presence = np.full((n, 7), 0.2 if scorer.calls == 0 else 0.9)
     scorer.calls += 1
     return presence, np.tile([[0.2, 0.2, 0.7, 0.7]], (n, 1))
+
   scorer.calls = 0
 
   lines = []
-  result = pseudo_labels.label_dataset(
-      data, scorer, options_lib.Options(image_size=(32, 32)), tmp_path / "v.csv", batch_size=1000,
-      rules=derive_lib.Rules(decode="ordered", require_all=True), log=lines.append)
+  result = pseudo_labels.label_dataset(data,
+                                       scorer,
+                                       options_lib.Options(image_size=(32, 32)),
+                                       tmp_path / "v.csv",
+                                       batch_size=1000,
+                                       rules=derive_lib.Rules(decode="ordered", require_all=True),
+                                       log=lines.append)
   assert result["studies"] == 3 and result["not_found"] == [uids[0]]
   assert any("no vertebra with confidence >= 0.5 in 1 studies" in line and uids[0] in line
              for line in lines)
@@ -107,9 +127,10 @@ def _oracle_data(tmp_path, distort=None):
   """4 segmented tiny studies and a stage-1 scorer that says what their masks say (boxes passed
   through ``distort`` (N, 4) -> (N, 4) when given): (data folder, uids, options, scorer)."""
   from cspine_jax import synthetic
-  from cspine_jax.io import dicom, nifti
-  data = pathlib.Path(synthetic.generate(tmp_path / "rsna", 4, 7, size="tiny", num_test=0,
-                                         segmented_fraction=1.0))
+  from cspine_jax.io import dicom
+  from cspine_jax.io import nifti
+  data = pathlib.Path(
+      synthetic.generate(tmp_path / "rsna", 4, 7, size="tiny", num_test=0, segmented_fraction=1.0))
   uids = sorted(json.loads((data / "ground_truth.json").read_text())["studies"])
   options = options_lib.Options(image_size=(32, 32))
   oracle = {}  # the study's images -> what a perfect stage 1 says about them
@@ -126,6 +147,7 @@ def _oracle_data(tmp_path, distort=None):
         pad = len(images) - n
         return np.pad(presence, ((0, pad), (0, 0))), np.pad(boxes, ((0, pad), (0, 0)))
     raise AssertionError("unknown study")
+
   return data, uids, options, scorer
 
 
@@ -133,10 +155,18 @@ def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
   """decode="template" without a layout: the file's comes from every mask, fold k's out-of-fold
   comparison from the masks outside fold k; an oracle stage 1 recovers the true ranges."""
   data, uids, options, scorer = _oracle_data(tmp_path)
-  result = pseudo_labels.label_dataset(
-      data, {0: scorer, 1: scorer}, options, tmp_path / "v.csv",
-      rules=derive_lib.Rules(decode="template"), batch_size=1000,
-      folds={u: i % 2 for i, u in enumerate(uids)}, log=lambda _: None)
+  result = pseudo_labels.label_dataset(data, {
+      0: scorer,
+      1: scorer
+  },
+                                       options,
+                                       tmp_path / "v.csv",
+                                       rules=derive_lib.Rules(decode="template"),
+                                       batch_size=1000,
+                                       folds={
+                                           u: i % 2 for i, u in enumerate(uids)
+                                       },
+                                       log=lambda _: None)
   assert result["rules"].template is not None
   assert result["ensemble"]["pairs"] == 4 * 7 and result["out_of_fold"]["pairs"] == 4 * 7
   # A rigid layout is close to, not exactly, each study's own ranges.
@@ -147,17 +177,27 @@ def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
 def test_label_dataset_calibrates_systematically_wrong_boxes(tmp_path):
   """A stage 1 whose boxes are all 30% too narrow: calibrate_boxes fits offsets from the masks
   (every mask for the file, the other fold's for each out-of-fold check) that undo it."""
+
   def narrow(boxes):
     w = boxes[:, 2] - boxes[:, 0]
     return boxes + np.stack([0.15 * w, 0 * w, -0.15 * w, 0 * w], -1)
+
   data, uids, options, scorer = _oracle_data(tmp_path, narrow)
   folds = {u: i % 2 for i, u in enumerate(uids)}
   results = {}
   for calibrate in (False, True):
-    results[calibrate] = pseudo_labels.label_dataset(
-        data, {0: scorer, 1: scorer}, options, tmp_path / f"v{calibrate}.csv",
-        rules=derive_lib.Rules(decode="ordered", calibrate_boxes=calibrate), batch_size=1000,
-        folds=folds, log=lambda _: None)
+    results[calibrate] = pseudo_labels.label_dataset(data, {
+        0: scorer,
+        1: scorer
+    },
+                                                     options,
+                                                     tmp_path / f"v{calibrate}.csv",
+                                                     rules=derive_lib.Rules(
+                                                         decode="ordered",
+                                                         calibrate_boxes=calibrate),
+                                                     batch_size=1000,
+                                                     folds=folds,
+                                                     log=lambda _: None)
   offsets = np.asarray(results[True]["rules"].box_offsets)
   assert results[False]["rules"].box_offsets is None
   # Each edge moved out by 0.15 / 0.7 of the narrowed width (per-slice boxes widen it a little).
@@ -169,15 +209,21 @@ def test_label_dataset_calibrates_systematically_wrong_boxes(tmp_path):
   written = vertebrae_lib.read_vertebrae(tmp_path / "vTrue.csv")
   raw = vertebrae_lib.read_vertebrae(tmp_path / "vFalse.csv")
   for v in range(7):  # the file's boxes are the derived ones moved by the fitted offsets
-    np.testing.assert_allclose(written[uids[0]][v].box, boxes_lib.offset_box(
-        raw[uids[0]][v].box, offsets[v]), atol=1e-6)
+    np.testing.assert_allclose(written[uids[0]][v].box,
+                               boxes_lib.offset_box(raw[uids[0]][v].box, offsets[v]),
+                               atol=1e-6)
 
 
 def test_pseudo_label_command_names_missing_inputs(tmp_path):
-  done = subprocess.run(
-      [sys.executable, "-m", "cspine_jax.pseudo_labels", f"--data_dir={tmp_path}",
-       f"--records={tmp_path / 'records'}", f"--stage1={tmp_path / 'run'}",
-       f"--out={tmp_path / 'v.csv'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  done = subprocess.run([
+      sys.executable, "-m", "cspine_jax.pseudo_labels", f"--data_dir={tmp_path}",
+      f"--records={tmp_path / 'records'}", f"--stage1={tmp_path / 'run'}",
+      f"--out={tmp_path / 'v.csv'}"
+  ],
+                        cwd=REPO,
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
   assert done.returncode == 2, done.stderr
   assert str(tmp_path / "records" / "stage1") in done.stderr
   assert not (tmp_path / "v.csv").exists()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -30,8 +33,8 @@ class PredictError(ValueError):
 # ----------------------------------------------------------------------------- the two stages
 
 
-def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int
-               ) -> list[np.ndarray]:
+def in_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray],
+               batch_size: int) -> list[np.ndarray]:
   """``fn(*chunks)`` over fixed-size batches of the equally long ``arrays`` (the last batch padded
   by repeating its final row, so a jitted model sees one shape); each output trimmed back and
   concatenated."""
@@ -74,7 +77,7 @@ class FoldEnsemble:
   ``ensemble(batch)`` takes a dict of numpy arrays holding the task's uint8 image field (and the
   fields its model reads, e.g. stage 2's ``vertebra``) and returns the task's predictions averaged
   over the folds (``train.tasks``: stage 1 ``presence_prob``/``box_pred``, stage 2 ``prob``, ...).
-  Images are normalised exactly as in training, on the device (``input.device_inputs``).
+  Images are normalised exactly as in training, on the device (``inputs.augment.device_inputs``).
   """
 
   def __init__(self, members: Sequence[tuple[Any, Mapping[str, Any]]], task: str):
@@ -98,8 +101,8 @@ class FoldEnsemble:
       return self.task.predict(model(x, **kwargs))
 
     # The train steps' CPU compiler options: predict on CPU runs the same programs as validation.
-    self._forward = jax.jit(forward, compiler_options=steps_lib.compiler_options(
-        jax.devices()[0].platform))
+    self._forward = jax.jit(forward,
+                            compiler_options=steps_lib.compiler_options(jax.devices()[0].platform))
 
   @classmethod
   def load(cls, stage_dir: str | os.PathLike, task: str) -> "FoldEnsemble":
@@ -114,8 +117,9 @@ class FoldEnsemble:
     """The held-out fold of each member (from its checkpoint meta)."""
     return [m.get("fold") for m in self.metas]
 
-  def __call__(self, batch: Mapping[str, np.ndarray], fold: int | None = None
-               ) -> dict[str, np.ndarray]:
+  def __call__(self,
+               batch: Mapping[str, np.ndarray],
+               fold: int | None = None) -> dict[str, np.ndarray]:
     """Averaged predictions; ``fold=k`` uses only the model that held fold k out (out-of-fold)."""
     images = np.asarray(batch[self.field])
     if images.dtype != np.uint8:
@@ -139,6 +143,7 @@ def stage1_scorer(stage1: FoldEnsemble, fold: int | None = None) -> derive_lib.S
   def fn(images):
     out = stage1({"image": images}, fold=fold)
     return out["presence_prob"], out["box_pred"]
+
   return fn
 
 
@@ -148,5 +153,5 @@ def refine_scorer(refiner: FoldEnsemble, fold: int | None = None) -> refine_lib.
 
   def fn(images):
     return refiner({"image": images}, fold=fold)["boxes_pred"]
-  return fn
 
+  return fn

@@ -21,14 +21,19 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import tqdm
 
 from cspine_jax import aggregate
 from cspine_jax import labels as labels_lib
-from cspine_jax.infer import ensemble, reader, spec
+from cspine_jax.infer import ensemble
+from cspine_jax.infer import reader
+from cspine_jax.infer import spec
 from cspine_jax.io import dicom
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.localize import derive as derive_lib
@@ -131,8 +136,12 @@ def stage1_inputs(series: dicom.Series, options: options_lib.Options) -> dict[st
   return {"stage1_images": study_lib.slice_images(loaded, options)}
 
 
-def locate(series: dicom.Series, models: spec.Models, batch_size: int, images: np.ndarray | None = None
-           ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
+def locate(
+    series: dicom.Series,
+    models: spec.Models,
+    batch_size: int,
+    images: np.ndarray | None = None
+) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
   """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)), the
   boxes as derived (:func:`refine_boxes` then refines them when the models have a refiner).
   ``images``: the slices' stage-1 images when already made (:func:`stage1_inputs`)."""
@@ -149,8 +158,12 @@ def refine_boxes(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPre
   if models.refiner is None:
     return tuple(preds)
   o = models.refine_options  # the HU volume: only the crops' blocks get windowed
-  return refine_lib.refine(preds, series.volume, models.refiner, o.image_size,
-                              window=(o.window_level, o.window_width), passes=models.refine_passes)
+  return refine_lib.refine(preds,
+                           series.volume,
+                           models.refiner,
+                           o.image_size,
+                           window=(o.window_level, o.window_width),
+                           passes=models.refine_passes)
 
 
 def crops(series: dicom.Series, preds: Sequence[vertebrae_lib.VertebraPrediction],
@@ -173,10 +186,16 @@ def default_decode_workers() -> int:
   return cores // 2 if cores >= 4 else 0
 
 
-def run(folders: Sequence[pathlib.Path], models: spec.Models, prior: np.ndarray, *,
-        batch_size: int = 32, studies_per_batch: int = 4, decode_workers: int = 0,
+def run(folders: Sequence[pathlib.Path],
+        models: spec.Models,
+        prior: np.ndarray,
+        *,
+        batch_size: int = 32,
+        studies_per_batch: int = 4,
+        decode_workers: int = 0,
         on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
-        progress: bool = False, series_uid: str | None = dicom.AUTO_SERIES) -> Run:
+        progress: bool = False,
+        series_uid: str | None = dicom.AUTO_SERIES) -> Run:
   """Predicts every study folder; failures fall back to ``prior`` (8 probabilities).
 
   ``decode_workers`` > 0 decodes that many studies at once in separate processes (the reader is
@@ -204,8 +223,7 @@ def run(folders: Sequence[pathlib.Path], models: spec.Models, prior: np.ndarray,
         on_study(res, series)
     pending.clear()
 
-  from tqdm import tqdm
-  bar = tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
+  bar = tqdm.tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
   prepare = functools.partial(stage1_inputs, options=models.stage1_options)
   stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare,
                                series_uid=series_uid)

@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import os
 import pathlib
-from typing import Callable, Mapping
+from typing import Callable
+from typing import Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -20,7 +21,8 @@ from tqdm import tqdm
 from cspine_jax import labels as labels_lib
 from cspine_jax.infer import ensemble as ensemble_lib
 from cspine_jax.infer import reader
-from cspine_jax.io import dicom, nifti
+from cspine_jax.io import dicom
+from cspine_jax.io import nifti
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.localize import boxes as boxes_lib
 from cspine_jax.localize import compare as compare_lib
@@ -30,26 +32,33 @@ from cspine_jax.localize import refine as refine_lib
 from cspine_jax.pp import image as image_lib
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
-from cspine_jax.records import pipeline, shards
+from cspine_jax.records import pipeline
+from cspine_jax.records import shards
 
 # label_dataset keeps the studies' windowed volumes for the box refiner up to this many bytes
 # (the demo set's 96 studies: 0.2 GB); beyond it, the refiner's pass reads the files again.
 KEEP_VOLUME_BYTES = 2 << 30
 
 
-def label_dataset(data_dir: str | os.PathLike, stage1: derive_lib.Stage1Fn | Mapping[int, derive_lib.Stage1Fn], options,
+def label_dataset(data_dir: str | os.PathLike,
+                  stage1: derive_lib.Stage1Fn | Mapping[int, derive_lib.Stage1Fn],
+                  options,
                   out_path: str | os.PathLike,
-                  *, rules: derive_lib.Rules = derive_lib.Rules(), batch_size: int = 32,
-                  folds: Mapping[str, int] | None = None, progress: bool = False,
+                  *,
+                  rules: derive_lib.Rules = derive_lib.Rules(),
+                  batch_size: int = 32,
+                  folds: Mapping[str, int] | None = None,
+                  progress: bool = False,
                   refiner: refine_lib.RefineFn | Mapping[int, refine_lib.RefineFn] | None = None,
-                  refine_options=None, refine_passes: int = 1,
+                  refine_options=None,
+                  refine_passes: int = 1,
                   log: Callable[[str], None] = print) -> dict:
   """Runs stage 1 on every study of ``data_dir``/train.csv and writes the ``--vertebrae`` file.
 
   ``stage1`` is one scorer, or the fold models ``{held-out fold: scorer}``: their outputs averaged
   (the ensemble rule of ``ensemble.FoldEnsemble``) make the file, and on a study of fold k the
   output of model k alone, from the same pass, gives the out-of-fold comparison (``folds``: study
-  uid -> fold). ``options`` are the stage-1 records' ``records.study.Options`` (same windowing and
+  uid -> fold). ``options`` are the stage-1 records' ``pp.options.Options`` (same windowing and
   resizing as in training). On the studies with a segmentation the derived ranges and boxes are
   compared with the mask (``labels.vertebra_extents``): with the ensemble (which has seen those
   studies in training) and out-of-fold. ``decode="template"`` without a template fits it from the
@@ -69,7 +78,7 @@ def label_dataset(data_dir: str | os.PathLike, stage1: derive_lib.Stage1Fn | Map
   "rules": the rules the file was made with (template and box offsets filled in)}, and with a
   refiner "ensemble_derived" / "out_of_fold_derived": the IoUs before refinement.
   """
-  refine_passes = refine_lib.check_refine_passes(refine_passes)  # before the stage-1 pass, not after it
+  refine_passes = refine_lib.check_refine_passes(refine_passes)  # before the stage-1 pass
   data_dir = pathlib.Path(data_dir)
   uids = labels_lib.read_train_csv(data_dir / "train.csv")["StudyInstanceUID"].tolist()
   inputs = [(uid,) + study_lib.study_paths(data_dir, uid) for uid in uids]
@@ -96,8 +105,9 @@ def label_dataset(data_dir: str | os.PathLike, stage1: derive_lib.Stage1Fn | Map
       continue
     series, mask = loaded
     images = study_lib.slice_images(study_lib.Loaded(None, series, None), options)
-    scored[uid] = (series.numbers,
-                   {k: ensemble_lib.in_batches(fn, [images], batch_size) for k, fn in members.items()})
+    scored[uid] = (series.numbers, {
+        k: ensemble_lib.in_batches(fn, [images], batch_size) for k, fn in members.items()
+    })
     if mask is not None:
       truths[uid] = (mask.shape, labels_lib.vertebra_extents(mask))  # not the mask: memory
     if refiner is not None and refine_options is not None and kept_bytes < KEEP_VOLUME_BYTES:
@@ -205,7 +215,8 @@ def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed:
   def load(item):
     if item[0] in volumes:
       return volumes.pop(item[0])
-    window = functools.partial(image_lib.window, level=options.window_level,
+    window = functools.partial(image_lib.window,
+                               level=options.window_level,
                                width=options.window_width)
     return dicom.read_series(item[1], warn=False, map_hu=window).volume
 
@@ -218,18 +229,32 @@ def _refine_all(inputs, located: dict, held_out: dict, refiner, options, failed:
       located.pop(uid)
       held_out.pop(uid, None)
       continue
-    located[uid] = refine_lib.refine(located[uid], volume, averaged, options.image_size, passes=passes)
+    located[uid] = refine_lib.refine(located[uid],
+                                     volume,
+                                     averaged,
+                                     options.image_size,
+                                     passes=passes)
     if uid in held_out:
       k, preds = held_out[uid]
-      held_out[uid] = (k, refine_lib.refine(preds, volume, members.get(k, averaged), options.image_size,
-                                 passes=passes))
+      held_out[uid] = (k,
+                       refine_lib.refine(preds,
+                                         volume,
+                                         members.get(k, averaged),
+                                         options.image_size,
+                                         passes=passes))
   bar.close()
 
 
-def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
-                   records_dir: str | os.PathLike, out_path: str | os.PathLike, *,
-                   rules: derive_lib.Rules = derive_lib.Rules(), batch_size: int = 32, progress: bool = False,
-                   refine_dir: str | os.PathLike | None = None, refine_passes: int = 1,
+def label_from_run(data_dir: str | os.PathLike,
+                   stage1_dir: str | os.PathLike,
+                   records_dir: str | os.PathLike,
+                   out_path: str | os.PathLike,
+                   *,
+                   rules: derive_lib.Rules = derive_lib.Rules(),
+                   batch_size: int = 32,
+                   progress: bool = False,
+                   refine_dir: str | os.PathLike | None = None,
+                   refine_passes: int = 1,
                    log: Callable[[str], None] = print) -> dict:
   """:func:`label_dataset` with the fold models of a stage-1 training run (``stage1_dir/fold_*``)
   and the preprocessing options and folds of the stage-1 records they trained on
@@ -237,6 +262,7 @@ def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
   (options from ``records_dir/box_refine``), ``refine_passes`` times. Returns label_dataset's
   dict plus "options" (those options), "refine_options" (the refiner's, or None) and
   "refine_passes"."""
+
   def options_of(task: str) -> options_lib.Options:
     identity = shards.read_json(pathlib.Path(records_dir) / task / pipeline.IDENTITY)
     return options_lib.Options.from_json(identity["options"])
@@ -255,4 +281,3 @@ def label_from_run(data_dir: str | os.PathLike, stage1_dir: str | os.PathLike,
                          folds=manifest["folds"], progress=progress, refiner=refiners,
                          refine_options=refine_options, refine_passes=refine_passes, log=log)
   return dict(result, options=options, refine_options=refine_options, refine_passes=refine_passes)
-

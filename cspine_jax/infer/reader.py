@@ -22,7 +22,10 @@ import queue
 import threading
 import time
 from multiprocessing import shared_memory
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Sequence
 
 import numpy as np
 

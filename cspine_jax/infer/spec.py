@@ -62,12 +62,13 @@ def load_prior(path: str | os.PathLike) -> np.ndarray:
     try:
       prior = np.array([float(data[t]) for t in labels_lib.TARGETS])
     except (KeyError, TypeError, ValueError) as e:
-      raise ensemble.PredictError(f"{path}: needs a probability for each of {labels_lib.TARGETS}: {e}"
-                         ) from e
+      raise ensemble.PredictError(
+          f"{path}: needs a probability for each of {labels_lib.TARGETS}: {e}") from e
   else:
     prior = labels_lib.read_train_csv(path)[list(labels_lib.TARGETS)].to_numpy(np.float64).mean(0)
   if not np.all((prior >= 0) & (prior <= 1)):
-    raise ensemble.PredictError(f"{path}: prior probabilities must lie in [0, 1], got {prior.tolist()}")
+    raise ensemble.PredictError(
+        f"{path}: prior probabilities must lie in [0, 1], got {prior.tolist()}")
   return prior
 
 
@@ -80,11 +81,14 @@ def write_prior(path: str | os.PathLike, train_labels: pd.DataFrame) -> None:
 # ----------------------------------------------------------------------------- trained models
 
 SPEC = "inference.json"  # RUN/inference.json: the preprocessing and the patient_overall rule
-PRIOR = "prior.json"     # RUN/prior.json: training label means, the fallback probabilities
+PRIOR = "prior.json"  # RUN/prior.json: training label means, the fallback probabilities
 
 
-def write_spec(run_dir: str | os.PathLike, stage1_options: options_lib.Options,
-               stage2_options: options_lib.Options, *, top_n: int = aggregate.DEFAULT_TOP_N,
+def write_spec(run_dir: str | os.PathLike,
+               stage1_options: options_lib.Options,
+               stage2_options: options_lib.Options,
+               *,
+               top_n: int = aggregate.DEFAULT_TOP_N,
                rules: derive_lib.Rules = derive_lib.Rules(),
                refine_options: options_lib.Options | None = None,
                refine_passes: int = 1) -> pathlib.Path:
@@ -93,8 +97,12 @@ def write_spec(run_dir: str | os.PathLike, stage1_options: options_lib.Options,
   ``refine_passes`` its passes per box)."""
   path = pathlib.Path(run_dir) / SPEC
   path.parent.mkdir(parents=True, exist_ok=True)
-  spec = {"stage1_options": stage1_options.to_json(), "stage2_options": stage2_options.to_json(),
-          "top_n": top_n, "rules": dataclasses.asdict(rules)}
+  spec = {
+      "stage1_options": stage1_options.to_json(),
+      "stage2_options": stage2_options.to_json(),
+      "top_n": top_n,
+      "rules": dataclasses.asdict(rules)
+  }
   if refine_options is not None:
     spec["refine_options"] = refine_options.to_json()
     spec["refine_passes"] = int(refine_passes)
@@ -115,22 +123,29 @@ def load_models(run_dir: str | os.PathLike, top_n: int | None = None) -> Models:
                       if spec.get("refine_options") else None)
     refine_passes = refine_lib.check_refine_passes(spec.get("refine_passes", 1))
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ensemble.PredictError(f"{spec_path}: cannot read the inference spec ({e}); it is written by "
-                       "the demo / predict.write_spec with the records' preprocessing options")
-  models = ensemble_models(ensemble.FoldEnsemble.load(run_dir / "stage1", "stage1"),
-                           ensemble.FoldEnsemble.load(run_dir / "stage2", "stage2"), stage1_options,
-                           stage2_options, rules=rules,
-                           top_n=int(top_n if top_n is not None else
-                                     spec.get("top_n", aggregate.DEFAULT_TOP_N)))
+    raise ensemble.PredictError(
+        f"{spec_path}: cannot read the inference spec ({e}); the pipeline's pseudo-label step (or "
+        "cspine_jax.pseudo_labels --workdir) writes it with the records' preprocessing options")
+  models = ensemble_models(
+      ensemble.FoldEnsemble.load(run_dir / "stage1", "stage1"),
+      ensemble.FoldEnsemble.load(run_dir / "stage2", "stage2"),
+      stage1_options,
+      stage2_options,
+      rules=rules,
+      top_n=int(top_n if top_n is not None else spec.get("top_n", aggregate.DEFAULT_TOP_N)))
   if refine_options is not None:  # the spec says the pseudo-labels were refined: so is inference
-    models.refiner = ensemble.refine_scorer(ensemble.FoldEnsemble.load(run_dir / "box_refine", "box_refine"))
+    models.refiner = ensemble.refine_scorer(
+        ensemble.FoldEnsemble.load(run_dir / "box_refine", "box_refine"))
     models.refine_options = refine_options
     models.refine_passes = refine_passes
   return models
 
 
-def ensemble_models(stage1: ensemble.FoldEnsemble, stage2: ensemble.FoldEnsemble, stage1_options: options_lib.Options,
-                    stage2_options: options_lib.Options, *,
+def ensemble_models(stage1: ensemble.FoldEnsemble,
+                    stage2: ensemble.FoldEnsemble,
+                    stage1_options: options_lib.Options,
+                    stage2_options: options_lib.Options,
+                    *,
                     rules: derive_lib.Rules = derive_lib.Rules(),
                     top_n: int = aggregate.DEFAULT_TOP_N) -> Models:
   """:class:`Models` whose two stages are fold ensembles."""
@@ -138,6 +153,9 @@ def ensemble_models(stage1: ensemble.FoldEnsemble, stage2: ensemble.FoldEnsemble
   def stage2_fn(images, vertebra):
     return stage2({"images": images, "vertebra": vertebra.astype(np.int32)})["prob"]
 
-  return Models(stage1=ensemble.stage1_scorer(stage1), stage2=stage2_fn, options=stage2_options,
-                stage1_options=stage1_options, rules=rules, top_n=top_n)
-
+  return Models(stage1=ensemble.stage1_scorer(stage1),
+                stage2=stage2_fn,
+                options=stage2_options,
+                stage1_options=stage1_options,
+                rules=rules,
+                top_n=top_n)

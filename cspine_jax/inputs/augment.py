@@ -78,7 +78,7 @@ def coarse_slice_draws(key: jax.Array, batch_size: int, options: AugmentOptions)
 def coarsen_slices(images: jax.Array, count: jax.Array) -> jax.Array:
   """Each sample's S slices as a thicker-slice study would have given them: ``count[b]`` source
   slices spread over the S positions by nearest neighbour, as the records' evenly spaced sampling
-  (``records.study.evenly_spaced``) repeats the slices of a vertebra that spans only ``count``
+  (``pp.image.evenly_spaced``) repeats the slices of a vertebra that spans only ``count``
   of them. ``count[b]`` = 0 (or >= S) leaves the sample as it is. float32 out, same values.
 
   ``images`` is (B, T, H, W, C) with the slices in (T, C) order: a stage-2 sequence of T 2.5D

@@ -9,13 +9,15 @@ per-slice box covers every vertebra shown, so the derived boxes err the same way
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
+from typing import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from cspine_jax import labels as labels_lib
 
-# Per vertebra, how far each box edge (x0, y0, x1, y1) moves, in fractions of the box's width/height.
+# Per vertebra, how far each box edge (x0, y0, x1, y1) moves, in fractions of the box's size.
 BoxOffsets = tuple[tuple[float, float, float, float], ...]
 # Offsets beyond this (a box shifted by more than its own size) mean a fit gone wrong.
 MAX_BOX_OFFSET = 1.0
@@ -26,15 +28,15 @@ NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 def check_box_offsets(offsets) -> BoxOffsets:
   """7 x 4 finite edge offsets, each within +-MAX_BOX_OFFSET, as nested tuples."""
   o = np.asarray(offsets, np.float64)
-  if (o.shape != (NUM_VERTEBRAE, 4) or not np.isfinite(o).all()
-      or np.abs(o).max() > MAX_BOX_OFFSET):
+  if (o.shape != (NUM_VERTEBRAE, 4) or not np.isfinite(o).all() or
+      np.abs(o).max() > MAX_BOX_OFFSET):
     raise ValueError(f"box offsets are 7 x (x0, y0, x1, y1) fractions within +-{MAX_BOX_OFFSET}, "
                      f"got {offsets!r}")
   return tuple(tuple(float(x) for x in row) for row in o)
 
 
-def fit_box_offsets(pairs: Iterable[Sequence[tuple[Sequence[float], Sequence[float]] | None]]
-                    ) -> BoxOffsets:
+def fit_box_offsets(
+    pairs: Iterable[Sequence[tuple[Sequence[float], Sequence[float]] | None]]) -> BoxOffsets:
   """Per study, 7 (derived box, mask box) pairs in the same units (None: not both present) ->
   per vertebra the median of (mask - derived) / derived width or height, edge by edge."""
   rel: list[list[np.ndarray]] = [[] for _ in range(NUM_VERTEBRAE)]
@@ -85,7 +87,6 @@ def combine_boxes(boxes: np.ndarray, quantile: float = 0.0) -> tuple[float, floa
 def smooth_boxes(boxes: np.ndarray, sigma: float) -> np.ndarray:
   """(S, 4) normalised per-slice boxes smoothed along the slices by a Gaussian of ``sigma``
   slices. Only valid boxes enter (a normalised convolution), and invalid ones stay as they are."""
-  from scipy import ndimage
   boxes = np.asarray(boxes, np.float64)
   if sigma <= 0 or len(boxes) == 0:
     return boxes
@@ -94,4 +95,3 @@ def smooth_boxes(boxes: np.ndarray, sigma: float) -> np.ndarray:
   weight = ndimage.gaussian_filter1d(valid, sigma, axis=0, mode="nearest")
   smoothed = total / np.maximum(weight, 1e-12)[:, None]
   return np.where(valid[:, None] > 0, smoothed, boxes)
-

@@ -1,7 +1,8 @@
 """Predicted vertebra ranges and boxes against a mask's (``labels.vertebra_extents``): IoUs."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 
@@ -37,11 +38,14 @@ def compare_extents(pred: Sequence[vertebrae_lib.VertebraPrediction],
   rows = []
   for v, (p, t) in enumerate(zip(pred, truth)):
     got = vertebrae_lib.resolve(p, numbers, shape)
-    rows.append({"vertebra": labels_lib.VERTEBRAE[v],
-                 "range_iou": range_iou(None if got is None else got[:2],
-                                        None if t is None else (t.first, t.last)),
-                 "box_iou": (box_iou(got[2], t.box) if got is not None and t is not None
-                             else float(got is None and t is None))})
+    rows.append({
+        "vertebra":
+            labels_lib.VERTEBRAE[v],
+        "range_iou":
+            range_iou(None if got is None else got[:2], None if t is None else (t.first, t.last)),
+        "box_iou": (box_iou(got[2], t.box)
+                    if got is not None and t is not None else float(got is None and t is None))
+    })
   return rows
 
 
@@ -50,8 +54,11 @@ def summarise(rows: Iterable[dict]) -> dict[str, float]:
   rows = list(rows)
   if not rows:
     return {"pairs": 0, "range_iou": float("nan"), "box_iou": float("nan")}
-  return {"pairs": len(rows), "range_iou": float(np.mean([r["range_iou"] for r in rows])),
-          "box_iou": float(np.mean([r["box_iou"] for r in rows]))}
+  return {
+      "pairs": len(rows),
+      "range_iou": float(np.mean([r["range_iou"] for r in rows])),
+      "box_iou": float(np.mean([r["box_iou"] for r in rows]))
+  }
 
 
 def oracle_outputs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,4 +66,3 @@ def oracle_outputs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   sl = labels_lib.slice_labels(mask)
   _, h, w = mask.shape
   return sl.presence.astype(np.float64), sl.box / np.array([w, h, w, h], np.float64)
-

@@ -15,7 +15,8 @@ error entry instead of stage 2's answer about the wrong anatomy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
@@ -64,8 +65,12 @@ class Rules:
                        f"{self.box_smoothing}")
 
 
-def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | None = None,
-           rules: Rules = Rules()) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
+def derive(
+    presence: np.ndarray,
+    boxes: np.ndarray,
+    numbers: Sequence[int] | None = None,
+    rules: Rules = Rules()
+) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Per-slice stage-1 outputs of one study -> the 7 vertebra predictions (module docstring rules).
 
   Args:
@@ -119,9 +124,14 @@ def derive(presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | Non
     box = boxes_lib.combine_boxes(chosen, rules.box_quantile)
     if rules.box_offsets is not None:
       box = boxes_lib.offset_box(box, rules.box_offsets[v])
-    out.append(vertebrae_lib.VertebraPrediction(
-        present=True, first_index=first, last_index=last, first_number=int(numbers[first]),
-        last_number=int(numbers[last]), box=box, confidence=float(presence[span, v].mean())))
+    out.append(
+        vertebrae_lib.VertebraPrediction(present=True,
+                                         first_index=first,
+                                         last_index=last,
+                                         first_number=int(numbers[first]),
+                                         last_number=int(numbers[last]),
+                                         box=box,
+                                         confidence=float(presence[span, v].mean())))
   return tuple(out)
 
 
@@ -143,4 +153,3 @@ def check_found(preds: Sequence[vertebrae_lib.VertebraPrediction], threshold: fl
         f"stage 1 finds no cervical vertebra in this series (the most confident located one has "
         f"mean presence {best:.3f} < {threshold}): not a cervical-spine CT, or one the models "
         "cannot read")
-

@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable
+from typing import Sequence
 
 import numpy as np
 
@@ -51,7 +52,9 @@ def _states(n: int = NUM_VERTEBRAE) -> np.ndarray:
   return np.array([(a, b) for b in range(n + 1) for a in range(1, b + 2)], np.int64)
 
 
-def ordered_ranges(presence: np.ndarray, require_all: bool = False, threshold: float = 0.5,
+def ordered_ranges(presence: np.ndarray,
+                   require_all: bool = False,
+                   threshold: float = 0.5,
                    eps: float = 1e-4) -> list[tuple[int, int] | None]:
   """Per vertebra the (first, last) slice range of the best ordered labelling, or None.
 
@@ -119,7 +122,9 @@ def vertebra_template(ranges: Iterable[Sequence[tuple[int, int] | None]]) -> Tem
   return check_template(np.mean(rel, axis=0))
 
 
-def template_ranges(presence: np.ndarray, template: Template, threshold: float = 0.5,
+def template_ranges(presence: np.ndarray,
+                    template: Template,
+                    threshold: float = 0.5,
                     eps: float = 1e-4) -> list[tuple[int, int]]:
   """The layout placed where it best fits the presences (module docstring, ``template``).
 
@@ -145,4 +150,3 @@ def template_ranges(presence: np.ndarray, template: Template, threshold: float =
     if score[i] > best_score:
       best_score, best = float(score[i]), (first[i], last[i])
   return [(int(a), int(b)) for a, b in zip(*best)]
-

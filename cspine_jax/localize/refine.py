@@ -8,7 +8,9 @@ several passes each crop is made around the last pass's box.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
@@ -16,17 +18,19 @@ from cspine_jax import labels as labels_lib
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.pp import refine_input
 
-# A box refiner: uint8 crop images (N, H, W, 3) of records.box_refine.crop_input -> boxes
+# A box refiner: uint8 crop images (N, H, W, 3) of pp.refine_input.crop_input -> boxes
 # (N, 7, 4) in the crops' normalised coordinates (one row per vertebra; a crop's own row counts).
 RefineFn = Callable[[np.ndarray], np.ndarray]
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 
 
-def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray,
-           refiner: RefineFn, size: tuple[int, int],
-           window: tuple[float, float] | None = None, passes: int = 1
-           ) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
+def refine(preds: Sequence[vertebrae_lib.VertebraPrediction],
+           volume: np.ndarray,
+           refiner: RefineFn,
+           size: tuple[int, int],
+           window: tuple[float, float] | None = None,
+           passes: int = 1) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Each located vertebra's box replaced by the refiner's (module docstring).
 
   ``volume``: the study's (S, H, W) series, the slices the predictions index, uint8 windowed or HU
@@ -54,9 +58,14 @@ def _refine_once(preds, volume, refiner, size, window):
   todo = [(v, p) for v, p in enumerate(preds) if p.present]
   if not todo:
     return tuple(preds)
-  crops = [refine_input.crop_input(volume, p.first_index, p.last_index,
-                                 np.asarray(p.box, np.float64) * scale, size, window=window)
-           for _, p in todo]
+  crops = [
+      refine_input.crop_input(volume,
+                              p.first_index,
+                              p.last_index,
+                              np.asarray(p.box, np.float64) * scale,
+                              size,
+                              window=window) for _, p in todo
+  ]
   images = np.stack([image for image, _ in crops])
   # Always 7 rows (the last repeated): a jitted refiner sees one shape, whatever was located.
   pad = np.repeat(images[-1:], NUM_VERTEBRAE - len(images), axis=0)
@@ -69,4 +78,3 @@ def _refine_once(preds, volume, refiner, size, window):
     if box[2] > box[0] and box[3] > box[1]:
       out[v] = dataclasses.replace(p, box=tuple(float(b) for b in box))
   return tuple(out)
-

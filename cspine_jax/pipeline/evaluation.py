@@ -2,18 +2,27 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import pandas as pd
 
 from cspine_jax import labels as labels_lib
-from cspine_jax import metrics, synthetic
-from cspine_jax.infer import predict, spec
-from cspine_jax.report import plots, study_png, tables
+from cspine_jax import metrics
+from cspine_jax import synthetic
+from cspine_jax.infer import predict
+from cspine_jax.infer import spec
+from cspine_jax.report import plots
+from cspine_jax.report import study_png
+from cspine_jax.report import tables
 
 # Display names of the trained models, in the seed's results-table order.
-NAMES = {"cnn3d": "3D CNN", "single_head": "Single-head", "multi_head": "Multi-head",
-         "stage2": "Two-stage"}
+NAMES = {
+    "cnn3d": "3D CNN",
+    "single_head": "Single-head",
+    "multi_head": "Multi-head",
+    "stage2": "Two-stage"
+}
 PRIOR = "Prior (train means)"
 
 
@@ -34,20 +43,29 @@ def evaluate_oof(data_dir: pathlib.Path, run_dir: pathlib.Path, eval_dir: pathli
     oof.to_csv(eval_dir / f"{name}_oof.csv", index=False)
   headline = preds[NAMES[models[0]]]
   folds = tables.read_folds(run_dir / models[0] / "oof_predictions.csv")
-  out = {"results": tables.results_table(train_labels, preds, train_labels),
-         "scores": tables.score_table(train_labels, headline, folds),
-         "top_n": tables.top_n_table(train_labels, headline),
-         "auc": tables.auc_table(train_labels, headline)}
+  out = {
+      "results": tables.results_table(train_labels, preds, train_labels),
+      "scores": tables.score_table(train_labels, headline, folds),
+      "top_n": tables.top_n_table(train_labels, headline),
+      "auc": tables.auc_table(train_labels, headline)
+  }
   lab, pred = tables.aligned(train_labels, headline)
-  plots.reliability_plot(lab, pred, eval_dir / "reliability.png",
+  plots.reliability_plot(lab,
+                         pred,
+                         eval_dir / "reliability.png",
                          title=f"{NAMES[models[0]]}, out-of-fold")
   for k, df in out.items():
     df.to_csv(eval_dir / f"{k}.csv", index=False)
   return {k: records(df) for k, df in out.items()}
 
 
-def predict_test(data_dir: pathlib.Path, run_dir: pathlib.Path, test_dir: pathlib.Path, *,
-                 pngs: int = 0, progress: bool = False, batch_size: int = 32) -> dict[str, Any]:
+def predict_test(data_dir: pathlib.Path,
+                 run_dir: pathlib.Path,
+                 test_dir: pathlib.Path,
+                 *,
+                 pngs: int = 0,
+                 progress: bool = False,
+                 batch_size: int = 32) -> dict[str, Any]:
   """The held-out test studies predicted from their DICOM files with RUN's models: the
   submission, a JSON per study, pictures of the first ``pngs``; scored when the set is generated
   (its ground truth holds the test labels)."""
@@ -61,19 +79,31 @@ def predict_test(data_dir: pathlib.Path, run_dir: pathlib.Path, test_dir: pathli
     json_study(res, series)
     png_study(res, series)
 
-  result = predict.run(folders, models, spec.load_prior(run_dir / spec.PRIOR),
-                       batch_size=batch_size, on_study=on_study, progress=progress)
+  result = predict.run(folders,
+                       models,
+                       spec.load_prior(run_dir / spec.PRIOR),
+                       batch_size=batch_size,
+                       on_study=on_study,
+                       progress=progress)
   paths = predict.write_outputs(result, test_dir / "submission.csv")
-  out = {"studies": len(folders), "fallbacks": len(result.errors()),
-         "seconds_per_study": {k: v / max(len(folders), 1) for k, v in result.seconds.items()},
-         "submission": str(paths["submission"])}
+  out = {
+      "studies": len(folders),
+      "fallbacks": len(result.errors()),
+      "seconds_per_study": {
+          k: v / max(len(folders), 1) for k, v in result.seconds.items()
+      },
+      "submission": str(paths["submission"])
+  }
   if (data_dir / "ground_truth.json").exists():
     labels = synthetic.test_labels(data_dir)
     prior = tables.prior_predictions(labels_lib.read_train_csv(data_dir / "train.csv"),
                                      labels["StudyInstanceUID"].tolist())
     sub = metrics.read_predictions(paths["submission"])
-    out = {"score": metrics.competition_loss(labels, sub),
-           "prior": metrics.competition_loss(labels, prior), **out}
+    out = {
+        "score": metrics.competition_loss(labels, sub),
+        "prior": metrics.competition_loss(labels, prior),
+        **out
+    }
   return out
 
 

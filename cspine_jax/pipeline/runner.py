@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import ml_collections
 
-from cspine_jax.pipeline import method, model
+from cspine_jax.pipeline import method
+from cspine_jax.pipeline import model
 from cspine_jax.pipeline import steps as steps_lib
 from cspine_jax.train import runtime
 
@@ -21,7 +23,8 @@ def is_method(config: ml_collections.ConfigDict) -> bool:
   return "models" in config
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+def run(config: ml_collections.ConfigDict,
+        workdir: str | os.PathLike,
         log: Callable[[str], None] = print) -> Any:
   """Runs the config's steps in ``workdir``; returns the method's figures (also in
   WORKDIR/results.json) or the model's training summary (WORKDIR/result.json)."""

@@ -16,7 +16,10 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Iterable
+from typing import Sequence
 
 STATE_FILE = "pipeline.json"
 
@@ -64,9 +67,9 @@ def read_state(workdir: pathlib.Path) -> dict[str, Any]:
 
 
 def is_done(step: Step, recorded: dict[str, Any] | None) -> bool:
-  return (not step.always and recorded is not None and recorded.get("state") == "done"
-          and recorded.get("fingerprint") == step.fingerprint
-          and all(pathlib.Path(p).exists() for p in step.outputs))
+  return (not step.always and recorded is not None and recorded.get("state") == "done" and
+          recorded.get("fingerprint") == step.fingerprint and
+          all(pathlib.Path(p).exists() for p in step.outputs))
 
 
 @dataclasses.dataclass
@@ -77,8 +80,12 @@ class Outcome:
   seconds: dict[str, float]
 
 
-def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
-        only: Iterable[str] | None = None, prefix: str = "pipeline") -> Outcome:
+def run(steps: Sequence[Step],
+        workdir: str | os.PathLike,
+        *,
+        log: Callable[[str], None] = print,
+        only: Iterable[str] | None = None,
+        prefix: str = "pipeline") -> Outcome:
   """Runs the steps that are not done (those in ``only``, when given, whatever their state)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -90,15 +97,26 @@ def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str
   if unknown:
     raise ValueError(f"unknown steps {unknown}; this pipeline has {names}")
   old = read_state(workdir)
-  rows = {s.name: {"name": s.name, "title": s.title, "inputs": list(s.inputs),
-                   "outputs": list(s.outputs), "fingerprint": s.fingerprint,
-                   "state": "todo", "seconds": None, "result": None} for s in steps}
+  rows = {
+      s.name: {
+          "name": s.name,
+          "title": s.title,
+          "inputs": list(s.inputs),
+          "outputs": list(s.outputs),
+          "fingerprint": s.fingerprint,
+          "state": "todo",
+          "seconds": None,
+          "result": None
+      } for s in steps
+  }
   for s in steps:
     if is_done(s, old.get(s.name)):
-      rows[s.name].update(state="done", seconds=old[s.name].get("seconds"),
+      rows[s.name].update(state="done",
+                          seconds=old[s.name].get("seconds"),
                           result=old[s.name].get("result"))
-  todo = [s for s in steps if (s.name in only if only is not None else
-                               rows[s.name]["state"] != "done")]
+  todo = [
+      s for s in steps if (s.name in only if only is not None else rows[s.name]["state"] != "done")
+  ]
 
   def save():
     write_json(workdir / STATE_FILE, {"workdir": str(workdir), "steps": list(rows.values())})
@@ -127,9 +145,9 @@ def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str
     rows[s.name].update(state="done", seconds=seconds, result=result)
     save()
     log(f"[{prefix} {time.perf_counter() - start:6.1f}s] {s.title} done in {seconds:.1f}s")
-  return Outcome({name: row["result"] for name, row in rows.items()},
-                 {row["title"]: row["seconds"] for row in rows.values()
-                  if row["seconds"] is not None})
+  return Outcome({
+      name: row["result"] for name, row in rows.items()
+  }, {row["title"]: row["seconds"] for row in rows.values() if row["seconds"] is not None})
 
 
 def _short(path: str, workdir: pathlib.Path) -> str:

@@ -11,8 +11,8 @@ from cspine_jax.report import plots
 from cspine_jax.train import loop
 
 
-def model_config(config: ml_collections.ConfigDict, name: str, run_dir: pathlib.Path
-                 ) -> ml_collections.ConfigDict:
+def model_config(config: ml_collections.ConfigDict, name: str,
+                 run_dir: pathlib.Path) -> ml_collections.ConfigDict:
   """``config.models[name]`` as a plain config (references resolved), its encoder starting from
   the same fold of the model ``config.init_from[name]`` names (a run folder of this pipeline)."""
   m = ml_collections.ConfigDict(config.models[name].to_dict())
@@ -36,14 +36,17 @@ def learning_curves(run_dir: pathlib.Path, name: str) -> None:
   for log in logs:
     fold = log.parent.name if log.parent != run_dir else "fold"
     plots.learning_curves({f"{name}/{fold}": log}, log.parent / "learning_curves.png")
-  folds = {f"{name}/{p.parent.name}": p for p in logs if p.parent.name.startswith("fold_")
-           and "_member_" not in p.parent.name}
+  folds = {
+      f"{name}/{p.parent.name}": p
+      for p in logs
+      if p.parent.name.startswith("fold_") and "_member_" not in p.parent.name
+  }
   if folds:
     plots.learning_curves(folds, run_dir / "learning_curves.png")
 
 
-def train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, records_dir: pathlib.Path
-          ) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, run_dir: pathlib.Path,
+          records_dir: pathlib.Path) -> dict[str, Any]:
   """Trains (or resumes) the model and draws its learning curves (process 0)."""
   result = loop.train_and_evaluate(config, run_dir, records_dir)
   if jax.process_index() == 0:

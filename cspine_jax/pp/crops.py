@@ -13,8 +13,8 @@ from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 
 
-def crop_box(box: Sequence[float], margin: float, height: int, width: int
-             ) -> tuple[int, int, int, int]:
+def crop_box(box: Sequence[float], margin: float, height: int,
+             width: int) -> tuple[int, int, int, int]:
   """Pixel box grown by ``margin`` x its size on each side, clipped to the image, >= 1 pixel."""
   x0, y0, x1, y1 = (float(b) for b in box)
   mx, my = margin * (x1 - x0), margin * (y1 - y0)
@@ -27,7 +27,9 @@ def crop_box(box: Sequence[float], margin: float, height: int, width: int
   return cx0, cy0, cx1, cy1
 
 
-def vertebra_images(volume: np.ndarray, extent: study_lib.Extent, options: options_lib.Options,
+def vertebra_images(volume: np.ndarray,
+                    extent: study_lib.Extent,
+                    options: options_lib.Options,
                     applied: tuple[float, float] | None = None) -> np.ndarray:
   """(S, H0, W0) HU volume + one vertebra's extent -> uint8 (n/3, H, W, 3) sequence.
 
@@ -40,4 +42,3 @@ def vertebra_images(volume: np.ndarray, extent: study_lib.Extent, options: optio
   res = image_lib.resize_slices(win, options.image_size)
   h, w = options.image_size
   return np.ascontiguousarray(res.reshape(-1, 3, h, w).transpose(0, 2, 3, 1))
-

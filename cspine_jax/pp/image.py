@@ -24,7 +24,6 @@ from cspine_jax.pp import options as options_lib
 # 2: banded antialiased bilinear resize of each windowed slice once (1 was PIL per image).
 PIXELS_VERSION = 2
 
-
 # ----------------------------------------------------------------------------- image helpers
 
 
@@ -91,8 +90,9 @@ def _bands(n_in: int, n_out: int) -> tuple[tuple[slice, slice, np.ndarray, np.nd
   return tuple(bands)
 
 
-def resize_plane(image: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None
-                 ) -> np.ndarray:
+def resize_plane(image: np.ndarray,
+                 size: tuple[int, int],
+                 out: np.ndarray | None = None) -> np.ndarray:
   """float32 (h, w) -> float32 (H, W) by :func:`resize_weights` (rows, then columns).
 
   A convex combination of the inputs: the output stays within the input's range.
@@ -184,4 +184,3 @@ def stack_25d(slices: np.ndarray, centers: Sequence[int] | None = None) -> np.nd
 def evenly_spaced(first: int, last: int, n: int) -> np.ndarray:
   """``n`` indices spread evenly over first..last inclusive (np.linspace, rounded)."""
   return np.round(np.linspace(first, last, n)).astype(np.int64)
-

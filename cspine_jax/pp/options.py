@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 STAGE2_LOCATE = ("mask", "vertebrae")
 
@@ -61,4 +62,3 @@ class Options:
   def from_json(cls, d: Mapping[str, Any]) -> "Options":
     """Inverse of :meth:`to_json` (lists, as JSON gives them, become tuples)."""
     return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
-

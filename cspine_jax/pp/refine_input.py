@@ -64,8 +64,12 @@ def _sample_plane(plane: np.ndarray, frame: Frame, size: tuple[int, int]) -> np.
   return top * (1 - wy) + bottom * wy
 
 
-def crop_input(volume: np.ndarray, first: int, last: int, box: Sequence[float],
-               size: tuple[int, int], margin: float = MARGIN,
+def crop_input(volume: np.ndarray,
+               first: int,
+               last: int,
+               box: Sequence[float],
+               size: tuple[int, int],
+               margin: float = MARGIN,
                window: tuple[float, float] | None = None) -> tuple[np.ndarray, Frame]:
   """The refiner's input for one vertebra: (S, H0, W0) volume, its slice range (inclusive,
   clipped to the volume) and pixel box -> (uint8 (H, W, 3) maximum-intensity projections of the
@@ -88,8 +92,9 @@ def crop_input(volume: np.ndarray, first: int, last: int, box: Sequence[float],
   if window is not None:
     block = image_lib.window(block, *window)
   local = (fx - c0, fy - r0, fw, fh)
-  thirds = [t if len(t) else np.arange(len(block)) for t in np.array_split(np.arange(len(block)), 3)]
+  thirds = [
+      t if len(t) else np.arange(len(block)) for t in np.array_split(np.arange(len(block)), 3)
+  ]
   planes = [_sample_plane(block[t].max(axis=0), local, size) for t in thirds]
   image = np.clip(np.rint(np.stack(planes, axis=-1)), 0, 255).astype(np.uint8)
   return image, frame
-

@@ -68,7 +68,10 @@ class Loaded:
   planes: tuple[int, int] | None = None
 
 
-def load(study: StudyInput, *, with_mask: bool, options: options_lib.Options | None = None,
+def load(study: StudyInput,
+         *,
+         with_mask: bool,
+         options: options_lib.Options | None = None,
          planes: bool = False) -> Loaded:
   """Reads the series (and the mask when ``with_mask`` and the study has one).
 
@@ -88,7 +91,7 @@ def load(study: StudyInput, *, with_mask: bool, options: options_lib.Options | N
   series = dicom.read_series(study.image_dir, warn=False, map_hu=map_hu)
   mask = None
   if with_mask and study.mask_path is not None:
-    from cspine_jax.io import nifti  # nibabel is only imported by workers that need masks.
+    from cspine_jax.io import nifti  # lazy: nibabel costs each worker's start-up; few need it
     mask = nifti.load_mask(study.mask_path, series)
     if mask.shape != series.shape:
       raise StudyError(f"{study.mask_path}: mask shape {mask.shape} differs from the series "
@@ -96,7 +99,8 @@ def load(study: StudyInput, *, with_mask: bool, options: options_lib.Options | N
   return Loaded(study, series, mask, win, options.image_size if planes else None)
 
 
-def windowed(volume: np.ndarray, options: options_lib.Options,
+def windowed(volume: np.ndarray,
+             options: options_lib.Options,
              applied: tuple[float, float] | None = None) -> np.ndarray:
   """``volume`` (or a crop of it) in options' window as uint8: windowed here when it holds HU,
   returned as is when ``applied`` (``Loaded.window``) says the reader applied that window."""
@@ -144,8 +148,11 @@ def extents(loaded: Loaded) -> list[Extent | None]:
   neither a mask nor stage-1 predictions.
   """
   if loaded.mask is not None:
-    return [None if e is None else Extent(e.first, e.last, tuple(int(b) for b in e.box))
-            for e in labels_lib.vertebra_extents(loaded.mask)]
+    return [
+        None if e is None else Extent(e.first, e.last, tuple(int(b)
+                                                             for b in e.box))
+        for e in labels_lib.vertebra_extents(loaded.mask)
+    ]
   study = loaded.study
   if study.vertebrae is None:
     used = "no segmentation" if study.mask_path is None else "its segmentation not used"
@@ -190,8 +197,9 @@ def require_labels(study: StudyInput) -> np.ndarray:
   return np.asarray(study.labels, np.float32)
 
 
-def study_paths(data_dir: str | pathlib.Path, uid: str, split: str = "train"
-                ) -> tuple[str, str | None]:
+def study_paths(data_dir: str | pathlib.Path,
+                uid: str,
+                split: str = "train") -> tuple[str, str | None]:
   """(image folder, mask path or None) of a study; the uid is validated before it becomes a path."""
   labels_lib.check_uid(uid)
   data_dir = pathlib.Path(data_dir)
@@ -202,4 +210,3 @@ def study_paths(data_dir: str | pathlib.Path, uid: str, split: str = "train"
       mask = str(data_dir / "segmentations" / name)
       break
   return str(image_dir), mask
-

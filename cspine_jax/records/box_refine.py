@@ -13,7 +13,8 @@ coordinates (x0, y0, x1, y1; may lie partly outside [0, 1]), ``vertebra`` 0..6, 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import numpy as np
 
@@ -70,5 +71,11 @@ def process(study: study_lib.StudyInput, options: options_lib.Options) -> Iterat
     for k in range(SAMPLES):
       first, last, box = jittered(extent, rng)
       image, frame = refine_input.crop_input(volume, first, last, box, options.image_size)
-      yield {"image": image, "box": refine_input.to_crop(extent.box, frame), "vertebra": v, "sample": k,
-             "study_uid": study.uid, "fold": study.fold}
+      yield {
+          "image": image,
+          "box": refine_input.to_crop(extent.box, frame),
+          "vertebra": v,
+          "sample": k,
+          "study_uid": study.uid,
+          "fold": study.fold
+      }

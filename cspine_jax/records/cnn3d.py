@@ -8,7 +8,8 @@ Fields: ``volume`` uint8 (D, D, D, 1), ``labels`` f32 (8,) (patient_overall, C1.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import numpy as np
 

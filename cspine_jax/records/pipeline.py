@@ -23,17 +23,25 @@ import pathlib
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import numpy as np
+import tqdm
 
 from cspine_jax import labels as labels_lib
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.pp import image as image_lib
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
-from cspine_jax.records import box_refine, cnn3d, schema, shards, slices2d, stage1, stage2
+from cspine_jax.records import box_refine
+from cspine_jax.records import cnn3d
 from cspine_jax.records import folds as folds_lib
+from cspine_jax.records import schema
+from cspine_jax.records import shards
+from cspine_jax.records import slices2d
+from cspine_jax.records import stage1
+from cspine_jax.records import stage2
 
 TASKS = {m.NAME: m for m in (stage1, stage2, cnn3d, slices2d, box_refine)}
 IDENTITY = "options.json"
@@ -65,13 +73,21 @@ class Plan:
     listing = "\n".join(f"{s.uid} {s.fold}" for s in self.studies).encode()
     # The fields too: a record set written before a field was added must not be resumed.
     feats = TASKS[self.task].features(self.options)
-    return {"features": {k: {"shape": list(shape), "dtype": np.dtype(dt).name}
-                         for k, (shape, dt) in feats.items()},
-            "schema_version": schema.SCHEMA_VERSION, "pixels_version": image_lib.PIXELS_VERSION,
-            "task": self.task,
-            "data_dir": str(self.data_dir), "options": self.options.to_json(),
-            "vertebrae_file_sha256": self.vertebrae_sha256,
-            "studies_sha256": hashlib.sha256(listing).hexdigest()}
+    return {
+        "features": {
+            k: {
+                "shape": list(shape),
+                "dtype": np.dtype(dt).name
+            } for k, (shape, dt) in feats.items()
+        },
+        "schema_version": schema.SCHEMA_VERSION,
+        "pixels_version": image_lib.PIXELS_VERSION,
+        "task": self.task,
+        "data_dir": str(self.data_dir),
+        "options": self.options.to_json(),
+        "vertebrae_file_sha256": self.vertebrae_sha256,
+        "studies_sha256": hashlib.sha256(listing).hexdigest()
+    }
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -82,7 +98,9 @@ def _sha256(path: str | os.PathLike) -> str:
   return h.hexdigest()
 
 
-def make_plan(data_dir: str | os.PathLike, task: str, options: options_lib.Options,
+def make_plan(data_dir: str | os.PathLike,
+              task: str,
+              options: options_lib.Options,
               vertebrae_file: str | os.PathLike | None = None) -> Plan:
   """Reads the CSVs (UIDs validated before they become paths), assigns folds, lists the studies."""
   if task not in TASKS:
@@ -159,10 +177,12 @@ def is_done(task_dir: pathlib.Path, uid: str) -> bool:
 
 def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib.Path, workers: int,
              progress: bool, start_method: str) -> None:
-  from tqdm import tqdm
-  tqdm.monitor_interval = 0  # No monitor thread: the pool may fork.
-  bar = tqdm(total=len(todo), unit="study", desc=f"prepare {plan.task}", disable=not progress,
-             smoothing=0.1)
+  tqdm.tqdm.monitor_interval = 0  # No monitor thread: the pool may fork.
+  bar = tqdm.tqdm(total=len(todo),
+                  unit="study",
+                  desc=f"prepare {plan.task}",
+                  disable=not progress,
+                  smoothing=0.1)
   try:
     if workers <= 1:
       for s in todo:
@@ -170,8 +190,7 @@ def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib
         bar.update()
       return
     if any(s.mask_path is not None for s in todo):
-      # Imported once here, so forked workers inherit nibabel (~0.5-1 s to import in each).
-      from cspine_jax.io import nifti  # noqa: F401
+      from cspine_jax.io import nifti  # noqa: F401  # lazy: imported before the fork, so workers inherit nibabel
     ctx = multiprocessing.get_context(resolve_start_method(start_method))
     # Largest studies first: the last study to finish is then a small one (less idle tail).
     todo = sorted(todo, key=lambda s: -_num_files(s.image_dir))
@@ -241,10 +260,15 @@ def build_manifest(plan: Plan, task_dir: pathlib.Path, elapsed_s: float | None =
   return manifest
 
 
-def prepare(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task: str,
-            options: options_lib.Options | None = None, *,
-            vertebrae_file: str | os.PathLike | None = None, workers: int = 1,
-            progress: bool = True, start_method: str = "auto") -> dict[str, Any]:
+def prepare(data_dir: str | os.PathLike,
+            out_dir: str | os.PathLike,
+            task: str,
+            options: options_lib.Options | None = None,
+            *,
+            vertebrae_file: str | os.PathLike | None = None,
+            workers: int = 1,
+            progress: bool = True,
+            start_method: str = "auto") -> dict[str, Any]:
   """Builds (or finishes) ``out_dir/task``; returns the manifest written there."""
   options = options or options_lib.Options()
   plan = make_plan(data_dir, task, options, vertebrae_file)

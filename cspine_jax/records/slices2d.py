@@ -11,7 +11,8 @@ Fields: ``image`` uint8 (H, W, 3), ``presence``, ``fracture``, ``study_uid``, ``
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import numpy as np
 

@@ -6,7 +6,8 @@ vertebra's largest slice), ``box`` f32 (4,) the box of the visible C1-C7 normali
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import numpy as np
 

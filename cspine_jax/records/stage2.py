@@ -10,7 +10,8 @@ Fields: ``images``, ``label`` f32 (), ``vertebra`` 0..6, ``present``, ``study_ui
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import numpy as np
 

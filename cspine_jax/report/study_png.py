@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Container, Sequence
+from typing import Container
+from typing import Sequence
 
 import matplotlib
 
@@ -141,10 +142,14 @@ def png_writer(png_dir: str | os.PathLike, only: Container[str] | None = None):
                                                                 name not in only):
       return
     spans = [vertebrae_lib.resolve(p, series.numbers, series.volume.shape) for p in res.vertebrae]
-    render_study(series.volume, png_dir / f"{name}.png",
+    render_study(series.volume,
+                 png_dir / f"{name}.png",
                  ranges=[None if s is None else s[:2] for s in spans],
-                 boxes=[None if s is None else s[2] for s in spans], probs=res.probs[1:],
-                 overall=float(res.probs[0]), pixel_spacing=series.pixel_spacing,
-                 slice_spacing=series.slice_spacing, title=name)
+                 boxes=[None if s is None else s[2] for s in spans],
+                 probs=res.probs[1:],
+                 overall=float(res.probs[0]),
+                 pixel_spacing=series.pixel_spacing,
+                 slice_spacing=series.slice_spacing,
+                 title=name)
 
   return write

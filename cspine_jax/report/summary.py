@@ -8,7 +8,8 @@ import base64
 import html
 import os
 import pathlib
-from typing import Mapping, Sequence
+from typing import Mapping
+from typing import Sequence
 
 import pandas as pd
 

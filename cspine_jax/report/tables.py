@@ -7,14 +7,16 @@ AUCs from scikit-learn. Frames are wide (StudyInstanceUID, patient_overall, C1..
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Mapping
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as sk_metrics
 
-from cspine_jax import aggregate, metrics
+from cspine_jax import aggregate
 from cspine_jax import labels as labels_lib
+from cspine_jax import metrics
 
 # The seed's results table, in its order (slides: 3D CNN 0.6048, single-head 0.5813, multi-head
 # 0.5019, two-stage 0.3691 on its cross-validation).

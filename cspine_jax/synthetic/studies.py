@@ -11,8 +11,10 @@ labels and fracture voxels), ``write_study`` (its files and ground-truth entry).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import pathlib
 
 import numpy as np
@@ -22,8 +24,10 @@ from cspine_jax import labels as labels_lib
 from cspine_jax.synthetic import anatomy as anat
 from cspine_jax.synthetic import fractures as frac
 from cspine_jax.synthetic import writers
-from cspine_jax.synthetic.geometry import Geometry, axial_geometry
-from cspine_jax.synthetic.render import Phantom, render
+from cspine_jax.synthetic.geometry import Geometry
+from cspine_jax.synthetic.geometry import axial_geometry
+from cspine_jax.synthetic.render import Phantom
+from cspine_jax.synthetic.render import render
 
 GROUND_TRUTH_VERSION = 1
 PADDING_HU = -2000  # what some scanners store outside the reconstruction circle
@@ -283,8 +287,6 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   jobs = [(seed, i, size, "train" if i < num_studies else "test", i in segmented,
            tuple(corrupt_of.get(i, ())), out) for i in range(total)]
   if workers > 1:
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
-    import multiprocessing  # pylint: disable=g-import-not-at-top
     # spawn, not fork: the caller may have started JAX (threads) already.
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"))

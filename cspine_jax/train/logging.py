@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import jax
+import tensorboardX
 
 
 def _plain(v: Any) -> Any:
@@ -28,8 +30,7 @@ class MetricWriter:
     if self.active:
       self.workdir.mkdir(parents=True, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, Any], **fields: Any) -> None:
     if not self.active:

@@ -46,7 +46,7 @@ def distributed_args(env: dict[str, str] | None = None) -> dict[str, int]:
 
 
 def maybe_initialize_distributed() -> None:
-  """Calls ``jax.distributed.initialize()`` once when several hosts take part (before any jax op)."""
+  """``jax.distributed.initialize()`` once when several hosts take part (before any jax op)."""
   if wants_distributed():
     try:
       jax.distributed.initialize(**distributed_args())

@@ -7,7 +7,7 @@ wrt=nnx.Param)`` / ``optimizer.update(model, grads)``; only the Python-level gra
 moved out of the hot loop.
 
 Both steps take the loader's uint8 batches and compute the model's inputs themselves
-(``input.device_inputs``): the train step augments (one random rotation + flip per sample, drawn
+(``inputs.augment.device_inputs``): the train step augments (one random rotation + flip per sample, drawn
 from a key folded from the seed and the optimizer step, so a resumed run draws what an unbroken
 one did), both normalise.
 """
@@ -71,8 +71,13 @@ class Trainer:
   (``augment_seed``, optimizer step).
   """
 
-  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, task: Task, mesh: Mesh,
-               param_rule: str = "replicated", augment: augment_lib.AugmentOptions | None = None,
+  def __init__(self,
+               model: nnx.Module,
+               tx: optax.GradientTransformation,
+               task: Task,
+               mesh: Mesh,
+               param_rule: str = "replicated",
+               augment: augment_lib.AugmentOptions | None = None,
                augment_seed: int = 0):
     self.task = task
     self.mesh = mesh

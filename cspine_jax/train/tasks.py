@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any
+from typing import Callable
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from cspine_jax import aggregate, metrics
+from cspine_jax import aggregate
 from cspine_jax import labels as labels_lib
+from cspine_jax import metrics
+from cspine_jax.pp import refine_input
 from cspine_jax.train import losses
 
 Array = jax.Array
@@ -281,7 +285,6 @@ def box_refine_scores(collected: Mapping[str, np.ndarray]) -> dict[str, float]:
   v = np.asarray(collected["vertebra"], np.int64)
   pred = np.asarray(collected["boxes_pred"])[np.arange(len(v)), v]
   truth = np.asarray(collected["box"], np.float64)
-  from cspine_jax.pp import refine_input
   start = np.tile(refine_input.INNER_BOX, (len(v), 1))
   return {"box_iou": float(np.mean(labels_lib.box_iou(pred, truth))) if len(v) else 0.0,
           "start_box_iou": float(np.mean(labels_lib.box_iou(start, truth))) if len(v) else 0.0,
