@@ -132,7 +132,6 @@ class Series:
     return n / np.linalg.norm(n)
 
 
-
 def iter_dicom_files(folder: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
   """Yields the regular files directly in ``folder`` (any name: scanner files often have no
   extension), numeric names first in numeric order, then the rest by name.
