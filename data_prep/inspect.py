@@ -1,6 +1,6 @@
 """Shows what the reader makes of one study folder (and, optionally, its mask).
 
-    python -m data_prep.inspect STUDY_DIR [--mask MASK.nii[.gz]] [--series-uid UID] [--json]
+    python -m data_prep.inspect STUDY_DIR [--mask MASK.nii[.gz]] [--series_uid UID] [--json]
 
 Prints the slice count, volume shape, pixel and slice spacing, slice order (normal or reversed), HU
 range, transfer syntaxes and skipped files. With --mask, each label's voxel count on the series grid
@@ -9,108 +9,36 @@ vertebra label on the right voxels is mostly bone. --json prints the same as one
 keys num_slices, shape, pixel_spacing, slice_spacing, reversed, hu_min, hu_max, skipped, labels, ...
 Exit status: 0 on success, 1 when the study or mask cannot be read (the reason goes to stderr).
 """
-from __future__ import annotations
-
-import argparse
 import json
-import os
 import sys
-from typing import Any, Sequence
 
-import numpy as np
+from absl import app, flags
 
 from cspine_jax.io import dicom
+from cspine_jax.io import inspect as inspect_lib
 
-BONE_HU = 150.0  # Above this a voxel counts as bone (cortical and most cancellous bone).
-
-
-def mask_stats(volume: np.ndarray, mask: np.ndarray, bone_hu: float = BONE_HU) -> dict[int, dict]:
-  """Per non-zero label of ``mask`` (same shape as ``volume``): its voxel count and the share of
-  those voxels whose HU exceeds ``bone_hu``."""
-  if mask.shape != volume.shape:
-    raise ValueError(f"mask shape {mask.shape} differs from volume shape {volume.shape}")
-  flat = mask.ravel().astype(np.intp, copy=False)
-  counts = np.bincount(flat)
-  bone = np.bincount(flat, weights=(volume.ravel() > bone_hu), minlength=len(counts))
-  return {int(label): {"voxels": int(counts[label]),
-                       "bone_fraction": float(bone[label] / counts[label])}
-          for label in np.nonzero(counts)[0] if label != 0}
+_MASK = flags.DEFINE_string("mask", None, "segmentation NIfTI to align with the series")
+_SERIES_UID = flags.DEFINE_string(
+    "series_uid", None, "SeriesInstanceUID to read when the folder mixes several, or "
+    f"'{dicom.AUTO_SERIES}' for the one with the most axial slices")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object")
 
 
-def inspect_study(study_dir: str | os.PathLike[str],
-                  mask_path: str | os.PathLike[str] | None = None, *,
-                  series_uid: str | None = None) -> dict[str, Any]:
-  """Reads the study (and mask) and returns ``dicom.describe`` plus ``labels`` and ``bone_hu``.
-
-  Raises dicom.SeriesError, or the mask loader's error when the mask cannot be fitted.
-  """
-  series = dicom.read_series(study_dir, series_uid=series_uid, warn=False)
-  info = dicom.describe(series)
-  info["bone_hu"] = BONE_HU
-  info["labels"] = {}
-  if mask_path is not None:
-    from cspine_jax.io import nifti  # Lazy: only --mask needs nibabel and the aligner.
-    info["mask"] = str(mask_path)
-    info["labels"] = mask_stats(series.volume, nifti.load_mask(mask_path, series))
-  return info
-
-
-def format_text(info: dict[str, Any]) -> str:
-  """The human-readable report of an ``inspect_study`` result."""
-  numbers = ("not numeric" if info["first_number"] < 0
-             else f"{info['first_number']} (top) .. {info['last_number']} (bottom)")
-  lines = [
-      f"study folder:     {info['folder']}",
-      f"study / series:   {info['study_uid'] or '(empty)'} / {info['series_uid'] or '(empty)'}",
-      f"slices:           {info['num_slices']}",
-      f"volume (S,H,W):   {' x '.join(map(str, info['shape']))}",
-      f"pixel spacing:    {info['pixel_spacing'][0]:.7g} x {info['pixel_spacing'][1]:.7g} mm "
-      "(between rows, between columns)",
-      f"slice spacing:    {info['slice_spacing']:g} mm (from positions)",
-      f"order:            {'reversed' if info['reversed'] else 'normal'} "
-      f"(file numbers {numbers})",
-      f"HU range:         {info['hu_min']:g} .. {info['hu_max']:g}",
-      "transfer syntax:  " + "; ".join(f"{t['uid']} ({t['name']})"
-                                       for t in info["transfer_syntaxes"]),
-      f"skipped files:    {len(info['skipped']) or 'none'}",
-  ]
-  lines += [f"  {s['file']}: {s['reason']}" for s in info["skipped"]]
-  if info["resized"]:
-    lines.append(f"resized slices:   {len(info['resized'])}")
-    lines += [f"  {r['file']}: stored {r['shape'][0]}x{r['shape'][1]}" for r in info["resized"]]
-  lines += [f"warning: {w}" for w in info["warnings"]]
-  if "mask" in info:
-    lines.append(f"mask:             {info['mask']}")
-    lines.append(f"  {'label':>5}  {'voxels':>10}  > {info['bone_hu']:g} HU")
-    lines += [f"  {label:>5}  {s['voxels']:>10}  {s['bone_fraction']:6.1%}"
-              for label, s in sorted(info["labels"].items())]
-    if not info["labels"]:
-      lines.append("  (no labelled voxels)")
-  return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__.split(
-      "\n")[0])
-  parser.add_argument("study_dir", help="folder of one study's DICOM files")
-  parser.add_argument("--mask", help="segmentation NIfTI to align with the series")
-  parser.add_argument("--series-uid", default=None,
-                      help="SeriesInstanceUID to read when the folder mixes several, or "
-                      f"'{dicom.AUTO_SERIES}' for the one with the most axial slices")
-  parser.add_argument("--json", action="store_true", help="print one JSON object")
-  args = parser.parse_args(argv)
+def main(argv) -> int:
+  if len(argv) != 2:
+    raise app.UsageError(f"expected one STUDY_DIR, got {argv[1:]}")
   try:
-    info = inspect_study(args.study_dir, args.mask, series_uid=args.series_uid)
+    info = inspect_lib.inspect_study(argv[1], _MASK.value, series_uid=_SERIES_UID.value)
   except (dicom.SeriesError, ValueError, OSError) as e:  # MaskError is a ValueError too.
     print(f"error: {e}", file=sys.stderr)
     return 1
-  if args.json:
+  if _JSON.value:
     json.dump(info, sys.stdout)
     sys.stdout.write("\n")
   else:
-    print(format_text(info))
+    print(inspect_lib.format_text(info))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -1,5 +1,7 @@
-"""Tests for cspine_jax.io.dicom: real scanner series, every encoding, bad files and folders."""
+"""Tests for cspine_jax.io.dicom and dicom_header: real scanner series, every encoding, bad files
+and folders."""
 import dataclasses
+import json
 import pathlib
 import shutil
 import warnings
@@ -11,7 +13,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
                          RLELossless)
 
-from cspine_jax.io import dicom
+from cspine_jax import synthetic
+from cspine_jax.io import dicom, dicom_header
+from cspine_jax.pp import image as image_lib
+from cspine_jax.synthetic import studies, writers
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1.1"
@@ -289,6 +294,37 @@ def test_scout_with_other_orientation_is_skipped(tmp_path):
                                          "the series' [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]")
 
 
+def _set_raw(path, keyword, value):
+  """Rewrites one element of ``path`` to ``value`` as written (pydicom only warns on odd DS)."""
+  ds = pydicom.dcmread(path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    setattr(ds, keyword, value)
+  ds.save_as(path)
+
+
+@pytest.mark.parametrize("tsyntax", [ExplicitVRLittleEndian, RLELossless], ids=lambda u: u.name)
+@pytest.mark.parametrize("keyword,value", [("RescaleSlope", "NaN"), ("RescaleIntercept", "1e999"),
+                                           ("RescaleSlope", "-Infinity")])
+def test_non_finite_rescale_skips_the_file(tmp_path, tsyntax, keyword, value):
+  """A NaN or infinite slope/intercept would turn the slice into NaN/inf HU: the file is skipped
+  with its value named, like any unreadable file (fast path and pydicom path alike)."""
+  paths = write_series(tmp_path, ramp_stack(4), [3.0, 2.0, 1.0, 0.0], tsyntax=tsyntax)
+  _set_raw(paths[1], keyword, value)
+  reason = f"{keyword} '{value}' is not a finite number"
+  with pytest.warns(dicom.SeriesWarning, match=f"skipped 1 of 4 files: 2.dcm: {reason}"):
+    s = dicom.read_series(tmp_path)
+  assert s.skipped == [("2.dcm", reason)]
+  assert list(s.numbers) == [1, 3, 4] and np.all(np.isfinite(s.volume))
+  assert dicom_header.read_header(paths[1]) == reason
+  # Too many such files: the series error, as for any lost files.
+  for path in paths[2:]:
+    _set_raw(path, keyword, value)
+  with pytest.raises(dicom.SeriesError, match=r"too few usable slices before decoding: 1 of 4 "
+                                              rf"files .*; skipped: 2.dcm: {reason}; 3.dcm"):
+    dicom.read_series(tmp_path)
+
+
 def test_warn_false_records_without_warning(tmp_path):
   write_series(tmp_path, ramp_stack(3), [2.0, 1.0, 0.0])
   (tmp_path / "junk").write_bytes(b"\x00" * 10)
@@ -357,7 +393,7 @@ def test_mixed_series_auto_reads_the_one_with_most_axial_slices(tmp_path):
   assert s.series_uid == SERIES_UID and s.shape[0] == 3
   assert s.warnings[0] == (f"2 series in the folder: read '{SERIES_UID}' (3 axial of 3 slices), "
                            "not '1.2.3.98' (0 axial of 4 slices)")
-  assert dict(s.skipped)["s0.dcm"] == f"other series '1.2.3.98' (not selected)"
+  assert dict(s.skipped)["s0.dcm"] == "other series '1.2.3.98' (not selected)"
   with pytest.warns(dicom.SeriesWarning, match="2 series in the folder"):
     dicom.read_series(tmp_path, series_uid=dicom.AUTO_SERIES)
   # Among axial series the larger one wins; one series alone needs no note.
@@ -401,7 +437,6 @@ SYNTHETIC_VARIANTS = [
 
 def check_against_ground_truth(series, entry, expected_hu=None):
   """Compares a read Series with the generator's ground_truth.json entry for its study."""
-  from cspine_jax.synthetic import writers
   assert series.shape == tuple(entry["shape"])
   assert series.reversed == entry["reversed"]
   assert series.transfer_syntaxes == [entry["transfer_syntax"]]
@@ -424,7 +459,6 @@ def check_against_ground_truth(series, entry, expected_hu=None):
 @pytest.mark.parametrize("index,variant", list(enumerate(SYNTHETIC_VARIANTS)),
                          ids=[v["transfer_syntax"] for v in SYNTHETIC_VARIANTS])
 def test_synthetic_variants_match_ground_truth(tmp_path, index, variant):
-  from cspine_jax.synthetic import studies, writers
   variant = dict(variant)
   corrupt = variant.pop("corrupt")
   spec = studies.sample_study(7, index, "tiny", **variant)
@@ -450,8 +484,6 @@ def test_synthetic_variants_match_ground_truth(tmp_path, index, variant):
 
 def test_synthetic_generate_folder(tmp_path):
   """generate() output (RSNA layout + ground_truth.json), damaged files included."""
-  import json
-  from cspine_jax import synthetic
   root = synthetic.generate(tmp_path, 3, seed=3, size="tiny", num_test=1, corrupt=3)
   truth = json.loads((root / "ground_truth.json").read_text())
   assert truth["version"] == 1 and len(truth["studies"]) == 4
@@ -499,10 +531,10 @@ def test_direct_reader_equals_pydicom(tmp_path, tsyntax, dtype, bits, slope, int
                  intercept=intercept, bits_stored=bits)
     ds = pydicom.dcmread(folder / f"{k + 1}.dcm")
     np.testing.assert_array_equal(ds.pixel_array, px)  # The file holds what we meant.
-  direct = dicom._read_plain(folder / "1.dcm")
+  direct = dicom_header.read_plain(folder / "1.dcm")
   assert (direct is not None) == (tsyntax != pydicom.uid.ExplicitVRBigEndian)
   if direct is not None:
-    sl = dicom._read_header(folder / "1.dcm")
+    sl = dicom_header.read_header(folder / "1.dcm")
     assert sl.native == (np.dtype("<i2" if dtype == np.int16 else "<u2"), 16 - bits)
   s = dicom.read_series(folder)
   expected = np.stack([_pydicom_hu(folder / f"{k + 1}.dcm") for k in range(3)])
@@ -513,7 +545,6 @@ def test_direct_reader_equals_pydicom(tmp_path, tsyntax, dtype, bits, slope, int
 
 def test_direct_reader_window_figures(tmp_path):
   """A bone window (level 400, width 1800) applied by the reader, on known HU."""
-  from cspine_jax.pp import image as image_lib
   hu = np.array([[-3000, -500, 400, 1300, 3000, -1024, 0, 1000]], np.int16).repeat(3, 0)
   write_series(tmp_path, [hu, hu], [1.0, 0.0])
   s = dicom.read_series(tmp_path, map_hu=lambda h: image_lib.window(h, 400, 1800))
@@ -534,7 +565,7 @@ def test_direct_reader_on_real_pixels(real_data_dir, tmp_path):
       ds.decompress()
       ds.file_meta.TransferSyntaxUID = tsyntax
       ds.save_as(folder / path.name, enforce_file_format=True)
-      assert dicom._read_plain(folder / path.name) is not None
+      assert dicom_header.read_plain(folder / path.name) is not None
     s = dicom.read_series(folder)
     ref = dicom.read_series(real_data_dir / "totalseg_ct" / "dicom_j2k")
     assert s.transfer_syntaxes == [str(tsyntax)]

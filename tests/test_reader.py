@@ -59,7 +59,7 @@ def test_thread_path_and_early_stop_free_everything(tmp_path, real_data_dir):
 
 
 def test_default_decode_workers_leave_small_machines_one_thread(monkeypatch):
-  from cspine_jax.infer import predict
+  from cspine_jax.infer import predict  # lazy: decoder workers import this module; no JAX there
   for cores, want in ((1, 0), (2, 0), (3, 0), (4, 2), (16, 8)):
     monkeypatch.setattr(predict.os, "cpu_count", lambda c=cores: c)
     assert predict.default_decode_workers() == want

@@ -5,12 +5,13 @@ series (LPS mm) both place voxels in the patient frame. Every series voxel (s, r
 
   LPS = positions[s] + c * col_spacing * orientation[:3] + r * row_spacing * orientation[3:]
 
-and RAS = (-x, -y, z); inv(affine) turns that into fractional NIfTI indices. When the two grids coincide
-the result is, for each series axis, one NIfTI axis walked forwards or backwards: the mask is then
-gathered exactly with a transpose and strided views (a gather only for skipped or sheared slices),
-copied once into the uint8 result (an uncompressed .nii is read through a memory map). Anything else
-(a voxel landing more than ``tolerance`` voxels from a NIfTI voxel centre, outside the array, or
-between axes) is refused with a MaskError; nothing is resampled or guessed, and no flip is hard-coded.
+and RAS = (-x, -y, z); inv(affine) turns that into fractional NIfTI indices. When the two grids
+coincide the result is, for each series axis, one NIfTI axis walked forwards or backwards: the mask
+is then gathered exactly with a transpose and strided views (a gather only for skipped or sheared
+slices), copied once into the uint8 result (an uncompressed .nii is read through a memory map).
+Anything else (a voxel landing more than ``tolerance`` voxels from a NIfTI voxel centre, outside the
+array, or between axes) is refused with a MaskError; nothing is resampled or guessed, and no flip is
+hard-coded.
 Slices the reader skipped (corrupt files) simply leave their NIfTI slice unused.
 """
 from __future__ import annotations
@@ -89,8 +90,9 @@ def _index_map(series: Series, affine: np.ndarray, mask_shape, path, tolerance: 
   slice_axis = 3 - row_axis - col_axis
   if misfit > tolerance:
     raise _mapping_error(path, mask_shape, series.shape,
-                         f"series voxels fall up to {misfit:.3f} voxels from the nearest mask voxel "
-                         f"centre (tolerance {tolerance}); grids differ or are not axis-aligned")
+                         f"series voxels fall up to {misfit:.3f} voxels from the nearest mask "
+                         f"voxel centre (tolerance {tolerance}); grids differ or are not "
+                         "axis-aligned")
   nearest = nearest.astype(np.int64)
   slice_idx = nearest[:, slice_axis]
   row_idx = nearest[:, row_axis, None] + row_sign * np.arange(height)  # (S, H)
