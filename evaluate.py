@@ -15,7 +15,7 @@ default --labels). --plot writes the first predictions' reliability diagram
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cspine_jax.report import evaluation
 
@@ -36,6 +36,8 @@ _SUBSET = flags.DEFINE_bool("subset", False, "score only the labelled studies th
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
   try:
     score, blocks = evaluation.evaluate(
         _LABELS.value, _PREDICTIONS.value, train_labels=_TRAIN_LABELS.value, folds=_FOLDS.value,

@@ -14,7 +14,7 @@ fit the encoder (every missing, unexpected or wrongly shaped tensor is named).
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cspine_jax.models import pretrained
 
@@ -58,6 +58,8 @@ def main(argv) -> int:
     raise app.UsageError(f"{got}; expected one of: {', '.join(_COMMANDS)}")
   if len(argv) > 2:
     raise app.UsageError(f"unexpected arguments: {argv[2:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
   return _COMMANDS[argv[1]]()
 
 

@@ -12,7 +12,7 @@ or input that stops the build.
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cspine_jax.records import pipeline, tfds_builder
 from data_prep import pp_flags
@@ -33,6 +33,8 @@ flags.adopt_module_key_flags(pp_flags)  # listed by --help, not only --helpfull
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
   try:
     builder = tfds_builder.build(_DATA_DIR.value, _OUT.value, _TASK.value, pp_flags.options(),
                                  vertebrae_file=_VERTEBRAE.value,

@@ -15,7 +15,7 @@ whole run.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from cspine_jax.records import pipeline
 from data_prep import pp_flags
@@ -38,6 +38,8 @@ flags.adopt_module_key_flags(pp_flags)  # listed by --help, not only --helpfull
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
   task = _TASK.value
   try:
     manifest = pipeline.prepare(_DATA_DIR.value, _OUT.value, task, pp_flags.options(),
