@@ -4,32 +4,51 @@
     python benchmarks/inference.py --paper --size full --dtype bfloat16   (paper-size models, on a GPU)
 
 Without --workdir the two stages are the ``configs/stage1.py:cpu`` and ``configs/stage2.py:cpu``
-models (and the ``configs/box_refine.py:cpu`` refiner unless --no_refine), freshly initialised (the timings do not depend on the weights), ``--folds`` copies each as
-the fold ensemble. Without --studies a few synthetic studies are generated into a temporary folder.
+models (and the ``configs/box_refine.py:cpu`` refiner unless --norefine), freshly initialised (the
+timings do not depend on the weights), ``--folds`` copies each as the fold ensemble. Without
+--studies a few synthetic studies are generated into a temporary folder.
 The baselines measured in the same run: the decode-only floor (every study read with the same
 readers, nothing else; ``--decode_workers 0,8`` measures each reader count in turn) and the
 host-side stage-1 image building alone; the ratio says how much the models and crops add on top
 of reading the files.
-For reference the seed method needed 6.5 s per study on a GPU (full-size models, 224 px).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
 import tempfile
 import time
 
+import jax
+from absl import app, flags, logging
+from flax import nnx
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-from cspine_jax.infer import ensemble
-from cspine_jax.infer import predict
-from cspine_jax.infer import spec
-from cspine_jax.infer import reader  # noqa: E402
+from cspine_jax.infer import ensemble, predict, reader, spec
 from cspine_jax.pp import options as options_lib
+from cspine_jax.train import runtime
+
+_STUDIES = flags.DEFINE_string("studies", None, "test_images/-style folder (default: generate "
+                               "synthetic ones)")
+_NUM_STUDIES = flags.DEFINE_integer("num_studies", 4, "synthetic studies to generate")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a trained run (stage1/, stage2/, inference.json)")
+_FOLDS = flags.DEFINE_integer("folds", 2, "fold models per stage (fresh models)")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "default: 64, or 224 with --paper")
+_PAPER = flags.DEFINE_bool("paper", False, "paper-size models (ConvNeXt-Tiny, 224 px)")
+_DTYPE = flags.DEFINE_string("dtype", None, "compute dtype override, e.g. bfloat16")
+_SIZE = flags.DEFINE_string("size", "small", "synthetic study size: tiny, small or full (512 px)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "images per model call")
+_REFINE = flags.DEFINE_bool("refine", True, "fresh models with the box refiner")
+_REFINE_PASSES = flags.DEFINE_integer(
+    "refine_passes", 1, "refiner passes per box for fresh models (a trained run: its "
+    "inference.json)")
+_DECODE_WORKERS = flags.DEFINE_string(
+    "decode_workers", "0", "decoder processes, or a comma list of counts measured in turn (0: "
+    "one reader thread)")
 
 
 def fresh_models(folds: int, image_size: int, variant: str = "cpu",
@@ -37,10 +56,10 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
                  refine_passes: int = 1) -> spec.Models:
   """The stage-1/stage-2 (and box-refiner, ``refine_passes`` per box) models of ``variant``
   ("cpu" or "" = paper), randomly initialised, ``folds`` members each."""
-  from flax import nnx
-  from configs import box_refine as refine_config
-  from configs import stage1 as stage1_config, stage2 as stage2_config
-  from cspine_jax import models
+  from configs import box_refine as refine_config  # lazy: decoder processes re-import this module
+  from configs import stage1 as stage1_config  # lazy: decoder processes re-import this module
+  from configs import stage2 as stage2_config  # lazy: decoder processes re-import this module
+  from cspine_jax import models  # lazy: decoder processes re-import this module
 
   ensembles = []
   for cfg, task in ((stage1_config.get_config(variant), "stage1"),
@@ -61,53 +80,38 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
   return out
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--studies", help="test_images/-style folder (default: generate synthetic ones)")
-  p.add_argument("--num_studies", type=int, default=4)
-  p.add_argument("--workdir", help="a trained run (stage1/, stage2/, inference.json)")
-  p.add_argument("--folds", type=int, default=2)
-  p.add_argument("--image_size", type=int, default=None, help="default: 64, or 224 with --paper")
-  p.add_argument("--paper", action="store_true", help="paper-size models (ConvNeXt-Tiny, 224 px)")
-  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
-  p.add_argument("--size", default="small", help="synthetic study size: tiny, small or full (512 px)")
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--no_refine", action="store_true", help="fresh models without the box refiner")
-  p.add_argument("--refine_passes", type=int, default=1,
-                 help="refiner passes per box for fresh models (a trained run: its inference.json)")
-  p.add_argument("--decode_workers", default="0",
-                 help="decoder processes, or a comma list of counts measured in turn (0: one "
-                      "reader thread)")
-  args = p.parse_args(argv)
-  # Imported here, not at the top: decoder processes re-import this module (spawn) and, like the
-  # predict command's, should not pay JAX's import.
-  import jax
-
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
+  runtime.start()
+  workdir, num_studies = _WORKDIR.value, _NUM_STUDIES.value
   tmp = None
-  if args.studies:
-    studies = pathlib.Path(args.studies)
+  if _STUDIES.value:
+    studies = pathlib.Path(_STUDIES.value)
   else:
-    from cspine_jax import synthetic
+    from cspine_jax import synthetic  # lazy: decoder processes re-import this module
     tmp = tempfile.TemporaryDirectory(prefix="bench_infer_")
-    synthetic.generate(pathlib.Path(tmp.name) / "rsna", args.num_studies, 0, size=args.size,
-                       num_test=0, workers=max(1, min(os.cpu_count() or 1, args.num_studies)))
+    synthetic.generate(pathlib.Path(tmp.name) / "rsna", num_studies, 0, size=_SIZE.value,
+                       num_test=0, workers=max(1, min(os.cpu_count() or 1, num_studies)))
     studies = pathlib.Path(tmp.name) / "rsna" / "train_images"
   folders = predict.find_studies(studies)
-  image_size = args.image_size or (224 if args.paper else 64)
-  variant = "" if args.paper else "cpu"
-  models = (spec.load_models(args.workdir) if args.workdir
-            else fresh_models(args.folds, image_size, variant, args.dtype, not args.no_refine,
-                                 args.refine_passes))
+  image_size = _IMAGE_SIZE.value or (224 if _PAPER.value else 64)
+  variant = "" if _PAPER.value else "cpu"
+  models = (spec.load_models(workdir) if workdir
+            else fresh_models(_FOLDS.value, image_size, variant, _DTYPE.value, _REFINE.value,
+                              _REFINE_PASSES.value))
   prior = [0.5] * 8
 
   # Warm-up on one study: compilation is paid once per process, not per study.
-  predict.run(folders[:1], models, prior, batch_size=args.batch_size)
+  predict.run(folders[:1], models, prior, batch_size=_BATCH_SIZE.value)
 
-  what = (f"trained run {args.workdir}" if args.workdir
-          else f"fresh {variant or 'paper'} x{args.folds} folds")
+  what = (f"trained run {workdir}" if workdir
+          else f"fresh {variant or 'paper'} x{_FOLDS.value} folds")
   print(f"studies: {len(folders)}, models: {what}, {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPU cores")
-  for workers in [int(w) for w in str(args.decode_workers).split(",")]:
+  for workers in [int(w) for w in _DECODE_WORKERS.value.split(",")]:
     how = f"{workers} decoder processes" if workers else "one decoder thread"
     # Baselines in the same run: decoding alone with the same readers, and the host-side stage-1
     # image building (windowing, resizing, 2.5D stacking) alone.
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     stamps: list[float] = []  # when each study's result was ready
     first = 4  # studies per stage-2 batch: the first results arrive together
     t0 = time.perf_counter()
-    result = predict.run(folders, models, prior, batch_size=args.batch_size,
+    result = predict.run(folders, models, prior, batch_size=_BATCH_SIZE.value,
                          studies_per_batch=first, decode_workers=workers,
                          on_study=lambda *_: stamps.append(time.perf_counter()))
     total = (time.perf_counter() - t0) / len(folders)
@@ -149,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

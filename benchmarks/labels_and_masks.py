@@ -12,13 +12,14 @@ Each result is checked against its baseline before timing. Best of --repeats run
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import tempfile
 import time
 
+import nibabel as nib
 import numpy as np
+from absl import app, flags, logging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -27,6 +28,10 @@ if str(REPO) not in sys.path:
 from cspine_jax import labels as labels_lib  # noqa: E402
 from cspine_jax.io import dicom  # noqa: E402
 from cspine_jax.io import nifti  # noqa: E402
+
+_SLICES = flags.DEFINE_integer("slices", 300, "slices of the synthetic mask")
+_SIZE = flags.DEFINE_integer("size", 512, "rows and columns of the synthetic mask")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "runs of each; the best is kept")
 
 
 def make_mask(num_slices: int, size: int, seed: int = 0) -> np.ndarray:
@@ -55,7 +60,6 @@ def series_for(shape: tuple[int, int, int]) -> dicom.Series:
 
 def write_rsna_style(path: pathlib.Path, mask: np.ndarray, series: dicom.Series) -> None:
   """(X, Y, Z) uint8 with rows and slices reversed, and the affine that says so."""
-  import nibabel as nib
   s, h, w = mask.shape
   rs, cs = series.pixel_spacing
   # NIfTI index (i=column, j=reversed row, k=reversed slice) -> RAS mm.
@@ -70,7 +74,6 @@ def write_rsna_style(path: pathlib.Path, mask: np.ndarray, series: dicom.Series)
 
 
 def notebook_load(path: pathlib.Path) -> np.ndarray:
-  import nibabel as nib
   data = nib.load(str(path)).get_fdata()  # float64, as the notebooks do
   return data[:, ::-1, ::-1].transpose(2, 1, 0).astype(np.uint8)
 
@@ -111,13 +114,13 @@ def best_of(repeats: int, fn) -> float:
   return min(times)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--slices", type=int, default=300)
-  p.add_argument("--size", type=int, default=512)
-  p.add_argument("--repeats", type=int, default=3)
-  args = p.parse_args(argv)
-  mask = make_mask(args.slices, args.size)
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
+  repeats = _REPEATS.value
+  mask = make_mask(_SLICES.value, _SIZE.value)
   series = series_for(mask.shape)
   series.volume = np.zeros(mask.shape, np.uint8)  # Only its shape is used by load_mask.
   with tempfile.TemporaryDirectory() as tmp:
@@ -126,8 +129,8 @@ def main(argv=None) -> int:
     np.testing.assert_array_equal(nifti.load_mask(path, series), mask)
     np.testing.assert_array_equal(notebook_load(path), mask)
     rows = [("load_mask vs nibabel get_fdata + flip",
-             best_of(args.repeats, lambda: nifti.load_mask(path, series)),
-             best_of(args.repeats, lambda: notebook_load(path)))]
+             best_of(repeats, lambda: nifti.load_mask(path, series)),
+             best_of(repeats, lambda: notebook_load(path)))]
   ours = labels_lib.slice_labels(mask)
   presence, area, box = naive_slice_labels(mask)
   np.testing.assert_array_equal(ours.presence, presence)
@@ -135,12 +138,12 @@ def main(argv=None) -> int:
   np.testing.assert_array_equal(ours.box, box)
   assert labels_lib.vertebra_extents(mask) == naive_extents(mask)
   rows.append(("slice_labels vs per-slice loop",
-               best_of(args.repeats, lambda: labels_lib.slice_labels(mask)),
-               best_of(args.repeats, lambda: naive_slice_labels(mask))))
+               best_of(repeats, lambda: labels_lib.slice_labels(mask)),
+               best_of(repeats, lambda: naive_slice_labels(mask))))
   rows.append(("vertebra_extents vs np.nonzero per vertebra",
-               best_of(args.repeats, lambda: labels_lib.vertebra_extents(mask)),
-               best_of(args.repeats, lambda: naive_extents(mask))))
-  print(f"mask {mask.shape} uint8, best of {args.repeats}")
+               best_of(repeats, lambda: labels_lib.vertebra_extents(mask)),
+               best_of(repeats, lambda: naive_extents(mask))))
+  print(f"mask {mask.shape} uint8, best of {repeats}")
   for name, ours_s, base_s in rows:
     print(f"{name:44s} ours {ours_s * 1e3:8.1f} ms  baseline {base_s * 1e3:8.1f} ms  "
           f"speed-up {base_s / ours_s:6.1f}x")
@@ -148,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -25,8 +25,9 @@ is, so on a shared machine "CPU per slice, mode / floor" tells what an idle one 
 """
 from __future__ import annotations
 
-import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import pathlib
 import resource
 import sys
@@ -34,6 +35,9 @@ import tempfile
 import time
 
 import numpy as np
+import pydicom
+from absl import app, flags, logging
+from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -44,10 +48,20 @@ from cspine_jax.records import pipeline  # noqa: E402
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 from cspine_jax.io import vertebrae as vertebrae_lib  # noqa: E402
+from cspine_jax.synthetic import studies, writers
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "an RSNA-format folder (default: generate one)")
+_NUM_STUDIES = flags.DEFINE_integer(
+    "num_studies", 4, "full studies hold 200-400 slices; a few per worker keep the workers busy")
+_TRANSFER_SYNTAX = flags.DEFINE_string(
+    "transfer_syntax", "explicit", "explicit, implicit, rle, jpegls or j2k (the generator's "
+    "short names)")
+_SEED = flags.DEFINE_integer("seed", 0, "generator seed")
+_WORKERS = flags.DEFINE_integer("workers", 2, "record-writing (and parallel floor) processes")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "runs of each configuration; the best is kept")
 
 
 def decode_floor(files: list[pathlib.Path]) -> int:
-  import pydicom
   for f in files:
     pydicom.dcmread(f).pixel_array  # noqa: B018 - decoding is the point.
   return len(files)
@@ -55,8 +69,6 @@ def decode_floor(files: list[pathlib.Path]) -> int:
 
 def decode_floor_parallel(files: list[pathlib.Path], workers: int) -> None:
   """The floor loop with the files dealt round-robin to ``workers`` processes (information only)."""
-  import concurrent.futures
-  import multiprocessing
   ctx = multiprocessing.get_context("fork")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
     list(pool.map(decode_floor, [files[k::workers] for k in range(workers)]))
@@ -64,8 +76,6 @@ def decode_floor_parallel(files: list[pathlib.Path], workers: int) -> None:
 
 def notebook_loop(study_dirs: list[pathlib.Path], size: int = 224) -> int:
   """What a typical Kaggle notebook does for 2.5D slices, one study after another."""
-  import pydicom
-  from PIL import Image
   n = 0
   for d in study_dirs:
     slices = []
@@ -88,15 +98,14 @@ def notebook_loop(study_dirs: list[pathlib.Path], size: int = 224) -> int:
 def make_studies(root: pathlib.Path, num: int, seed: int, transfer_syntax: str) -> None:
   """Full-size segmented training studies (and ground_truth.json) through the generator's
   lower-level API."""
-  from cspine_jax.synthetic import studies, writers
   rows, truth = [], {}
   for i in range(num):
     spec = studies.sample_study(seed, i, "full", has_segmentation=True,
                                 transfer_syntax=transfer_syntax)
     entry, _ = studies.write_study(spec, root)
     truth[spec.uid] = {"index": i, **entry}
-    flags = [int(v in entry["fractured"]) for v in labels_lib.VERTEBRAE]
-    rows.append((spec.uid, int(any(flags)), *flags))
+    fractured = [int(v in entry["fractured"]) for v in labels_lib.VERTEBRAE]
+    rows.append((spec.uid, int(any(fractured)), *fractured))
   writers.write_csv(root / "train.csv", writers.TRAIN_COLUMNS, rows)
   (root / "ground_truth.json").write_text(json.dumps(
       {"version": studies.GROUND_TRUTH_VERSION, "seed": seed, "size": "full", "studies": truth}))
@@ -147,28 +156,24 @@ def best_of(repeats: int, fn, cpu: list[float] | None = None) -> float:
   return min(times)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--num_studies", type=int, default=4,
-                 help="full studies hold 200-400 slices; a few per worker keep the workers busy")
-  p.add_argument("--transfer_syntax", default="explicit",
-                 help="explicit, implicit, rle, jpegls or j2k (the generator's short names)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--workers", type=int, default=2)
-  p.add_argument("--repeats", type=int, default=2)
-  args = p.parse_args(argv)
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
+  num_studies, transfer_syntax = _NUM_STUDIES.value, _TRANSFER_SYNTAX.value
+  workers, repeats = _WORKERS.value, _REPEATS.value
 
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
-    if args.data_dir is None:
+    if _DATA_DIR.value is None:
       data = tmp / "rsna"
       t = time.perf_counter()
-      make_studies(data, args.num_studies, args.seed, args.transfer_syntax)
-      print(f"generated {args.num_studies} full-size studies ({args.transfer_syntax}) in "
+      make_studies(data, num_studies, _SEED.value, transfer_syntax)
+      print(f"generated {num_studies} full-size studies ({transfer_syntax}) in "
             f"{time.perf_counter() - t:.1f} s (not timed)")
     else:
-      data = pathlib.Path(args.data_dir).resolve()
+      data = pathlib.Path(_DATA_DIR.value).resolve()
     train = labels_lib.read_train_csv(data / "train.csv")
     uids = [labels_lib.check_uid(u) for u in train["StudyInstanceUID"]]
     dirs = [data / "train_images" / u for u in uids]
@@ -180,29 +185,29 @@ def main(argv=None) -> int:
       vertebrae_from_ground_truth(json.loads((data / "ground_truth.json").read_text()), vfile)
     n_seg = sum(n for u, n in slices_of.items() if study_lib.study_paths(data, u)[1])
     print(f"{len(uids)} studies, {len(files)} slices ({n_seg} in segmented studies); "
-          f"{args.workers} workers, best of {args.repeats}")
+          f"{workers} workers, best of {repeats}")
 
     results, cpu = {}, {}  # slices/s (wall clock); CPU ms per slice, all processes together
 
     def timed(key, n, fn):
       spent: list[float] = []
-      results[key] = n / best_of(args.repeats, fn, spent)
+      results[key] = n / best_of(repeats, fn, spent)
       cpu[key] = spent[0] * 1e3 / n
 
     timed("a", len(files), lambda: decode_floor(files))
     print(f"(a)  decode floor, 1 process:             {results['a']:8.1f} slices/s   "
           f"CPU {cpu['a']:.2f} ms/slice")
-    if args.workers > 1:
-      a_par = len(files) / best_of(args.repeats,
-                                   lambda: decode_floor_parallel(files, args.workers))
-      print(f"(a') decode floor, {args.workers} processes (info):    {a_par:8.1f} slices/s")
+    if workers > 1:
+      a_par = len(files) / best_of(repeats,
+                                   lambda: decode_floor_parallel(files, workers))
+      print(f"(a') decode floor, {workers} processes (info):    {a_par:8.1f} slices/s")
     opts = options_lib.Options()  # Paper defaults: 224 px, bone window, 24 slices per vertebra.
     run = [0]
 
     def prep(task, root, vertebrae=None):
       run[0] += 1
       m = pipeline.prepare(root, tmp / f"out{run[0]}", task, opts, vertebrae_file=vertebrae,
-                           workers=args.workers, progress=False)
+                           workers=workers, progress=False)
       if m["bad_studies"]:
         raise RuntimeError(f"bad studies in the benchmark: {m['bad_studies']}")
       return sum(slices_of[s["study_uid"]] for s in m["shards"])
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
     for name, task, root, vertebrae in modes:
       n = prep(task, root, vertebrae)  # Also warms the page cache and the imports.
       timed(name, n, lambda: prep(task, root, vertebrae))
-      print(f"(b)  {name + ',':24s} {args.workers} workers: {results[name]:8.1f} slices/s   "
+      print(f"(b)  {name + ',':24s} {workers} workers: {results[name]:8.1f} slices/s   "
             f"CPU {cpu[name]:.2f} ms/slice")
     timed("c", len(files), lambda: notebook_loop(dirs))
     print(f"(c)  notebook loop, 1 process:            {results['c']:8.1f} slices/s   "
@@ -224,7 +229,7 @@ def main(argv=None) -> int:
     # Work per slice does not depend on how busy the machine is; wall-clock ratios do.
     for name, *_ in modes:
       print(f"CPU per slice, {name} / decode floor: {cpu[name] / cpu['a']:.2f} "
-            f"(on {args.workers} idle cores, b/a ~ {args.workers} x balance / this)")
+            f"(on {workers} idle cores, b/a ~ {workers} x balance / this)")
     for name, *_ in modes:
       print(f"b/a {name}: {results[name] / results['a']:.2f} (target >= {1 / 1.3:.2f})")
     for name, *_ in modes:
@@ -233,4 +238,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -1,68 +1,67 @@
-"""timm -> Flax NNX weight conversion for the image encoders (ConvNeXt, EfficientNetV2).
+"""Pretrained encoder weights: a sub-command word, then its flags.
 
-Two entry points:
+    python -m cspine_jax.weights import --source PATH --model convnext_tiny --out DIR [--in_chans 3]
 
-* `load_pretrained(encoder, path)` copies pretrained weights into an existing encoder
-  (`models.convnext.ConvNeXt` or `models.efficientnet_v2.EfficientNetV2`) in place. `path` is a
-  timm state dict file (`.safetensors`; `.pth`/`.pt`/`.bin` need torch and are read with
-  `torch.load(weights_only=True)`), or a folder written by the importer below. This is what
-  `config.model.pretrained = PATH` calls right after the encoder is built; it raises
-  `WeightsError` naming the file and every missing / unexpected / wrongly shaped tensor, so a
-  partial load never passes silently. An encoder with `in_chans != 3` gets timm's
-  `adapt_input_conv` of the RGB stem (1 channel: sum over RGB; C > 3: RGB repeated ceil(C/3)
-  times, cut to C, times 3/C).
-* `python -m cspine_jax.weights import --source PATH --model convnext_tiny --out DIR` converts a
-  timm file once and saves the Flax parameters and BatchNorm statistics with orbax in
-  `DIR/params` plus `DIR/encoder.json` (model name, variant, in_chans, source, shapes).
-
-Model names are `<family>_<variant>`: `convnext_{atto,femto,pico,nano,tiny,small,test}`,
-`efficientnet_v2_{s,tf_s,test,tf_test}`. timm's `tf_efficientnetv2_s.*` weights need
-`efficientnet_v2_tf_s` (TF "SAME" padding, BN eps 1e-3); `efficientnetv2_s` ones need
-`efficientnet_v2_s`.
-
-Each family has ONE mapping table (`CONVNEXT_RULES`, `EFFNET_RULES`): a full-match regex over the
-cleaned timm key, the Flax parameter path it becomes, and the layout change ("conv": torch
-(O, I, kh, kw) -> Flax (kh, kw, I, O), which also maps depthwise (C, 1, kh, kw) to
-`layers.DepthwiseConv2d`'s (kh, kw, 1, C); "linear": torch (out, in) -> (in, out), also for
-timm's conv_mlp 1x1 convs (out, in, 1, 1); "copy"). Norm leaves map weight/bias/running_mean/
-running_var -> scale/bias/mean/var. Classifier heads and `num_batches_tracked` are dropped.
-Wrapper dicts (`state_dict`, `model`, `module`, `state_dict_ema`) and key prefixes (`module.`,
-`model.`, `_orig_mod.`) are stripped first.
+``import`` converts a timm state dict file (``.safetensors``; ``.pth``/``.pt``/``.bin`` need torch)
+once and saves the Flax parameters and BatchNorm statistics with orbax in ``DIR/params`` plus
+``DIR/encoder.json`` (model name, variant, in_chans, source, shapes); ``config.model.pretrained =
+DIR`` then loads it (``cspine_jax.models.pretrained``). Model names are ``<family>_<variant>``:
+``convnext_{atto,femto,pico,nano,tiny,small,test}``, ``efficientnet_v2_{s,tf_s,test,tf_test}``
+(timm's ``tf_efficientnetv2_s.*`` weights need ``efficientnet_v2_tf_s``). ``--in_chans`` other
+than 3 adapts the RGB stem as timm does. Exit status 1 when the weights cannot be read or do not
+fit the encoder (every missing, unexpected or wrongly shaped tensor is named).
 """
-from __future__ import annotations
-
-import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable
 
+from absl import app, flags, logging
 
 from cspine_jax.models import pretrained
 
+_SOURCE = flags.DEFINE_string("source", None, "import: timm .safetensors / .pth / .bin file")
+_MODEL = flags.DEFINE_string("model", None, "encoder name, e.g. convnext_tiny, "
+                             "efficientnet_v2_tf_s")
+_OUT = flags.DEFINE_string("out", None, "output folder (must not hold params/ yet)")
+_IN_CHANS = flags.DEFINE_integer("in_chans", 3, "input channels of the encoder (stem adapted as "
+                                 "timm does)")
+flags.DEFINE_alias("in-chans", "in_chans")  # the spelling of the argparse version
 
-def main(argv: Sequence[str] | None = None,
-         print_fn: Callable[[str], None] = print) -> int:
-  parser = argparse.ArgumentParser(prog="python -m cspine_jax.weights", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import", help="convert a timm weights file into an orbax folder")
-  imp.add_argument("--source", required=True, help="timm .safetensors / .pth / .bin file")
-  imp.add_argument("--model", required=True,
-                   help="encoder name, e.g. convnext_tiny, efficientnet_v2_tf_s")
-  imp.add_argument("--out", required=True, help="output folder (must not hold params/ yet)")
-  imp.add_argument("--in-chans", type=int, default=3,
-                   help="input channels of the encoder (stem adapted as timm does)")
-  args = parser.parse_args(argv)
+
+def _require(command: str, *holders: flags.FlagHolder) -> None:
+  missing = [f"--{h.name}" for h in holders if h.value is None]
+  if missing:
+    raise app.UsageError(f"{command} needs {', '.join(missing)}")
+
+
+def _import() -> int:
+  _require("import", _SOURCE, _MODEL, _OUT)
   try:
-    out, report = pretrained.import_timm(args.source, args.model, args.out, in_chans=args.in_chans)
+    out, report = pretrained.import_timm(_SOURCE.value, _MODEL.value, _OUT.value,
+                                         in_chans=_IN_CHANS.value)
   except pretrained.WeightsError as e:
-    print_fn(f"error: {e}")
+    print(f"weights: error: {e}", file=sys.stderr)
     return 1
-  adapted = (f", stem adapted from {report.stem_adapted_from} to {args.in_chans} channels"
+  adapted = (f", stem adapted from {report.stem_adapted_from} to {_IN_CHANS.value} channels"
              if report.stem_adapted_from else "")
-  print_fn(f"imported {report.num_tensors} tensors from {args.source} as {args.model}"
-           f"{adapted} -> {out}")
+  print(f"imported {report.num_tensors} tensors from {_SOURCE.value} as {_MODEL.value}"
+        f"{adapted} -> {out}")
   return 0
 
 
+# Sub-commands by their word (argv[1]).
+_COMMANDS: dict[str, Callable[[], int]] = {"import": _import}
+
+
+def main(argv) -> int:
+  if len(argv) < 2 or argv[1] not in _COMMANDS:
+    got = f"unknown command {argv[1]!r}" if len(argv) > 1 else "no command"
+    raise app.UsageError(f"{got}; expected one of: {', '.join(_COMMANDS)}")
+  if len(argv) > 2:
+    raise app.UsageError(f"unexpected arguments: {argv[2:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
+  return _COMMANDS[argv[1]]()
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -3,39 +3,39 @@
   python -m data_prep.make_synthetic --out DIR --studies N --seed S [--size full|small|tiny]
       [--test T] [--segmented 0.5] [--corrupt K] [--progress]
 
-The same arguments give byte-identical files.
+The same arguments give byte-identical files (``cspine_jax.synthetic.generate``).
 """
-from __future__ import annotations
-
-import argparse
-import sys
 import time
+
+from absl import app, flags, logging
 
 from cspine_jax.synthetic import generate
 from cspine_jax.synthetic.studies import SIZES
 
+_OUT = flags.DEFINE_string("out", None, "output folder (created)", required=True)
+_STUDIES = flags.DEFINE_integer("studies", None, "number of train studies", required=True)
+_SEED = flags.DEFINE_integer("seed", 0, "generator seed")
+_SIZE = flags.DEFINE_enum("size", "small", sorted(SIZES), "study size")
+_TEST = flags.DEFINE_integer("test", None, "test studies (default: studies // 10, at least 1)")
+_SEGMENTED = flags.DEFINE_float("segmented", 0.5, "share of train studies with a segmentation "
+                                "mask")
+_CORRUPT = flags.DEFINE_integer("corrupt", 0, "number of damaged .dcm files")
+_PROGRESS = flags.DEFINE_bool("progress", False, "print a line per study")
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True, help="output folder (created)")
-  p.add_argument("--studies", type=int, required=True, help="number of train studies")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--size", choices=sorted(SIZES), default="small")
-  p.add_argument("--test", type=int, default=None,
-                 help="test studies (default: studies // 10, at least 1)")
-  p.add_argument("--segmented", type=float, default=0.5,
-                 help="share of train studies with a segmentation mask")
-  p.add_argument("--corrupt", type=int, default=0, help="number of damaged .dcm files")
-  p.add_argument("--progress", action="store_true", help="print a line per study")
-  args = p.parse_args(argv)
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
+    logging.set_verbosity(logging.WARNING)
   t = time.perf_counter()
-  out = generate(args.out, args.studies, args.seed, size=args.size, num_test=args.test,
-                 segmented_fraction=args.segmented, corrupt=args.corrupt, progress=args.progress)
-  print(f"wrote {out} ({args.studies} train studies, size {args.size}) in "
+  out = generate(_OUT.value, _STUDIES.value, _SEED.value, size=_SIZE.value, num_test=_TEST.value,
+                 segmented_fraction=_SEGMENTED.value, corrupt=_CORRUPT.value,
+                 progress=_PROGRESS.value)
+  print(f"wrote {out} ({_STUDIES.value} train studies, size {_SIZE.value}) in "
         f"{time.perf_counter() - t:.1f} s")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -1,4 +1,6 @@
-"""Tests for evaluate.py: the score line, the report blocks, input errors, and one real subprocess."""
+"""Tests for the evaluation: the score, the report blocks and input errors through
+``cspine_jax.report.evaluation``; the score line, exit status and errors of evaluate.py in a
+subprocess (a command line is never imported in tests: absl flags are process-global)."""
 import pathlib
 import subprocess
 import sys
@@ -7,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import evaluate
-from cspine_jax import metrics
-from cspine_jax import aggregate
+from cspine_jax import aggregate, metrics
 from cspine_jax.labels import TARGETS
+from cspine_jax.report import evaluation, tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,78 +22,117 @@ def files(tmp_path):
   uids = [f"1.2.826.{i}" for i in range(30)]
   y = (rng.uniform(size=(30, 8)) < 0.3).astype(int)
   y[:, 0] = y[:, 1:].max(1)
-  labels = pd.DataFrame(y, columns=list(TARGETS))
-  labels.insert(0, "StudyInstanceUID", uids)
+  labels_frame = pd.DataFrame(y, columns=list(TARGETS))
+  labels_frame.insert(0, "StudyInstanceUID", uids)
   p = np.clip(0.5 * y + 0.5 * rng.uniform(size=y.shape), 0, 1)
   wide = pd.DataFrame(p, columns=list(TARGETS))
   wide.insert(0, "StudyInstanceUID", uids)
   wide["fold"] = np.arange(30) % 3
   paths = {name: tmp_path / f"{name}.csv" for name in ("train", "wide", "long", "partial")}
-  labels.to_csv(paths["train"], index=False)
+  labels_frame.to_csv(paths["train"], index=False)
   wide.to_csv(paths["wide"], index=False)
   aggregate.to_long(wide[["StudyInstanceUID", *TARGETS]]).to_csv(paths["long"], index=False)
   wide.iloc[:20].to_csv(paths["partial"], index=False)
-  return paths, labels, wide
+  return paths, labels_frame, wide
 
 
-def _run(capsys, *argv):
-  rc = evaluate.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return rc, out.rstrip("\n").splitlines(), err
+def _cli(*argv):
+  """(exit status, stdout lines, stderr) of evaluate.py run as a command."""
+  proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  return proc.returncode, proc.stdout.rstrip("\n").splitlines(), proc.stderr
 
 
-def test_score_line_and_reports(files, capsys):
-  paths, labels, wide = files
-  rc, lines, _ = _run(capsys, "--labels", paths["train"], "--predictions", paths["wide"])
-  assert rc == 0
-  expected = metrics.competition_loss(labels, wide)
-  assert lines[-1] == f"competition_score: {expected:.6f}"
-  text = "\n".join(lines)
+def test_score_and_reports(files):
+  paths, labels_frame, wide = files
+  score, blocks = evaluation.evaluate(paths["train"], [str(paths["wide"])])
+  assert score == metrics.competition_loss(labels_frame, wide)
+  text = "\n".join(blocks)
   assert "studies: 30" in text
   assert "fold 2" in text  # per-fold rows from the predictions' own fold column
   assert "ROC AUC per target" in text and "top-N" in text
+  assert len(blocks) == len(evaluation.REPORTS)
 
 
-def test_long_format_gives_the_same_score(files, capsys):
+def test_long_format_gives_the_same_score(files):
   paths, _, _ = files
-  _, wide_lines, _ = _run(capsys, "--labels", paths["train"], "--predictions", paths["wide"])
-  rc, long_lines, _ = _run(capsys, "--labels", paths["train"], "--predictions", paths["long"])
-  assert rc == 0 and long_lines[-1] == wide_lines[-1]
-  assert not any(line.startswith("fold ") for line in long_lines)  # no fold column there
+  wide_score, _ = evaluation.evaluate(paths["train"], str(paths["wide"]))
+  long_score, blocks = evaluation.evaluate(paths["train"], str(paths["long"]))
+  assert f"{long_score:.6f}" == f"{wide_score:.6f}"
+  lines = "\n".join(blocks).splitlines()
+  assert not any(line.startswith("fold ") for line in lines)  # no fold column there
 
 
-def test_missing_studies_are_an_error_unless_subset(files, capsys):
-  paths, labels, wide = files
-  rc, lines, err = _run(capsys, "--labels", paths["train"], "--predictions", paths["partial"])
-  assert rc == 2 and not lines
-  assert "error: predictions: 10 labelled studies have no prediction, e.g. 1.2.826.20" in err
-  rc, lines, _ = _run(capsys, "--labels", paths["train"], "--predictions", paths["partial"],
-                      "--subset")
-  assert rc == 0
-  assert "--subset: scoring 20 of 30 labelled studies (10 without predictions left out)" in lines
-  expected = metrics.competition_loss(labels.iloc[:20], wide.iloc[:20])
-  assert lines[-1] == f"competition_score: {expected:.6f}"
+def test_missing_studies_are_an_error_unless_subset(files):
+  paths, labels_frame, wide = files
+  with pytest.raises(metrics.PredictionError,
+                     match="predictions: 10 labelled studies have no prediction, e.g. 1.2.826.20"):
+    evaluation.evaluate(paths["train"], str(paths["partial"]))
+  score, blocks = evaluation.evaluate(paths["train"], str(paths["partial"]), subset=True)
+  assert "--subset: scoring 20 of 30 labelled studies (10 without predictions left out)" in blocks
+  assert score == metrics.competition_loss(labels_frame.iloc[:20], wide.iloc[:20])
 
 
-def test_bad_inputs(files, capsys, tmp_path):
+def test_bad_inputs(files, tmp_path):
   paths, _, _ = files
   bad = tmp_path / "bad_train.csv"
   bad.write_text("StudyInstanceUID,patient_overall\n1.2,1\n")
-  rc, _, err = _run(capsys, "--labels", bad, "--predictions", paths["wide"])
-  assert rc == 2 and "bad_train.csv: missing columns" in err
-  rc, _, err = _run(capsys, "--labels", paths["train"], "--predictions", paths["wide"],
-                    "--folds", paths["train"])
-  assert rc == 2 and "train.csv: needs StudyInstanceUID and fold columns" in err
-  with pytest.raises(SystemExit):
-    evaluate.main(["--labels", str(paths["train"])])  # --predictions is required
+  with pytest.raises(evaluation.INPUT_ERRORS, match="bad_train.csv: missing columns"):
+    evaluation.evaluate(bad, str(paths["wide"]))
+  with pytest.raises(evaluation.INPUT_ERRORS,
+                     match="train.csv: needs StudyInstanceUID and fold columns"):
+    evaluation.evaluate(paths["train"], str(paths["wide"]), folds=paths["train"])
 
 
-def test_subprocess(files):
-  paths, labels, wide = files
-  proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--labels", str(paths["train"]),
-                         "--predictions", str(paths["long"])],
-                        capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
-  assert proc.returncode == 0, proc.stderr
-  last = proc.stdout.strip().splitlines()[-1]
-  assert last.startswith("competition_score: ")
-  assert float(last.split()[-1]) == pytest.approx(metrics.competition_loss(labels, wide), abs=1e-6)
+def test_models_prior_and_plot(files, tmp_path):
+  """More named predictions join the results table beside the prior; --plot writes a picture."""
+  paths, labels_frame, wide = files
+  other = wide[["StudyInstanceUID", *TARGETS]].copy()
+  other[list(TARGETS)] = 0.3
+  aggregate.to_long(other).to_csv(tmp_path / "cnn.csv", index=False)
+  score, blocks = evaluation.evaluate(
+      paths["train"], [f"Two-stage={paths['wide']}", f"3D CNN={tmp_path / 'cnn.csv'}"],
+      plot=tmp_path / "rel.png")
+  assert score == metrics.competition_loss(labels_frame, wide)
+  text = "\n".join(blocks)
+  prior = metrics.competition_loss(
+      labels_frame, tables.prior_predictions(labels_frame, labels_frame["StudyInstanceUID"]))
+  assert f"{prior:.4f}" in text and "constant prior" in text
+  row = next(l for l in text.splitlines() if l.strip().startswith("3D CNN"))
+  assert f"{metrics.competition_loss(labels_frame, other):.4f}" in row
+  assert "fold 1" in text
+  assert blocks[-1].startswith("reliability diagram: ")
+  assert (tmp_path / "rel.png").stat().st_size > 1000
+
+
+def test_cli_prints_reports_then_the_score_line(files, tmp_path):
+  paths, labels_frame, wide = files
+  rc, lines, err = _cli("--labels", paths["train"], "--predictions", paths["long"])
+  assert rc == 0, err
+  assert lines[-1].startswith("competition_score: ")
+  assert float(lines[-1].split()[-1]) == pytest.approx(
+      metrics.competition_loss(labels_frame, wide), abs=1e-6)
+  assert lines[0].startswith("studies: 30  ")  # reports first
+  # --predictions repeats; --subset and --plot pass through; the score line stays last.
+  rc, lines, err = _cli("--labels", paths["train"], "--predictions", paths["partial"],
+                        "--predictions", f"3D CNN={paths['wide']}", "--subset",
+                        "--plot", tmp_path / "rel.png")
+  assert rc == 0, err
+  expected = metrics.competition_loss(labels_frame.iloc[:20], wide.iloc[:20])
+  assert lines[-1] == f"competition_score: {expected:.6f}"
+  assert "--subset: scoring 20 of 30 labelled studies (10 without predictions left out)" in lines
+  assert any(l.strip().startswith("3D CNN") for l in lines)
+  assert (tmp_path / "rel.png").exists()
+
+
+def test_cli_errors(files, tmp_path):
+  paths, _, _ = files
+  rc, lines, err = _cli("--labels", paths["train"], "--predictions", paths["partial"])
+  assert rc == 2 and not lines
+  assert "error: predictions: 10 labelled studies have no prediction, e.g. 1.2.826.20" in err
+  bad = tmp_path / "bad_train.csv"
+  bad.write_text("StudyInstanceUID,patient_overall\n1.2,1\n")
+  rc, lines, err = _cli("--labels", bad, "--predictions", paths["wide"])
+  assert rc == 2 and not lines and "bad_train.csv: missing columns" in err
+  rc, lines, err = _cli("--labels", paths["train"])  # --predictions is required
+  assert rc != 0 and not lines and "--predictions" in err

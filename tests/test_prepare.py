@@ -23,16 +23,23 @@ from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.synthetic import generate
-from data_prep import prepare as prepare_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OPTS = options_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=16)
 NUM_STUDIES = 5
 
 
+def _cli(*argv):
+  """(exit status, stderr) of ``python -m data_prep.prepare ARGV`` (never imported in tests: absl
+  flags are process-global)."""
+  proc = subprocess.run([sys.executable, "-m", "data_prep.prepare", *argv], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, check=False)
+  return proc.returncode, proc.stderr
+
+
 def _cli_args(data_dir, out, task, *extra):
   return ["--data_dir", str(data_dir), "--out", str(out), "--task", task, "--image_size", "32",
-          "--num_folds", "3", "--stage2_slices", "6", "--cube_size", "16", "--no_progress", *extra]
+          "--num_folds", "3", "--stage2_slices", "6", "--cube_size", "16", "--noprogress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +369,11 @@ def test_restart_with_other_options_is_refused(data, tmp_path):
   other = options_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=8)
   with pytest.raises(pipeline.PrepareError, match="cube_size"):
     pipeline.prepare(root, tmp_path, "cnn3d", other, progress=False)
-  assert prepare_cli.main(_cli_args(root, tmp_path, "cnn3d", "--window_level", "300")) == 2
+  # The command refuses them too (exit status 2, the reason on stderr), and a bad --image_size.
+  rc, err = _cli(*_cli_args(root, tmp_path, "cnn3d", "--window_level", "300"))
+  assert rc == 2 and "prepare: error:" in err and "window_level" in err, err
+  rc, err = _cli(*_cli_args(root, tmp_path, "cnn3d", "--image_size", "32,32,3"))
+  assert rc == 2 and "--image_size takes H or H,W, got 32,32,3" in err, err
   # A folder written by code whose images differ for the same options (an older resize) is refused.
   identity = tmp_path / "cnn3d" / pipeline.IDENTITY
   old = json.loads(identity.read_text())

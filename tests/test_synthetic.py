@@ -4,6 +4,8 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import subprocess
+import sys
 import warnings
 
 import nibabel as nib
@@ -14,8 +16,8 @@ import pytest
 from cspine_jax.io.dicom import read_series
 from cspine_jax.io.nifti import load_mask
 from cspine_jax.synthetic import fractures, geometry, render, studies, writers
-from data_prep import make_synthetic
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SEED = 14
 NUM_TRAIN, NUM_TEST = 6, 2
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
@@ -275,8 +277,12 @@ def test_corrupt_files_are_damaged_recorded_and_skipped(data):
 
 def test_cli(tmp_path):
   out = tmp_path / "cli"
-  assert make_synthetic.main(["--out", str(out), "--studies", "1", "--seed", "3", "--size", "tiny",
-                              "--test", "0", "--segmented", "1"]) == 0
+  proc = subprocess.run(
+      [sys.executable, "-m", "data_prep.make_synthetic", "--out", str(out), "--studies", "1",
+       "--seed", "3", "--size", "tiny", "--test", "0", "--segmented", "1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith(f"wrote {out} (1 train studies, size tiny) in ")
   gt = json.loads((out / "ground_truth.json").read_text())
   (uid, s), = gt["studies"].items()
   assert s["has_segmentation"] and (out / "segmentations" / f"{uid}.nii").exists()

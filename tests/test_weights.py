@@ -3,6 +3,8 @@ orbax import folders and the importer CLI. No torch: fixtures are committed safe
 by tests/fixtures/timm/make_fixtures.py."""
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,9 +13,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from cspine_jax.models import pretrained
-from cspine_jax import weights
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "timm"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "timm"
 CONVNEXT = FIXTURES / "convnext_atto.safetensors"
 EFFNET = FIXTURES / "efficientnetv2_test.safetensors"
 
@@ -142,12 +144,19 @@ def test_in_chans_adaptation_equals_timm(name, stem_key):
   assert pretrained.adapt_stem_kernel(k, 3) is k
 
 
+def _cli(*argv):
+  """(exit status, stdout, stderr) of ``python -m cspine_jax.weights ARGV`` (never imported here:
+  absl flags are process-global)."""
+  proc = subprocess.run([sys.executable, "-m", "cspine_jax.weights", *map(str, argv)],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
 def test_import_cli_and_orbax_roundtrip(tmp_path):
   out = tmp_path / "effnet_import"
-  lines = []
-  rc = weights.main(["import", "--source", str(EFFNET), "--model", "efficientnet_v2_test",
-                     "--out", str(out)], print_fn=lines.append)
-  assert rc == 0 and "imported 206 tensors" in lines[0], lines
+  rc, stdout, stderr = _cli("import", "--source", EFFNET, "--model", "efficientnet_v2_test",
+                            "--out", out)
+  assert rc == 0 and "imported 206 tensors" in stdout, (stdout, stderr)
   meta = json.loads((out / pretrained.META_FILE).read_text())
   assert (meta["model"], meta["family"], meta["variant"], meta["in_chans"]) == (
       "efficientnet_v2_test", "efficientnet_v2", "test", 3)
@@ -170,23 +179,32 @@ def test_import_cli_and_orbax_roundtrip(tmp_path):
   assert pretrained.load_pretrained(one, out).stem_adapted_from == 3
   with pytest.raises(pretrained.WeightsError, match="holds efficientnet_v2 weights"):
     pretrained.load_pretrained(pretrained.build_encoder("convnext_test", abstract=True), out)
-  lines.clear()
-  assert weights.main(["import", "--source", str(EFFNET), "--model", "efficientnet_v2_test",
-                       "--out", str(out)], print_fn=lines.append) == 1
-  assert "already exists" in lines[0]
+  rc, stdout, stderr = _cli("import", "--source", EFFNET, "--model", "efficientnet_v2_test",
+                            "--out", out)
+  assert rc == 1 and not stdout and "already exists" in stderr
 
 
-def test_cli_reports_bad_inputs(tmp_path):
-  lines = []
-  assert weights.main(["import", "--source", str(CONVNEXT), "--model", "efficientnet_v2_test",
-                       "--out", str(tmp_path / "o")], print_fn=lines.append) == 1
-  assert "weights do not fit the efficientnet_v2 test encoder" in lines[-1]
-  assert weights.main(["import", "--source", str(CONVNEXT), "--model", "resnet50",
-                       "--out", str(tmp_path / "o")], print_fn=lines.append) == 1
-  assert "unknown model name 'resnet50'" in lines[-1]
+def test_import_reports_bad_inputs(tmp_path):
+  with pytest.raises(pretrained.WeightsError,
+                     match="weights do not fit the efficientnet_v2 test encoder"):
+    pretrained.import_timm(CONVNEXT, "efficientnet_v2_test", tmp_path / "o")
+  with pytest.raises(pretrained.WeightsError, match="unknown model name 'resnet50'"):
+    pretrained.import_timm(CONVNEXT, "resnet50", tmp_path / "o")
   with pytest.raises(pretrained.WeightsError, match="unknown convnext variant 'huge'"):
     pretrained.parse_model_name("convnext_huge")
   assert not (tmp_path / "o").exists()
+
+
+def test_cli_stem_adaptation_and_usage_errors(tmp_path):
+  # --in-chans (the argparse spelling) still works beside absl's --in_chans.
+  rc, stdout, stderr = _cli("import", "--source", CONVNEXT, "--model", "convnext_atto",
+                            "--out", tmp_path / "one", "--in-chans", "1")
+  assert rc == 0 and "stem adapted from 3 to 1 channels" in stdout, (stdout, stderr)
+  assert json.loads((tmp_path / "one" / pretrained.META_FILE).read_text())["in_chans"] == 1
+  rc, _, stderr = _cli("fetch", "--model", "convnext_atto")
+  assert rc != 0 and "unknown command 'fetch'; expected one of: import" in stderr
+  rc, _, stderr = _cli("import", "--model", "convnext_atto")
+  assert rc != 0 and "import needs --source, --out" in stderr
 
 
 def test_unreadable_sources(tmp_path):

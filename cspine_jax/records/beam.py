@@ -2,8 +2,8 @@
 pipeline that writes exactly the local ``data_prep.prepare`` layout.
 
 Both call the same per-study code as the local command (``pipeline.records_of`` /
-``pipeline.run_study``), so the three paths cannot drift apart. Beam is imported lazily: only
-these entry points need it.
+``pipeline.run_study``), so the three paths cannot drift apart. Only the Beam and TFDS paths import
+this module (nothing else in the package needs Apache Beam).
 
 - :func:`keyed_examples`: one study -> ``(key, record)`` pairs for TFDS (``tfds_builder.py``).
   A study that fails is logged and counted in the Beam counter ``cspine_records/bad_studies``;
@@ -18,7 +18,11 @@ import logging
 import os
 import pathlib
 import shlex
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
@@ -36,7 +40,6 @@ def record_key(task: str, record: dict[str, Any]) -> str:
 def keyed_examples(study: study_lib.StudyInput, task: str, options: options_lib.Options
                    ) -> Iterator[tuple[str, dict[str, Any]]]:
   """The records of one study, keyed; a failing study yields nothing (logged and counted)."""
-  import apache_beam as beam
   try:
     # Materialised first so that a study failing half-way contributes no record at all.
     records = list(pipeline.records_of(task, study, options))
@@ -49,9 +52,8 @@ def keyed_examples(study: study_lib.StudyInput, task: str, options: options_lib.
     yield record_key(task, record), record
 
 
-def pipeline_options(text: str | Sequence[str] | None):
+def pipeline_options(text: str | Sequence[str] | None) -> PipelineOptions:
   """'runner=DirectRunner,direct_num_workers=2' (the tfds CLI's form) or argv-style -> options."""
-  from apache_beam.options.pipeline_options import PipelineOptions
   if text is None:
     return PipelineOptions([])
   if isinstance(text, str):
@@ -65,7 +67,6 @@ def build_records(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task:
                   vertebrae_file: str | os.PathLike | None = None,
                   beam_options: Any = None) -> dict[str, Any]:
   """The local record set (shards + manifest.json under out_dir/task) built by a Beam pipeline."""
-  import apache_beam as beam
   options = options or options_lib.Options()
   plan = pipeline.make_plan(data_dir, task, options, vertebrae_file)
   task_dir = pathlib.Path(out_dir) / task
@@ -73,7 +74,7 @@ def build_records(data_dir: str | os.PathLike, out_dir: str | os.PathLike, task:
   pipeline.check_identity(task_dir, plan.identity())
   shards.remove_temporaries(task_dir)
   todo = [s for s in plan.studies if not pipeline.is_done(task_dir, s.uid)]
-  if not isinstance(beam_options, beam.options.pipeline_options.PipelineOptions):
+  if not isinstance(beam_options, PipelineOptions):
     beam_options = pipeline_options(beam_options)
   if todo:
     with beam.Pipeline(options=beam_options) as p:

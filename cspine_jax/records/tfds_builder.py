@@ -3,7 +3,7 @@
 Features are plain ``tfds.features.Tensor`` (no Image/Text), the file format is ArrayRecord, so
 building and reading need no TensorFlow:
 
-    python -m cspine_jax.records.tfds_builder --data_dir RSNA --out TFDS_DIR --task stage2 \\
+    python -m data_prep.build_tfds --data_dir RSNA --out TFDS_DIR --task stage2 \\
         [--image_size 224] [...same options as data_prep.prepare...] \\
         --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"
 
@@ -12,20 +12,19 @@ building and reading need no TensorFlow:
 
 The predefined configs (``stage1``, ``stage2``, ``slices2d`` at 224, ``cnn3d`` at 224^3) follow the
 paper; other options get a config named ``<task>_<hash>``. With TensorFlow installed the stock CLI
-works too (it imports TensorFlow, which is why this module has its own entry point):
+works too (it imports TensorFlow, which is why ``data_prep.build_tfds`` exists):
 ``tfds build cspine_jax/records/tfds_builder.py --manual_dir RSNA --config stage2
 --file_format array_record --beam_pipeline_options=...``.
 Strings come back from TFDS as bytes (``study_uid``).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
-from typing import Sequence
+from collections.abc import Sequence
 
+import apache_beam as beam
 import tensorflow_datasets as tfds
 
 from cspine_jax.pp import options as options_lib
@@ -90,7 +89,6 @@ class CspineRecords(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(plan.studies)}
 
   def _generate_examples(self, studies):
-    beam = tfds.core.lazy_imports.apache_beam
     cfg = self.builder_config
     return (beam.Create(studies)
             | "Reshuffle" >> beam.Reshuffle()
@@ -109,26 +107,3 @@ def build(data_dir: str | os.PathLike, tfds_dir: str | os.PathLike, task: str,
       manual_dir=os.fspath(data_dir),
       beam_options=beam_lib.pipeline_options(beam_pipeline_options)))
   return builder
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from data_prep import prepare as prepare_cli
-  parser = argparse.ArgumentParser(prog="python -m cspine_jax.records.tfds_builder",
-                                   parents=[prepare_cli.options_parser()],
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data_dir", required=True, help="RSNA-format folder (the manual_dir)")
-  parser.add_argument("--out", required=True, help="TFDS data_dir to write into")
-  parser.add_argument("--task", required=True, choices=sorted(pipeline.TASKS))
-  parser.add_argument("--vertebrae", default=None)
-  parser.add_argument("--beam_pipeline_options", default="runner=DirectRunner",
-                      help="e.g. runner=DataflowRunner,project=P,region=R,temp_location=gs://...")
-  args = parser.parse_args(argv)
-  builder = build(args.data_dir, args.out, args.task, prepare_cli.options_from_args(args),
-                  vertebrae_file=args.vertebrae, beam_pipeline_options=args.beam_pipeline_options)
-  print(f"{builder.info.full_name}: {builder.info.splits['train'].num_examples} examples in "
-        f"{builder.data_path}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,0 +1,105 @@
+"""Scores predictions with the competition metric and builds the evaluation report blocks.
+
+Predictions are wide (StudyInstanceUID, patient_overall, C1..C7) or Kaggle long (row_id,
+fractured). The first predictions are the ones scored; more (``NAME=PATH``) join them in the
+results table beside the constant-prior baseline. Used by ``evaluate.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+from cspine_jax import labels as labels_lib
+from cspine_jax import metrics
+from cspine_jax.report import plots, tables
+
+# What bad input raises (each names the file and the problem).
+INPUT_ERRORS = (labels_lib.TableError, metrics.PredictionError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What every report sees: validated labels and predictions (same studies) and optional folds."""
+  labels: pd.DataFrame
+  predictions: pd.DataFrame
+  folds: dict[str, int]
+  # All named predictions (the scored one first) and the labels whose means are the prior.
+  models: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
+  train_labels: pd.DataFrame | None = None
+
+
+def _summary(inp: Inputs) -> str:
+  positives = inp.labels[list(labels_lib.TARGETS)].sum()
+  return (f"studies: {len(inp.labels)}  fractured patients: {int(positives['patient_overall'])}  "
+          f"fractured vertebrae: {int(positives[list(labels_lib.VERTEBRAE)].sum())}")
+
+
+def _scores(inp: Inputs) -> str:
+  return tables.format_table(tables.score_table(inp.labels, inp.predictions, inp.folds or None),
+                             "Competition metric (overall and per fold)")
+
+
+def _aucs(inp: Inputs) -> str:
+  return tables.format_table(tables.auc_table(inp.labels, inp.predictions), "ROC AUC per target")
+
+
+def _top_n(inp: Inputs) -> str:
+  return tables.format_table(tables.top_n_table(inp.labels, inp.predictions),
+                             "patient_overall recomputed as top-N of C1..C7")
+
+
+def _prior(inp: Inputs) -> str:
+  train = inp.labels if inp.train_labels is None else inp.train_labels
+  return tables.format_table(tables.prior_table(inp.labels, inp.predictions, train),
+                             "Against the constant prior (training label means)")
+
+
+def _results(inp: Inputs) -> str:
+  train = inp.labels if inp.train_labels is None else inp.train_labels
+  models = inp.models or {"predictions": inp.predictions}
+  return tables.format_table(tables.results_table(inp.labels, models, train),
+                             "Results (seed_score: the slides' cross-validation)")
+
+
+# Reports run in this order, each giving a block before the final score line; add new ones here.
+REPORTS: list[Callable[[Inputs], str]] = [_summary, _scores, _aucs, _top_n, _prior, _results]
+
+
+def evaluate(labels: str | os.PathLike, predictions: str | Sequence[str], *,
+             train_labels: str | os.PathLike | None = None,
+             folds: str | os.PathLike | None = None, subset: bool = False,
+             plot: str | os.PathLike | None = None) -> tuple[float, list[str]]:
+  """(score of the first predictions, report blocks).
+
+  ``predictions`` are paths or ``NAME=PATH``; ``folds`` a CSV with StudyInstanceUID and fold
+  (default: the first predictions' own fold column, if any); ``subset`` scores only the labelled
+  studies that were predicted; ``plot`` writes the first predictions' reliability diagram.
+  Raises one of ``INPUT_ERRORS`` on bad input.
+  """
+  label_frame = labels_lib.read_train_csv(labels)
+  specs = [predictions] if isinstance(predictions, (str, os.PathLike)) else list(predictions)
+  named = [tables.split_named(os.fspath(s), "predictions" if i == 0 else f"model {i + 1}")
+           for i, s in enumerate(specs)]
+  models = {name: metrics.read_predictions(path) for name, path in named}
+  predictions_path = named[0][1]
+  scored = models[named[0][0]]
+  train_frame = labels_lib.read_train_csv(train_labels) if train_labels else None
+  blocks = []
+  if subset:
+    predicted = label_frame["StudyInstanceUID"].isin(set(scored["StudyInstanceUID"]))
+    blocks.append(f"--subset: scoring {int(predicted.sum())} of {len(label_frame)} labelled "
+                  f"studies ({int((~predicted).sum())} without predictions left out)")
+    label_frame = label_frame[predicted].reset_index(drop=True)
+  score = metrics.competition_loss(label_frame, scored)
+  fold_map = tables.read_folds(folds or predictions_path)
+  if folds and not fold_map:
+    raise labels_lib.TableError(f"{folds}: needs StudyInstanceUID and fold columns")
+  inp = Inputs(label_frame, scored, fold_map, models, train_frame)
+  blocks += [report(inp) for report in REPORTS]
+  if plot:
+    lab, pred = tables.aligned(label_frame, scored)
+    blocks.append(f"reliability diagram: {plots.reliability_plot(lab, pred, plot)}")
+  return score, blocks
