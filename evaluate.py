@@ -15,8 +15,10 @@ default --labels). --plot writes the first predictions' reliability diagram
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 
+from cspine_jax import cli_setup
 from cspine_jax.report import evaluation
 
 _LABELS = flags.DEFINE_string("labels", None, "train.csv (StudyInstanceUID, patient_overall, "
@@ -36,8 +38,7 @@ _SUBSET = flags.DEFINE_bool("subset", False, "score only the labelled studies th
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   try:
     score, blocks = evaluation.evaluate(
         _LABELS.value, _PREDICTIONS.value, train_labels=_TRAIN_LABELS.value, folds=_FOLDS.value,

@@ -16,8 +16,9 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from cspine_jax import cli_setup
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -43,10 +44,7 @@ def main(argv) -> int:
     raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
-  # Library INFO records (orbax's per-checkpoint lines) would bury the progress and the tables;
-  # an explicit --verbosity wins.
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   # Imported here, in the main process only: grain workers re-import this file.
   from cspine_jax.pipeline import runner  # pylint: disable=g-import-not-at-top  # lazy: grain workers re-import this module
   runner.run(config, workdir)

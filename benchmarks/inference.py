@@ -20,17 +20,17 @@ import sys
 import tempfile
 import time
 
-import jax
-from absl import app, flags, logging
-from flax import nnx
+from absl import app
+from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-from cspine_jax.infer import ensemble, predict, reader, spec
+# What the spawned decoder processes import again when they re-import this module: no JAX.
+from cspine_jax import cli_setup
+from cspine_jax.infer import reader
 from cspine_jax.pp import options as options_lib
-from cspine_jax.train import runtime
 
 _STUDIES = flags.DEFINE_string("studies", None, "test_images/-style folder (default: generate "
                                "synthetic ones)")
@@ -53,13 +53,16 @@ _DECODE_WORKERS = flags.DEFINE_string(
 
 def fresh_models(folds: int, image_size: int, variant: str = "cpu",
                  dtype: str | None = None, refine: bool = True,
-                 refine_passes: int = 1) -> spec.Models:
+                 refine_passes: int = 1):
   """The stage-1/stage-2 (and box-refiner, ``refine_passes`` per box) models of ``variant``
   ("cpu" or "" = paper), randomly initialised, ``folds`` members each."""
   from configs import box_refine as refine_config  # lazy: decoder processes re-import this module
   from configs import stage1 as stage1_config  # lazy: decoder processes re-import this module
   from configs import stage2 as stage2_config  # lazy: decoder processes re-import this module
+  from flax import nnx  # lazy: decoder processes re-import this module
   from cspine_jax import models  # lazy: decoder processes re-import this module
+  from cspine_jax.infer import ensemble  # lazy: decoder processes re-import this module
+  from cspine_jax.infer import spec  # lazy: decoder processes re-import this module
 
   ensembles = []
   for cfg, task in ((stage1_config.get_config(variant), "stage1"),
@@ -83,8 +86,11 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
+  import jax  # lazy: decoder processes re-import this module
+  from cspine_jax.infer import predict  # lazy: decoder processes re-import this module
+  from cspine_jax.infer import spec  # lazy: decoder processes re-import this module
+  from cspine_jax.train import runtime  # lazy: decoder processes re-import this module
   runtime.start()
   workdir, num_studies = _WORKDIR.value, _NUM_STUDIES.value
   tmp = None
@@ -121,7 +127,7 @@ def main(argv) -> int:
     t0 = time.perf_counter()
     for s in series:
       if s is not None:
-        predict.stage1_inputs(s, models.stage1_options)
+        reader.stage1_inputs(s, models.stage1_options)
     images_s = (time.perf_counter() - t0) / len(folders)
     del series
 

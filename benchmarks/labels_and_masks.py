@@ -19,12 +19,14 @@ import time
 
 import nibabel as nib
 import numpy as np
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from cspine_jax import cli_setup
 from cspine_jax import labels as labels_lib  # noqa: E402
 from cspine_jax.io import dicom  # noqa: E402
 from cspine_jax.io import nifti  # noqa: E402
@@ -117,8 +119,7 @@ def best_of(repeats: int, fn) -> float:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   repeats = _REPEATS.value
   mask = make_mask(_SLICES.value, _SIZE.value)
   series = series_for(mask.shape)

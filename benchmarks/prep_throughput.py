@@ -36,19 +36,22 @@ import time
 
 import numpy as np
 import pydicom
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from cspine_jax import cli_setup
 from cspine_jax import labels as labels_lib  # noqa: E402
-from cspine_jax.records import pipeline  # noqa: E402
+from cspine_jax.io import vertebrae as vertebrae_lib  # noqa: E402
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
-from cspine_jax.io import vertebrae as vertebrae_lib  # noqa: E402
-from cspine_jax.synthetic import studies, writers
+from cspine_jax.records import pipeline  # noqa: E402
+from cspine_jax.synthetic import studies
+from cspine_jax.synthetic import writers
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "an RSNA-format folder (default: generate one)")
 _NUM_STUDIES = flags.DEFINE_integer(
@@ -159,8 +162,7 @@ def best_of(repeats: int, fn, cpu: list[float] | None = None) -> float:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   num_studies, transfer_syntax = _NUM_STUDIES.value, _TRANSFER_SYNTAX.value
   workers, repeats = _WORKERS.value, _REPEATS.value
 

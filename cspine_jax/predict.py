@@ -16,13 +16,10 @@ import sys
 from absl import app
 from absl import flags
 
+# Only what the spawned decoder processes need when they re-import this module: no JAX.
+from cspine_jax import cli_setup
 from cspine_jax import labels as labels_lib
-from cspine_jax.infer import ensemble
-from cspine_jax.infer import predict
-from cspine_jax.infer import spec
 from cspine_jax.io import dicom
-from cspine_jax.report import study_png
-from cspine_jax.train import runtime
 
 _STUDIES = flags.DEFINE_string("studies",
                                None,
@@ -55,6 +52,12 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli_setup.quiet_library_logs()
+  from cspine_jax.infer import ensemble  # lazy: decoder processes re-import this module
+  from cspine_jax.infer import predict  # lazy: decoder processes re-import this module
+  from cspine_jax.infer import spec  # lazy: decoder processes re-import this module
+  from cspine_jax.report import study_png  # lazy: decoder processes re-import this module
+  from cspine_jax.train import runtime  # lazy: decoder processes re-import this module
   runtime.start()
   out = pathlib.Path(_OUT.value)
   run_dir = pathlib.Path(_WORKDIR.value)

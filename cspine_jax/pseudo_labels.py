@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 
+from cspine_jax import cli_setup
 from cspine_jax.infer import pseudo_labels
 from cspine_jax.infer import spec
 from cspine_jax.localize import derive
@@ -63,6 +64,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli_setup.quiet_library_logs()
   runtime.start()
   pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
   try:

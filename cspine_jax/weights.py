@@ -14,8 +14,10 @@ fit the encoder (every missing, unexpected or wrongly shaped tensor is named).
 import sys
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 
+from cspine_jax import cli_setup
 from cspine_jax.models import pretrained
 
 _SOURCE = flags.DEFINE_string("source", None, "import: timm .safetensors / .pth / .bin file")
@@ -58,8 +60,7 @@ def main(argv) -> int:
     raise app.UsageError(f"{got}; expected one of: {', '.join(_COMMANDS)}")
   if len(argv) > 2:
     raise app.UsageError(f"unexpected arguments: {argv[2:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   return _COMMANDS[argv[1]]()
 
 

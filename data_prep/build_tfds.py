@@ -12,9 +12,12 @@ or input that stops the build.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 
-from cspine_jax.records import pipeline, tfds_builder
+from cspine_jax import cli_setup
+from cspine_jax.records import pipeline
+from cspine_jax.records import tfds_builder
 from data_prep import pp_flags
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "RSNA-format folder (the manual_dir)",
@@ -33,8 +36,7 @@ flags.adopt_module_key_flags(pp_flags)  # listed by --help, not only --helpfull
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   try:
     builder = tfds_builder.build(_DATA_DIR.value, _OUT.value, _TASK.value, pp_flags.options(),
                                  vertebrae_file=_VERTEBRAE.value,

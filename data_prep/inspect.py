@@ -12,7 +12,8 @@ Exit status: 0 on success, 1 when the study or mask cannot be read (the reason g
 import json
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from cspine_jax.io import dicom
 from cspine_jax.io import inspect as inspect_lib

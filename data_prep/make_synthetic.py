@@ -7,8 +7,10 @@ The same arguments give byte-identical files (``cspine_jax.synthetic.generate``)
 """
 import time
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 
+from cspine_jax import cli_setup
 from cspine_jax.synthetic import generate
 from cspine_jax.synthetic.studies import SIZES
 
@@ -26,8 +28,7 @@ _PROGRESS = flags.DEFINE_bool("progress", False, "print a line per study")
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   t = time.perf_counter()
   out = generate(_OUT.value, _STUDIES.value, _SEED.value, size=_SIZE.value, num_test=_TEST.value,
                  segmented_fraction=_SEGMENTED.value, corrupt=_CORRUPT.value,

@@ -15,8 +15,10 @@ whole run.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
 
+from cspine_jax import cli_setup
 from cspine_jax.records import pipeline
 from data_prep import pp_flags
 
@@ -38,8 +40,7 @@ flags.adopt_module_key_flags(pp_flags)  # listed by --help, not only --helpfull
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # libraries' INFO records would bury the output
-    logging.set_verbosity(logging.WARNING)
+  cli_setup.quiet_library_logs()
   task = _TASK.value
   try:
     manifest = pipeline.prepare(_DATA_DIR.value, _OUT.value, task, pp_flags.options(),

@@ -117,28 +117,3 @@ def test_study_png(tmp_path):
   assert ((img[..., 0] > 180) & (img[..., 1] < 90) & (img[..., 2] < 90)).sum() > 50
   with pytest.raises(ValueError, match="7 ranges"):
     study_png.render_study(vol, tmp_path / "x.png", ranges=ranges[:3], boxes=boxes)
-
-
-def test_evaluate_cli_models_prior_and_plot(tmp_path, capsys):
-  import evaluate
-  lab, pred = _frames()
-  lab.to_csv(tmp_path / "train.csv", index=False)
-  pred.assign(fold=np.arange(24) % 2).to_csv(tmp_path / "two.csv", index=False)
-  other = pred.copy()
-  other[list(labels.TARGETS)] = 0.3
-  aggregate.to_long(other).to_csv(tmp_path / "cnn.csv", index=False)
-  rc = evaluate.main(["--labels", str(tmp_path / "train.csv"),
-                      "--predictions", f"Two-stage={tmp_path / 'two.csv'}",
-                      "--predictions", f"3D CNN={tmp_path / 'cnn.csv'}",
-                      "--plot", str(tmp_path / "rel.png")])
-  lines = capsys.readouterr().out.rstrip("\n").splitlines()
-  assert rc == 0
-  score = metrics.competition_loss(lab, pred)
-  assert lines[-1] == f"competition_score: {score:.6f}"
-  text = "\n".join(lines)
-  prior = metrics.competition_loss(lab, tables.prior_predictions(lab, lab["StudyInstanceUID"]))
-  assert f"{prior:.4f}" in text and "constant prior" in text
-  row = next(l for l in lines if l.strip().startswith("3D CNN"))
-  assert f"{metrics.competition_loss(lab, other):.4f}" in row
-  assert "fold 1" in text
-  assert (tmp_path / "rel.png").stat().st_size > 1000

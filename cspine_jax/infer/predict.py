@@ -129,13 +129,6 @@ def study_uid(folder: pathlib.Path, series: dicom.Series | None) -> str | None:
   return None
 
 
-def stage1_inputs(series: dicom.Series, options: options_lib.Options) -> dict[str, np.ndarray]:
-  """Host-side stage-1 work on a decoded series (the reader's ``prepare``: it runs where the
-  study was decoded, in the decoder processes when there are some)."""
-  loaded = study_lib.Loaded(study=None, series=series, mask=None)
-  return {"stage1_images": study_lib.slice_images(loaded, options)}
-
-
 def locate(
     series: dicom.Series,
     models: spec.Models,
@@ -144,9 +137,9 @@ def locate(
 ) -> tuple[tuple[vertebrae_lib.VertebraPrediction, ...], np.ndarray, np.ndarray]:
   """Stage 1 on every slice -> (7 vertebra predictions, presence (S, 7), boxes (S, 4)), the
   boxes as derived (:func:`refine_boxes` then refines them when the models have a refiner).
-  ``images``: the slices' stage-1 images when already made (:func:`stage1_inputs`)."""
+  ``images``: the slices' stage-1 images when already made (``reader.stage1_inputs``)."""
   if images is None:
-    images = stage1_inputs(series, models.stage1_options)["stage1_images"]
+    images = reader.stage1_inputs(series, models.stage1_options)["stage1_images"]
   presence, boxes = ensemble.in_batches(models.stage1, [images], batch_size)
   preds = derive_lib.derive(presence, boxes, series.numbers, models.rules)
   return preds, presence, boxes
@@ -224,7 +217,7 @@ def run(folders: Sequence[pathlib.Path],
     pending.clear()
 
   bar = tqdm.tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
-  prepare = functools.partial(stage1_inputs, options=models.stage1_options)
+  prepare = functools.partial(reader.stage1_inputs, options=models.stage1_options)
   stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare,
                                series_uid=series_uid)
   while True:

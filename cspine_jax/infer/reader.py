@@ -30,6 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from cspine_jax.io import dicom
+from cspine_jax.pp import options as options_lib
+from cspine_jax.pp import study as study_lib
 
 Item = tuple[Any, Any, BaseException | None, float]  # (item, loaded, error, seconds)
 Block = tuple[str, str, tuple[int, ...]]  # a shared-memory volume: (name, dtype, shape)
@@ -67,6 +69,13 @@ def prefetched(items: Sequence[Any], load: Callable[[Any], Any], depth: int = 2)
 
 
 Prepare = Callable[[dicom.Series], dict[str, np.ndarray]]
+
+
+def stage1_inputs(series: dicom.Series, options: options_lib.Options) -> dict[str, np.ndarray]:
+  """Inference's host-side stage-1 work on a decoded series, as a ``prepare``: it runs where the
+  study was decoded (in the decoder processes when there are some, which import no JAX)."""
+  loaded = study_lib.Loaded(study=None, series=series, mask=None)
+  return {"stage1_images": study_lib.slice_images(loaded, options)}
 
 
 def _load(folder: pathlib.Path, prepare: Prepare | None, series_uid: str | None = None) -> Any:

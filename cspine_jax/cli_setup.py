@@ -1,0 +1,11 @@
+"""What every command line does before its work (imported by absl programs only, never by the
+library)."""
+from absl import flags
+from absl import logging
+
+
+def quiet_library_logs() -> None:
+  """Library INFO records (orbax's per checkpoint, pylibjpeg's per tile) would bury the progress
+  and the tables: WARNING and above only, unless ``--verbosity`` was given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
