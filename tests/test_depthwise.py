@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from cspine_jax.models import cpu, layers
-from cspine_jax.models.cpu import depthwise, kernel_grad, native, ops
+from cspine_jax.models.cpu import kernel_grad, native, ops, shifted
 from cspine_jax.train import steps
 from cspine_jax.train import runtime
 
@@ -144,7 +144,7 @@ def test_tap_sum_computed_once_with_several_consumers():
 
 def test_dense_form_on_small_maps_only():
   # ConvNeXt's 7x7: 4x4 and 2x2 maps (16 < 49, 4 < 9 terms) take the dense form, 8x8 the taps.
-  wins = depthwise.dense_wins
+  wins = shifted.dense_wins
   assert wins(4, 4, 4, 4, 7, 7, (1, 1), (3, 3)) and wins(2, 2, 2, 2, 7, 7, (1, 1), (3, 3))
   assert not wins(8, 8, 8, 8, 7, 7, (1, 1), (3, 3))
   assert not wins(3, 3, 3, 3, 3, 3, (1, 1), (1, 1))

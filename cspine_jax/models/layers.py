@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 
-from cspine_jax.models.cpu import depthwise as shifted_lib
+from cspine_jax.models.cpu import shifted
 from cspine_jax.models.cpu import linear as linear_lib
 from cspine_jax.models.cpu import native_conv
 from cspine_jax.models.cpu import norm as norm_lib
@@ -74,7 +74,7 @@ def depthwise_conv2d(x: Array, kernel: Array, bias: Array | None = None, *,
   bias = _bias_or_zeros(bias, kernel)
   if _takes_native(method, x, kernel):
     return native_conv.depthwise_conv2d(x, kernel, bias, (sh, sw), (ph, pw))
-  return shifted_lib.depthwise_conv2d(x, kernel, bias, (sh, sw), (ph, pw))
+  return shifted.depthwise_conv2d(x, kernel, bias, (sh, sw), (ph, pw))
 
 
 def depthwise_conv2d_normalize(x: Array, kernel: Array, bias: Array | None, epsilon: float,

@@ -1,9 +1,10 @@
 """XLA:CPU forms of the model layers, and which form a model takes on the devices it runs on.
 
-`depthwise` ("shifted": the XLA form of the depthwise conv) with `kernel_grad` (its kernel
-gradient forms), `native` (the C++ kernels: build, load, calls) with `native_conv` (the
-differentiable depthwise conv through them), `linear` and `norm` (the other ConvNeXt layers'
-CPU VJPs), `ops` (what they share). `models.layers` dispatches to these by method.
+`shifted` (method "shifted": the XLA form of the depthwise conv) with `kernel_grad` (its kernel
+gradient forms); `native` (the C++ kernels: build, load, calls) with `native_conv` (method
+"native": the differentiable depthwise conv through them); `linear` and `norm` (the CPU VJPs of
+ConvNeXt's other layers, both CPU methods); `ops` (what they share). `models.layers` dispatches
+to these by method.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The depthwise conv, and the depthwise conv followed by a LayerNorm, through the native C++
-kernels (`native`): float32, differentiable by the kernels' two backward passes.
+"""Method "native": the depthwise conv, and the depthwise conv followed by a LayerNorm, through
+the C++ kernels (`native`), float32, differentiable by the kernels' two backward passes. The
+fastest CPU form: loops that need no padded or transposed copies, forward and both gradients.
 
 The fused conv + LayerNorm normalises each output row while it is still in cache. Without the
 affine part its gradient needs only the normalised output and the per-pixel 1/std; with it, the

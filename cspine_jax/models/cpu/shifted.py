@@ -1,4 +1,4 @@
-"""The "shifted" depthwise conv: XLA:CPU's form of a depthwise convolution, with its own VJP.
+"""Method "shifted": the depthwise conv in a form XLA:CPU runs well, with its own VJP.
 
 XLA:CPU lowers a grouped convolution (`feature_group_count`) to a slow generic loop, forward and
 gradient. Here the input is padded once and the kh*kw shifted slices times per-channel weights
