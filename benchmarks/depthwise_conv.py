@@ -1,19 +1,18 @@
 """Native vs shifted vs lax depthwise conv, and the whole ConvNeXt stage-2 model, on this backend.
 
 Prints forward and forward+backward times of the 7x7 depthwise convs of a ConvNeXt (default atto
-at the stage-2 CPU size: 16 vertebra samples x 8 images at 64 px; `--variant tiny --size 224
---batch 2` is the paper size), then train / inference images/s of the stage-2 model (encoder +
+at the stage-2 CPU size: 16 vertebra samples x 8 images at 64 px; `--variant=tiny --size=224
+--batch=2` is the paper size), then train / inference images/s of the stage-2 model (encoder +
 BiLSTM + attention) for each formulation, measured in the same run, and ends with ratio lines.
-"native" (the C++ kernels, `models/cpu/native.py`) is left out where it cannot be built. Train = a
+"native" (the C++ kernels, `models/cpu/native.py`) is left out where they do not load. Train = a
 plain `jax.jit`'d value_and_grad of a BCE loss over `nnx.split` state (no optimizer update). Each
 figure is the best of `--repeats` timed calls.
 
-  python benchmarks/depthwise_conv.py [--repeats 2] [--batch 16] [--size 64] [--variant atto]
-      [--skip-model]
+  python benchmarks/depthwise_conv.py [--repeats=2] [--batch=16] [--size=64] [--variant=atto]
+      [--skip_model]
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -24,10 +23,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cspine_jax.models import convnext, layers, sequence  # noqa: E402
 from cspine_jax.models.cpu import native  # noqa: E402
+from cspine_jax.train import runtime  # noqa: E402
+
+_REPEATS = flags.DEFINE_integer("repeats", 2, "timed calls per figure (the best is kept)")
+_BATCH = flags.DEFINE_integer("batch", 16, "vertebra samples (x8 images each)")
+_SIZE = flags.DEFINE_integer("size", 64, "image size in pixels")
+_VARIANT = flags.DEFINE_enum("variant", "atto", sorted(convnext.VARIANTS), "ConvNeXt size")
+_SKIP_MODEL = flags.DEFINE_bool("skip_model", False, "only the convs, not the stage-2 model")
 
 SEQ = 8
 # PyTorch peer on this machine kind: ConvNeXt-atto stage-2 model at 64 px, batch 16x8.
@@ -106,30 +114,26 @@ def bench_model(batch: int, size: int, repeats: int, method: str, variant: str
   return n_img / t_train, n_img / t_infer
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--repeats", type=int, default=2)
-  ap.add_argument("--batch", type=int, default=16, help="vertebra samples (x8 images each)")
-  ap.add_argument("--size", type=int, default=64)
-  ap.add_argument("--variant", default="atto", choices=sorted(convnext.VARIANTS))
-  ap.add_argument("--skip-model", action="store_true")
-  args = ap.parse_args()
-  n = args.batch * SEQ
-  methods = (["native"] if jax.default_backend() == "cpu" and native.available() else [])
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.start()  # as a run: the allocator setting and the native kernels
+  batch, size, repeats, variant = _BATCH.value, _SIZE.value, _REPEATS.value, _VARIANT.value
+  n = batch * SEQ
+  methods = (["native"] if jax.default_backend() == "cpu" and native.loaded() else [])
   methods += ["shifted", "lax"]
   print(f"backend: {jax.default_backend()}  devices: {jax.device_count()}  images: {n} x "
-        f"{args.size}px  variant: {args.variant}  repeats: {args.repeats}  methods: {methods}")
+        f"{size}px  variant: {variant}  repeats: {repeats}  methods: {methods}")
 
-  convs = bench_convs(n, args.size, args.repeats, args.variant, methods)
+  convs = bench_convs(n, size, repeats, variant, methods)
   for method, (tf, tb) in convs.items():
-    print(f"{args.variant}_depthwise_{method}: forward {tf * 1e3:.2f} ms  forward+backward "
+    print(f"{variant}_depthwise_{method}: forward {tf * 1e3:.2f} ms  forward+backward "
           f"{tb * 1e3:.2f} ms")
   speed = {}
-  if not args.skip_model:
-    speed = {m: bench_model(args.batch, args.size, args.repeats, m, args.variant)
-             for m in methods}
+  if not _SKIP_MODEL.value:
+    speed = {m: bench_model(batch, size, repeats, m, variant) for m in methods}
     for method, (tr, inf) in speed.items():
-      print(f"{args.variant}_stage2_{method}: train {tr:.1f} images/s  inference {inf:.1f} "
+      print(f"{variant}_stage2_{method}: train {tr:.1f} images/s  inference {inf:.1f} "
             "images/s")
   pairs = [(m, "lax") for m in methods if m != "lax"]
   if "native" in methods:
@@ -140,11 +144,11 @@ def main() -> None:
     if speed:
       print(f"ratio_{a}_over_{b}_train: {speed[a][0] / speed[b][0]:.2f}")
       print(f"ratio_{a}_over_{b}_inference: {speed[a][1] / speed[b][1]:.2f}")
-  if speed and (args.variant, args.batch, args.size) == ("atto", 16, 64):
+  if speed and (variant, batch, size) == ("atto", 16, 64):
     best = methods[0]
     print(f"ratio_{best}_over_torch_train: {speed[best][0] / TORCH_TRAIN_IMG_S:.2f}")
     print(f"ratio_{best}_over_torch_inference: {speed[best][1] / TORCH_INFER_IMG_S:.2f}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,28 +1,29 @@
 """Stage-2 atto model on CPU: our jit-compiled train/eval steps vs the seed's PyTorch model.
 
-    python benchmarks/stage2_vs_torch.py [--steps 6] [--batch 16] [--size 64]
-        [--encoder convnext_atto] [--torch_python PATH] [--ours_only] [--rounds 1]
+    python benchmarks/stage2_vs_torch.py [--steps=6] [--batch=16] [--size=64]
+        [--encoder=convnext_atto] [--torch_python=PATH] [--ours_only] [--rounds=1]
 
-Ours: the project's own ``Trainer`` (``loop.make_trainer`` on ``configs/stage2.py`` with the encoder,
-image size and batch set here): a train step is forward + backward + global-norm clip + AdamW on the
-whole state; inference is the eval step (model in eval mode). The peer: timm ``convnext_atto``
-(drop path 0.1) + ``nn.LSTM`` (bidirectional, hidden = encoder width) + MLP attention pooling
-(tanh, softmax over the 8 images) + dropout 0.1 + a linear head, random weights, BCE-with-logits,
-``clip_grad_norm_(1.0)`` + ``torch.optim.AdamW``; inference under ``torch.inference_mode()``.
+Ours: the project's own ``Trainer`` (``loop.make_trainer`` on ``configs/stage2.py`` with the
+encoder, image size and batch set here): a train step is forward + backward + global-norm clip +
+AdamW on the whole state; inference is the eval step (model in eval mode). The peer: timm
+``convnext_atto`` (drop path 0.1) + ``nn.LSTM`` (bidirectional, hidden = encoder width) + MLP
+attention pooling (tanh, softmax over the 8 images) + dropout 0.1 + a linear head, random weights,
+BCE-with-logits, ``clip_grad_norm_(1.0)`` + ``torch.optim.AdamW``; inference under
+``torch.inference_mode()``.
 Both get a batch of ``batch`` vertebra samples x 8 images of ``size`` px.
 
 The peer runs in this process when ``torch`` and ``timm`` import, else under ``--torch_python``
-(another interpreter, e.g. a scratch venv with torch CPU + timm) as a subprocess, else the issue's
-reference figures for this machine kind (447 / 1752 images/s, torch 2.13 CPU, 2 cores) stand in.
-Each figure is the median of ``--steps`` timed calls after two warm-up calls; our first call of each
-step (compile + one run) is printed too. Ends with the ratios. With ``--rounds K`` the peer and ours
+(another interpreter, e.g. a scratch venv with torch CPU + timm + absl-py) as a subprocess, else
+the issue's reference figures for this machine kind (447 / 1752 images/s, torch 2.13 CPU, 2 cores)
+stand in. Ours runs in a process set up as a run sets it up (``train.runtime.start``). Each figure
+is the median of ``--steps`` timed calls after two warm-up calls; our first call of each step
+(compile + one run) is printed too. Ends with the ratios. With ``--rounds K`` the peer and ours
 are measured K times in turn (ours compiled once) and the ratio of each round and their median are
 printed: this machine's speed drifts by +-15% over minutes, so a ratio from one pair of
 measurements minutes apart says little.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -32,8 +33,24 @@ import sys
 import time
 from typing import Callable
 
+from absl import app
+from absl import flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 8
+
+_STEPS = flags.DEFINE_integer("steps", 6, "timed calls per figure (their median is kept)")
+_BATCH = flags.DEFINE_integer("batch", 16, "vertebra samples (x8 images each)")
+_SIZE = flags.DEFINE_integer("size", 64, "image size in pixels")
+_ENCODER = flags.DEFINE_string("encoder", "convnext_atto", "image encoder (timm name for the peer)")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", os.environ.get("CSPINE_TORCH_PYTHON"),
+    "an interpreter with torch + timm + absl-py for the peer (default $CSPINE_TORCH_PYTHON)")
+_OURS_ONLY = flags.DEFINE_bool("ours_only", False, "measure ours only, not the PyTorch peer")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "measure the peer and ours this many times in turn; "
+                               "report each round's ratio and their median", lower_bound=1)
+_PEER_ONLY = flags.DEFINE_bool("peer_only", False,
+                               "internal: measure the peer only and print one JSON line")
 # The issue's PyTorch figures on this machine kind (atto at 64 px, batch 16 x 8 images).
 REFERENCE = {"train": 447.0, "inference": 1752.0}
 
@@ -50,7 +67,7 @@ def median_time(fn: Callable[[], object], steps: int, sync: Callable[[object], o
   return statistics.median(times)
 
 
-# ---- the PyTorch peer -----------------------------------------------------------------------------
+# ---- the PyTorch peer ----------------------------------------------------------------------------
 def _import_torchvision() -> None:
   """Imports torchvision (timm needs it), also where its C++ ops do not load against this torch.
 
@@ -59,9 +76,9 @@ def _import_torchvision() -> None:
   (``torchvision::nms``, ``qnms``). Defining their schemas first lets the pure-Python parts that
   timm imports load; the peer uses no torchvision op, so its timing is unaffected.
   """
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # lazy: optional dependency (torch)
   try:
-    import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import torchvision  # noqa: F401  # lazy: optional dependency (torch)
   except RuntimeError as e:
     if "torchvision::" not in str(e):
       raise
@@ -69,15 +86,15 @@ def _import_torchvision() -> None:
     for op in ("nms", "qnms"):
       lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _import_torchvision.lib = lib  # keep the definitions alive
-    import torchvision  # noqa: F401,F811  pylint: disable=import-outside-toplevel,unused-import
+    import torchvision  # noqa: F401,F811  # lazy: optional dependency (torch)
 
 
 def torch_peer(batch: int, size: int, steps: int, encoder: str) -> dict[str, float]:
   """(train, inference) images/s of the seed's PyTorch stage-2 model with random weights."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # lazy: optional dependency (torch)
   _import_torchvision()
-  import timm  # pylint: disable=import-outside-toplevel
-  from torch import nn  # pylint: disable=import-outside-toplevel
+  import timm  # lazy: optional dependency (torch)
+  from torch import nn  # lazy: optional dependency (torch)
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
@@ -127,35 +144,38 @@ def torch_peer(batch: int, size: int, steps: int, encoder: str) -> dict[str, flo
           "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def peer_figures(args) -> tuple[dict, str]:
+def peer_figures(batch: int, size: int, steps: int, encoder: str, torch_python: str | None
+                 ) -> tuple[dict, str]:
   """The peer's figures and where they come from."""
   try:
-    import timm  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    return torch_peer(args.batch, args.size, args.steps, args.encoder), "measured (this process)"
+    import timm  # noqa: F401  # lazy: optional dependency (torch)
+    import torch  # noqa: F401  # lazy: optional dependency (torch)
+    return torch_peer(batch, size, steps, encoder), "measured (this process)"
   except ImportError:
     pass
-  if args.torch_python:
-    cmd = [args.torch_python, __file__, "--peer_only", f"--batch={args.batch}",
-           f"--size={args.size}", f"--steps={args.steps}", f"--encoder={args.encoder}"]
+  if torch_python:
+    cmd = [torch_python, __file__, "--peer_only", f"--batch={batch}", f"--size={size}",
+           f"--steps={steps}", f"--encoder={encoder}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1]), f"measured ({args.torch_python})"
-  if (args.encoder, args.batch, args.size) != ("convnext_atto", 16, 64):
+    return json.loads(out.strip().splitlines()[-1]), f"measured ({torch_python})"
+  if (encoder, batch, size) != ("convnext_atto", 16, 64):
     raise SystemExit("no torch here and no reference figures for this size: pass --torch_python")
   return dict(REFERENCE), "the issue's reference figures (torch not importable)"
 
 
-# ---- ours -----------------------------------------------------------------------------------------
+# ---- ours ----------------------------------------------------------------------------------------
 def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
   """A function measuring (train, inference) images/s of the project's stage-2 Trainer steps on
   one CPU device; the steps are compiled (and the compile times recorded) on its first call."""
   sys.path.insert(0, str(REPO))
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import jax  # lazy: the --peer_only run (under --torch_python) may have no jax
+  import numpy as np  # lazy: as jax
 
-  from benchmarks.train_step import first_call  # pylint: disable=import-outside-toplevel
-  from cspine_jax.train import loop, sharding  # pylint: disable=import-outside-toplevel
-  from configs import stage2  # pylint: disable=import-outside-toplevel
+  from benchmarks.train_step import first_call  # lazy: as jax
+  from cspine_jax.train import loop, runtime, sharding  # lazy: as jax
+  from configs import stage2  # lazy: as jax
+
+  runtime.start()  # as a run: the allocator setting and the native kernels
 
   config = stage2.get_config()
   config.model.encoder = encoder
@@ -194,32 +214,22 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
   return measure
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=6)
-  ap.add_argument("--batch", type=int, default=16, help="vertebra samples (x8 images each)")
-  ap.add_argument("--size", type=int, default=64)
-  ap.add_argument("--encoder", default="convnext_atto")
-  ap.add_argument("--torch_python", default=os.environ.get("CSPINE_TORCH_PYTHON"),
-                  help="an interpreter with torch + timm for the peer (default $CSPINE_TORCH_PYTHON)")
-  ap.add_argument("--ours_only", action="store_true")
-  ap.add_argument("--rounds", type=int, default=1,
-                  help="measure the peer and ours this many times in turn; report each round's "
-                       "ratio and their median")
-  ap.add_argument("--peer_only", action="store_true", help=argparse.SUPPRESS)
-  args = ap.parse_args()
-  if args.peer_only:  # run by peer_figures() under --torch_python: one JSON line
-    print(json.dumps(torch_peer(args.batch, args.size, args.steps, args.encoder)))
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  batch, size, steps, encoder = _BATCH.value, _SIZE.value, _STEPS.value, _ENCODER.value
+  if _PEER_ONLY.value:  # run by peer_figures() under --torch_python: one JSON line
+    print(json.dumps(torch_peer(batch, size, steps, encoder)))
     return
-  if args.rounds < 1:
-    ap.error("--rounds must be at least 1")
-  print(f"{args.encoder} stage-2 model, {args.batch} x {SEQ} images of {args.size} px, "
-        f"{os.cpu_count()} CPUs, median of {args.steps} steps")
-  measure_ours = ours(args.batch, args.size, args.steps, args.encoder)
+  rounds = _ROUNDS.value
+  print(f"{encoder} stage-2 model, {batch} x {SEQ} images of {size} px, "
+        f"{os.cpu_count()} CPUs, median of {steps} steps")
+  measure_ours = ours(batch, size, steps, encoder)
   ratios = {"train": [], "inference": []}
-  for r in range(args.rounds):
-    tag = f"round {r + 1}/{args.rounds}: " if args.rounds > 1 else ""
-    peer, origin = (None, "") if args.ours_only else peer_figures(args)
+  for r in range(rounds):
+    tag = f"round {r + 1}/{rounds}: " if rounds > 1 else ""
+    peer, origin = ((None, "") if _OURS_ONLY.value
+                    else peer_figures(batch, size, steps, encoder, _TORCH_PYTHON.value))
     mine = measure_ours()
     print(f"{tag}ours ({mine['jax']}, {mine['devices']}): train {mine['train']:.1f} images/s, "
           f"inference {mine['inference']:.1f} images/s" + ("" if r else
@@ -231,7 +241,7 @@ def main() -> None:
           f"inference {peer['inference']:.1f} images/s", flush=True)
     for kind in ratios:
       ratios[kind].append(mine[kind] / peer[kind])
-    if args.rounds > 1:
+    if rounds > 1:
       print(f"{tag}ratio train {ratios['train'][-1]:.2f}, inference "
             f"{ratios['inference'][-1]:.2f}", flush=True)
   for kind, values in ratios.items():
@@ -241,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

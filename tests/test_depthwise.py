@@ -1,5 +1,6 @@
-"""layers.py's CPU formulations match the reference ops: the shifted and native depthwise convs lax's
-grouped convolution, the custom-VJP GELU jax.nn.gelu(approximate=False) (values and gradients)."""
+"""The CPU forms of the layers (models/cpu) match the reference ops: the shifted and native depthwise
+convs lax's grouped convolution, the custom-VJP GELU jax.nn.gelu(approximate=False), the dense,
+norm and patch conv VJPs autodiff (values and gradients); the form chosen for a model's devices."""
 import functools
 import re
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cspine_jax.models import layers
-from cspine_jax.models.cpu import native
+from cspine_jax.models import cpu, layers
+from cspine_jax.models.cpu import kernel_grad, native, ops, shifted
 from cspine_jax.train import steps
 from cspine_jax.train import runtime
 
@@ -21,6 +22,12 @@ def _pair(shape, seed=0, ksize=7):
   x = rs.standard_normal(shape).astype(np.float32)
   k = rs.standard_normal((ksize, ksize, 1, shape[-1])).astype(np.float32)
   return x, k, rs
+
+
+def _load(method):
+  """Loads the native kernels where `method` needs them (a run does it at its start)."""
+  if method == "native":
+    assert native.load_once(), "the native kernels should build here (g++ is on every machine kind)"
 
 
 def _close(a, b, rtol=1e-5):
@@ -44,6 +51,7 @@ CASES = [((2, 9, 11, 5), 7, 1, 3), ((3, 2, 2, 4), 7, 1, 3), ((2, 4, 5, 6), 7, 1,
 @pytest.mark.parametrize("method", ["shifted", "native"])
 @pytest.mark.parametrize("shape,ksize,stride,pad", CASES)
 def test_cpu_forms_match_lax_forward_and_gradients(shape, ksize, stride, pad, method):
+  _load(method)
   x, k, rs = _pair(shape, 0, ksize)
   n, h, w, c = shape
   g = rs.standard_normal((n, (h + 2 * pad - ksize) // stride + 1,
@@ -66,7 +74,7 @@ def test_cpu_forms_match_lax_forward_and_gradients(shape, ksize, stride, pad, me
 
 @pytest.mark.parametrize("shape,ksize,stride,pad", CASES + [((6, 16, 16, 3), 7, 1, 3)])
 def test_every_kernel_gradient_form_matches_lax(shape, ksize, stride, pad):
-  # _kernel_grad picks one form by map and batch size; each must be right on every case (the FFT
+  # kernel_grad picks one form by map and batch size; each must be right on every case (the FFT
   # form is for stride 1 only).
   x, _, rs = _pair(shape, 1, ksize)
   n, h, w, c = shape
@@ -79,9 +87,9 @@ def test_every_kernel_gradient_form_matches_lax(shape, ksize, stride, pad):
       return layers.depthwise_conv2d(x, k, stride=stride, padding=pad, method="lax")
     return jax.vjp(f, jnp.zeros((ksize, ksize, 1, c), jnp.float32))[1](g)[0]
 
-  forms = [layers._kernel_grad_pairs, layers._kernel_grad_rows]  # pylint: disable=protected-access
+  forms = [kernel_grad.pairs, kernel_grad.rows]
   if stride == 1:
-    forms.append(lambda x, g, kh, kw, _, padding: layers._kernel_grad_fft(x, g, kh, kw, padding))
+    forms.append(lambda x, g, kh, kw, _, padding: kernel_grad.fft(x, g, kh, kw, padding))
   got = jax.jit(lambda x, g: [f(x, g, ksize, ksize, (stride,) * 2, (pad,) * 2) for f in forms])(x, g)
   for dk in got:
     _close(dk, ref(x, g))
@@ -89,7 +97,7 @@ def test_every_kernel_gradient_form_matches_lax(shape, ksize, stride, pad):
 
 @pytest.mark.parametrize("shape,ksize,pad", [((2, 14, 15, 24), 7, 3), ((2, 16, 14, 25), 3, 1),
                                              ((1, 17, 16, 24), 3, 0)])
-def test_large_stride_one_maps_take_the_fft_kernel_gradient(shape, ksize, pad):
+def test_large_stride_one_maps_take_the_fft_kernel_gradient(shape, ksize, pad, monkeypatch):
   """The FFT form is the one chosen on maps of 14x14 or more with 24 channels or more at stride 1
   (odd and non-square sizes, 'same' and 'valid' padding), and the gradient through it matches
   lax; with fewer channels rows stays."""
@@ -98,36 +106,28 @@ def test_large_stride_one_maps_take_the_fft_kernel_gradient(shape, ksize, pad):
   ho, wo = h + 2 * pad - ksize + 1, w + 2 * pad - ksize + 1
   g = rs.standard_normal((n, ho, wo, c)).astype(np.float32)
   calls = []
-  real = layers._kernel_grad_fft  # pylint: disable=protected-access
+  real = kernel_grad.fft
 
   def spy(*args):
     calls.append(args[0].shape)
     return real(*args)
 
-  layers._kernel_grad_fft = spy  # pylint: disable=protected-access
-  try:
-    got = jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x, k, padding=pad,
-                                                              method="shifted") * g))(k)
-  finally:
-    layers._kernel_grad_fft = real  # pylint: disable=protected-access
+  monkeypatch.setattr(kernel_grad, "fft", spy)
+  got = jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x, k, padding=pad,
+                                                            method="shifted") * g))(k)
   ref = jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x, k, padding=pad, method="lax") * g))(k)
   assert calls == [shape]
   _close(got, ref)
-  layers._kernel_grad_fft = spy  # pylint: disable=protected-access
-  try:
-    jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x[..., :8], k[..., :8], padding=pad,
-                                                        method="shifted") * g[..., :8]))(k)
-  finally:
-    layers._kernel_grad_fft = real  # pylint: disable=protected-access
+  jax.grad(lambda k: jnp.sum(layers.depthwise_conv2d(x[..., :8], k[..., :8], padding=pad,
+                                                      method="shifted") * g[..., :8]))(k)
   assert calls == [shape]  # 8 channels: not the FFT
-  fft_size = layers._fft_size  # pylint: disable=protected-access
-  assert [fft_size(m) for m in (20, 62, 34, 7, 1, 0)] == [20, 64, 36, 8, 1, 1]
+  assert [kernel_grad.fft_size(m) for m in (20, 62, 34, 7, 1, 0)] == [20, 64, 36, 8, 1, 1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion decisions")
 def test_tap_sum_computed_once_with_several_consumers():
   # Three consumers of the conv output, like the LayerNorm after it: XLA:CPU would fuse the
-  # 49-tap sum into each (3x the work) unless it is materialised once (layers._materialised).
+  # 49-tap sum into each (3x the work) unless it is materialised once (ops.materialised).
   x, k, _ = _pair((2, 9, 9, 3))
 
   def f(x, k):
@@ -144,26 +144,37 @@ def test_tap_sum_computed_once_with_several_consumers():
 
 def test_dense_form_on_small_maps_only():
   # ConvNeXt's 7x7: 4x4 and 2x2 maps (16 < 49, 4 < 9 terms) take the dense form, 8x8 the taps.
-  wins = layers._dense_wins  # pylint: disable=protected-access
+  wins = shifted.dense_wins
   assert wins(4, 4, 4, 4, 7, 7, (1, 1), (3, 3)) and wins(2, 2, 2, 2, 7, 7, (1, 1), (3, 3))
   assert not wins(8, 8, 8, 8, 7, 7, (1, 1), (3, 3))
   assert not wins(3, 3, 3, 3, 3, 3, (1, 1), (1, 1))
 
 
-def test_auto_method_and_errors():
-  assert native.available(), "the native kernels should build here (g++ is on every machine kind)"
-  # The suite's 8 fake devices: the partitionable XLA form (test_native checks one device).
-  assert jax.device_count() == 8
-  assert layers.resolve_method("auto") == ("shifted" if jax.default_backend() == "cpu" else "lax")
-  with pytest.raises(ValueError, match="unknown depthwise conv method"):
-    layers.resolve_method("fft")
+class _Gpu:
+  platform = "gpu"
+
+
+def test_method_chosen_from_the_devices_and_errors(monkeypatch):
+  _load("native")
+  # The suite's 8 fake devices: the partitionable XLA form; one device: the native kernels.
+  assert jax.device_count() == 8 and jax.default_backend() == "cpu"
+  assert cpu.choose_method(jax.devices()) == "shifted"
+  assert cpu.choose_method(jax.devices()[:1]) == "native"
+  assert cpu.choose_method([_Gpu()]) == "lax"
+  monkeypatch.setattr(native, "loaded", lambda: False)  # not loaded (CSPINE_NATIVE=0, no g++)
+  assert cpu.choose_method(jax.devices()[:1]) == "shifted"
+  with pytest.raises(ValueError, match="needs the devices"):
+    cpu.choose_method([])
+  for method in ("fft", "auto"):  # "auto" is resolved before a model is built
+    with pytest.raises(ValueError, match="unknown depthwise conv method"):
+      layers.depthwise_conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((7, 7, 1, 3)), method=method)
   with pytest.raises(ValueError, match="kernel"):
     layers.depthwise_conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((7, 7, 1, 4)))
 
 
 def test_module_matches_nnx_conv_parameters():
   rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
-  dw = layers.DepthwiseConv2d(6, 7, rngs=rngs)
+  dw = layers.DepthwiseConv2d(6, 7, method="shifted", rngs=rngs)
   conv = nnx.Conv(6, 6, (7, 7), padding=3, feature_group_count=6, rngs=rngs)
   assert dw.kernel.shape == conv.kernel.shape == (7, 7, 1, 6)
   assert dw.bias.shape == conv.bias.shape
@@ -257,10 +268,10 @@ def test_dense_matches_library_values_and_gradients(shape, dout):
   linear = nnx.Linear(shape[-1], dout, rngs=nnx.Rngs(0))
   linear.kernel[...], linear.bias[...] = kernel, bias
   _close(layers.dense(x, kernel, bias, method="shifted"), linear(x))
-  _close(layers.col_sum(x), x.reshape(-1, shape[-1]).sum(0))
+  _close(ops.col_sum(x), x.reshape(-1, shape[-1]).sum(0))
   x2, g2 = x.reshape(-1, shape[-1]), g.reshape(-1, dout)  # weight gradient, wide and tall results
   for a, b in ((x2, g2), (g2, x2)):
-    got = jax.jit(layers.row_contraction)(a, b)
+    got = jax.jit(ops.row_contraction)(a, b)
     assert got.shape == (a.shape[1], b.shape[1])
     _close(got, a.T @ b)
 
@@ -309,6 +320,7 @@ def test_cpu_steps_keep_freed_host_memory_for_the_next_step():
 def test_conv_then_normalize_matches_the_library_ops(shape, method):
   # ConvNeXt's depthwise conv + LayerNorm (no affine): one native call against lax's conv and
   # the plain formulas, values and all three gradients.
+  _load(method)
   x, k, rs = _pair(shape, 3)
   b = rs.standard_normal(shape[-1]).astype(np.float32)
   g = rs.standard_normal(shape).astype(np.float32)
@@ -333,6 +345,7 @@ def test_conv_then_normalize_matches_the_library_ops(shape, method):
 @pytest.mark.parametrize("method", ["shifted", "native"])
 def test_conv_then_layer_norm_with_affine_matches_the_library_ops(method):
   # The affine form (ConvNeXt's eval path): values and the gradients of all five inputs.
+  _load(method)
   x, k, rs = _pair((2, 9, 11, 100), 4)
   b, s, t = (rs.standard_normal(100).astype(np.float32) for _ in range(3))
   g = rs.standard_normal(x.shape).astype(np.float32)

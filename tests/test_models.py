@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from cspine_jax.models import cnn3d, convnext, layers, registry, sequence, slice2d, stage1
+from cspine_jax.models.cpu import native
 
 
 def _images(shape, seed=0):
@@ -13,6 +14,7 @@ def _images(shape, seed=0):
 
 
 def _encoder(**kw):
+  kw.setdefault("dw_method", "shifted")  # what the suite's 8 CPU devices choose
   return convnext.ConvNeXt("test", rngs=registry.make_rngs(0), **kw)
 
 
@@ -117,6 +119,8 @@ def test_convnext_cpu_form_matches_library_form(drop_path_rate, train, method):
   folded into fc1 and the downsample conv, layer scale into fc2; custom VJPs) against "lax" (the
   library modules) on the same parameters: pooled features and every parameter's gradient, in
   train mode (same drop-path draws) and in eval mode (no folds)."""
+  if method == "native":
+    assert native.load_once(), "the native kernels should build here (g++ is on every machine kind)"
   models = [_encoder(dw_method=m, drop_path_rate=drop_path_rate) for m in (method, "lax")]
   for m in models:
     if not train:
@@ -208,7 +212,7 @@ def test_registry_builds_every_model_with_right_outputs():
   base = {"encoder": "convnext_test", "drop_path_rate": 0.1}
   x = _images((2, 32, 32, 3))
   m = registry.make_model({**base, "name": "stage2", "vertebra_embedding": 4},
-                          rngs=registry.make_rngs(0))
+                          rngs=registry.make_rngs(0), devices=jax.devices())
   assert isinstance(m, sequence.Stage2Model) and m.lstm[0].forward_lstm.hidden == 64
   m.eval()
   out = _apply(m, _images((2, 8, 32, 32, 3)), np.array([0, 6]), abstract=True)
@@ -216,7 +220,8 @@ def test_registry_builds_every_model_with_right_outputs():
   with pytest.raises(ValueError, match="vertebra"):
     m(_images((1, 8, 32, 32, 3)))
 
-  m = registry.make_model({**base, "name": "stage1"}, rngs=registry.make_rngs(0))
+  m = registry.make_model({**base, "name": "stage1"}, rngs=registry.make_rngs(0),
+                          devices=jax.devices())
   assert isinstance(m, stage1.Stage1Model)
   m.eval()
   out = _apply(m, x)
@@ -226,7 +231,7 @@ def test_registry_builds_every_model_with_right_outputs():
 
   for name, heads in [("single_head", "single"), ("multi_head", "multi")]:
     m = registry.make_model({**base, "name": name, "head_hidden": 16 if heads == "multi" else 0},
-                            rngs=registry.make_rngs(0))
+                            rngs=registry.make_rngs(0), devices=jax.devices())
     assert isinstance(m, slice2d.SliceClassifier) and m.heads == heads
     m.eval()
     out = _apply(m, x, abstract=True)
@@ -245,3 +250,24 @@ def test_registry_builds_every_model_with_right_outputs():
     registry.make_model({"name": "unet"}, rngs=registry.make_rngs(0))
   with pytest.raises(ValueError, match="unknown encoder"):
     registry.make_encoder("resnet50", rngs=registry.make_rngs(0))
+
+
+def test_registry_chooses_the_layer_form_for_the_models_devices(monkeypatch):
+  """dw_method "auto" becomes the form for the devices the model runs on, for either encoder
+  family; a named form is kept; encoders take only named forms."""
+  build = lambda cfg, devices=None: nnx.eval_shape(  # noqa: E731
+      lambda: registry.make_model(cfg, rngs=nnx.Rngs(0), devices=devices))
+  for encoder in ("convnext_test", "efficientnet_v2_test"):
+    cfg = {"name": "stage1", "encoder": encoder}
+    for loaded, devices, want in [(True, jax.devices(), "shifted"),
+                                  (True, jax.devices()[:1], "native"),
+                                  (True, None, "native"),  # default: the first device
+                                  (False, jax.devices()[:1], "shifted")]:
+      monkeypatch.setattr(native, "loaded", lambda v=loaded: v)
+      m = build(cfg, devices)
+      dw = m.encoder.stages[0].blocks[0].conv_dw if encoder.startswith("convnext") else (
+          m.encoder.blocks[3][0].conv_dw)
+      assert dw.method == want, (encoder, loaded, len(devices or []))
+    assert build({**cfg, "dw_method": "lax"}, jax.devices()[:1]).encoder.dw_method == "lax"
+  with pytest.raises(ValueError, match="chosen by registry.make_model"):
+    convnext.ConvNeXt("test", dw_method="auto", rngs=nnx.Rngs(0))

@@ -1,6 +1,6 @@
 """The native depthwise kernels (models/cpu/native.py, models/cpu/depthwise_cpu.cc): how they are built,
-cached and turned off, and that they run under a sharded jit. Their numerics against lax are in
-test_depthwise.py (every case, forward and both gradients)."""
+cached, loaded only where asked and turned off, and that they run under a sharded jit. Their
+numerics against lax are in test_depthwise.py (every case, forward and both gradients)."""
 import os
 import pathlib
 import subprocess
@@ -11,12 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cspine_jax.models import layers
+from cspine_jax.models import cpu, layers, registry
 from cspine_jax.models.cpu import native
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def loaded():
+  """The native kernels, loaded as a run's start loads them."""
+  assert native.load_once(), "the native kernels should build here (g++ is on every machine kind)"
 
 
 def _conv_and_grads(method):
@@ -61,12 +68,18 @@ def test_a_broken_cached_library_is_built_again(tmp_path, monkeypatch):
   assert native.library_path(native._compiler()) != path  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("env,devices,want", [({}, 1, ["True", "native"]),
-                                               ({"CSPINE_NATIVE": "0"}, 1, ["False", "shifted"]),
-                                               ({}, 2, ["True", "shifted"])])
-def test_auto_takes_the_native_kernels_on_one_cpu_device_unless_turned_off(env, devices, want):
-  code = ("from cspine_jax.models import layers; from cspine_jax.models.cpu import native; "
-          "print(native.available(), layers.resolve_method('auto'))")
+@pytest.mark.parametrize("env,devices,want", [({}, 1, ["shifted", "True", "native"]),
+                                               ({"CSPINE_NATIVE": "0"}, 1,
+                                                ["shifted", "False", "shifted"]),
+                                               ({}, 2, ["shifted", "True", "shifted"])])
+def test_a_model_takes_the_native_kernels_on_one_cpu_device_once_loaded(env, devices, want):
+  # Building (and tracing) a model loads nothing: before `load_once` its form is "shifted".
+  code = ("import jax; from flax import nnx; from cspine_jax.models import registry; "
+          "from cspine_jax.models.cpu import native; "
+          "cfg = {'name': 'stage2', 'encoder': 'convnext_test'}; "
+          "build = lambda: nnx.eval_shape(lambda: registry.make_model(cfg, rngs=nnx.Rngs(0), "
+          "devices=jax.devices())).encoder.dw_method; "
+          "print(build(), native.load_once(), build())")
   env = dict(os.environ, JAX_PLATFORMS="cpu", **env,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
@@ -74,15 +87,27 @@ def test_auto_takes_the_native_kernels_on_one_cpu_device_unless_turned_off(env, 
   assert out == want
 
 
-def test_native_asked_for_where_it_cannot_be_built_says_so(monkeypatch):
-  monkeypatch.setattr(native, "available", lambda: False)
-  assert layers.resolve_method("auto") in ("shifted", "lax")
+def test_building_and_tracing_a_model_loads_nothing(monkeypatch):
+  # Only a run's start (train.runtime.start) builds and loads the kernels.
+  for name in ("load", "load_once"):
+    monkeypatch.setattr(native, name, lambda: pytest.fail("a model build loaded the kernels"))
+  model = nnx.eval_shape(lambda: registry.make_model(
+      {"name": "stage2", "encoder": "convnext_test"}, rngs=nnx.Rngs(0),
+      devices=jax.devices()[:1]))
+  assert model.encoder.dw_method == ("native" if native.loaded() else "shifted")
+  x = jax.ShapeDtypeStruct((1, 2, 32, 32, 3), jnp.float32)
+  jax.eval_shape(lambda s, x: nnx.merge(nnx.graphdef(model), s)(x), nnx.state(model), x)
+
+
+def test_native_asked_for_where_it_is_not_loaded_says_so(monkeypatch):
+  monkeypatch.setattr(native, "loaded", lambda: False)
+  assert cpu.choose_method(jax.devices()[:1]) == "shifted"
   x, k, b, _ = _inputs()
-  with pytest.raises(native.NativeBuildError, match="not available"):
+  with pytest.raises(native.NativeBuildError, match="not loaded"):
     layers.depthwise_conv2d(x, k, b, padding=3, method="native")
 
 
-def test_other_dtypes_take_the_xla_form():
+def test_other_dtypes_take_the_xla_form(loaded):
   x, k, b, _ = _inputs((2, 8, 8, 16))
   f = jax.jit(lambda x, k, b: layers.depthwise_conv2d(x, k, b, padding=3, method="native"))
   assert "cspine_depthwise" in f.lower(x, k, b).as_text()
@@ -95,7 +120,7 @@ def test_other_dtypes_take_the_xla_form():
                              atol=0.03 * np.abs(want).max())
 
 
-def test_a_batch_sharded_over_eight_devices_gives_the_single_device_result():
+def test_a_batch_sharded_over_eight_devices_gives_the_single_device_result(loaded):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((8,), ("data",))
   x, k, b, g = _inputs()
@@ -123,7 +148,7 @@ def test_an_unwritable_home_builds_into_the_temporary_directory(tmp_path, monkey
     home.chmod(0o700)
 
 
-def test_the_kernel_gradient_is_the_same_to_the_bit_every_call():
+def test_the_kernel_gradient_is_the_same_to_the_bit_every_call(loaded):
   # Training runs must repeat exactly: the kernel gradient's sum over rows may not depend on which
   # pool thread took which rows (per-thread accumulators did: the demo's scores moved run to run).
   x = jax.random.normal(jax.random.key(0), (16, 28, 28, 96))

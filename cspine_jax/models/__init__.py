@@ -1,19 +1,23 @@
 """Flax NNX models of cspine_jax.
 
-Modules: `layers` (depthwise conv, drop path, attention pooling), `convnext` (ConvNeXt encoder, timm
-naming), `efficientnet_v2` (EfficientNetV2 encoder), `sequence` (stage-2 encoder + BiLSTM +
-attention pooling), `stage1` (presence/area/box heads), `cnn3d` (3D CNN baseline), `slice2d` (2D
-single-head / multi-head baselines), `registry` (`make_encoder`, `make_model`).
+Modules: `layers` (depthwise conv, GELU, ConvNeXt's linear and norm ops, drop path, attention
+pooling), `cpu` (their XLA:CPU and native C++ forms, and `choose_method`), `convnext` (ConvNeXt
+encoder, timm naming), `efficientnet_v2` (EfficientNetV2 encoder), `sequence` (stage-2 encoder +
+BiLSTM + attention pooling), `stage1` (presence/area/box heads), `cnn3d` (3D CNN baseline),
+`slice2d` (2D single-head / multi-head baselines), `box_refine` (box refiner), `registry`
+(`make_encoder`, `make_model`), `pretrained` (timm weights).
 
 Encoder contract (every image encoder: `convnext.ConvNeXt`, `efficientnet_v2.EfficientNetV2`)
 ---------------------------------------------------------------------------------------------
 Construction::
 
-  Encoder(variant: str, *, in_chans: int = 3, drop_path_rate: float = 0.0,
+  Encoder(variant: str, *, in_chans: int = 3, drop_path_rate: float = 0.0, dw_method: str = "lax",
           dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **variant_specific)
 
   - `variant` names a size from the module's `VARIANTS` dict (e.g. "atto", "tiny"; "test" is a
     tiny size for fast tests); unknown names raise ValueError listing the known ones.
+  - `dw_method` is the layer form, "native" | "shifted" | "lax" (`layers`); `registry.make_model`
+    chooses it for the model's devices (`cpu.choose_method`).
   - `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype` (float32).
   - Randomness (drop path / dropout) draws from the Rngs' 'dropout' stream given at construction.
 
@@ -35,8 +39,9 @@ start in training mode (deterministic=False, like `nnx.Dropout`); switch with `m
 
 Registry: `registry.make_encoder("convnext_atto" | "efficientnet_v2_s" | ..., *, rngs, **kw)`
 splits the name at the family prefix and passes the rest as `variant` (so efficientnet_v2.py
-exposes `EfficientNetV2` and `VARIANTS`); `registry.make_model(config.model, rngs=...)` builds a
-whole model from a config; `registry.make_rngs(seed)` gives fast-compiling Rngs.
+exposes `EfficientNetV2` and `VARIANTS`); `registry.make_model(config.model, rngs=...,
+devices=...)` builds a whole model from a config, its layer form (`dw_method`) chosen for the
+devices it runs on; `registry.make_rngs(seed)` gives fast-compiling Rngs.
 
 Functional use (jit a function of state): split with `nnx.split(model, nnx.Param, ...)` and
 rebuild inside the traced function with `nnx.merge(graphdef, params, rest, copy=True)`; without

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cspine_jax.pp import refine_input
 
 Array = jax.Array
 NUM_VERTEBRAE = 7
@@ -26,8 +27,7 @@ class BoxRefiner(nnx.Module):
     self.encoder = encoder
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     # Zero kernel and a bias at the crop's inner box: training starts from "the derived box is
-    # right", the crop frame's own answer (records.box_refine.MARGIN on each side).
-    from cspine_jax.pp import refine_input
+    # right", the crop frame's own answer (refine_input.MARGIN on each side).
     self.head = nnx.Linear(encoder.num_features, NUM_VERTEBRAE * 4, param_dtype=param_dtype,
                            kernel_init=nnx.initializers.zeros_init(),
                            bias_init=lambda *_: jnp.tile(

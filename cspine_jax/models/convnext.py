@@ -80,7 +80,7 @@ def _conv(din: int, dout: int, k: int, dtype: Dtype, param_dtype: Dtype,
 
 def _patch_conv(conv: nnx.Conv, x: Array, method: str) -> Array:
   """`conv(x)` (k x k stride k, VALID) through `layers.patch_conv`: same parameters and result;
-  `method` (the model's `dw_method`, "auto" = by backend) also picks its CPU gradient form."""
+  `method` (the model's `dw_method`) also picks its CPU gradient form."""
   kernel = conv.kernel[...].astype(conv.dtype)
   y = layers.patch_conv(x.astype(conv.dtype), kernel, method=method)
   return layers.add_bias(y, conv.bias[...].astype(conv.dtype), method=method)
@@ -107,7 +107,7 @@ class ConvNeXtBlock(nnx.Module):
   """x + drop_path(gamma * fc2(gelu(fc1(norm(conv_dw(x))))))."""
 
   def __init__(self, dim: int, *, drop_path: float = 0.0, ls_init_value: float = 1e-6,
-               dw_method: str = "auto", dtype: Dtype = jnp.float32,
+               dw_method: str = "lax", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
     self.dw_method = dw_method
@@ -120,7 +120,7 @@ class ConvNeXtBlock(nnx.Module):
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    if layers.resolve_method(self.dw_method) == "lax":  # the library modules, autodiff
+    if self.dw_method == "lax":  # the library modules, autodiff
       y = self.conv_dw(x)
       y = self.norm(y)
       y = self.mlp_fc1(y)
@@ -132,11 +132,11 @@ class ConvNeXtBlock(nnx.Module):
     # outputs, the LayerNorm's affine part is folded into fc1 ((xhat s + t) W1 + b1 = xhat (s W1)
     # + (t W1 + b1)) and the layer scale into fc2 ((a W2 + b2) gamma = a (W2 gamma) + b2 gamma):
     # the folds act on the weight matrices, so the full-size scale multiplies and their
-    # column-sum gradients disappear. Elsewhere (eval mode: no backward to save, and folding the
-    # weights there measured slower, Tiny eval step 665 -> 695 ms; ConvNeXt's last stage: weights
-    # larger than the activations) they are applied as usual, fused into the elementwise work
-    # around them. The conv + normalisation and both linears take their CPU forms
-    # (`DepthwiseConv2d.normalized`, `layers.dense`).
+    # column-sum gradients disappear. Elsewhere (eval mode: no backward to save, and the folded
+    # weights cost more than they save; ConvNeXt's last stage: weights larger than the
+    # activations) they are applied as usual, fused into the elementwise work around them. The
+    # conv + normalisation and both linears take their CPU forms (`DepthwiseConv2d.normalized`,
+    # `layers.dense`).
     dt, m = self.dtype, self.dw_method
     w1, b1 = self.mlp_fc1.kernel[...].astype(dt), self.mlp_fc1.bias[...].astype(dt)
     w2, b2 = self.mlp_fc2.kernel[...].astype(dt), self.mlp_fc2.bias[...].astype(dt)
@@ -173,7 +173,7 @@ class ConvNeXtStage(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     if self.downsample_conv is not None:
-      if layers.resolve_method(self.dw_method) == "lax":
+      if self.dw_method == "lax":
         x = _patch_conv(self.downsample_conv, self.downsample_norm(x), self.dw_method)
       else:  # CPU form: the LayerNorm's affine part folded into the conv when training
         x = _normed_patch_conv(self.downsample_norm, self.downsample_conv, x, self.dw_method,
@@ -184,11 +184,16 @@ class ConvNeXtStage(nnx.Module):
 
 
 class ConvNeXt(nnx.Module):
-  """ConvNeXt encoder following the contract in `cspine_jax.models` (pooled pre-logits)."""
+  """ConvNeXt encoder following the contract in `cspine_jax.models` (pooled pre-logits).
+
+  `dw_method` is the layer form ("native" | "shifted" | "lax", see `layers`); `registry.make_model`
+  chooses it for the devices the model runs on.
+  """
 
   def __init__(self, variant: str = "tiny", *, in_chans: int = 3, drop_path_rate: float = 0.0,
-               dw_method: str = "auto", dtype: Dtype = jnp.float32,
+               dw_method: str = "lax", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    layers.check_method(dw_method)
     if variant not in VARIANTS:
       raise ValueError(f"unknown ConvNeXt variant {variant!r}; known: {sorted(VARIANTS)}")
     depths, dims = VARIANTS[variant]
@@ -213,7 +218,7 @@ class ConvNeXt(nnx.Module):
     if x.ndim != 4 or x.shape[-1] != self.in_chans:
       raise ValueError(f"ConvNeXt wants (N, H, W, {self.in_chans}) input; got {x.shape}")
     x = _patch_conv(self.stem_conv, x.astype(self.dtype), self.dw_method)
-    if layers.resolve_method(self.dw_method) == "lax":
+    if self.dw_method == "lax":
       x = self.stem_norm(x)
     else:  # the same LayerNorm, with col_sum gradients for its scale and shift
       norm = self.stem_norm

@@ -243,13 +243,16 @@ def stage_plan(variant: Variant) -> list[list[dict[str, Any]]]:
 class EfficientNetV2(nnx.Module):
   """EfficientNetV2 encoder following the contract in `cspine_jax.models` (pooled pre-logits).
 
-  `channel_multiplier` / `depth_multiplier`, when given, override the variant's.
+  `channel_multiplier` / `depth_multiplier`, when given, override the variant's. `dw_method` is the
+  depthwise conv's form ("native" | "shifted" | "lax", see `layers`); `registry.make_model`
+  chooses it for the devices the model runs on.
   """
 
   def __init__(self, variant: str = "s", *, in_chans: int = 3, drop_path_rate: float = 0.0,
                channel_multiplier: float | None = None, depth_multiplier: float | None = None,
-               dw_method: str = "auto", dtype: Dtype = jnp.float32,
+               dw_method: str = "lax", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    layers.check_method(dw_method)
     if variant not in VARIANTS:
       raise ValueError(f"unknown EfficientNetV2 variant {variant!r}; known: {sorted(VARIANTS)}")
     spec = VARIANTS[variant]
@@ -261,6 +264,7 @@ class EfficientNetV2(nnx.Module):
     self.variant = variant
     self.in_chans = in_chans
     self.dtype = dtype
+    self.dw_method = dw_method
     self.tf_same = spec.tf_same
     plan = stage_plan(spec)
     stem = round_channels(spec.stem_size, spec.channel_multiplier)

@@ -1,13 +1,15 @@
 """Builds encoders and models by name, so configs can say `model.name="stage2"`,
 `model.encoder="convnext_atto"`.
 
-`make_model(cfg, rngs=...)` reads a mapping-like config (ml_collections ConfigDict or dict):
+`make_model(cfg, rngs=..., devices=...)` reads a mapping-like config (ml_collections ConfigDict or
+dict):
 
   name               "stage1" | "stage2" | "cnn3d" | "single_head" | "multi_head" | "box_refine"
   encoder            "convnext_<variant>" | "efficientnet_v2_<variant>"   (not for cnn3d)
   drop_path_rate     encoder stochastic depth (default 0.0; the seed's stage 2 uses 0.1)
   dtype              compute dtype name, "float32" (default) or "bfloat16"
-  dw_method          ConvNeXt depthwise conv: "auto" (default) | "native" | "shifted" | "lax"
+  dw_method          encoder layer form: "auto" (default: `cpu.choose_method` for the devices
+                     the model runs on) | "native" | "shifted" | "lax" (see `layers`)
   in_chans           encoder input channels (default 3; cnn3d default 1)
   stage2:            lstm_hidden (None = encoder width), lstm_layers (1), attention_hidden,
                      vertebra_embedding (0 = off), dropout (0.0)
@@ -17,13 +19,14 @@
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cspine_jax.models import box_refine, cnn3d, convnext, sequence, slice2d, stage1
+from cspine_jax.models import box_refine, cnn3d, convnext, cpu, efficientnet_v2, sequence
+from cspine_jax.models import slice2d, stage1
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ENCODER_FAMILIES = ("convnext_", "efficientnet_v2_")
@@ -53,8 +56,6 @@ def make_encoder(name: str, *, rngs: nnx.Rngs, **kw: Any) -> nnx.Module:
   if name.startswith("convnext_"):
     return convnext.ConvNeXt(name[len("convnext_"):], rngs=rngs, **kw)
   if name.startswith("efficientnet_v2_"):
-    kw.pop("dw_method", None)  # a ConvNeXt-only option
-    from cspine_jax.models import efficientnet_v2  # pylint: disable=import-outside-toplevel
     return efficientnet_v2.EfficientNetV2(name[len("efficientnet_v2_"):], rngs=rngs, **kw)
   raise ValueError(f"unknown encoder {name!r}; expected a name starting with {ENCODER_FAMILIES}")
 
@@ -64,8 +65,19 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
   return default if value is None and default is not None else value
 
 
-def make_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the model named by `cfg.name` (see the module docstring for the fields)."""
+def dw_method(cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> str:
+  """`cfg.dw_method`, with "auto" made the form for `devices` (default: the first device, where a
+  jax.jit without shardings runs, as inference does)."""
+  method = _get(cfg, "dw_method", "auto")
+  if method != "auto":
+    return method
+  return cpu.choose_method(jax.devices()[:1] if devices is None else devices)
+
+
+def make_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs,
+               devices: Sequence[jax.Device] | None = None) -> nnx.Module:
+  """Builds the model named by `cfg.name` (see the module docstring for the fields) for running
+  on `devices` (a training mesh's; default: the first device), which choose its layer form."""
   name = cfg.get("name")
   if name not in MODELS:
     raise ValueError(f"unknown model name {name!r}; expected one of {MODELS}")
@@ -79,9 +91,8 @@ def make_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
   if not enc_name:
     raise ValueError(f"model {name!r} needs model.encoder (e.g. 'convnext_atto')")
   enc_kw = {"in_chans": _get(cfg, "in_chans", 3),
-            "drop_path_rate": _get(cfg, "drop_path_rate", 0.0), "dtype": dtype}
-  if enc_name.startswith("convnext_"):
-    enc_kw["dw_method"] = _get(cfg, "dw_method", "auto")
+            "drop_path_rate": _get(cfg, "drop_path_rate", 0.0), "dtype": dtype,
+            "dw_method": dw_method(cfg, devices)}
   encoder = make_encoder(enc_name, rngs=rngs, **enc_kw)
   dropout = _get(cfg, "dropout", 0.0)
   if name == "stage2":

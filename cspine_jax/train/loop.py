@@ -109,13 +109,14 @@ def init_in_one_program(make: Callable[[], nnx.Module]) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
-def build_model(config: ml_collections.ConfigDict, seed: int, fold: int | None = None
-                ) -> nnx.Module:
-  """``models.make_model(config.model, rngs=models.make_rngs(seed))`` (compute dtype included);
+def build_model(config: ml_collections.ConfigDict, seed: int, fold: int | None = None,
+                devices: list[jax.Device] | None = None) -> nnx.Module:
+  """``models.make_model(config.model, rngs=models.make_rngs(seed), devices=devices)`` (compute
+  dtype included; the layer form is chosen for ``devices``, the training mesh's);
   ``config.model.pretrained`` then replaces the image encoder's weights (``train.warm_start``)."""
   from cspine_jax import models  # pylint: disable=g-import-not-at-top
-  model = init_in_one_program(lambda: models.make_model(config.model,
-                                                        rngs=models.make_rngs(seed)))
+  model = init_in_one_program(lambda: models.make_model(
+      config.model, rngs=models.make_rngs(seed), devices=devices))
   path = config.model.get("pretrained")
   if path:
     warm_start.init_encoder(model, path, fold, config.model.get("name"))
@@ -133,7 +134,8 @@ def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed
                          b1=opt.b1, b2=opt.b2)
   task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight,
                        presence_pos_weight=config.loss.get("presence_pos_weight", 1.0))
-  model = model if model is not None else build_model(config, seed, fold)
+  if model is None:
+    model = build_model(config, seed, fold, devices=list(mesh.devices.flat))
   trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding,
                               augment=_augment(config), augment_seed=seed)
   trainer.schedule = schedule

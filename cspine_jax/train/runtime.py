@@ -86,6 +86,6 @@ def start(*, cache_dir: str | os.PathLike | None = None) -> None:
   maybe_initialize_distributed()
   if jax.default_backend() == "cpu":
     keep_freed_host_memory()
-    native.available()  # builds or loads the kernels now, not inside a model's first call
+    native.load_once()  # before any model is built: `models.cpu.choose_method` asks for them
   if cache_dir is not None:
     compilation_cache(cache_dir)

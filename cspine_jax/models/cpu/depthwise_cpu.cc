@@ -1,10 +1,9 @@
 // Depthwise 2D convolution kernels for XLA:CPU, called through the XLA FFI (jax.ffi).
 //
-// Why: XLA:CPU has no fast depthwise convolution. Its grouped convolution is a generic loop (35x
-// slower than a tap sum), and the formulations expressible in XLA either copy the input (the
-// padded tap sum) or, for the kernel gradient, need transposed or shifted copies and batched
-// matmuls or FFTs (~70 ms per ConvNeXt-Tiny 56x56x96 block at 16 images, where the arithmetic is
-// 236 M multiply-adds). These loops read NHWC as it lies, skip the taps that fall on padding
+// Why: XLA:CPU has no fast depthwise convolution. Its grouped convolution is a generic loop, and
+// the formulations expressible in XLA either copy the input (the padded tap sum) or, for the
+// kernel gradient, need transposed or shifted copies and batched matmuls or FFTs, which cost far
+// more than the arithmetic. These loops read NHWC as it lies, skip the taps that fall on padding
 // instead of padding, and keep their sums in registers; the compiler vectorises them over
 // channels (`-O3 -march=native`). Work is split over XLA's intra-op thread pool.
 //
@@ -75,7 +74,7 @@ struct Geometry {
 
 // ---- forward ---------------------------------------------------------------------------------
 // Independent sums per block: a 16-wide block alone is one chain of dependent multiply-adds
-// (latency-bound, ~4x below the FMA units' rate), so narrow blocks take several pixels at once.
+// (latency-bound, below the FMA units' rate), so narrow blocks take several pixels at once.
 template <int CB>
 constexpr int PixelsPerCall() { return CB == 64 ? 2 : 4; }
 
@@ -108,8 +107,7 @@ inline void ForwardPixels(const Geometry& g, const float* x_n, const float* k, c
 }
 
 // Channel blocks of 64, then 16, then 8, then whatever is left (one runtime-length block < 8;
-// a runtime-length loop is not kept in registers, so it is the last resort: 128 x 16 x 16 x 40
-// with a runtime block of 8 took 3.4 ms, with a fixed block of 8 2.3 ms).
+// a runtime-length loop is not kept in registers, so it is the last resort).
 template <typename PixelFn>
 inline void ForChannelBlocks(int64_t channels, const PixelFn& pixel) {
   int64_t c0 = 0;

@@ -1,10 +1,11 @@
 """The C++ depthwise conv kernels (`depthwise_cpu.cc`) for XLA:CPU, as jax.ffi targets.
 
-`available()` builds the library once per machine with the host's C++ compiler (`-O3
--march=native`, ~3 s), keeps it in a cache folder keyed by the source, the compiler, the flags,
-jaxlib and the CPU, loads it with ctypes and registers its three handlers for the CPU platform.
-Where that cannot be done (no compiler, a failed build, CSPINE_NATIVE=0) it logs why once and
-returns False; `layers` then keeps its XLA formulation ("shifted"), which computes the same.
+`load_once()` (called where a run starts, `train.runtime.start`) builds the library once per
+machine with the host's C++ compiler (`-O3 -march=native`), keeps it in a cache folder keyed by
+the source, the compiler, the flags, jaxlib and the CPU, loads it with ctypes and registers its
+handlers for the CPU platform. Where that cannot be done (no compiler, a failed build,
+CSPINE_NATIVE=0) it logs why once and returns False; models then take the XLA form ("shifted"),
+which computes the same. `loaded()` only reports; nothing else here builds.
 
 Environment: CSPINE_NATIVE=0 turns the kernels off; CSPINE_NATIVE_CACHE sets the cache folder
 (default ~/.cache/cspine_jax/native, or a folder in the temporary directory where the home
@@ -121,12 +122,14 @@ def load() -> ctypes.CDLL:
 
 
 _library: ctypes.CDLL | None = None  # kept alive: XLA holds pointers into it
+_registered = False
 
 
 @functools.cache
-def available() -> bool:
-  """Whether the native depthwise kernels are registered with XLA:CPU (building them once)."""
-  global _library
+def load_once() -> bool:
+  """Builds (where the cache lacks it) and loads the library and registers its handlers with
+  XLA:CPU, once per process; whether the kernels can be used."""
+  global _library, _registered
   if os.environ.get("CSPINE_NATIVE", "1") == "0":
     logging.info("native kernels: off (CSPINE_NATIVE=0); the XLA depthwise form is used")
     return False
@@ -139,7 +142,13 @@ def available() -> bool:
     logging.warning("native depthwise kernels unavailable, the XLA form is used instead "
                     "(slower on CPU): %s", e)
     return False
+  _registered = True
   return True
+
+
+def loaded() -> bool:
+  """Whether `load_once` has registered the kernels in this process (never builds)."""
+  return _registered
 
 
 def _strides(stride: tuple[int, int], padding: tuple[int, int]) -> dict[str, np.int64]:
@@ -149,8 +158,9 @@ def _strides(stride: tuple[int, int], padding: tuple[int, int]) -> dict[str, np.
 
 def _call(target: str, shape, *args, stride, padding, **attrs):
   """The target's result(s): `shape` one result's shape, or a list of them."""
-  if not available():
-    raise NativeBuildError("the native depthwise kernels are not available (see the log)")
+  if not loaded():
+    raise NativeBuildError("the native depthwise kernels are not loaded: native.load_once() "
+                           "(train.runtime.start calls it) builds and loads them")
   out = ([jax.ShapeDtypeStruct(s, np.float32) for s in shape] if isinstance(shape, list)
          else jax.ShapeDtypeStruct(shape, np.float32))
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
