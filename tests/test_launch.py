@@ -86,7 +86,7 @@ def _tiny_synthetic_config(tmp_path):
 def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   """fold=-1 on a synthetic set generated + prepared by the pipeline (tiny local model)."""
   monkeypatch.setattr(loop, "build_model",
-                      lambda config, seed, fold=None: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
+                      lambda config, seed, fold=None, devices=None: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
   c = _tiny_synthetic_config(tmp_path)
   c.fold = -1
   out = runner.run(c, tmp_path / "run")

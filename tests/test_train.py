@@ -160,7 +160,7 @@ def _train_losses(workdir):
 
 
 def test_kill_and_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
-  monkeypatch.setattr(loop, "build_model", lambda config, seed, fold=None: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
+  monkeypatch.setattr(loop, "build_model", lambda config, seed, fold=None, devices=None: TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
   records = _records(tmp_path)
   cfg = tiny_config(max_steps=6, checkpoint_every=0)
   cfg.records_dir = str(records)
@@ -190,7 +190,7 @@ def test_kill_and_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_the_step_number(tmp_path, monkeypatch):
   monkeypatch.setattr(loop, "build_model",
-                      lambda config, seed, fold=None: TinySeq(rngs=nnx.Rngs(seed), nan_after=4))
+                      lambda config, seed, fold=None, devices=None: TinySeq(rngs=nnx.Rngs(seed), nan_after=4))
   records = _records(tmp_path)
   cfg = tiny_config(max_steps=9)
   with pytest.raises(loop.NonFiniteLossError, match=r"at step 5 .*last good checkpoint is step 3"):
@@ -363,7 +363,7 @@ def test_model_initialised_in_one_program_matches_eager_construction(caplog):
 def test_members_per_fold_are_averaged_out_of_fold(tmp_path, monkeypatch):
   seeds = []
 
-  def build(config, seed, fold=None):
+  def build(config, seed, fold=None, devices=None):
     seeds.append(seed)
     return TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1))
 

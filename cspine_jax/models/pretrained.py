@@ -41,7 +41,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors import numpy as safetensors_np
 
 from cspine_jax.models import convnext, efficientnet_v2
 
@@ -206,14 +208,13 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise WeightsError(f"{path}: weights file not found")
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     try:
-      raw = load_file(str(path))
+      raw = safetensors_np.load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
       raise WeightsError(f"{path}: cannot read safetensors file: {e}") from e
   elif path.suffix in (".pth", ".pt", ".bin"):
     try:
-      import torch  # pylint: disable=import-outside-toplevel
+      import torch  # lazy: optional; only .pth/.pt/.bin files need it
     except ImportError as e:
       raise WeightsError(f"{path}: reading a PyTorch {path.suffix} file needs torch, which is not "
                          "installed; convert it to .safetensors or install torch") from e
@@ -381,7 +382,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def save_converted(encoder: nnx.Module, out_dir: str | pathlib.Path, *, model: str,
                    source: str = "") -> pathlib.Path:
   """Saves the encoder's parameters + BatchNorm stats with orbax, plus encoder.json."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   out_dir = pathlib.Path(out_dir).resolve()
   params_dir = out_dir / PARAMS_DIR
   if params_dir.exists():
@@ -404,7 +404,6 @@ def save_converted(encoder: nnx.Module, out_dir: str | pathlib.Path, *, model: s
 
 def read_converted(folder: str | pathlib.Path) -> tuple[dict[str, Any], Converted]:
   """Reads an importer folder: (encoder.json contents, {Flax path: (array, origin)})."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   folder = pathlib.Path(folder).resolve()
   meta_path = folder / META_FILE
   if not meta_path.is_file():

@@ -23,9 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 import pandas as pd
+import tqdm
 from flax import nnx
 
 from cspine_jax import metrics as metrics_lib
+from cspine_jax import models
 from cspine_jax.inputs import augment as augment_lib
 from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.train import checkpoints as ckpt_lib
@@ -114,7 +116,6 @@ def build_model(config: ml_collections.ConfigDict, seed: int, fold: int | None =
   """``models.make_model(config.model, rngs=models.make_rngs(seed), devices=devices)`` (compute
   dtype included; the layer form is chosen for ``devices``, the training mesh's);
   ``config.model.pretrained`` then replaces the image encoder's weights (``train.warm_start``)."""
-  from cspine_jax import models  # pylint: disable=g-import-not-at-top
   model = init_in_one_program(lambda: models.make_model(
       config.model, rngs=models.make_rngs(seed), devices=devices))
   path = config.model.get("pretrained")
@@ -209,8 +210,7 @@ def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.
 def _progress(total: int, initial: int, enabled: bool):
   if not enabled or jax.process_index() != 0:
     return None
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
 # Member m of a fold draws from seed config.seed + fold + MEMBER_SEED_STRIDE * m (member 0: the
