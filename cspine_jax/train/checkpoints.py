@@ -223,8 +223,8 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
   saved in the checkpoint's meta (``models.make_model``) and only its arrays are read from the
   saved (model, optimizer) state; RNG streams are fresh (inference draws no randomness and
   their saved layout may differ). The model is built abstractly (``nnx.eval_shape``): a random
-  init would cost one small XLA compile per parameter (~10 s per model on 2 CPU cores) only to
-  be overwritten. Raises NoCheckpointError / CheckpointMismatchError.
+  init would compile a small XLA program per parameter only to be overwritten. Raises
+  NoCheckpointError / CheckpointMismatchError.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
