@@ -177,7 +177,7 @@ class Checkpointer:
     return _stored_shapes(getattr(saved, "tree", saved))
 
   def check_compatible(self, step: int, target_state: Any) -> None:
-    """Raises CheckpointMismatchError unless the saved arrays match ``target_state`` by name/shape."""
+    """CheckpointMismatchError unless the saved arrays match ``target_state`` by name and shape."""
     saved = self.saved_shapes(step)
     want = _stored_shapes(nnx.to_pure_dict(target_state))
     lines = _differences(saved, want, part=False)
