@@ -16,11 +16,11 @@ For each config at its ``:cpu`` size (and, with --paper, at the paper size for a
     where a short device slot goes before any step is timed;
   * model FLOPs per train step (its matmuls and convolutions, `train.flops`) and, on a GPU whose peak
     is known, the model FLOPs utilisation (MFU) = achieved FLOP/s / the chip's dense bf16 peak.
-The machine may be shared: compare the ratios, not the absolute numbers.
+The machine may be shared: compare the ratios, not the absolute numbers. The process is set up
+as every run's is (``train.runtime.start``: allocator setting, native CPU kernels) before timing.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import pathlib
@@ -35,13 +35,24 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from cspine_jax.inputs import loader as loader_lib
+from cspine_jax.inputs import loader as loader_lib  # noqa: E402
 from cspine_jax.records import schema, shards  # noqa: E402
 from cspine_jax.train import flops as flops_lib  # noqa: E402
-from cspine_jax.train import loop, sharding  # noqa: E402
+from cspine_jax.train import loop, runtime, sharding  # noqa: E402
 from cspine_jax.train import steps as steps_lib  # noqa: E402
+
+_CONFIGS = flags.DEFINE_string("configs", "stage2,stage1,box_refine,cnn3d,single_head,multi_head",
+                               "comma-separated config modules under configs/")
+_PAPER = flags.DEFINE_bool("paper", False, "also the paper-size configs (slow on CPU)")
+_PAPER_ONLY = flags.DEFINE_bool("paper_only", False, "only the paper-size configs (GPU)")
+_DTYPE = flags.DEFINE_string("dtype", None, "compute dtype override, e.g. bfloat16")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "batch size override")
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "grain worker processes override (paper-size configs have 2, :cpu ones 0)")
+_STEPS = flags.DEFINE_integer("steps", 5, "timed train / eval steps per config")
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 20, "timed input batches per config")
 
 IMAGES_PER_SAMPLE = {"stage2": 8, "stage1": 1, "cnn3d": 1, "slices2d": 1, "box_refine": 1}
 
@@ -115,8 +126,7 @@ def peak_flops() -> float | None:
 
 def step_flops(jitted, *args) -> float:
   """Model FLOPs of one call of a jitted step: its matmuls and convolutions, counted from the
-  jaxpr (`train.flops`), the same figure on every backend. XLA's cost analysis was used before:
-  on GPU it gave no figure for the last H200 run (MFU null)."""
+  jaxpr (`train.flops`), so every backend reports the same figure."""
   return float(flops_lib.count(jitted, *args))
 
 
@@ -148,6 +158,7 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
     for _ in range(input_batches):
       next(it)
     input_s = (time.perf_counter() - t) / input_batches
+    it.close()
   gbatch = sharding.shard_batch(batch, mesh)
 
   def train():
@@ -180,30 +191,21 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
           "mfu": flops / train_s / peak if flops and peak else None}
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--configs", default="stage2,stage1,box_refine,cnn3d,single_head,multi_head")
-  ap.add_argument("--paper", action="store_true", help="also the paper-size configs (slow on CPU)")
-  ap.add_argument("--paper_only", action="store_true", help="only the paper-size configs (GPU)")
-  ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
-  ap.add_argument("--batch_size", type=int, default=None, help="batch size override")
-  ap.add_argument("--workers", type=int, default=None,
-                  help="grain worker processes override (the configs have 2; a GPU host has more)")
-  ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--input_batches", type=int, default=20)
-  args = ap.parse_args()
-  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runtime.start()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
         f"({jax.devices()[0].device_kind}), jax {jax.__version__}")
   rows = []
-  for name in args.configs.split(","):
-    variants = [""] if args.paper_only else ["cpu"] + ([""] if args.paper else [])
+  for name in _CONFIGS.value.split(","):
+    variants = [""] if _PAPER_ONLY.value else ["cpu"] + ([""] if _PAPER.value else [])
     for variant in variants:
       on_cpu = jax.default_backend() == "cpu"
-      steps = args.steps if variant or not on_cpu else 2
+      steps = _STEPS.value if variant or not on_cpu else 2
       try:
-        row = bench(name, variant, steps, args.input_batches if variant or not on_cpu else 3,
-                    args.dtype, args.batch_size, args.workers)
+        row = bench(name, variant, steps, _INPUT_BATCHES.value if variant or not on_cpu else 3,
+                    _DTYPE.value, _BATCH_SIZE.value, _WORKERS.value)
       except (ImportError, AttributeError, ValueError, KeyError) as e:
         print(f"{name}:{variant}: skipped ({type(e).__name__}: {e})")
         continue
@@ -221,4 +223,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

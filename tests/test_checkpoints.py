@@ -1,4 +1,5 @@
-"""Orbax checkpoints: round trip with RNG + iterator, 8 devices -> 1, wrong model, keep last/best."""
+"""Orbax checkpoints: round trip with RNG + iterator, 8 devices -> 1, wrong model, keep last/best,
+the model part alone (restore_model)."""
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cspine_jax import models
 from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.train import checkpoints, sharding, steps, tasks
 from test_input import write_task_shards
@@ -96,6 +98,32 @@ def test_other_model_fails_with_a_clear_message(tmp_path):
                      match=r"(?s)another model.*shape differs.*conv.kernel.*\(3, 3, 3, 8\).*\(3, 3, 3, 12\)"):
     ck2.restore(1, other.state, make_iterator(records))
   ck2.close()
+
+
+def test_restore_model_reads_the_model_part(tmp_path, monkeypatch):
+  records = write_task_shards(tmp_path / "rec", "stage2", 14)
+  trainer, it = make_trainer(), make_iterator(records)
+  trainer.state, _ = trainer.train_step(trainer.state, sharding.shard_batch(next(it), trainer.mesh))
+  run = tmp_path / "run"
+  ck = checkpoints.Checkpointer(run / "checkpoints", async_save=False)
+  ck.save(1, trainer.state, it, {"task": "stage2", "model": {"width": 8}})
+  ck.close()
+  monkeypatch.setattr(models, "make_model", lambda cfg, rngs: TinySeq(cfg.width, rngs=rngs),
+                      raising=False)
+  model, meta = checkpoints.restore_model(run)
+  assert meta["step"] == 1
+  want = nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Not(nnx.RngState)))
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.RngState)))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  # A model of another width: the arrays that differ are named.
+  ck = checkpoints.Checkpointer(run / "checkpoints", async_save=False)
+  ck.save(2, trainer.state, it, {"task": "stage2", "model": {"width": 12}})
+  ck.close()
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"(?s)step 2 does not fit.*0\.conv\.kernel saved \(3, 3, 3, 8\)"):
+    checkpoints.restore_model(run, step=2)
 
 
 _RESTORE_ON_ONE = """

@@ -1,5 +1,6 @@
 """Input: the grain pipeline (sharding, order, uint8 batches, checkpointable state, bad shards) and
 the device-side augmentation (against a PIL rotation) and normalisation."""
+import json
 import pathlib
 
 import grain
@@ -106,8 +107,26 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
   assert sorted(sum(a[4:], [])) == list(range(16)) and sum(a[4:], []) != sum(a[:4], [])
 
 
+def test_process_shares_are_contiguous_and_cover_every_record_once():
+  ids = np.arange(10, 33)  # 23 ids
+  np.testing.assert_array_equal(loader_lib.process_share(ids, grain.sharding.NoSharding()), ids)
+  for count in (2, 3, 5):
+    for drop in (False, True):
+      parts = [loader_lib.process_share(ids, grain.sharding.ShardOptions(i, count, drop))
+               for i in range(count)]
+      sizes = [len(p) for p in parts]
+      assert sizes == [loader_lib.local_num_records(len(ids), grain.sharding.ShardOptions(
+          i, count, drop)) for i in range(count)]
+      if drop:  # equal parts; the last len % count ids are left out
+        assert set(sizes) == {len(ids) // count}
+        np.testing.assert_array_equal(np.concatenate(parts), ids[:sizes[0] * count])
+      else:  # every id once; the first parts are one longer
+        np.testing.assert_array_equal(np.concatenate(parts), ids)
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+
+
 def test_uneven_held_out_split_reads_every_record_once(tmp_path):
-  # 21 records over 2 processes: 11 + 10, in order (grain's IndexSampler gave each process 10).
+  # 21 records over 2 processes: 11 + 10, in order.
   write_task_shards(tmp_path, "stage2", 21)
   src = open_source(tmp_path, "stage2")
   seen = []
@@ -322,7 +341,7 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path, workers):
   it = iter(make())
   for _ in range(4):
     next(it)
-  state = it.get_state()
+  state = json.loads(json.dumps(it.get_state()))  # as the checkpoint keeps it
   expected = [next(it) for _ in range(5)]  # crosses the epoch boundary (6 batches per epoch)
   it2 = iter(make())
   it2.set_state(state)
@@ -335,6 +354,14 @@ def test_state_restore_resumes_the_exact_next_batch(tmp_path, workers):
                                   shard_options=grain.sharding.NoSharding(), workers=workers))
   with pytest.raises(ValueError, match="batch_size=3"):  # a position in other batches is refused
     other.set_state(state)
+  # ... and one of another worker count (grain's position is per worker)
+  other = iter(loader_lib.make_loader(src, "stage1", batch_size=3, train=True, seed=5,
+                                      shard_options=grain.sharding.NoSharding(),
+                                      workers=0 if workers else 1))
+  with pytest.raises(ValueError, match=f"{workers} worker processes"):
+    other.set_state(state)
+  it.close()
+  it2.close()
 
 
 def test_fold_filter_from_the_manifest(tmp_path):
@@ -398,8 +425,10 @@ def test_workers_are_deterministic(tmp_path):
   assert len(a) == len(b) == len(in_process) == 4
   assert sorted(np.concatenate([x["record_id"] for x in a]).tolist()) == list(range(12))
   for x, y, z in zip(a, b, in_process):
-    np.testing.assert_array_equal(x["images"], y["images"])
-    np.testing.assert_array_equal(x["record_id"], z["record_id"])
+    assert set(x) == set(y) == set(z)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+      np.testing.assert_array_equal(x[key], z[key])
 
 
 def test_each_epoch_drops_its_own_partial_batch(tmp_path):

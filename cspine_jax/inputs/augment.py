@@ -95,9 +95,8 @@ def coarsen_slices(images: jax.Array, count: jax.Array) -> jax.Array:
   index = jnp.round(source * (s - 1) / (n - 1)).astype(jnp.int32)  # where that slice is among S
   index = jnp.where((count[:, None] > 0) & (count[:, None] < s), index,
                     jnp.arange(s, dtype=jnp.int32)[None])
-  # A per-sample 0/1 selection matrix, not a gather: XLA:CPU fused a slice gather into the
-  # rotation's pixel gather that follows and ran both ~5x slower (stage-2 batch of 8: 12.9 vs 2.4
-  # ms with the flip; the selection alone is 0.4 ms either way). Exact: one product per output.
+  # A per-sample 0/1 selection matrix, not a gather: XLA:CPU fuses a slice gather into the
+  # rotation's pixel gather that follows, which slows both. Exact: one product per output.
   select = jax.nn.one_hot(index, s, dtype=jnp.float32).reshape(b, t, c, t, c)
   out = jnp.einsum("bTCtc,btpc->bTpC", select, images.reshape(b, t, h * w, c).astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
@@ -136,7 +135,7 @@ def rotate_flip(images: jax.Array, angle: jax.Array, flip: jax.Array) -> jax.Arr
   ya, yb = jnp.clip(y0, 0, h - 1), jnp.clip(y0 + 1, 0, h - 1)
   base = (jnp.arange(b, dtype=jnp.int32) * (h * w))[:, None, None]
   idx = jnp.stack([ya * w + xa, ya * w + xb, yb * w + xa, yb * w + xb]) + base  # (4, B, H, W)
-  # Indices are clipped above, so the gather may skip its own bounds handling (~20% faster).
+  # Indices are clipped above, so the gather may skip its own bounds handling.
   taps = rows.at[idx.reshape(-1)].get(mode="promise_in_bounds")
   taps = taps.astype(jnp.float32).reshape((4, b, h, w, t * c))
   top = taps[0] + (taps[1] - taps[0]) * dx

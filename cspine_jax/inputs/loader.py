@@ -1,11 +1,12 @@
 """grain input over the ArrayRecord record sets (``OUT/TASK/*.array_record``).
 
-One pipeline for every task: a batch's records read by index from the task's shards, decoded with
-``records.schema.decode`` and stacked (:class:`EpochBatches`); the images stay uint8 (the steps
-normalise and augment on the device, ``inputs.augment``). The :class:`grain.DataLoader` reads
-batches ahead in a thread or in worker processes; the records are shuffled by seed per epoch and
-split by JAX process; the iterator state goes into the training checkpoint, so a resumed run gets
-exactly the next batch.
+One pipeline for every task, in grain's dataset API: ``MapDataset.source`` over
+:class:`EpochBatches` (item k: this process's k-th batch, its records read by index from the
+task's shards, decoded with ``records.schema.decode`` and stacked) -> ``to_iter_dataset`` (a read
+thread a couple of batches ahead) -> ``mp_prefetch`` (worker processes taking whole batches in
+turn). The images stay uint8 (the steps normalise and augment on the device, ``inputs.augment``).
+The records are shuffled by seed per epoch and split by JAX process; the iterator state goes into
+the training checkpoint, so a resumed run gets exactly the next batch.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class RecordSource:
     return len(self.indices)
 
   def __repr__(self) -> str:
-    # grain compares this in saved iterator states: it names the records, not the object.
+    # Part of EpochBatches' repr, which saved iterator states are checked against.
     digest = hashlib.sha1(np.asarray(self.indices, np.int64).tobytes())
     for p in self.paths:
       digest.update(pathlib.Path(p).name.encode())
@@ -167,9 +168,8 @@ class RecordSource:
 def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
   """A batch of :class:`EpochBatches`: the records' array and number fields stacked along a new
   first axis; string / None fields (study_uid) are dropped, so batches hold arrays only (ids
-  travel as record_id). Each field is copied into one preallocated array: np.stack (grain's
-  default) spent ~1.8 of ~4.5 ms per 16-record slice batch re-checking and expanding every
-  element."""
+  travel as record_id). Each field is copied into one preallocated array, which costs less than
+  np.stack's checks and expansion of every element."""
   first = elements[0]
   out = {}
   for key, value in first.items():
@@ -196,10 +196,8 @@ class EpochBatches:
   ``drop_remainder``: full batches only (each epoch drops its own last partial batch); otherwise
   the epoch's last batch may be short. ``num_epochs=None`` repeats forever.
 
-  Why batches, not records: grain hands each item through its read threads, futures and buffers
-  (~0.1 ms an item on 2 cores), more than reading + decoding a small record costs (~0.02 ms for a
-  64 px slice), so a record-level pipeline fed slice models at ~1.6x their CPU step rate; a batch
-  per item pays that once per batch. Worker processes then take whole batches in turn.
+  Why batches, not records: grain's per-item hand-over (read threads, futures, buffers) costs more
+  than reading and decoding a small record, so an item per batch pays it once per batch.
   """
 
   def __init__(self, source: RecordSource, batch_size: int, *, shuffle: bool, seed: int,
@@ -224,7 +222,7 @@ class EpochBatches:
     return self.batches_per_epoch * self._num_epochs
 
   def __repr__(self) -> str:
-    # grain keeps this in saved iterator states: it names the batches, not the object.
+    # Saved iterator states carry this and are checked against it: it names the batches.
     return (f"EpochBatches({self._source!r}, batch_size={self._batch_size}, "
             f"shuffle={self._shuffle}, seed={self._seed}, drop_remainder={self._drop_remainder}, "
             f"num_epochs={self._num_epochs})")
@@ -251,46 +249,78 @@ class EpochBatches:
     return stack_records([self._source[int(p)] for p in self.positions(index)])
 
 
-class _BatchIndexSampler:
-  """grain sampler over the batches of :class:`EpochBatches`: item k -> batch k (no sharding:
-  the source is already this process's share). Unlike grain's samplers it allows 0 items, so a
-  process with no held-out records reads nothing."""
-
-  def __init__(self, num_batches: int):
-    self._num_batches = int(num_batches)
-    self._shard_options = grain.sharding.NoSharding()
-
-  def __len__(self) -> int:
-    return self._num_batches
-
-  def __repr__(self) -> str:
-    return f"_BatchIndexSampler(num_batches={self._num_batches})"
-
-  def __getitem__(self, index: int) -> grain.RecordMetadata:
-    if index < 0 or index >= self._num_batches:
-      raise IndexError(f"sampler index {index} out of range [0, {self._num_batches})")
-    return grain.RecordMetadata(index=index, record_key=index)
-
-
-# grain's default ReadOptions (16 threads, 500 prefetched items) suit remote disks; here an item is
-# a batch of local reads, and one thread two batches ahead keeps ahead of the step (two threads
-# contended for the GIL: box_refine:cpu 0.96 -> 1.3 ms a batch on 2 cores).
+# An item is a batch of local reads: one thread two batches ahead keeps ahead of the step, where
+# grain's defaults (16 threads, 500 items, made for remote disks) contend for the GIL.
 READ_THREADS = 1
 READ_BUFFER_BATCHES = 2
+WORKER_BUFFER_BATCHES = 2
+
+
+class BatchLoader(grain.IterDataset):
+  """The grain pipeline over an :class:`EpochBatches`; its iterators' state names the batches.
+
+  grain's own state is only a position, so the state also carries ``repr(batches)`` and the worker
+  count, and ``set_state`` refuses a position saved for other batches or another worker count.
+  """
+
+  def __init__(self, batches: EpochBatches, workers: int):
+    ds = grain.MapDataset.source(batches).to_iter_dataset(
+        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER_BATCHES))
+    if workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
+    super().__init__(ds)
+    self.batches = batches
+    self.workers = int(workers)
+
+  def __str__(self) -> str:
+    return f"BatchLoader({self.batches!r}, workers={self.workers})"
+
+  def __iter__(self) -> "BatchIterator":
+    return BatchIterator(self._parent.__iter__(), repr(self.batches), self.workers)
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Iterator of a :class:`BatchLoader` (``get_state`` / ``set_state`` as JSON-able dicts)."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.DatasetIterator, batches: str, workers: int):
+    super().__init__(parent)
+    self._batches = batches
+    self._workers = workers
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"batches": self._batches, "workers": self._workers,
+            "position": self._parent.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("batches") != self._batches or state.get("workers") != self._workers:
+      raise ValueError(f"the saved input position is one of {state.get('batches')} with "
+                       f"{state.get('workers')} worker processes, not of {self._batches} with "
+                       f"{self._workers}; use the run's own config (input.batch_size, "
+                       "input.workers, seed, records)")
+    self._parent.set_state(state["position"])
+
+  def __str__(self) -> str:
+    return f"BatchIterator({self._batches}, workers={self._workers})"
 
 
 def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool, seed: int,
                 workers: int = 0, num_epochs: int | None = None,
-                shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
-  """A grain DataLoader of uint8 batches: this process's share of ``source``, shuffled per epoch
-  (training) or in order, read a batch at a time (:class:`EpochBatches`).
+                shard_options: grain.sharding.ShardOptions | None = None) -> BatchLoader:
+  """A grain pipeline of uint8 batches: this process's share of ``source``, shuffled per epoch
+  (training) or in order, read a batch at a time (:class:`EpochBatches`); iterate it for batches.
 
   Augmentation and normalisation happen in the steps (:func:`device_inputs`).
 
   Training: shuffled by ``seed``, repeated (``num_epochs=None`` = forever), full batches only.
   Evaluation: in order, one pass, the last batch may be short (the caller pads it).
   ``shard_options`` defaults to this JAX process's share (``ShardByJaxProcess``): contiguous
-  record ranges (:func:`local_num_records`).
+  record ranges (:func:`process_share`).
   """
   if len(source) == 0:
     raise ValueError(f"no records to load for task {task!r} from {source.paths[:1]}...")
@@ -298,29 +328,24 @@ def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(IMAGE_FIELD)}")
   if shard_options is None:
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=train)
-  start, end = _even_split(len(source), shard_options)
-  batches = EpochBatches(source.subset(source.indices[start:end]), batch_size, shuffle=train,
-                         seed=seed, drop_remainder=train, num_epochs=num_epochs if train else 1)
+  share = process_share(source.indices, shard_options)
+  batches = EpochBatches(source.subset(share), batch_size, shuffle=train, seed=seed,
+                         drop_remainder=train, num_epochs=num_epochs if train else 1)
   if train and batches.batches_per_epoch == 0:
-    raise ValueError(f"{end - start} training records of this process make no full batch of "
+    raise ValueError(f"{len(share)} training records of this process make no full batch of "
                      f"{batch_size} (task {task!r}, {source.paths[:1]}...)")
-  read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER_BATCHES)
-  return grain.DataLoader(data_source=batches, sampler=_BatchIndexSampler(len(batches)),
-                          worker_count=workers, worker_buffer_size=2, read_options=read)
+  return BatchLoader(batches, workers)
+
+
+def process_share(ids: np.ndarray, shard_options: grain.sharding.ShardOptions) -> np.ndarray:
+  """This process's contiguous part of ``ids``: with ``drop_remainder`` equal parts (the last
+  ``len % shard_count`` ids dropped), else the first ``len % shard_count`` parts one longer."""
+  count = shard_options.shard_count
+  if shard_options.drop_remainder:
+    ids = ids[:len(ids) - len(ids) % count]
+  return np.array_split(ids, count)[shard_options.shard_index]
 
 
 def local_num_records(num_records: int, shard_options: grain.sharding.ShardOptions) -> int:
-  """How many of ``num_records`` this process's shard holds (grain's contiguous split)."""
-  start, end = _even_split(num_records, shard_options)
-  return end - start
-
-
-def _even_split(n: int, opts: grain.sharding.ShardOptions) -> tuple[int, int]:
-  # Same split as grain's (private) core.sharding.even_split used by IndexSampler.
-  if opts.drop_remainder:
-    per = n // opts.shard_count
-    return opts.shard_index * per, (opts.shard_index + 1) * per
-  per, rem = divmod(n, opts.shard_count)
-  start = opts.shard_index * per + min(opts.shard_index, rem)
-  return start, start + per + (1 if opts.shard_index < rem else 0)
-
+  """How many of ``num_records`` this process's share holds (:func:`process_share`)."""
+  return len(process_share(np.arange(num_records), shard_options))

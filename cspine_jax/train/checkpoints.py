@@ -1,19 +1,21 @@
 """Orbax checkpoints of a training run: model + optimizer state, step, RNG and the grain iterator.
 
 One ``ocp.CheckpointManager`` per run directory saves, per step, three items together:
-``state`` (every array of the split (model, optimizer) NNX state as a flat name -> array dict, RNG
-keys as their raw key data), ``data`` (the grain iterator state, one JSON file per process) and
-``meta`` (JSON: step, epoch, task, model config, best score so far). It keeps the last ``keep``
-checkpoints plus the ``keep_best`` best by validation score, and saves asynchronously (every read
-waits for a pending save first). Before restoring, the saved array names and shapes are compared
-with the target, so a checkpoint of another model fails with a message that lists the differences.
+``state`` (the split (model, optimizer) NNX state as orbax's nested pytree: ``nnx.to_pure_dict``,
+RNG keys stored by orbax as their key data), ``data`` (the grain iterator state, one JSON file per
+process) and ``meta`` (JSON: step, epoch, task, model config, best score so far). It keeps the
+last ``keep`` checkpoints plus the ``keep_best`` best by validation score, and saves
+asynchronously (every read waits for a pending save first). Before restoring, the saved array
+names and shapes are compared with the target, so a checkpoint of another model fails with a
+message that lists the differences.
 
 :func:`restore_model` is the inference-side reader: the model alone (no optimizer, no iterator),
-rebuilt from the config saved in the meta.
+rebuilt from the config saved in the meta, reading only the model's part of the saved state.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 from typing import Any, Mapping
@@ -22,9 +24,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
 STATE, DATA, META = "state", "data", "meta"
+# The trainer saves nnx.state((model, optimizer)): the model is the state's first entry.
+MODEL_PART = 0
 
 
 class CheckpointMismatchError(ValueError):
@@ -33,18 +38,6 @@ class CheckpointMismatchError(ValueError):
 
 class NoCheckpointError(FileNotFoundError):
   """A run folder without any saved checkpoint."""
-
-
-def _path_key(path) -> str:
-  parts = []
-  for p in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(p, attr):
-        parts.append(str(getattr(p, attr)))
-        break
-    else:
-      parts.append(str(p))
-  return ".".join(parts)
 
 
 def _is_key(x) -> bool:
@@ -59,37 +52,61 @@ def _fresh(abstract: jax.ShapeDtypeStruct) -> jax.Array:
   return jnp.zeros(abstract.shape, abstract.dtype)
 
 
-def flatten_state(state: Any) -> dict[str, Any]:
-  """name -> array for every leaf of an NNX state (typed PRNG keys -> their uint32 key data)."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+def _abstract(tree: Any, shardings: bool = True) -> Any:
+  """ShapeDtypeStructs of ``tree``'s arrays (with their shardings: orbax restores into them)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None) if shardings else None), tree)
+
+
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restores the arrays of ``abstract`` (a pure dict) into its shapes, dtypes and shardings."""
+  return ocp.args.PyTreeRestore(
+      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial)
+
+
+def _stored_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Dotted name (``0.conv.kernel``) -> shape as stored (a typed RNG key array: its key data)."""
   out = {}
-  for path, x in leaves:
-    out[_path_key(path)] = jax.random.key_data(x) if _is_key(x) else x
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if _is_key(x):
+      x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    out[jax.tree_util.keystr(path, simple=True, separator=".")] = tuple(x.shape)
   return out
 
 
-def unflatten_state(flat: Mapping[str, Any], like: Any) -> Any:
-  """Inverse of :func:`flatten_state` into the structure (and key types) of ``like``."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-  new = []
-  for path, x in leaves:
-    v = flat[_path_key(path)]
-    new.append(jax.random.wrap_key_data(v, impl=jax.random.key_impl(x)) if _is_key(x) else v)
-  return jax.tree_util.tree_unflatten(treedef, new)
-
-
-def _abstract(flat: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
-          for k, v in flat.items()}
+def _differences(saved: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]],
+                 part: bool) -> list[str]:
+  """Lines naming the arrays missing, extra (unless reading a ``part``) or of another shape."""
+  missing = sorted(set(want) - set(saved))
+  extra = [] if part else sorted(set(saved) - set(want))
+  shapes = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])
+  lines = []
+  if shapes:
+    lines.append("  shape differs: " + ", ".join(
+        f"{k} saved {saved[k]} vs model {want[k]}" for k in shapes[:5]))
+  if missing:
+    lines.append(f"  not in the checkpoint: {missing[:5]}")
+  if extra:
+    lines.append(f"  only in the checkpoint: {extra[:5]}")
+  return lines
 
 
 @dataclasses.dataclass
 class _FrozenIterator:
-  """The iterator state captured at save time (the live iterator moves on during an async save)."""
+  """The iterator state captured at save time (the live iterator moves on during an async save),
+  as the JSON bytes grain's handler writes."""
   state: bytes
 
   def get_state(self) -> bytes:
     return self.state
+
+
+def _frozen(iterator: Any) -> _FrozenIterator:
+  state = iterator.get_state()
+  if not isinstance(state, bytes):  # a grain DatasetIterator's state is a JSON-able dict
+    state = json.dumps(state, indent=4).encode()
+  return _FrozenIterator(state)
 
 
 class Checkpointer:
@@ -113,7 +130,8 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+        # The pytree handler (not the standard one) can also read a part: restore_model.
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
                        DATA: grain.checkpoint.CheckpointHandler(),
                        META: ocp.JsonCheckpointHandler()})
 
@@ -121,8 +139,8 @@ class Checkpointer:
            score: float | None = None) -> None:
     """Starts saving (asynchronously) ``state``, the iterator position and ``meta`` at ``step``."""
     args = ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(flatten_state(state)),
-        DATA: grain.checkpoint.CheckpointSave(_FrozenIterator(iterator.get_state())),
+        STATE: ocp.args.PyTreeSave(nnx.to_pure_dict(state)),
+        DATA: grain.checkpoint.CheckpointSave(_frozen(iterator)),
         META: ocp.args.JsonSave(dict(meta, step=int(step))),
     })
     metrics = None if score is None else {"score": float(score)}
@@ -151,26 +169,21 @@ class Checkpointer:
     self.wait()
     return dict(self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
 
-  def check_compatible(self, step: int, target_state: Any) -> None:
-    """Raises CheckpointMismatchError unless the saved arrays match ``target_state`` by name/shape."""
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """Dotted name -> shape of every array in the state saved at ``step``."""
     saved = self.manager.item_metadata(step)[STATE]
     if saved is None:
       raise CheckpointMismatchError(f"{self.directory}/{step}: no model state saved")
-    saved_shapes = {k: tuple(v.shape) for k, v in dict(saved).items()}
-    want = {k: tuple(v.shape) for k, v in flatten_state(target_state).items()}
-    missing = sorted(set(want) - set(saved_shapes))
-    extra = sorted(set(saved_shapes) - set(want))
-    shapes = sorted(k for k in set(want) & set(saved_shapes) if want[k] != saved_shapes[k])
-    if missing or extra or shapes:
-      lines = [f"{self.directory}/{step} holds a checkpoint of another model/optimizer "
-               f"({len(saved_shapes)} arrays saved, {len(want)} expected):"]
-      if shapes:
-        lines.append("  shape differs: " + ", ".join(
-            f"{k} saved {saved_shapes[k]} vs model {want[k]}" for k in shapes[:5]))
-      if missing:
-        lines.append(f"  not in the checkpoint: {missing[:5]}")
-      if extra:
-        lines.append(f"  only in the checkpoint: {extra[:5]}")
+    return _stored_shapes(getattr(saved, "tree", saved))
+
+  def check_compatible(self, step: int, target_state: Any) -> None:
+    """CheckpointMismatchError unless the saved arrays match ``target_state`` by name and shape."""
+    saved = self.saved_shapes(step)
+    want = _stored_shapes(nnx.to_pure_dict(target_state))
+    lines = _differences(saved, want, part=False)
+    if lines:
+      lines.insert(0, f"{self.directory}/{step} holds a checkpoint of another model/optimizer "
+                      f"({len(saved)} arrays saved, {len(want)} expected):")
       try:
         meta = self.read_meta(step)
         lines.append(f"  saved task {meta.get('task')!r}, model {meta.get('model')}")
@@ -184,12 +197,19 @@ class Checkpointer:
     """(state laid out like ``target_state``, meta); sets ``iterator`` to the saved position."""
     self.wait()
     self.check_compatible(step, target_state)
-    items = {STATE: ocp.args.StandardRestore(_abstract(flatten_state(target_state))),
-             META: ocp.args.JsonRestore()}
+    abstract = _abstract(target_state)
+    items = {STATE: _restore_args(nnx.to_pure_dict(abstract)), META: ocp.args.JsonRestore()}
     if iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointRestore(iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return unflatten_state(restored[STATE], target_state), dict(restored[META])
+    nnx.replace_by_pure_dict(abstract, restored[STATE])
+    return abstract, dict(restored[META])
+
+  def restore_part(self, step: int, part: Mapping[Any, Any]) -> Any:
+    """Reads only the arrays of ``part`` (a subtree of the saved pure state, abstract arrays)."""
+    self.wait()
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{STATE: _restore_args(part, partial=True)}))[STATE]
 
   def close(self) -> None:
     self.wait()
@@ -203,8 +223,8 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
   saved in the checkpoint's meta (``models.make_model``) and only its arrays are read from the
   saved (model, optimizer) state; RNG streams are fresh (inference draws no randomness and
   their saved layout may differ). The model is built abstractly (``nnx.eval_shape``): a random
-  init would cost one small XLA compile per parameter (~10 s per model on 2 CPU cores) only to
-  be overwritten. Raises NoCheckpointError / CheckpointMismatchError.
+  init would compile a small XLA program per parameter only to be overwritten. Raises
+  NoCheckpointError / CheckpointMismatchError.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -221,20 +241,18 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
     meta = ckpt.read_meta(step)
     model_cfg = ml_collections.ConfigDict(meta["model"])
     model = nnx.eval_shape(lambda: models.make_model(model_cfg, rngs=nnx.Rngs(0)))
-    saved = dict(ckpt.manager.item_metadata(step)[STATE])
-    abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for k, v in saved.items()}
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+    graphdef, rng_state, params = nnx.split(model, nnx.RngState, ...)
+    # Host arrays, as the model's own layout is not known here.
+    part = {MODEL_PART: nnx.to_pure_dict(_abstract(params, shardings=False))}
+    lines = _differences(ckpt.saved_shapes(step), _stored_shapes(part), part=True)
+    if lines:
+      raise CheckpointMismatchError("\n".join(
+          [f"{run_dir}: checkpoint step {step} does not fit model {meta.get('model')}:"] + lines))
+    restored = ckpt.restore_part(step, part)[MODEL_PART]
   finally:
     ckpt.close()
-  # The trainer saved nnx.state((model, optimizer)): the model's arrays are the "0." entries.
-  flat = {k[2:]: v for k, v in restored.items() if k.startswith("0.")}
-  like = nnx.state(model, nnx.Not(nnx.RngState))
-  missing = set(flatten_state(like)) - set(flat)
-  if missing:
-    raise CheckpointMismatchError(f"{run_dir}: checkpoint step {step} lacks {sorted(missing)[:5]} "
-                                  f"for model {meta.get('model')}")
-  graphdef, rng_state, _ = nnx.split(model, nnx.RngState, ...)
-  model = nnx.merge(graphdef, jax.tree.map(_fresh, rng_state), unflatten_state(flat, like))
+  nnx.replace_by_pure_dict(params, restored)
+  model = nnx.merge(graphdef, jax.tree.map(_fresh, rng_state), params)
   model.eval()
   return model, dict(meta, step=step)
+

@@ -190,6 +190,7 @@ def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.
     total += n
     for k, v in out.items():
       collected.setdefault(k, []).append(np.asarray(v)[keep])
+  it.close()  # its worker processes, if any, end now rather than at garbage collection
   coll = {k: np.concatenate(v) for k, v in collected.items()}
   scores = {f"val_{k}": v / max(total, 1.0) for k, v in sums.items()}
   if config.task in ("stage1", "box_refine"):  # localisers: no fracture predictions
@@ -315,6 +316,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
     if pending is not None:
       record(pending, force=True)
   finally:
+    it.close()
     if bar is not None:
       bar.close()
   ckpt.close()
