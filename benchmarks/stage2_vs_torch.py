@@ -171,7 +171,7 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
   import jax  # lazy: the --peer_only run (under --torch_python) may have no jax
   import numpy as np  # lazy: as jax
 
-  from benchmarks.train_step import first_call  # lazy: as jax
+  from benchmarks import timing  # lazy: as jax
   from cspine_jax.train import loop, runtime, sharding  # lazy: as jax
   from configs import stage2  # lazy: as jax
 
@@ -204,7 +204,7 @@ def ours(batch: int, size: int, steps: int, encoder: str) -> Callable[[], dict]:
 
   def measure() -> dict:
     if not compile_s:
-      compile_s.update(train=first_call(train), inference=first_call(infer))
+      compile_s.update(train=timing.first_call(train), inference=timing.first_call(infer))
     n = batch * SEQ
     return {"train": n / median_time(train, steps, jax.block_until_ready),
             "inference": n / median_time(infer, steps, jax.block_until_ready),

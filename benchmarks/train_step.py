@@ -37,6 +37,8 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
+
 from cspine_jax.inputs import loader as loader_lib  # noqa: E402
 from cspine_jax.records import schema, shards  # noqa: E402
 from cspine_jax.train import flops as flops_lib  # noqa: E402
@@ -97,24 +99,6 @@ def write_records(folder: pathlib.Path, task: str, config, n: int) -> pathlib.Pa
   return folder
 
 
-def first_call(fn) -> float:
-  """Seconds of fn's first call (compile + one run)."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t
-
-
-def timed(fn, n: int, warm_up: bool = True) -> float:
-  """Seconds per call of fn over n calls (after one warm-up call unless ``warm_up`` is False)."""
-  if warm_up:
-    jax.block_until_ready(fn())
-  t = time.perf_counter()
-  for _ in range(n):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / n
-
-
 # Dense bf16 peak FLOP/s by device kind (vendor figures, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5e": 197e12, "TPU v4": 275e12}
 
@@ -169,13 +153,13 @@ def bench(name: str, variant: str, steps: int, input_batches: int, dtype: str | 
   flops = step_flops(trainer.update_step, trainer.state,
                      trainer.prepare_step(steps_lib.optimizer_step(trainer.state), gbatch))
   peak = peak_flops()
-  first_train_s = first_call(train)
-  train_s = timed(train, steps, warm_up=False)
+  first_train_s = timing.first_call(train)
+  train_s = timing.timed(train, steps, warm_up=False)
   field = loader_lib.IMAGE_FIELD[task]
   step0 = steps_lib.optimizer_step(trainer.state)
-  augment_s = (timed(lambda: trainer.prepare_step(step0, gbatch)[field], steps)
+  augment_s = (timing.timed(lambda: trainer.prepare_step(step0, gbatch)[field], steps)
                if trainer.augment else 0.0)
-  eval_s = timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
+  eval_s = timing.timed(lambda: trainer.eval_step(trainer.state, eval_batch)[0], steps)
   images = config.input.batch_size * IMAGES_PER_SAMPLE[task]
   if task == "stage2":
     images = config.input.batch_size * (config.prepare.stage2_slices // 3)

@@ -23,9 +23,12 @@ from typing import Any, Mapping
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from cspine_jax import models
 
 STATE, DATA, META = "state", "data", "meta"
 # The trainer saves nnx.state((model, optimizer)): the model is the state's first entry.
@@ -226,11 +229,6 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
   init would compile a small XLA program per parameter only to be overwritten. Raises
   NoCheckpointError / CheckpointMismatchError.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from cspine_jax import models  # pylint: disable=g-import-not-at-top
-
   run_dir = pathlib.Path(run_dir)
   ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
   try:
