@@ -80,8 +80,8 @@ def cpu(c: ml_collections.ConfigDict, image_size: int = 64) -> ml_collections.Co
   """Shrinks a config to run on a laptop CPU: small images, small synthetic set, few epochs."""
   c.prepare.image_size = (image_size, image_size)
   c.synthetic.num_studies = 20
-  # In-process reading (grain's read threads): on 2 cores a worker process's per-batch hand-over
-  # cost more than the reading of these small records (single_head: ~220 vs ~340 batches/s).
+  # In-process reading (grain's read threads): on a few cores a worker process's per-batch
+  # hand-over costs more than reading these small records.
   c.input.workers = 0
   c.train.epochs = 2
   c.train.log_every = 5

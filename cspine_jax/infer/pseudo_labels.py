@@ -35,8 +35,8 @@ from cspine_jax.pp import study as study_lib
 from cspine_jax.records import pipeline
 from cspine_jax.records import shards
 
-# label_dataset keeps the studies' windowed volumes for the box refiner up to this many bytes
-# (the demo set's 96 studies: 0.2 GB); beyond it, the refiner's pass reads the files again.
+# label_dataset keeps the studies' windowed volumes for the box refiner up to this many bytes;
+# beyond it, the refiner's pass reads the files again.
 KEEP_VOLUME_BYTES = 2 << 30
 
 
