@@ -36,9 +36,7 @@ _SUBSET = flags.DEFINE_bool("subset", False, "score only the labelled studies th
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   try:
     score, blocks = evaluation.evaluate(
         _LABELS.value, _PREDICTIONS.value, train_labels=_TRAIN_LABELS.value, folds=_FOLDS.value,

@@ -37,16 +37,13 @@ def default_workdir(config_path: str) -> str:
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli_setup.begin(argv)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage2.py:cpu")
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
-  cli_setup.quiet_library_logs()
-  # Imported here, in the main process only: grain workers re-import this file.
-  from cspine_jax.pipeline import runner  # pylint: disable=g-import-not-at-top  # lazy: grain workers re-import this module
+  from cspine_jax.pipeline import runner  # lazy: grain worker processes re-import this module
   runner.run(config, workdir)
   return 0
 

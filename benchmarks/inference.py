@@ -84,9 +84,7 @@ def fresh_models(folds: int, image_size: int, variant: str = "cpu",
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   import jax  # lazy: decoder processes re-import this module
   from cspine_jax.infer import predict  # lazy: decoder processes re-import this module
   from cspine_jax.infer import spec  # lazy: decoder processes re-import this module

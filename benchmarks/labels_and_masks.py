@@ -117,9 +117,7 @@ def best_of(repeats: int, fn) -> float:
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   repeats = _REPEATS.value
   mask = make_mask(_SLICES.value, _SIZE.value)
   series = series_for(mask.shape)

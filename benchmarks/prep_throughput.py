@@ -160,9 +160,7 @@ def best_of(repeats: int, fn, cpu: list[float] | None = None) -> float:
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   num_studies, transfer_syntax = _NUM_STUDIES.value, _TRANSFER_SYNTAX.value
   workers, repeats = _WORKERS.value, _REPEATS.value
 

@@ -9,17 +9,9 @@ import ml_collections
 
 def prepare() -> ml_collections.ConfigDict:
   """``pp.options.Options`` of the record sets (part of each set's identity), every field."""
-  return ml_collections.ConfigDict(
-      dict(image_size=(224, 224),
-           window_level=400.0,
-           window_width=1800.0,
-           num_folds=5,
-           fold_seed=0,
-           stage2_slices=24,
-           crop_margin=0.1,
-           cube_size=64,
-           cnn3d_crop=False,
-           stage2_locate="mask"))
+  return ml_collections.ConfigDict(dict(
+      image_size=(224, 224), window_level=400.0, window_width=1800.0, num_folds=5, fold_seed=0,
+      stage2_slices=24, crop_margin=0.1, cube_size=64, cnn3d_crop=False, stage2_locate="mask"))
 
 
 def base(task: str) -> ml_collections.ConfigDict:
@@ -50,7 +42,8 @@ def base(task: str) -> ml_collections.ConfigDict:
       warmup_steps=-1, warmup_fraction=0.05, end_factor=0.0))
 
   c.input = ml_collections.ConfigDict(dict(batch_size=8, workers=2))
-  # coarse_slices_prob / coarse_slices: inputs.augment.AugmentOptions (thick-slice re-sampling; off here).
+  # coarse_slices_prob / coarse_slices: inputs.augment.AugmentOptions (thick-slice re-sampling;
+  # off here).
   c.input.augment = ml_collections.ConfigDict(dict(enabled=True, max_rotation_deg=10.0, flip_prob=0.5,
                                                    coarse_slices_prob=0.0, coarse_slices=(4, 12)))
 
@@ -59,20 +52,10 @@ def base(task: str) -> ml_collections.ConfigDict:
 
   # members: models per fold, each from its own seed (fold_k, fold_k_member_1, ...); their
   # probabilities are averaged out-of-fold and at inference.
-  c.train = ml_collections.ConfigDict(
-      dict(epochs=20,
-           max_steps=0,
-           stop_at_step=0,
-           eval_every=1,
-           log_every=10,
-           checkpoint_every=0,
-           checkpoint_keep=2,
-           keep_best=1,
-           async_checkpoints=True,
-           param_sharding="replicated",
-           progress=True,
-           tensorboard=True,
-           members=1))
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=20, max_steps=0, stop_at_step=0, eval_every=1, log_every=10, checkpoint_every=0,
+      checkpoint_keep=2, keep_best=1, async_checkpoints=True, param_sharding="replicated",
+      progress=True, tensorboard=True, members=1))
   return c
 
 

@@ -22,26 +22,12 @@ from configs import stage1
 from configs import stage2
 
 VARIANTS = ("", "tiny")
-MODELS = {
-    "stage1": stage1,
-    "box_refine": box_refine,
-    "stage2": stage2,
-    "cnn3d": cnn3d,
-    "single_head": single_head,
-    "multi_head": multi_head
-}
+MODELS = {"stage1": stage1, "box_refine": box_refine, "stage2": stage2, "cnn3d": cnn3d,
+          "single_head": single_head, "multi_head": multi_head}
 
 
-def _model(c: ml_collections.ConfigDict,
-           name: str,
-           *,
-           epochs: int,
-           batch_size: int,
-           lr: float,
-           max_steps: int = 0,
-           eval_every: int = 1,
-           members: int = 1,
-           loss: dict | None = None,
+def _model(c: ml_collections.ConfigDict, name: str, *, epochs: int, batch_size: int, lr: float,
+           max_steps: int = 0, eval_every: int = 1, members: int = 1, loss: dict | None = None,
            augment: dict | None = None) -> ml_collections.ConfigDict:
   """``configs/<name>.py:cpu`` with the demo's schedule; seed, folds and top-N follow the demo's
   own fields (references, so ``--config.seed=1`` reaches every model)."""
@@ -51,12 +37,8 @@ def _model(c: ml_collections.ConfigDict,
   m.num_folds = c.prepare.get_ref("num_folds")
   for field in c.prepare:
     m.prepare[field] = c.prepare.get_ref(field)
-  m.train.update(epochs=epochs,
-                 max_steps=max_steps,
-                 eval_every=eval_every,
-                 members=members,
-                 tensorboard=False,
-                 async_checkpoints=False)
+  m.train.update(epochs=epochs, max_steps=max_steps, eval_every=eval_every, members=members,
+                 tensorboard=False, async_checkpoints=False)
   m.train.progress = c.get_ref("progress")
   m.input.batch_size = batch_size
   m.input.workers = 0
@@ -78,10 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                segmented_fraction=0.75))
   # pp.options.Options of every record set (one preprocessing for training and inference).
   c.prepare = common.prepare()
-  c.prepare.update(image_size=(64, 64),
-                   stage2_slices=24,
-                   cube_size=32,
-                   num_folds=2,
+  c.prepare.update(image_size=(64, 64), stage2_slices=24, cube_size=32, num_folds=2,
                    stage2_locate="vertebrae")
   c.workers = 2
   c.train_fold = -1  # -1: every fold (out-of-fold predictions for all studies); k: fold k only
@@ -91,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                    decode="template", require_all=True,
                                                    calibrate_boxes=True, box_smoothing=0.15))
   c.refine_boxes = True  # a box refiner's second look at each derived box
-  c.refine_passes = 2  # at inference too (RUN/inference.json)
+  c.refine_passes = 2    # at inference too (RUN/inference.json)
   c.progress = True
   c.pngs = 4  # per-study pictures of test studies in the summary
   c.baselines = ("cnn3d", "single_head", "multi_head")
@@ -99,35 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(stage2="box_refine"))
   # Batch sizes are multiples of 8 so they split over 8 (test-suite) devices too.
   c.models = ml_collections.ConfigDict()
-  c.models.stage1 = _model(c,
-                           "stage1",
-                           epochs=8,
-                           batch_size=16,
-                           lr=2e-3,
-                           max_steps=1600,
-                           eval_every=8,
-                           loss={
-                               "presence_pos_weight": 4.0,
-                               "box_weight": 5.0
-                           })
-  c.models.box_refine = _model(c,
-                               "box_refine",
-                               epochs=12,
-                               batch_size=32,
-                               lr=2e-3,
-                               max_steps=1500,
-                               eval_every=12)
-  c.models.stage2 = _model(c,
-                           "stage2",
-                           epochs=30,
-                           batch_size=8,
-                           lr=5e-4,
-                           eval_every=6,
+  c.models.stage1 = _model(c, "stage1", epochs=8, batch_size=16, lr=2e-3, max_steps=1600,
+                           eval_every=8, loss={"presence_pos_weight": 4.0, "box_weight": 5.0})
+  c.models.box_refine = _model(c, "box_refine", epochs=12, batch_size=32, lr=2e-3,
+                               max_steps=1500, eval_every=12)
+  c.models.stage2 = _model(c, "stage2", epochs=30, batch_size=8, lr=5e-4, eval_every=6,
                            members=3,
-                           augment={
-                               "max_rotation_deg": 0.0,
-                               "coarse_slices_prob": 0.5
-                           })
+                           augment={"max_rotation_deg": 0.0, "coarse_slices_prob": 0.5})
   c.models.cnn3d = _model(c, "cnn3d", epochs=6, batch_size=8, lr=1e-3, eval_every=6)
   c.models.single_head = _model(c, "single_head", epochs=1, batch_size=16, lr=1e-3, max_steps=120)
   c.models.multi_head = _model(c, "multi_head", epochs=1, batch_size=16, lr=1e-3, max_steps=120)

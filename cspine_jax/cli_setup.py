@@ -1,5 +1,6 @@
 """What every command line does before its work (imported by absl programs only, never by the
 library)."""
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -9,3 +10,10 @@ def quiet_library_logs() -> None:
   and the tables: WARNING and above only, unless ``--verbosity`` was given."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def begin(argv) -> None:
+  """A command without positional arguments: refuses any, then quiets the libraries' logs."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()

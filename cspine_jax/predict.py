@@ -50,9 +50,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   from cspine_jax.infer import ensemble  # lazy: decoder processes re-import this module
   from cspine_jax.infer import predict  # lazy: decoder processes re-import this module
   from cspine_jax.infer import spec  # lazy: decoder processes re-import this module

@@ -62,9 +62,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   runtime.start()
   pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
   try:

@@ -34,9 +34,7 @@ flags.adopt_module_key_flags(pp_flags)  # listed by --help, not only --helpfull
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   try:
     builder = tfds_builder.build(_DATA_DIR.value, _OUT.value, _TASK.value, pp_flags.options(),
                                  vertebrae_file=_VERTEBRAE.value,

@@ -26,9 +26,7 @@ _PROGRESS = flags.DEFINE_bool("progress", False, "print a line per study")
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli_setup.quiet_library_logs()
+  cli_setup.begin(argv)
   t = time.perf_counter()
   out = generate(_OUT.value, _STUDIES.value, _SEED.value, size=_SIZE.value, num_test=_TEST.value,
                  segmented_fraction=_SEGMENTED.value, corrupt=_CORRUPT.value,
