@@ -51,11 +51,14 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(overall="top_n", top_n=7))
 
   # members: models per fold, each from its own seed (fold_k, fold_k_member_1, ...); their
-  # probabilities are averaged out-of-fold and at inference.
+  # probabilities are averaged out-of-fold and at inference. select: the checkpoint that stands
+  # for a model, "last" (fixed in advance) or "best" (lowest select_by on the validation fold,
+  # which is then scored on the data that chose it); select_by: a validation figure ("score" is
+  # the competition metric, or the loss for the localisers; "val_loss" the loss).
   c.train = ml_collections.ConfigDict(dict(
       epochs=20, max_steps=0, stop_at_step=0, eval_every=1, log_every=10, checkpoint_every=0,
       checkpoint_keep=2, keep_best=1, async_checkpoints=True, param_sharding="replicated",
-      progress=True, tensorboard=True, members=1))
+      progress=True, tensorboard=True, members=1, select="last", select_by="score"))
   return c
 
 

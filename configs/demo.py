@@ -54,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   common.check_variant(variant, VARIANTS, "demo")
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Steps to run now, by name ("stage2,evaluate"; "" = every step not done yet): pipeline.json.
+  c.steps = ""
   # None: a synthetic RSNA-format set generated under WORKDIR/data from ``synthetic``.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.synthetic = ml_collections.ConfigDict(dict(num_studies=96, seed=0, size="small",
@@ -74,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.progress = True
   c.pngs = 4  # per-study pictures of test studies in the summary
   c.baselines = ("cnn3d", "single_head", "multi_head")
+  c.probe = True  # the shortcut probe on stage 2's crops, beside the models
   # Each fold of a model starting from another model's encoder of the same fold ("" = random).
   c.init_from = ml_collections.ConfigDict(dict(stage2="box_refine"))
   # Batch sizes are multiples of 8 so they split over 8 (test-suite) devices too.

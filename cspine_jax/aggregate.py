@@ -38,12 +38,8 @@ def max_overall(vertebra_probs: np.ndarray) -> np.ndarray:
   return top_n_overall(vertebra_probs, 1)
 
 
-def pool_slices(fracture: np.ndarray,
-                presence: np.ndarray,
-                *,
-                method: str = "max",
-                quantile: float = 0.9,
-                presence_threshold: float = 0.5) -> np.ndarray:
+def pool_slices(fracture: np.ndarray, presence: np.ndarray, *, method: str = "max",
+                quantile: float = 0.9, presence_threshold: float = 0.5) -> np.ndarray:
   """Per-slice probabilities (S, 7) -> per-vertebra probabilities (7,).
 
   Args:
@@ -72,11 +68,8 @@ def pool_slices(fracture: np.ndarray,
   return out
 
 
-def wide_frame(uids: Sequence[str],
-               vertebra_probs: np.ndarray,
-               overall: np.ndarray | None = None,
-               *,
-               top_n: int = DEFAULT_TOP_N) -> pd.DataFrame:
+def wide_frame(uids: Sequence[str], vertebra_probs: np.ndarray, overall: np.ndarray | None = None,
+               *, top_n: int = DEFAULT_TOP_N) -> pd.DataFrame:
   """One row per study: StudyInstanceUID, patient_overall, C1..C7.
 
   ``overall`` defaults to :func:`top_n_overall` of the vertebra probabilities.

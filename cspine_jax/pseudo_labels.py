@@ -17,23 +17,18 @@ from absl import app
 from absl import flags
 
 from cspine_jax import cli_setup
+from cspine_jax import labels as labels_lib
 from cspine_jax.infer import pseudo_labels
 from cspine_jax.infer import spec
 from cspine_jax.localize import derive
 from cspine_jax.localize import ranges
 from cspine_jax.train import runtime
 
-_DATA_DIR = flags.DEFINE_string("data_dir",
-                                None,
-                                "RSNA-format folder (train.csv, train_images/)",
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "RSNA-format folder (train.csv, train_images/)",
                                 required=True)
-_RECORDS = flags.DEFINE_string("records",
-                               None,
-                               "records folder holding stage1/ (options, folds)",
+_RECORDS = flags.DEFINE_string("records", None, "records folder holding stage1/ (options, folds)",
                                required=True)
-_STAGE1 = flags.DEFINE_string("stage1",
-                              None,
-                              "stage-1 run folder (fold_*/checkpoints)",
+_STAGE1 = flags.DEFINE_string("stage1", None, "stage-1 run folder (fold_*/checkpoints)",
                               required=True)
 _OUT = flags.DEFINE_string("out", None, "the --vertebrae CSV to write", required=True)
 _REFINE = flags.DEFINE_string(
@@ -66,33 +61,23 @@ def main(argv) -> int:
   runtime.start()
   pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
   try:
-    rules = derive.Rules(threshold=_THRESHOLD.value,
-                         box_quantile=_BOX_QUANTILE.value,
-                         box_smoothing=_BOX_SMOOTHING.value,
-                         decode=_DECODE.value,
-                         require_all=_REQUIRE_ALL.value,
-                         calibrate_boxes=_CALIBRATE_BOXES.value)
-    result = pseudo_labels.label_from_run(_DATA_DIR.value,
-                                          _STAGE1.value,
-                                          _RECORDS.value,
-                                          _OUT.value,
-                                          rules=rules,
-                                          batch_size=_BATCH_SIZE.value,
-                                          progress=_PROGRESS.value,
-                                          refine_dir=_REFINE.value,
+    rules = derive.Rules(threshold=_THRESHOLD.value, box_quantile=_BOX_QUANTILE.value,
+                         box_smoothing=_BOX_SMOOTHING.value, decode=_DECODE.value,
+                         require_all=_REQUIRE_ALL.value, calibrate_boxes=_CALIBRATE_BOXES.value)
+    result = pseudo_labels.label_from_run(_DATA_DIR.value, _STAGE1.value, _RECORDS.value,
+                                          _OUT.value, rules=rules, batch_size=_BATCH_SIZE.value,
+                                          progress=_PROGRESS.value, refine_dir=_REFINE.value,
                                           refine_passes=_REFINE_PASSES.value)
   except (OSError, ValueError, KeyError) as e:  # missing runs/records, unfittable rules
     print(f"pseudo_labels: error: {e}", file=sys.stderr)
     return 2
   if _WORKDIR.value:
-    path = spec.write_spec(_WORKDIR.value,
-                           result["options"],
-                           result["options"],
-                           top_n=_TOP_N.value,
-                           rules=result["rules"],
-                           refine_options=result["refine_options"],
+    path = spec.write_spec(_WORKDIR.value, top_n=_TOP_N.value, rules=result["rules"],
+                           refine=result["refine_options"] is not None,
                            refine_passes=result["refine_passes"])
-    print(f"inference spec -> {path}")
+    prior = spec.write_prior(pathlib.Path(_WORKDIR.value) / spec.PRIOR,
+                             labels_lib.read_train_csv(pathlib.Path(_DATA_DIR.value) / "train.csv"))
+    print(f"inference spec -> {path}; prior -> {prior}")
   return 1 if result["failed"] else 0
 
 

@@ -171,7 +171,7 @@ def test_refine_passes_start_each_look_from_the_last_box():
 def test_inference_refines_as_often_as_the_spec_says(tmp_path):
   import types
   options = options_lib.Options(image_size=(16, 16))
-  path = spec_lib.write_spec(tmp_path, options, options, refine_options=options, refine_passes=2)
+  path = spec_lib.write_spec(tmp_path, refine=True, refine_passes=2)
   assert json.loads(path.read_text())["refine_passes"] == 2
   # A spec with bad passes is refused when it is read, naming the file (before any model loads).
   spec = json.loads(path.read_text())
@@ -214,7 +214,7 @@ def _stage1(images):
 def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_model(
     segmented, tmp_path, monkeypatch):
   """Refiner 0 keeps the derived boxes, refiner 1 answers the whole crop: fold 0's held-out
-  boxes stay, fold 1's grow, and the file's are the average's."""
+  boxes stay, fold 1's grow; every study here has a mask, so the file holds those (leak-free)."""
   data, truth = segmented
   uids = sorted(truth)
   folds = {u: i % 2 for i, u in enumerate(uids)}
@@ -227,15 +227,16 @@ def test_label_dataset_refines_the_file_by_the_average_and_each_fold_by_its_mode
       data, {0: scorer, 1: scorer}, options, tmp_path / "b.csv", batch_size=1000, folds=folds,
       refiner=refiners, refine_options=options, log=lambda _: None)
   assert refined["out_of_fold_derived"] == plain["out_of_fold"]
-  assert refined["ensemble"]["range_iou"] == plain["ensemble"]["range_iou"]
+  assert refined["in_sample"]["range_iou"] == plain["in_sample"]["range_iou"]
   a, b = vertebrae_lib.read_vertebrae(tmp_path / "a.csv"), vertebrae_lib.read_vertebrae(
       tmp_path / "b.csv")
-  half = (0 + INNER) / 2, (0 + INNER) / 2, (1 + 1 - INNER) / 2, (1 + 1 - INNER) / 2
-  _, h, w = truth[uids[0]]["shape"]
+  _, h, w = truth[uids[1]]["shape"]
   scale = np.array([w, h, w, h], float)
   frame = refine_input.crop_frame(np.array([0.3, 0.3, 0.6, 0.7]) * scale)
-  expect = np.clip(np.array(refine_input.from_crop(half, frame)) / scale, 0, 1)
-  np.testing.assert_allclose(b[uids[0]][0].box, expect, atol=1e-5)
+  grown = np.clip(np.array(refine_input.from_crop((0, 0, 1, 1), frame)) / scale, 0, 1)
+  assert folds[uids[0]] == 0 and folds[uids[1]] == 1
+  np.testing.assert_allclose(b[uids[0]][0].box, (0.3, 0.3, 0.6, 0.7), atol=1e-5)  # refiner 0
+  np.testing.assert_allclose(b[uids[1]][0].box, grown, atol=1e-5)  # refiner 1
   assert a[uids[0]][0].box == pytest.approx((0.3, 0.3, 0.6, 0.7))
   # Volumes kept from the first pass and volumes read again give the same crops.
   def by_content(images):  # an answer that moves with the crop's pixels
@@ -289,8 +290,7 @@ def test_predict_refines_located_boxes_and_the_spec_names_the_refiner(segmented,
     assert q.box[0] < p.box[0] and q.box[2] > p.box[2], (p.box, q.box)
   with pytest.raises(ValueError, match="needs its options"):
     spec_lib.Models(stage1=stage1, stage2=None, options=options, refiner=_fixed([0, 0, 1, 1]))
-  spec_lib.write_spec(tmp_path, options, options, refine_options=options)
-  spec = json.loads((tmp_path / spec_lib.SPEC).read_text())
-  assert options_lib.Options.from_json(spec["refine_options"]) == options
-  spec_lib.write_spec(tmp_path, options, options)
-  assert "refine_options" not in json.loads((tmp_path / spec_lib.SPEC).read_text())
+  spec_lib.write_spec(tmp_path, refine=True)
+  assert json.loads((tmp_path / spec_lib.SPEC).read_text())["refine"] is True
+  spec_lib.write_spec(tmp_path)
+  assert json.loads((tmp_path / spec_lib.SPEC).read_text())["refine"] is False

@@ -41,7 +41,8 @@ def test_tiny_demo_end_to_end(tmp_path):
   assert "vs masks (out_of_fold" in text and "box IoU" in text
   # Results table: the four models and the prior, finite scores.
   results = pd.read_csv(tmp_path / "eval" / "results.csv")
-  assert results["model"].tolist() == ["3D CNN", "Two-stage", "Prior (train means)"]
+  assert results["model"].tolist() == ["3D CNN", "Two-stage", "Shortcut probe (crop statistics)",
+                                       "Prior (training folds' means)"]
   assert np.isfinite(results["score"]).all() and (results["score"] > 0).all()
   top_n = pd.read_csv(tmp_path / "eval" / "top_n.csv")
   assert top_n["N"].tolist() == list(range(1, 8))
@@ -49,7 +50,7 @@ def test_tiny_demo_end_to_end(tmp_path):
   located = vertebrae.read_vertebrae(tmp_path / "run" / "vertebrae.csv")
   train = labels.read_train_csv(tmp_path / "data" / "train.csv")
   assert set(located) == set(train["StudyInstanceUID"])
-  for name in ("ensemble", "out_of_fold"):
+  for name in ("in_sample", "out_of_fold"):
     s = figures["pseudo_labels"][name]
     assert s["pairs"] > 0 and 0 <= s["range_iou"] <= 1 and 0 <= s["box_iou"] <= 1
   # The command line makes the same file (and inference spec) from the trained stage-1 run.

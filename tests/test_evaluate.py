@@ -95,14 +95,33 @@ def test_models_prior_and_plot(files, tmp_path):
       plot=tmp_path / "rel.png")
   assert score == metrics.competition_loss(labels_frame, wide)
   text = "\n".join(blocks)
+  # The predictions carry their folds: each study's prior is its training folds' label means.
+  folds = dict(zip(wide["StudyInstanceUID"], wide["fold"]))
   prior = metrics.competition_loss(
+      labels_frame, tables.prior_predictions(labels_frame, labels_frame["StudyInstanceUID"], folds))
+  in_sample = metrics.competition_loss(
       labels_frame, tables.prior_predictions(labels_frame, labels_frame["StudyInstanceUID"]))
-  assert f"{prior:.4f}" in text and "constant prior" in text
+  assert prior != in_sample
+  assert f"{prior:.4f}" in text and "constant prior (each study's training folds'" in text
   row = next(l for l in text.splitlines() if l.strip().startswith("3D CNN"))
   assert f"{metrics.competition_loss(labels_frame, other):.4f}" in row
   assert "fold 1" in text
   assert blocks[-1].startswith("reliability diagram: ")
   assert (tmp_path / "rel.png").stat().st_size > 1000
+
+
+def test_prior_without_folds_says_it_is_in_sample_and_takes_train_labels(files, tmp_path):
+  paths, labels_frame, wide = files
+  _, blocks = evaluation.evaluate(paths["train"], [str(paths["long"])])  # no fold column
+  assert "the evaluated labels' own means: in sample" in "\n".join(blocks)
+  other = labels_frame.copy()
+  other[list(TARGETS)] = 1 - other[list(TARGETS)]
+  other.to_csv(tmp_path / "other_train.csv", index=False)
+  _, blocks = evaluation.evaluate(paths["train"], [str(paths["long"])],
+                                  train_labels=tmp_path / "other_train.csv")
+  prior = metrics.competition_loss(
+      labels_frame, tables.prior_predictions(other, labels_frame["StudyInstanceUID"]))
+  assert f"{prior:.4f}" in "\n".join(blocks)
 
 
 def test_cli_prints_reports_then_the_score_line(files, tmp_path):

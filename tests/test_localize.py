@@ -12,7 +12,6 @@ from cspine_jax.localize import boxes as boxes_lib
 from cspine_jax.localize import compare as compare_lib
 from cspine_jax.localize import derive as derive_lib
 from cspine_jax.localize import ranges as ranges_lib
-from cspine_jax.pp import options as options_lib
 
 
 def _mask():
@@ -113,16 +112,14 @@ def test_ordered_decoding_keeps_the_levels_in_order():
 
 def test_found_confidence_tells_a_finding_from_a_placement():
   presence = np.full((12, 7), 0.1)
-  placed = derive_lib.derive(presence,
-                             np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
+  placed = derive_lib.derive(presence, np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
                              rules=derive_lib.Rules(decode="ordered", require_all=True))
   assert all(p.present for p in placed)
   assert derive_lib.found_confidence(placed) == pytest.approx(0.1)
   with pytest.raises(derive_lib.NoVertebraFound, match="0.100 < 0.5"):
     derive_lib.check_found(placed, 0.5)
   presence[3:6, 2] = 0.9
-  found = derive_lib.derive(presence,
-                            np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
+  found = derive_lib.derive(presence, np.tile([[0.2, 0.2, 0.8, 0.8]], (12, 1)),
                             rules=derive_lib.Rules(decode="ordered", require_all=True))
   derive_lib.check_found(found, 0.5)  # C3 is found: no error
   assert derive_lib.found_confidence([vertebrae_lib.absent(0.9)] * 7) == 0.0
@@ -156,15 +153,13 @@ def test_template_rules_are_checked_and_survive_the_inference_spec(tmp_path):
   with pytest.raises(ValueError, match="7 \\(start, end\\)"):
     derive_lib.Rules(decode="template", template=((0.0, 0.2),) * 6)
   with pytest.raises(ValueError, match="needs Rules.template"):
-    derive_lib.derive(np.full((10, 7), .5),
-                      np.zeros((10, 4)),
+    derive_lib.derive(np.full((10, 7), .5), np.zeros((10, 4)),
                       rules=derive_lib.Rules(decode="template"))
   with pytest.raises(ValueError, match="all seven"):
     ranges_lib.vertebra_template([[(0, 3)] * 6 + [None]])
   template = tuple((v / 8, (v + 1.5) / 8) for v in range(7))
   rules = derive_lib.Rules(decode="template", template=template)
-  options = options_lib.Options(image_size=(32, 32))
-  spec_lib.write_spec(tmp_path, options, options, rules=rules)
+  spec_lib.write_spec(tmp_path, rules=rules)
   spec = json.loads((tmp_path / spec_lib.SPEC).read_text())
   assert derive_lib.Rules(**spec["rules"]) == rules
 
@@ -185,12 +180,10 @@ def test_box_offsets_fit_apply_and_validate(tmp_path):
   with pytest.raises(ValueError, match="calibrate_boxes is False"):
     derive_lib.Rules(box_offsets=offsets)
   with pytest.raises(ValueError, match="needs Rules.box_offsets"):
-    derive_lib.derive(np.full((10, 7), .5),
-                      np.zeros((10, 4)),
+    derive_lib.derive(np.full((10, 7), .5), np.zeros((10, 4)),
                       rules=derive_lib.Rules(calibrate_boxes=True))
   rules = derive_lib.Rules(calibrate_boxes=True, box_offsets=offsets)
-  options = options_lib.Options(image_size=(32, 32))
-  spec_lib.write_spec(tmp_path, options, options, rules=rules)
+  spec_lib.write_spec(tmp_path, rules=rules)
   spec = json.loads((tmp_path / spec_lib.SPEC).read_text())
   assert derive_lib.Rules(**spec["rules"]) == rules
 
@@ -224,9 +217,8 @@ def test_box_smoothing_denoises_per_slice_boxes():
   with pytest.raises(ValueError, match="box_smoothing"):
     derive_lib.Rules(box_smoothing=1.5)
   rules = derive_lib.Rules(box_smoothing=0.15)
-  options = options_lib.Options(image_size=(32, 32))
   import tempfile
   with tempfile.TemporaryDirectory() as d:
-    spec_lib.write_spec(d, options, options, rules=rules)
+    spec_lib.write_spec(d, rules=rules)
     spec = json.loads((pathlib.Path(d) / spec_lib.SPEC).read_text())
   assert derive_lib.Rules(**spec["rules"]) == rules

@@ -223,3 +223,23 @@ def test_fold_ensemble_restores_checkpoints_and_averages(tmp_path, monkeypatch):
     ens({"images": images, "vertebra": vertebra}, fold=4)
   with pytest.raises(ensemble.PredictError, match="no trained model"):
     ensemble.fold_dirs(tmp_path / "run" / "stage1")
+
+
+def test_each_stage_preprocesses_as_its_models_records_were_made(tmp_path):
+  """Inference takes each stage's options from its models' checkpoints (how their records were
+  made); an older inference.json that names options must agree with them."""
+  import types
+  stage2 = options_lib.Options(image_size=(32, 32), stage2_slices=6, crop_margin=0.2)
+  fake = types.SimpleNamespace(record_options=lambda: stage2,
+                               task=types.SimpleNamespace(name="stage2"))
+  path = tmp_path / spec_lib.SPEC
+  assert spec_lib._options(fake, {}, "stage2_options", path) == stage2
+  assert spec_lib._options(fake, {"stage2_options": stage2.to_json()}, "stage2_options",
+                           path) == stage2
+  other = options_lib.Options(image_size=(32, 32), stage2_slices=6)  # the stage-1 records' margin
+  with pytest.raises(ensemble.PredictError, match="crop_margin"):
+    spec_lib._options(fake, {"stage2_options": other.to_json()}, "stage2_options", path)
+  old = types.SimpleNamespace(record_options=lambda: None,
+                              task=types.SimpleNamespace(name="stage2"))
+  with pytest.raises(ensemble.PredictError, match="stage2_options is missing"):
+    spec_lib._options(old, {}, "stage2_options", path)

@@ -12,6 +12,7 @@ from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.localize import boxes as boxes_lib
 from cspine_jax.localize import compare as compare_lib
 from cspine_jax.localize import derive as derive_lib
+from cspine_jax.localize import ranges as ranges_lib
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 
@@ -22,11 +23,7 @@ def test_oracle_pseudo_labels_on_generated_studies(tmp_path, capsys):
   from cspine_jax import synthetic
   from cspine_jax.io import dicom
   from cspine_jax.io import nifti
-  data = synthetic.generate(tmp_path / "rsna",
-                            4,
-                            3,
-                            size="tiny",
-                            num_test=0,
+  data = synthetic.generate(tmp_path / "rsna", 4, 3, size="tiny", num_test=0,
                             segmented_fraction=1.0)
   truth = json.loads((pathlib.Path(data) / "ground_truth.json").read_text())["studies"]
   located, rows = {}, []
@@ -54,11 +51,13 @@ def test_oracle_pseudo_labels_on_generated_studies(tmp_path, capsys):
 
 
 def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
-  """Fold models: one pass each; the file holds their average, out-of-fold uses the own model."""
+  """Fold models: one pass each. Leak-free: a segmented study of fold k holds what model k says
+  (it never trained on that study), a study without a mask the models' average."""
   from cspine_jax import synthetic
   data = pathlib.Path(
-      synthetic.generate(tmp_path / "rsna", 4, 5, size="tiny", num_test=0, segmented_fraction=1.0))
-  uids = sorted(json.loads((data / "ground_truth.json").read_text())["studies"])
+      synthetic.generate(tmp_path / "rsna", 4, 5, size="tiny", num_test=0, segmented_fraction=0.5))
+  studies = json.loads((data / "ground_truth.json").read_text())["studies"]
+  uids = sorted(studies)
   calls = {0: 0, 1: 0}
 
   def scorer(fold, p, box):
@@ -75,24 +74,55 @@ def test_label_dataset_with_fold_models_scores_each_study_once(tmp_path):
 
   options = options_lib.Options(image_size=(32, 32))
   out = tmp_path / "vertebrae.csv"
-  result = pseudo_labels.label_dataset(data, {
-      0: scorer(0, 0.9, (0.2, 0.2, 0.6, 0.6)),
-      1: scorer(1, 0.3, (0.4, 0.4, 0.8, 0.8))
-  },
-                                       options,
-                                       out,
-                                       batch_size=1000,
-                                       folds={
-                                           u: i % 2 for i, u in enumerate(uids)
-                                       },
-                                       log=lambda _: None)
+  folds = {u: i % 2 for i, u in enumerate(uids)}
+  boxes = {0: (0.2, 0.2, 0.6, 0.6), 1: (0.4, 0.4, 0.8, 0.8)}
+  result = pseudo_labels.label_dataset(
+      data, {0: scorer(0, 0.9, boxes[0]), 1: scorer(1, 0.3, boxes[1])}, options, out,
+      batch_size=1000, folds=folds, log=lambda _: None)
   assert calls == {0: 4, 1: 4}  # one batch per study per model: no second out-of-fold pass
-  assert result["studies"] == 4 and result["out_of_fold"]["pairs"] == 4 * 7
+  segmented = [u for u in uids if studies[u]["has_segmentation"]]
+  assert 0 < len(segmented) < 4
+  assert result["studies"] == 4 and result["out_of_fold"]["pairs"] == len(segmented) * 7
+  assert result["sources"] == {"out_of_fold": len(segmented), "ensemble": 4 - len(segmented),
+                               "in_sample": []}
   written = vertebrae_lib.read_vertebrae(out)
-  # The average presence of C1..C4 on the first half is 0.6 >= 0.5: present; box = mean box.
-  c1 = written[uids[0]][0]
-  assert c1.present
-  np.testing.assert_allclose(c1.box, (0.3, 0.3, 0.7, 0.7), atol=1e-6)
+  for uid in uids:
+    c1 = written[uid][0]
+    if uid in segmented:  # model k's own call: present only where its presence reaches 0.5
+      assert c1.present == (folds[uid] == 0)
+      if c1.present:
+        np.testing.assert_allclose(c1.box, boxes[0], atol=1e-6)
+    else:  # the average presence of C1..C4 on the first half is 0.6 >= 0.5; box = mean box
+      assert c1.present
+      np.testing.assert_allclose(c1.box, (0.3, 0.3, 0.7, 0.7), atol=1e-6)
+
+
+def test_fold_k_rules_are_fitted_without_fold_k_masks(tmp_path):
+  """The template and box offsets that decode fold k's studies come from the other folds' masks
+  only; the rules written for new studies from every mask."""
+  data, uids, options, scorer = _oracle_data(tmp_path)
+  folds = {u: i % 2 for i, u in enumerate(uids)}
+  result = pseudo_labels.label_dataset(
+      data, {0: scorer, 1: scorer}, options, tmp_path / "v.csv",
+      rules=derive_lib.Rules(decode="template", calibrate_boxes=True), batch_size=1000,
+      folds=folds, log=lambda _: None)
+  from cspine_jax.io import dicom
+  from cspine_jax.io import nifti
+  spans = {}
+  for uid in uids:
+    series = dicom.read_series(data / "train_images" / uid, warn=False)
+    extents = labels.vertebra_extents(nifti.load_mask(data / "segmentations" / f"{uid}.nii",
+                                                      series))
+    spans[uid] = [(e.first, e.last) for e in extents]
+  for k in (0, 1):
+    outside = [spans[u] for u in uids if folds[u] != k]
+    np.testing.assert_allclose(result["fold_rules"][k].template,
+                               ranges_lib.vertebra_template(outside), atol=1e-12)
+    assert not np.allclose(result["fold_rules"][k].template,
+                           ranges_lib.vertebra_template([spans[u] for u in uids
+                                                         if folds[u] == k]))
+  np.testing.assert_allclose(result["rules"].template,
+                             ranges_lib.vertebra_template(spans.values()), atol=1e-12)
 
 
 def test_label_dataset_lists_the_studies_where_no_vertebra_is_found(tmp_path):
@@ -110,13 +140,9 @@ def test_label_dataset_lists_the_studies_where_no_vertebra_is_found(tmp_path):
   scorer.calls = 0
 
   lines = []
-  result = pseudo_labels.label_dataset(data,
-                                       scorer,
-                                       options_lib.Options(image_size=(32, 32)),
-                                       tmp_path / "v.csv",
-                                       batch_size=1000,
-                                       rules=derive_lib.Rules(decode="ordered", require_all=True),
-                                       log=lines.append)
+  result = pseudo_labels.label_dataset(data, scorer, options_lib.Options(image_size=(32, 32)),
+                                       tmp_path / "v.csv", batch_size=1000, rules=derive_lib.Rules(
+                                           decode="ordered", require_all=True), log=lines.append)
   assert result["studies"] == 3 and result["not_found"] == [uids[0]]
   assert any("no vertebra with confidence >= 0.5 in 1 studies" in line and uids[0] in line
              for line in lines)
@@ -155,22 +181,15 @@ def test_label_dataset_fits_the_template_from_masks_per_fold(tmp_path):
   """decode="template" without a layout: the file's comes from every mask, fold k's out-of-fold
   comparison from the masks outside fold k; an oracle stage 1 recovers the true ranges."""
   data, uids, options, scorer = _oracle_data(tmp_path)
-  result = pseudo_labels.label_dataset(data, {
-      0: scorer,
-      1: scorer
-  },
-                                       options,
-                                       tmp_path / "v.csv",
+  result = pseudo_labels.label_dataset(data, {0: scorer, 1: scorer}, options, tmp_path / "v.csv",
                                        rules=derive_lib.Rules(decode="template"),
-                                       batch_size=1000,
-                                       folds={
+                                       batch_size=1000, folds={
                                            u: i % 2 for i, u in enumerate(uids)
-                                       },
-                                       log=lambda _: None)
+                                       }, log=lambda _: None)
   assert result["rules"].template is not None
-  assert result["ensemble"]["pairs"] == 4 * 7 and result["out_of_fold"]["pairs"] == 4 * 7
+  assert result["in_sample"]["pairs"] == 4 * 7 and result["out_of_fold"]["pairs"] == 4 * 7
   # A rigid layout is close to, not exactly, each study's own ranges.
-  assert result["ensemble"]["range_iou"] > 0.75
+  assert result["in_sample"]["range_iou"] > 0.75
   assert result["out_of_fold"]["range_iou"] > 0.7
 
 
@@ -186,32 +205,26 @@ def test_label_dataset_calibrates_systematically_wrong_boxes(tmp_path):
   folds = {u: i % 2 for i, u in enumerate(uids)}
   results = {}
   for calibrate in (False, True):
-    results[calibrate] = pseudo_labels.label_dataset(data, {
-        0: scorer,
-        1: scorer
-    },
-                                                     options,
-                                                     tmp_path / f"v{calibrate}.csv",
-                                                     rules=derive_lib.Rules(
-                                                         decode="ordered",
-                                                         calibrate_boxes=calibrate),
-                                                     batch_size=1000,
-                                                     folds=folds,
-                                                     log=lambda _: None)
+    results[calibrate] = pseudo_labels.label_dataset(
+        data, {0: scorer, 1: scorer}, options, tmp_path / f"v{calibrate}.csv",
+        rules=derive_lib.Rules(decode="ordered", calibrate_boxes=calibrate), batch_size=1000,
+        folds=folds, log=lambda _: None)
   offsets = np.asarray(results[True]["rules"].box_offsets)
   assert results[False]["rules"].box_offsets is None
   # Each edge moved out by 0.15 / 0.7 of the narrowed width (per-slice boxes widen it a little).
   np.testing.assert_allclose(offsets[:, 0], -0.15 / 0.7, atol=0.05)
   np.testing.assert_allclose(offsets[:, 2], 0.15 / 0.7, atol=0.05)
-  for name in ("ensemble", "out_of_fold"):
+  for name in ("in_sample", "out_of_fold"):
     before, after = results[False][name]["box_iou"], results[True][name]["box_iou"]
     assert before < 0.8 and after > before + 0.1, (name, before, after)
   written = vertebrae_lib.read_vertebrae(tmp_path / "vTrue.csv")
   raw = vertebrae_lib.read_vertebrae(tmp_path / "vFalse.csv")
-  for v in range(7):  # the file's boxes are the derived ones moved by the fitted offsets
+  # A segmented study's boxes: derived, then moved by its fold's offsets (fitted on the others).
+  own = np.asarray(results[True]["fold_rules"][folds[uids[0]]].box_offsets)
+  assert not np.allclose(own, offsets)
+  for v in range(7):
     np.testing.assert_allclose(written[uids[0]][v].box,
-                               boxes_lib.offset_box(raw[uids[0]][v].box, offsets[v]),
-                               atol=1e-6)
+                               boxes_lib.offset_box(raw[uids[0]][v].box, own[v]), atol=1e-6)
 
 
 def test_pseudo_label_command_names_missing_inputs(tmp_path):
@@ -219,11 +232,7 @@ def test_pseudo_label_command_names_missing_inputs(tmp_path):
       sys.executable, "-m", "cspine_jax.pseudo_labels", f"--data_dir={tmp_path}",
       f"--records={tmp_path / 'records'}", f"--stage1={tmp_path / 'run'}",
       f"--out={tmp_path / 'v.csv'}"
-  ],
-                        cwd=REPO,
-                        capture_output=True,
-                        text=True,
-                        timeout=300)
+  ], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 2, done.stderr
   assert str(tmp_path / "records" / "stage1") in done.stderr
   assert not (tmp_path / "v.csv").exists()

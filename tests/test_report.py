@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -117,3 +118,18 @@ def test_study_png(tmp_path):
   assert ((img[..., 0] > 180) & (img[..., 1] < 90) & (img[..., 2] < 90)).sum() > 50
   with pytest.raises(ValueError, match="7 ranges"):
     study_png.render_study(vol, tmp_path / "x.png", ranges=ranges[:3], boxes=boxes)
+
+
+def test_the_prior_of_a_fold_is_its_training_folds_means():
+  a, b, c, d = "1.1", "1.2", "1.3", "1.4"
+  lab = pd.DataFrame({"StudyInstanceUID": [a, b, c, d], "patient_overall": [1, 1, 0, 0],
+                      **{v: [1, 0, 0, 0] if v == "C1" else [0] * 4 for v in labels.VERTEBRAE}})
+  folds = {a: 0, b: 0, c: 1, d: 1}
+  prior = tables.prior_predictions(lab, [a, c], folds).set_index("StudyInstanceUID")
+  assert prior.loc[a, "patient_overall"] == 0.0  # fold 1's studies: no fracture
+  assert prior.loc[c, "patient_overall"] == 1.0 and prior.loc[c, "C1"] == 0.5
+  res = tables.results_table(lab, {"Two-stage": tables.prior_predictions(lab, lab.StudyInstanceUID)},
+                             lab, folds)
+  assert res["model"].tolist() == ["Two-stage", tables.FOLD_PRIOR]
+  with pytest.raises(ValueError, match="no labelled study outside its fold"):
+    tables.prior_predictions(lab, [a], {u: 0 for u in (a, b, c, d)})

@@ -30,8 +30,7 @@ LAYERS = (
     # Command lines: thin absl programs at the edge (the package's top-level entry modules, the
     # data_prep/ commands, launch.py, evaluate.py); nothing imports them.
     ("cli", ("cspine_jax.predict", "cspine_jax.pseudo_labels", "cspine_jax.weights",
-             "cspine_jax.launch_local", "cspine_jax.cli_setup", "data_prep", "launch",
-             "evaluate")),
+             "cspine_jax.launch_local", "cspine_jax.cli_setup", "data_prep", "launch", "evaluate")),
 )
 # Modules of the command-line layer that are not programs: the programs share them.
 CLI_SUPPORT = ("cspine_jax.cli_setup", "data_prep.pp_flags")
@@ -115,8 +114,8 @@ def upward_imports(graph: dict[str, list[str]]) -> list[str]:
       if theirs > mine:
         found.append(f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]}), a "
                      "layer above it")
-      elif (LAYERS[theirs][0] == "cli" and module.startswith(PACKAGE + ".")
-            and target not in CLI_SUPPORT):
+      elif (LAYERS[theirs][0] == "cli" and module.startswith(PACKAGE + ".") and
+            target not in CLI_SUPPORT):
         found.append(f"{module} imports the command line {target}")
       elif allowed is not None and theirs != mine and LAYERS[theirs][0] not in allowed:
         found.append(f"{module} may import only {allowed}, not {target}")
@@ -163,9 +162,8 @@ def test_library_modules_import_no_config_and_no_flags(module):
   if layer_of(module) == len(LAYERS) - 1:
     return  # the package's own command lines
   for name, line, _, _ in _imports(module):
-    assert not name.startswith(
-        ("configs", "data_prep", "launch",
-         "evaluate")), (f"{MODULES[module]}:{line}: the library imports {name}")
+    assert not name.startswith(("configs", "data_prep", "launch", "evaluate")), (
+        f"{MODULES[module]}:{line}: the library imports {name}")
     assert name not in ("absl.flags", "ml_collections.config_flags"), (
         f"{MODULES[module]}:{line}: flags belong to the command lines")
 
@@ -190,9 +188,10 @@ def test_the_checks_find_an_upward_import_and_a_cycle():
   assert any(
       "cspine_jax.models.convnext (models) imports cspine_jax.train.loop" in f for f in found)
   assert any("cspine_jax.report.plots" in f for f in found)
-  assert any("cspine_jax.infer.predict (infer) imports cspine_jax.predict (cli)" in f for f in found)
-  assert any("cspine_jax.pseudo_labels imports the command line cspine_jax.predict" in f
-             for f in found)
+  assert any(
+      "cspine_jax.infer.predict (infer) imports cspine_jax.predict (cli)" in f for f in found)
+  assert any(
+      "cspine_jax.pseudo_labels imports the command line cspine_jax.predict" in f for f in found)
   assert find_cycles(graph) == [[
       "cspine_jax.models.convnext", "cspine_jax.train.loop", "cspine_jax.models.convnext"
   ]]

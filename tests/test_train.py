@@ -16,7 +16,7 @@ from configs import stage2 as stage2_config
 from cspine_jax import metrics
 from cspine_jax.inputs import augment as augment_lib
 from cspine_jax.pipeline import training
-from cspine_jax.train import loop, losses, runtime, sharding, steps, tasks
+from cspine_jax.train import checkpoints, loop, losses, runtime, sharding, steps, tasks
 from test_input import write_task_shards
 
 
@@ -391,3 +391,33 @@ def test_members_per_fold_are_averaged_out_of_fold(tmp_path, monkeypatch):
   # ensemble.fold_dirs finds both members: the inference ensemble averages them.
   from cspine_jax.infer import ensemble
   assert [d.name for d in ensemble.fold_dirs(tmp_path / "run")] == ["fold_1", "fold_1_member_1"]
+
+
+def test_the_headline_checkpoint_follows_a_rule_fixed_in_advance(tmp_path, monkeypatch):
+  """train.select="last" (the default): the out-of-fold file and the checkpoint inference uses are
+  the last epoch's, whatever the validation fold said; the best-on-fold epoch is kept beside it
+  under its own name. train.select="best" picks that one instead (selected on the fold)."""
+  monkeypatch.setattr(loop, "build_model", lambda config, seed, fold=None, devices=None:
+                      TinySeq(rngs=nnx.Rngs(seed, dropout=seed + 1)))
+  records = _records(tmp_path)
+  scores = iter([0.2, 0.9, 0.2, 0.9])  # epoch 1 looks best on the fold, epoch 2 is the last
+  real = loop.evaluate
+
+  def evaluate(*args, **kwargs):
+    got, preds = real(*args, **kwargs)
+    return dict(got, score=next(scores)), preds
+
+  monkeypatch.setattr(loop, "evaluate", evaluate)
+  read = lambda p: pd.read_csv(p, dtype={"StudyInstanceUID": str})
+  for select in ("last", "best"):
+    run = tmp_path / select
+    summary = loop.train_fold(tiny_config(max_steps=6, select=select), run, records, 0)
+    assert (summary["select"], summary["best_step"], summary["last_score"]) == (select, 3, 0.9)
+    chosen = loop.OOF_FILES[select]
+    pd.testing.assert_frame_equal(read(run / loop.OOF), read(run / chosen))
+    assert not read(run / loop.OOF_FILES["best"]).equals(read(run / loop.OOF_FILES["last"]))
+    ck = checkpoints.Checkpointer(run / "checkpoints", async_save=False)
+    assert ck.selected_step() == (6 if select == "last" else 3)
+    ck.close()
+  with pytest.raises(ValueError, match="train.select"):
+    loop.selection(tiny_config(select="first"))

@@ -6,6 +6,7 @@ it as the plain callables ``localize`` takes.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Any
@@ -21,6 +22,7 @@ from cspine_jax import aggregate
 from cspine_jax.inputs import augment as augment_lib
 from cspine_jax.localize import derive as derive_lib
 from cspine_jax.localize import refine as refine_lib
+from cspine_jax.pp import options as options_lib
 from cspine_jax.train import checkpoints as ckpt_lib
 from cspine_jax.train import steps as steps_lib
 from cspine_jax.train import tasks as tasks_lib
@@ -112,13 +114,22 @@ class FoldEnsemble:
   def __len__(self) -> int:
     return len(self.states)
 
+  def record_options(self) -> options_lib.Options | None:
+    """The preprocessing options of the records the members trained on (their checkpoints'
+    meta); None for checkpoints that predate the field. Members that disagree are refused."""
+    found = {json.dumps(m.get("record_options"), sort_keys=True) for m in self.metas}
+    if len(found) > 1:
+      raise PredictError(f"the {self.task.name} fold models were trained on records made with "
+                         f"different options: {sorted(found)}")
+    options = self.metas[0].get("record_options")
+    return None if options is None else options_lib.Options.from_json(options)
+
   @property
   def folds(self) -> list[int | None]:
     """The held-out fold of each member (from its checkpoint meta)."""
     return [m.get("fold") for m in self.metas]
 
-  def __call__(self,
-               batch: Mapping[str, np.ndarray],
+  def __call__(self, batch: Mapping[str, np.ndarray],
                fold: int | None = None) -> dict[str, np.ndarray]:
     """Averaged predictions; ``fold=k`` uses only the model that held fold k out (out-of-fold)."""
     images = np.asarray(batch[self.field])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import time
@@ -35,6 +34,7 @@ from cspine_jax.infer import ensemble
 from cspine_jax.infer import reader
 from cspine_jax.infer import spec
 from cspine_jax.io import dicom
+from cspine_jax.io import files
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.localize import derive as derive_lib
 from cspine_jax.localize import refine as refine_lib
@@ -274,9 +274,9 @@ def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path
   """Submission CSV (long format) and ``<out>.errors.json``; returns their paths."""
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  aggregate.to_long(result.wide()).to_csv(out, index=False, float_format="%.6f")
+  files.write_csv(aggregate.to_long(result.wide()), out, index=False, float_format="%.6f")
   errors = out.with_name(out.name + ".errors.json")
-  errors.write_text(json.dumps(result.errors(), indent=1))
+  files.write_json(errors, result.errors())
   return {"submission": out, "errors": errors}
 
 
@@ -288,6 +288,6 @@ def json_writer(json_dir: str | os.PathLike) -> Callable[[StudyResult, dicom.Ser
   def write(res: StudyResult, series: dicom.Series | None) -> None:
     name = res.uid or pathlib.Path(res.folder).name
     numbers = series.numbers if series is not None else None
-    (json_dir / f"{name}.json").write_text(json.dumps(res.to_json(numbers), indent=1))
+    files.write_json(json_dir / f"{name}.json", res.to_json(numbers))
 
   return write

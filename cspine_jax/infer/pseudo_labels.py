@@ -55,28 +55,26 @@ def label_dataset(data_dir: str | os.PathLike,
                   log: Callable[[str], None] = print) -> dict:
   """Runs stage 1 on every study of ``data_dir``/train.csv and writes the ``--vertebrae`` file.
 
-  ``stage1`` is one scorer, or the fold models ``{held-out fold: scorer}``: their outputs averaged
-  (the ensemble rule of ``ensemble.FoldEnsemble``) make the file, and on a study of fold k the
-  output of model k alone, from the same pass, gives the out-of-fold comparison (``folds``: study
-  uid -> fold). ``options`` are the stage-1 records' ``pp.options.Options`` (same windowing and
-  resizing as in training). On the studies with a segmentation the derived ranges and boxes are
-  compared with the mask (``labels.vertebra_extents``): with the ensemble (which has seen those
-  studies in training) and out-of-fold. ``decode="template"`` without a template fits it from the
-  segmented studies' masks after the pass: all of them for the file, and for the out-of-fold
-  comparison on fold k only the studies outside fold k (those model k trained on);
-  ``calibrate_boxes`` without offsets fits them the same way (the file's from the ensemble's boxes,
-  fold k's from model k's).
-  ``refiner`` (one, or the fold models ``{held-out fold: refiner}`` of a ``box_refine`` run, whose
-  records' options are ``refine_options``) then refines every box (:func:`refine`,
-  ``refine_passes`` times): the file's by the fold models' average, fold k's out-of-fold ones by
-  model k, after the fits above: from the windowed volumes kept in the first pass (up to
+  ``stage1`` is one scorer, or the fold models ``{held-out fold: scorer}`` (``folds``: study uid
+  -> fold). Leak-free: a segmented study of fold k gets what model k says (the one that did not
+  train on it), decoded with the template and box offsets fitted on the other folds' masks and
+  refined by refiner k; a study without a mask (no stage-1 model trained on it) gets the fold
+  models' average decoded with what was fitted on every mask, as a test study does at inference.
+  ``options`` are the stage-1 records' ``pp.options.Options`` (same windowing and resizing as in
+  training). ``decode="template"`` without a template, and ``calibrate_boxes`` without offsets,
+  fit them from the masks after the pass. ``refiner`` (one, or the fold models ``{held-out fold:
+  refiner}`` of a ``box_refine`` run, whose records' options are ``refine_options``) then refines
+  every box ``refine_passes`` times, from the windowed volumes kept in the first pass (up to
   ``KEEP_VOLUME_BYTES``), else read again.
+  On the segmented studies the ranges and boxes are compared with the masks: out of fold (what
+  the file holds) and, for reference, in sample (the fold ensemble, which trained on them).
   Unreadable studies are listed and left out of the file; studies in which no vertebra is found
   with confidence (:func:`check_found`) stay in it and are listed.
-  Returns {"studies", "failed": [(uid, reason)], "not_found": [uid], "ensemble": IoUs,
-  "out_of_fold": IoUs,
-  "rules": the rules the file was made with (template and box offsets filled in)}, and with a
-  refiner "ensemble_derived" / "out_of_fold_derived": the IoUs before refinement.
+  Returns {"studies", "failed": [(uid, reason)], "not_found": [uid], "out_of_fold": IoUs,
+  "in_sample": IoUs, "sources": how many entries came from where, "rules": the rules for new
+  studies (template and box offsets fitted on every mask), "fold_rules": fold k's (fitted
+  without fold k's masks)}, and with a refiner
+  "out_of_fold_derived" / "in_sample_derived": the IoUs before refinement.
   """
   refine_passes = refine_lib.check_refine_passes(refine_passes)  # before the stage-1 pass
   data_dir = pathlib.Path(data_dir)
@@ -169,12 +167,20 @@ def label_dataset(data_dir: str | os.PathLike,
         oof += compare_lib.compare_extents(fold_preds[uid][1], extents, shape, scored[uid][0])
     return compare_lib.summarise(ens), compare_lib.summarise(oof)
 
-  result = {"failed": failed, "rules": file_rules}
+  result = {"failed": failed, "rules": file_rules, "fold_rules": fold_rules}
   if refiner is not None:
-    result["ensemble_derived"], result["out_of_fold_derived"] = compared(located, held_out)
+    result["in_sample_derived"], result["out_of_fold_derived"] = compared(located, held_out)
     _refine_all(inputs, located, held_out, refiner, refine_options, failed, progress, volumes,
                 refine_passes)
-  result["ensemble"], result["out_of_fold"] = compared(located, held_out)
+  result["in_sample"], result["out_of_fold"] = compared(located, held_out)
+  # Leak-free: a segmented study's entry is what the models that never trained on it say.
+  in_sample = sorted(uid for uid in truths if uid in located and uid not in held_out)
+  for uid, (_, preds) in held_out.items():
+    if uid in located:
+      located[uid] = preds
+  result["sources"] = {"out_of_fold": sum(uid in located for uid in held_out),
+                       "ensemble": sum(uid not in truths for uid in located),
+                       "in_sample": in_sample}
   vertebrae_lib.write_vertebrae(out_path, located)
   result["studies"] = len(located)
   result["not_found"] = sorted(uid for uid, preds in located.items()
@@ -185,13 +191,20 @@ def label_dataset(data_dir: str | os.PathLike,
     log(f"  stage 1 finds no vertebra with confidence >= {file_rules.threshold} in "
         f"{len(result['not_found'])} studies (their ranges and boxes are placements, not "
         f"findings): {shown}")
-  for name in ("ensemble", "out_of_fold"):
+  src = result["sources"]
+  log(f"  the file's entries: {src['out_of_fold']} segmented studies by the fold models that did "
+      f"not train on them, {src['ensemble']} studies without a mask by the whole ensemble"
+      + (f", {len(in_sample)} segmented studies in sample (no model held their fold out): "
+         f"{', '.join(in_sample[:10])}" if in_sample else ""))
+  for name in ("out_of_fold", "in_sample"):
     s = result[name]
     if s["pairs"]:
       before = (f" (derived {result[name + '_derived']['box_iou']:.3f}, then refined)"
                 if refiner is not None else "")
+      note = " (reference only: the fold ensemble on studies it trained on)" if (
+          name == "in_sample") else ""
       log(f"  vs masks ({name}, {s['pairs']} study-vertebra pairs): slice-range IoU "
-          f"{s['range_iou']:.3f}, box IoU {s['box_iou']:.3f}{before}")
+          f"{s['range_iou']:.3f}, box IoU {s['box_iou']:.3f}{before}{note}")
   for uid, reason in failed:
     log(f"  unreadable {uid}: {reason}")
   return result

@@ -42,6 +42,7 @@ class RecordIndex:
   study_uid: np.ndarray  # (N,) str
   fold: np.ndarray       # (N,) int
   num_folds: int
+  options: dict[str, Any] | None = None  # the preprocessing options the records were made with
 
   def __len__(self) -> int:
     return len(self.fold)
@@ -87,7 +88,7 @@ def record_index(records_dir: str | os.PathLike, task: str) -> RecordIndex:
     uids += [row["study_uid"]] * int(row["num_records"])
     folds += [int(row["fold"])] * int(row["num_records"])
   return RecordIndex(task, paths, np.asarray(uids), np.asarray(folds, np.int64),
-                     int(manifest.get("num_folds", max(folds) + 1)))
+                     int(manifest.get("num_folds", max(folds) + 1)), manifest.get("options"))
 
 
 class RecordSource:

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from cspine_jax import labels as labels_lib
+from cspine_jax.io import files
 
 COLUMNS = ("StudyInstanceUID", "vertebra", "present", "first_index", "last_index", "first_number",
            "last_number", "x0", "y0", "x1", "y1", "confidence")
@@ -57,8 +58,7 @@ def absent(confidence: float = 1.0) -> VertebraPrediction:
 def write_vertebrae(path: str | os.PathLike, predictions: Mapping[str, Sequence[VertebraPrediction]]
                     ) -> None:
   """Writes ``{uid: 7 predictions (C1..C7)}`` atomically (temporary name, then rename)."""
-  tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="") as f:
+  with files.replacing(path, newline="") as f:
     w = csv.writer(f)
     w.writerow(COLUMNS)
     for uid in sorted(predictions):
@@ -72,7 +72,6 @@ def write_vertebrae(path: str | os.PathLike, predictions: Mapping[str, Sequence[
                       *(f"{b:.8f}" for b in p.box), f"{p.confidence:.6f}"])
         else:
           w.writerow([uid, name, 0, "", "", "", "", "", "", "", "", f"{p.confidence:.6f}"])
-  os.replace(tmp, path)
 
 
 def read_vertebrae(path: str | os.PathLike) -> dict[str, tuple[VertebraPrediction, ...]]:

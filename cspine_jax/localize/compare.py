@@ -39,10 +39,8 @@ def compare_extents(pred: Sequence[vertebrae_lib.VertebraPrediction],
   for v, (p, t) in enumerate(zip(pred, truth)):
     got = vertebrae_lib.resolve(p, numbers, shape)
     rows.append({
-        "vertebra":
-            labels_lib.VERTEBRAE[v],
-        "range_iou":
-            range_iou(None if got is None else got[:2], None if t is None else (t.first, t.last)),
+        "vertebra": labels_lib.VERTEBRAE[v], "range_iou": range_iou(
+            None if got is None else got[:2], None if t is None else (t.first, t.last)),
         "box_iou": (box_iou(got[2], t.box)
                     if got is not None and t is not None else float(got is None and t is None))
     })
@@ -55,8 +53,7 @@ def summarise(rows: Iterable[dict]) -> dict[str, float]:
   if not rows:
     return {"pairs": 0, "range_iou": float("nan"), "box_iou": float("nan")}
   return {
-      "pairs": len(rows),
-      "range_iou": float(np.mean([r["range_iou"] for r in rows])),
+      "pairs": len(rows), "range_iou": float(np.mean([r["range_iou"] for r in rows])),
       "box_iou": float(np.mean([r["box_iou"] for r in rows]))
   }
 

@@ -66,9 +66,7 @@ class Rules:
 
 
 def derive(
-    presence: np.ndarray,
-    boxes: np.ndarray,
-    numbers: Sequence[int] | None = None,
+    presence: np.ndarray, boxes: np.ndarray, numbers: Sequence[int] | None = None,
     rules: Rules = Rules()
 ) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Per-slice stage-1 outputs of one study -> the 7 vertebra predictions (module docstring rules).
@@ -125,13 +123,9 @@ def derive(
     if rules.box_offsets is not None:
       box = boxes_lib.offset_box(box, rules.box_offsets[v])
     out.append(
-        vertebrae_lib.VertebraPrediction(present=True,
-                                         first_index=first,
-                                         last_index=last,
-                                         first_number=int(numbers[first]),
-                                         last_number=int(numbers[last]),
-                                         box=box,
-                                         confidence=float(presence[span, v].mean())))
+        vertebrae_lib.VertebraPrediction(
+            present=True, first_index=first, last_index=last, first_number=int(numbers[first]),
+            last_number=int(numbers[last]), box=box, confidence=float(presence[span, v].mean())))
   return tuple(out)
 
 

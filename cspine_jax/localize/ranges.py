@@ -52,9 +52,7 @@ def _states(n: int = NUM_VERTEBRAE) -> np.ndarray:
   return np.array([(a, b) for b in range(n + 1) for a in range(1, b + 2)], np.int64)
 
 
-def ordered_ranges(presence: np.ndarray,
-                   require_all: bool = False,
-                   threshold: float = 0.5,
+def ordered_ranges(presence: np.ndarray, require_all: bool = False, threshold: float = 0.5,
                    eps: float = 1e-4) -> list[tuple[int, int] | None]:
   """Per vertebra the (first, last) slice range of the best ordered labelling, or None.
 
@@ -122,9 +120,7 @@ def vertebra_template(ranges: Iterable[Sequence[tuple[int, int] | None]]) -> Tem
   return check_template(np.mean(rel, axis=0))
 
 
-def template_ranges(presence: np.ndarray,
-                    template: Template,
-                    threshold: float = 0.5,
+def template_ranges(presence: np.ndarray, template: Template, threshold: float = 0.5,
                     eps: float = 1e-4) -> list[tuple[int, int]]:
   """The layout placed where it best fits the presences (module docstring, ``template``).
 

@@ -25,11 +25,8 @@ RefineFn = Callable[[np.ndarray], np.ndarray]
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
 
 
-def refine(preds: Sequence[vertebrae_lib.VertebraPrediction],
-           volume: np.ndarray,
-           refiner: RefineFn,
-           size: tuple[int, int],
-           window: tuple[float, float] | None = None,
+def refine(preds: Sequence[vertebrae_lib.VertebraPrediction], volume: np.ndarray, refiner: RefineFn,
+           size: tuple[int, int], window: tuple[float, float] | None = None,
            passes: int = 1) -> tuple[vertebrae_lib.VertebraPrediction, ...]:
   """Each located vertebra's box replaced by the refiner's (module docstring).
 
@@ -59,12 +56,9 @@ def _refine_once(preds, volume, refiner, size, window):
   if not todo:
     return tuple(preds)
   crops = [
-      refine_input.crop_input(volume,
-                              p.first_index,
-                              p.last_index,
-                              np.asarray(p.box, np.float64) * scale,
-                              size,
-                              window=window) for _, p in todo
+      refine_input.crop_input(volume, p.first_index, p.last_index,
+                              np.asarray(p.box, np.float64) * scale, size, window=window)
+      for _, p in todo
   ]
   images = np.stack([image for image, _ in crops])
   # Always 7 rows (the last repeated): a jitted refiner sees one shape, whatever was located.

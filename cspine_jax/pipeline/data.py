@@ -23,12 +23,8 @@ def options_of(prepare: ml_collections.ConfigDict) -> options_lib.Options:
 def generate(syn: ml_collections.ConfigDict, data_dir: pathlib.Path, workers: int = 1) -> dict:
   """Writes the synthetic RSNA-format set ``syn`` describes into ``data_dir`` (once)."""
   if not (data_dir / "train.csv").exists():
-    synthetic.generate(data_dir,
-                       syn.num_studies,
-                       syn.seed,
-                       size=syn.size,
-                       segmented_fraction=syn.get("segmented_fraction", 0.5),
-                       workers=workers)
+    synthetic.generate(data_dir, syn.num_studies, syn.seed, size=syn.size,
+                       segmented_fraction=syn.get("segmented_fraction", 0.5), workers=workers)
   return {"data_dir": str(data_dir)}
 
 
@@ -42,30 +38,18 @@ def check_data_dir(data_dir: pathlib.Path) -> dict:
   return {"data_dir": str(data_dir)}
 
 
-def prepare(data_dir: pathlib.Path,
-            records_dir: pathlib.Path,
-            task: str,
-            options: options_lib.Options,
-            *,
-            vertebrae_file: pathlib.Path | None = None,
-            workers: int = 1,
-            progress: bool = False,
+def prepare(data_dir: pathlib.Path, records_dir: pathlib.Path, task: str,
+            options: options_lib.Options, *, vertebrae_file: pathlib.Path | None = None,
+            workers: int = 1, progress: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
   """Builds (or finishes) one record set; returns its counts."""
-  m = records_pipeline.prepare(data_dir,
-                               records_dir,
-                               task,
-                               options,
-                               vertebrae_file=vertebrae_file,
-                               workers=workers,
-                               progress=progress)
+  m = records_pipeline.prepare(data_dir, records_dir, task, options, vertebrae_file=vertebrae_file,
+                               workers=workers, progress=progress)
   log(f"  {task}: {m['num_records']} records from {m['num_studies']} studies, "
       f"{len(m['bad_studies'])} bad, {len(m.get('skipped_studies', []))} skipped")
   return {
-      "num_records": m["num_records"],
-      "num_studies": m["num_studies"],
-      "bad_studies": len(m["bad_studies"]),
-      "skipped_studies": len(m.get("skipped_studies", []))
+      "num_records": m["num_records"], "num_studies": m["num_studies"],
+      "bad_studies": len(m["bad_studies"]), "skipped_studies": len(m.get("skipped_studies", []))
   }
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import ml_collections
 
+from cspine_jax.io import files
 from cspine_jax.pipeline import data
 from cspine_jax.pipeline import steps as steps_lib
 from cspine_jax.pipeline import training
@@ -32,20 +33,17 @@ def locations(config: ml_collections.ConfigDict,
   return (pathlib.Path(data_dir) if data_dir else None), records_dir, False
 
 
-def build(config: ml_collections.ConfigDict,
-          workdir: pathlib.Path,
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           log: Callable[[str], None] = print) -> list[steps_lib.Step]:
   data_dir, records_dir, generated = locations(config, workdir)
   task = config.task
   out = []
   if generated:
     out.append(
-        steps_lib.Step("data",
-                       "generate synthetic studies",
-                       lambda: data.on_first_process(
-                           lambda: data.generate(config.synthetic, data_dir), "data"),
-                       outputs=(str(data_dir / "train.csv"),),
-                       identity=config.synthetic.to_dict()))
+        steps_lib.Step(
+            "data", "generate synthetic studies", lambda: data.on_first_process(
+                lambda: data.generate(config.synthetic, data_dir), "data"),
+            outputs=(str(data_dir / "train.csv"),), identity=config.synthetic.to_dict()))
 
   def records():
     if data.has_records(records_dir, task):
@@ -56,37 +54,25 @@ def build(config: ml_collections.ConfigDict,
     options = data.options_of(config.prepare)
     vf = config.get("vertebrae_file")
     return data.on_first_process(
-        lambda: data.prepare(data_dir,
-                             records_dir,
-                             task,
-                             options,
-                             workers=max(1, config.input.workers),
-                             vertebrae_file=pathlib.Path(vf) if vf else None,
-                             log=log), f"records {task}")
+        lambda: data.prepare(data_dir, records_dir, task, options, workers=max(
+            1, config.input.workers), vertebrae_file=pathlib.Path(vf)
+                             if vf else None, log=log), f"records {task}")
 
   out.append(
-      steps_lib.Step(f"records_{task}",
-                     f"{task} records",
-                     records,
-                     inputs=(str(data_dir),) if data_dir else (),
-                     outputs=(str(records_dir / task / "manifest.json"),),
-                     identity={
-                         "prepare": config.prepare.to_dict(),
-                         "records": str(records_dir),
-                         "vertebrae": config.get("vertebrae_file")
-                     }))
+      steps_lib.Step(
+          f"records_{task}", f"{task} records", records, inputs=(str(data_dir),) if data_dir else
+          (), outputs=(str(records_dir / task / "manifest.json"),), identity={
+              "prepare": config.prepare.to_dict(), "records": str(records_dir),
+              "vertebrae": config.get("vertebrae_file")
+          }))
 
   def train():
     result = training.train(config, workdir, records_dir)
-    steps_lib.write_json(workdir / RESULT, result)
+    files.write_json(workdir / RESULT, result, default=str)
     log(f"result: {workdir / RESULT}")
     return result
 
   out.append(
-      steps_lib.Step("train",
-                     f"train {config.model.get('name', task)}",
-                     train,
-                     inputs=(str(records_dir / task),),
-                     outputs=(str(workdir / RESULT),),
-                     identity=config.to_dict()))
+      steps_lib.Step("train", f"train {config.model.get('name', task)}", train, inputs=(str(
+          records_dir / task),), outputs=(str(workdir / RESULT),), identity=config.to_dict()))
   return out

@@ -23,15 +23,22 @@ def is_method(config: ml_collections.ConfigDict) -> bool:
   return "models" in config
 
 
-def run(config: ml_collections.ConfigDict,
-        workdir: str | os.PathLike,
+def steps_of(config: ml_collections.ConfigDict) -> list[str] | None:
+  """``config.steps`` ("stage2,evaluate": those steps alone, whatever their state) as a list;
+  None (every step that is not done) when empty."""
+  names = [s.strip() for s in str(config.get("steps", "") or "").split(",") if s.strip()]
+  return names or None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         log: Callable[[str], None] = print) -> Any:
   """Runs the config's steps in ``workdir``; returns the method's figures (also in
   WORKDIR/results.json) or the model's training summary (WORKDIR/result.json)."""
   workdir = pathlib.Path(workdir).absolute()
   if is_method(config):
     runtime.start(cache_dir=workdir / "jax_cache")
-    outcome = steps_lib.run(method.build(config, workdir, log), workdir, log=log)
+    outcome = steps_lib.run(method.build(config, workdir, log), workdir, log=log,
+                            only=steps_of(config))
     return method.summarize(outcome, config, workdir, log)
   if "task" not in config:
     raise ValueError("a config needs 'models' (the whole method) or 'task' (one model)")

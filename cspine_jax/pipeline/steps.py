@@ -21,6 +21,8 @@ from typing import Callable
 from typing import Iterable
 from typing import Sequence
 
+from cspine_jax.io import files
+
 STATE_FILE = "pipeline.json"
 
 
@@ -50,13 +52,6 @@ class StepError(RuntimeError):
   """A step that failed; the message names it (the cause is chained)."""
 
 
-def write_json(path: pathlib.Path, data: Any) -> None:
-  """JSON written to a temporary file beside ``path``, then renamed over it."""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-  os.replace(tmp, path)
-
-
 def read_state(workdir: pathlib.Path) -> dict[str, Any]:
   """pipeline.json's steps by name ({} when there is none yet, or it is unreadable)."""
   try:
@@ -80,12 +75,8 @@ class Outcome:
   seconds: dict[str, float]
 
 
-def run(steps: Sequence[Step],
-        workdir: str | os.PathLike,
-        *,
-        log: Callable[[str], None] = print,
-        only: Iterable[str] | None = None,
-        prefix: str = "pipeline") -> Outcome:
+def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str], None] = print,
+        only: Iterable[str] | None = None, prefix: str = "pipeline") -> Outcome:
   """Runs the steps that are not done (those in ``only``, when given, whatever their state)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -99,27 +90,21 @@ def run(steps: Sequence[Step],
   old = read_state(workdir)
   rows = {
       s.name: {
-          "name": s.name,
-          "title": s.title,
-          "inputs": list(s.inputs),
-          "outputs": list(s.outputs),
-          "fingerprint": s.fingerprint,
-          "state": "todo",
-          "seconds": None,
-          "result": None
+          "name": s.name, "title": s.title, "inputs": list(s.inputs), "outputs": list(s.outputs),
+          "fingerprint": s.fingerprint, "state": "todo", "seconds": None, "result": None
       } for s in steps
   }
   for s in steps:
     if is_done(s, old.get(s.name)):
-      rows[s.name].update(state="done",
-                          seconds=old[s.name].get("seconds"),
+      rows[s.name].update(state="done", seconds=old[s.name].get("seconds"),
                           result=old[s.name].get("result"))
   todo = [
       s for s in steps if (s.name in only if only is not None else rows[s.name]["state"] != "done")
   ]
 
   def save():
-    write_json(workdir / STATE_FILE, {"workdir": str(workdir), "steps": list(rows.values())})
+    files.write_json(workdir / STATE_FILE, {"workdir": str(workdir), "steps": list(rows.values())},
+                     default=str)
 
   log(f"[{prefix}] {len(steps)} steps in {workdir} ({len(todo)} to run); state in "
       f"{workdir / STATE_FILE}")
@@ -145,9 +130,9 @@ def run(steps: Sequence[Step],
     rows[s.name].update(state="done", seconds=seconds, result=result)
     save()
     log(f"[{prefix} {time.perf_counter() - start:6.1f}s] {s.title} done in {seconds:.1f}s")
-  return Outcome({
-      name: row["result"] for name, row in rows.items()
-  }, {row["title"]: row["seconds"] for row in rows.values() if row["seconds"] is not None})
+  return Outcome({name: row["result"] for name, row in rows.items()}, {
+      row["title"]: row["seconds"] for row in rows.values() if row["seconds"] is not None
+  })
 
 
 def _short(path: str, workdir: pathlib.Path) -> str:

@@ -37,8 +37,7 @@ def learning_curves(run_dir: pathlib.Path, name: str) -> None:
     fold = log.parent.name if log.parent != run_dir else "fold"
     plots.learning_curves({f"{name}/{fold}": log}, log.parent / "learning_curves.png")
   folds = {
-      f"{name}/{p.parent.name}": p
-      for p in logs
+      f"{name}/{p.parent.name}": p for p in logs
       if p.parent.name.startswith("fold_") and "_member_" not in p.parent.name
   }
   if folds:

@@ -27,9 +27,7 @@ def crop_box(box: Sequence[float], margin: float, height: int,
   return cx0, cy0, cx1, cy1
 
 
-def vertebra_images(volume: np.ndarray,
-                    extent: study_lib.Extent,
-                    options: options_lib.Options,
+def vertebra_images(volume: np.ndarray, extent: study_lib.Extent, options: options_lib.Options,
                     applied: tuple[float, float] | None = None) -> np.ndarray:
   """(S, H0, W0) HU volume + one vertebra's extent -> uint8 (n/3, H, W, 3) sequence.
 

@@ -90,8 +90,7 @@ def _bands(n_in: int, n_out: int) -> tuple[tuple[slice, slice, np.ndarray, np.nd
   return tuple(bands)
 
 
-def resize_plane(image: np.ndarray,
-                 size: tuple[int, int],
+def resize_plane(image: np.ndarray, size: tuple[int, int],
                  out: np.ndarray | None = None) -> np.ndarray:
   """float32 (h, w) -> float32 (H, W) by :func:`resize_weights` (rows, then columns).
 

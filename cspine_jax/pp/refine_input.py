@@ -64,12 +64,8 @@ def _sample_plane(plane: np.ndarray, frame: Frame, size: tuple[int, int]) -> np.
   return top * (1 - wy) + bottom * wy
 
 
-def crop_input(volume: np.ndarray,
-               first: int,
-               last: int,
-               box: Sequence[float],
-               size: tuple[int, int],
-               margin: float = MARGIN,
+def crop_input(volume: np.ndarray, first: int, last: int, box: Sequence[float],
+               size: tuple[int, int], margin: float = MARGIN,
                window: tuple[float, float] | None = None) -> tuple[np.ndarray, Frame]:
   """The refiner's input for one vertebra: (S, H0, W0) volume, its slice range (inclusive,
   clipped to the volume) and pixel box -> (uint8 (H, W, 3) maximum-intensity projections of the

@@ -68,10 +68,7 @@ class Loaded:
   planes: tuple[int, int] | None = None
 
 
-def load(study: StudyInput,
-         *,
-         with_mask: bool,
-         options: options_lib.Options | None = None,
+def load(study: StudyInput, *, with_mask: bool, options: options_lib.Options | None = None,
          planes: bool = False) -> Loaded:
   """Reads the series (and the mask when ``with_mask`` and the study has one).
 
@@ -99,8 +96,7 @@ def load(study: StudyInput,
   return Loaded(study, series, mask, win, options.image_size if planes else None)
 
 
-def windowed(volume: np.ndarray,
-             options: options_lib.Options,
+def windowed(volume: np.ndarray, options: options_lib.Options,
              applied: tuple[float, float] | None = None) -> np.ndarray:
   """``volume`` (or a crop of it) in options' window as uint8: windowed here when it holds HU,
   returned as is when ``applied`` (``Loaded.window``) says the reader applied that window."""
@@ -149,8 +145,7 @@ def extents(loaded: Loaded) -> list[Extent | None]:
   """
   if loaded.mask is not None:
     return [
-        None if e is None else Extent(e.first, e.last, tuple(int(b)
-                                                             for b in e.box))
+        None if e is None else Extent(e.first, e.last, tuple(int(b) for b in e.box))
         for e in labels_lib.vertebra_extents(loaded.mask)
     ]
   study = loaded.study
@@ -197,8 +192,7 @@ def require_labels(study: StudyInput) -> np.ndarray:
   return np.asarray(study.labels, np.float32)
 
 
-def study_paths(data_dir: str | pathlib.Path,
-                uid: str,
+def study_paths(data_dir: str | pathlib.Path, uid: str,
                 split: str = "train") -> tuple[str, str | None]:
   """(image folder, mask path or None) of a study; the uid is validated before it becomes a path."""
   labels_lib.check_uid(uid)

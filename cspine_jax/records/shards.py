@@ -15,17 +15,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from array_record.python import array_record_module
 
+from cspine_jax.io import files
 from cspine_jax.records import schema
 
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
-TMP_MARK = ".tmp-"
+TMP_MARK = files.TMP_MARK
 # Random access per record; snappy costs little CPU and shrinks padded / dark images.
 WRITER_OPTIONS = "group_size:1,snappy"
-
-
-def _tmp_name(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
 def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
@@ -34,7 +31,7 @@ def write_shard(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
   If the iterable raises, the temporary file is removed and the exception propagates.
   """
   path = pathlib.Path(path)
-  tmp = _tmp_name(path)
+  tmp = files.temporary(path)
   writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
   count = 0
   try:
@@ -95,10 +92,7 @@ def canonical(record: dict[str, Any]) -> tuple:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
   """Writes JSON atomically (temporary name, then rename)."""
-  path = pathlib.Path(path)
-  tmp = _tmp_name(path)
-  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  files.write_json(path, data, sort_keys=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:

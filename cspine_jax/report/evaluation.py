@@ -51,17 +51,29 @@ def _top_n(inp: Inputs) -> str:
                              "patient_overall recomputed as top-N of C1..C7")
 
 
+def prior_source(inp: Inputs) -> tuple[pd.DataFrame, dict[str, int] | None, str]:
+  """(labels, folds, what they are) of the constant prior: ``--train_labels`` (another set's
+  means), else each study's training folds when the folds are known, else the evaluated labels
+  themselves (in sample: that prior has seen the studies it is scored on, and says so)."""
+  if inp.train_labels is not None:
+    return inp.train_labels, None, "the training labels' means (--train_labels)"
+  if inp.folds:
+    return inp.labels, inp.folds, "each study's training folds' label means"
+  return inp.labels, None, ("the evaluated labels' own means: in sample (give --train_labels or "
+                            "folds for an honest prior)")
+
+
 def _prior(inp: Inputs) -> str:
-  train = inp.labels if inp.train_labels is None else inp.train_labels
-  return tables.format_table(tables.prior_table(inp.labels, inp.predictions, train),
-                             "Against the constant prior (training label means)")
+  train, folds, what = prior_source(inp)
+  return tables.format_table(tables.prior_table(inp.labels, inp.predictions, train, folds),
+                             f"Against the constant prior ({what})")
 
 
 def _results(inp: Inputs) -> str:
-  train = inp.labels if inp.train_labels is None else inp.train_labels
+  train, folds, what = prior_source(inp)
   models = inp.models or {"predictions": inp.predictions}
-  return tables.format_table(tables.results_table(inp.labels, models, train),
-                             "Results (seed_score: the slides' cross-validation)")
+  return tables.format_table(tables.results_table(inp.labels, models, train, folds),
+                             f"Results (seed_score: the slides' cross-validation; prior: {what})")
 
 
 # Reports run in this order, each giving a block before the final score line; add new ones here.

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from cspine_jax.io import files
 from cspine_jax.report import plots
 
 
@@ -55,5 +56,5 @@ def write_summary(path: str | os.PathLike, *, title: str,
     parts.append("<h2>Studies</h2>")
     parts += [_img(pathlib.Path(p), 900) for p in images]
   parts.append("</body></html>")
-  path.write_text("\n".join(parts), encoding="utf-8")
+  files.write_text(path, "\n".join(parts))
   return path

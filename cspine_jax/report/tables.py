@@ -39,10 +39,28 @@ def aligned(labels: pd.DataFrame, predictions: pd.DataFrame
   return lab, _subset(pred, lab["StudyInstanceUID"].astype(str))
 
 
-def prior_predictions(train_labels: pd.DataFrame, uids: Sequence[str]) -> pd.DataFrame:
-  """The constant-prior baseline: every study gets the training label means."""
-  means = train_labels[list(labels_lib.TARGETS)].to_numpy(np.float64).mean(0)
-  df = pd.DataFrame(np.tile(means, (len(uids), 1)), columns=list(labels_lib.TARGETS))
+PRIOR = "Prior (train means)"
+FOLD_PRIOR = "Prior (training folds' means)"
+
+
+def prior_predictions(train_labels: pd.DataFrame, uids: Sequence[str],
+                      folds: Mapping[str, int] | None = None) -> pd.DataFrame:
+  """The constant-prior baseline: every study gets the training label means; with ``folds``
+  (uid -> fold), a study of fold k gets the means of the labelled studies outside fold k (a
+  prior that, like the models, never saw the study it predicts)."""
+  cols = list(labels_lib.TARGETS)
+  y = train_labels[cols].to_numpy(np.float64)
+  train_uids = train_labels["StudyInstanceUID"].astype(str).to_numpy()
+  rows = []
+  for u in (str(u) for u in uids):
+    if folds is None or u not in folds:
+      rows.append(y.mean(0))
+      continue
+    outside = np.array([folds.get(t, -1) != folds[u] for t in train_uids])
+    if not outside.any():
+      raise ValueError(f"study {u}: no labelled study outside its fold {folds[u]} for a prior")
+    rows.append(y[outside].mean(0))
+  df = pd.DataFrame(np.array(rows).reshape(-1, len(cols)), columns=cols)
   df.insert(0, "StudyInstanceUID", [str(u) for u in uids])
   return df
 
@@ -88,8 +106,10 @@ def top_n_table(labels: pd.DataFrame, predictions: pd.DataFrame,
 
 
 def results_table(labels: pd.DataFrame, models: Mapping[str, pd.DataFrame],
-                  train_labels: pd.DataFrame | None = None) -> pd.DataFrame:
-  """Several models side by side (seed order first), plus the prior baseline when given.
+                  train_labels: pd.DataFrame | None = None,
+                  folds: Mapping[str, int] | None = None) -> pd.DataFrame:
+  """Several models side by side (seed order first), plus the prior baseline when given
+  (``train_labels``' means; with ``folds``, per study those of its training folds).
 
   Columns: model, studies, score, patient_auc, vertebra_auc (pooled), seed_score (the slides').
   Each model is scored on the studies it predicted.
@@ -101,7 +121,7 @@ def results_table(labels: pd.DataFrame, models: Mapping[str, pd.DataFrame],
     for pred in models.values():
       uids &= set(metrics.read_predictions(pred)["StudyInstanceUID"])
     uids = [u for u in labels["StudyInstanceUID"].astype(str) if u in uids]
-    entries.append(("Prior (train means)", prior_predictions(train_labels, uids)))
+    entries.append((FOLD_PRIOR if folds else PRIOR, prior_predictions(train_labels, uids, folds)))
   rows = []
   for name, pred in entries:
     lab, got = aligned(labels, pred)
@@ -134,13 +154,13 @@ def format_table(df: pd.DataFrame, title: str = "") -> str:
   return f"{title}\n{body}" if title else body
 
 
-def prior_table(labels: pd.DataFrame, predictions: pd.DataFrame,
-                train_labels: pd.DataFrame) -> pd.DataFrame:
+def prior_table(labels: pd.DataFrame, predictions: pd.DataFrame, train_labels: pd.DataFrame,
+                folds: Mapping[str, int] | None = None) -> pd.DataFrame:
   """The model's metric beside the constant prior's on the same studies, and their ratio."""
   lab, pred = aligned(labels, predictions)
   model = metrics.competition_loss(lab, pred)
   prior = metrics.competition_loss(
-      lab, prior_predictions(train_labels, lab["StudyInstanceUID"].astype(str).tolist()))
+      lab, prior_predictions(train_labels, lab["StudyInstanceUID"].astype(str).tolist(), folds))
   return pd.DataFrame([{"model": model, "prior": prior, "model / prior": model / prior}])
 
 

@@ -168,6 +168,16 @@ class Checkpointer:
       return None
     return (min(scored) if self.best_mode == "min" else max(scored))[1]
 
+  def selected_step(self) -> int | None:
+    """The step that stands for the run (``train.select`` in the latest meta), None if none."""
+    latest = self.latest_step()
+    if latest is None:
+      return None
+    if self.read_meta(latest).get("select", "best") == "last":
+      return latest
+    best = self.best_step()
+    return latest if best is None else best
+
   def read_meta(self, step: int) -> dict[str, Any]:
     self.wait()
     return dict(self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
@@ -222,7 +232,9 @@ class Checkpointer:
 def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[Any, dict[str, Any]]:
   """(model in eval mode, checkpoint meta with "step") of one training run folder.
 
-  ``step`` None: the best-scored kept step, else the latest. The model is rebuilt from the config
+  ``step`` None: the checkpoint the run's ``select`` names (its meta, ``train.select``): the
+  latest for "last", the best-scored kept step for "best" (also for checkpoints that predate the
+  field), the latest when none is scored. The model is rebuilt from the config
   saved in the checkpoint's meta (``models.make_model``) and only its arrays are read from the
   saved (model, optimizer) state; RNG streams are fresh (inference draws no randomness and
   their saved layout may differ). The model is built abstractly (``nnx.eval_shape``): a random
@@ -232,8 +244,7 @@ def restore_model(run_dir: str | pathlib.Path, step: int | None = None) -> tuple
   run_dir = pathlib.Path(run_dir)
   ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
   try:
-    step = step if step is not None else ckpt.best_step()
-    step = step if step is not None else ckpt.latest_step()
+    step = step if step is not None else ckpt.selected_step()
     if step is None:
       raise NoCheckpointError(f"{run_dir}/checkpoints: no checkpoint saved")
     meta = ckpt.read_meta(step)

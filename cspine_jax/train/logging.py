@@ -10,6 +10,8 @@ from typing import Mapping
 import jax
 import tensorboardX
 
+from cspine_jax.io import files
+
 
 def _plain(v: Any) -> Any:
   try:
@@ -50,7 +52,7 @@ class MetricWriter:
       return
     keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    files.write_text(self.path, "".join(line + "\n" for line in keep))
 
   def close(self) -> None:
     if self._tb is not None:

@@ -10,7 +10,6 @@ number; the last good checkpoint stays. Each JAX process reads its own share of 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from flax import nnx
 from cspine_jax import metrics as metrics_lib
 from cspine_jax import models
 from cspine_jax.inputs import augment as augment_lib
+from cspine_jax.io import files
 from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.train import checkpoints as ckpt_lib
 from cspine_jax.train import logging as log_lib
@@ -225,6 +225,31 @@ def member_dir(workdir: pathlib.Path, fold: int, member: int) -> pathlib.Path:
   return workdir / (f"fold_{fold}" if member == 0 else f"fold_{fold}_member_{member}")
 
 
+# The out-of-fold predictions of a model: OOF holds those of the checkpoint ``train.select``
+# names (its headline); the other two files keep the last and the best-on-fold epoch side by side.
+OOF = "oof_predictions.csv"
+OOF_FILES = {"last": "oof_predictions_last.csv", "best": "oof_predictions_best.csv"}
+SELECT = ("last", "best")
+
+
+def selection(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(``train.select``, ``train.select_by``): which checkpoint stands for the model, "last" (a
+  rule fixed before any validation figure is seen) or "best" (the lowest ``select_by`` on the
+  validation fold: chosen on the very data it is then scored on)."""
+  select = config.train.get("select", "last")
+  if select not in SELECT:
+    raise ValueError(f"train.select must be one of {SELECT}; got {select!r}")
+  return select, config.train.get("select_by", "score")
+
+
+def selection_score(scores: dict[str, float], select_by: str) -> float:
+  """The validation figure that ranks checkpoints (lower is better)."""
+  if select_by not in scores:
+    raise ValueError(f"train.select_by={select_by!r} is not a validation figure; have "
+                     f"{sorted(scores)}")
+  return float(scores[select_by])
+
+
 def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records_dir: pathlib.Path,
                fold: int, member: int = 0) -> dict[str, Any]:
   """Trains (or resumes) one fold in ``workdir``; returns its summary (also in summary.json).
@@ -242,14 +267,19 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.checkpoint_keep,
                                keep_best=tc.keep_best, async_save=tc.async_checkpoints)
   writer = log_lib.MetricWriter(workdir, tensorboard=tc.tensorboard)
+  select, select_by = selection(config)
+  # record_options: how the training records were made, so inference preprocesses the same way.
   meta = {"task": config.task, "fold": fold, "member": member, "model": config.model.to_dict(),
-          "best_score": None, "best_step": None}
+          "record_options": data.index.options,
+          "select": select, "select_by": select_by, "best_score": None, "best_step": None,
+          "last_score": None}
   step = 0
   latest = ckpt.latest_step()
   if latest is not None:
     trainer.state, saved = ckpt.restore(latest, trainer.state, it)
     step = int(saved["step"])
-    meta.update(best_score=saved.get("best_score"), best_step=saved.get("best_step"))
+    meta.update(best_score=saved.get("best_score"), best_step=saved.get("best_step"),
+                last_score=saved.get("last_score"))
     writer.truncate_after(step)
     log.info("resumed %s at step %d", workdir, step)
   last_good = latest
@@ -305,12 +335,19 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
         score = None
         if end_of_epoch and len(data.val):
           scores, preds = evaluate(trainer, data, config, fold)
-          score = scores["score"]
+          score = selection_score(scores, select_by)
           writer.write(step, scores, epoch=step / data.steps_per_epoch)
-          if meta["best_score"] is None or score < meta["best_score"]:
+          improved = meta["best_score"] is None or score < meta["best_score"]
+          if improved:
             meta.update(best_score=score, best_step=step)
-            if preds is not None and jax.process_index() == 0:
-              preds.to_csv(workdir / "oof_predictions.csv", index=False)
+          meta["last_score"] = score
+          if preds is not None and jax.process_index() == 0:
+            if improved:
+              files.write_csv(preds, workdir / OOF_FILES["best"], index=False)
+            if step == total_steps:
+              files.write_csv(preds, workdir / OOF_FILES["last"], index=False)
+            if improved if select == "best" else step == total_steps:
+              files.write_csv(preds, workdir / OOF, index=False)
         ckpt.save(step, trainer.state, it, meta, score=score)
         last_good = step
     if pending is not None:
@@ -322,10 +359,11 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   ckpt.close()
   writer.close()
   summary = {"fold": fold, "member": member, "step": step, "total_steps": total_steps,
-             "steps_per_epoch": data.steps_per_epoch, "best_score": meta["best_score"],
-             "best_step": meta["best_step"], "finished": step >= total_steps}
+             "steps_per_epoch": data.steps_per_epoch, "select": select, "select_by": select_by,
+             "best_score": meta["best_score"], "best_step": meta["best_step"],
+             "last_score": meta["last_score"], "finished": step >= total_steps}
   if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    files.write_json(workdir / "summary.json", summary)
   return summary
 
 
@@ -367,13 +405,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   results = [train_fold(config, member_dir(workdir, k, m), records_dir, k, member=m)
              for k in folds for m in range(members)]
   out: dict[str, Any] = {"folds": results}
-  parts = {k: [member_dir(workdir, k, m) / "oof_predictions.csv" for m in range(members)]
-           for k in folds}
-  if jax.process_index() == 0 and all(p.exists() for ps in parts.values() for p in ps):
-    oof = pd.concat([average_members([pd.read_csv(p, dtype={"StudyInstanceUID": str})
-                                      for p in ps], config) for ps in parts.values()],
-                    ignore_index=True)
-    oof.to_csv(workdir / "oof_predictions.csv", index=False)
-    out["oof_predictions"] = str(workdir / "oof_predictions.csv")
-    (workdir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+  if jax.process_index() == 0:
+    for name in (OOF, *OOF_FILES.values()):
+      parts = {k: [member_dir(workdir, k, m) / name for m in range(members)] for k in folds}
+      if all(p.exists() for ps in parts.values() for p in ps):
+        oof = pd.concat([average_members([pd.read_csv(p, dtype={"StudyInstanceUID": str})
+                                          for p in ps], config) for ps in parts.values()],
+                        ignore_index=True)
+        files.write_csv(oof, workdir / name, index=False)
+        if name == OOF:
+          out["oof_predictions"] = str(workdir / OOF)
+    files.write_json(workdir / "summary.json", out)
   return out

@@ -56,9 +56,7 @@ def load_encoder(encoder: nnx.Module, path: str | pathlib.Path) -> pretrained.Lo
                              fold=meta.get("fold"))
 
 
-def init_encoder(model: nnx.Module,
-                 path: str,
-                 fold: int | None,
+def init_encoder(model: nnx.Module, path: str, fold: int | None,
                  model_name: str | None = None) -> pretrained.LoadReport:
   """``model``'s encoder from ``path`` (``{fold}`` filled in), refusing a run of another fold."""
   if "{fold}" in path:
