@@ -26,8 +26,9 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.fold = 0          # -1 = every fold in one command (workdir/fold_k)
   c.num_folds = 5
   # Every synthetic study gets a mask so stage 2 finds its vertebrae without a stage-1 run.
+  # difficulty: cspine_jax/synthetic/difficulty.py ("easy" = the original generator).
   c.synthetic = ml_collections.ConfigDict(dict(num_studies=40, seed=0, size="small",
-                                               segmented_fraction=1.0))
+                                               segmented_fraction=1.0, difficulty="realistic"))
   c.prepare = prepare()
   c.prepare.num_folds = c.get_ref("num_folds")
 

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # None: a synthetic RSNA-format set generated under WORKDIR/data from ``synthetic``.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.synthetic = ml_collections.ConfigDict(dict(num_studies=96, seed=0, size="small",
-                                               segmented_fraction=0.75))
+                                               segmented_fraction=0.75, difficulty="realistic"))
   # pp.options.Options of every record set (one preprocessing for training and inference).
   c.prepare = common.prepare()
   c.prepare.update(image_size=(64, 64), stage2_slices=24, cube_size=32, num_folds=2,

@@ -15,7 +15,8 @@ import pytest
 
 from cspine_jax.io.dicom import read_series
 from cspine_jax.io.nifti import load_mask
-from cspine_jax.synthetic import fractures, geometry, render, studies, writers
+from cspine_jax.synthetic import anatomy as anatomy_lib
+from cspine_jax.synthetic import fractures, geometry, render, shapes, studies, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEED = 14
@@ -282,10 +283,12 @@ def test_cli(tmp_path):
        "--seed", "3", "--size", "tiny", "--test", "0", "--segmented", "1"],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.startswith(f"wrote {out} (1 train studies, size tiny) in ")
+  assert proc.stdout.startswith(
+      f"wrote {out} (1 train studies, size tiny, difficulty realistic) in ")
   gt = json.loads((out / "ground_truth.json").read_text())
   (uid, s), = gt["studies"].items()
   assert s["has_segmentation"] and (out / "segmentations" / f"{uid}.nii").exists()
+  assert gt["difficulty"] == s["difficulty"] == "realistic" and s["scene"]["slab_samples"] >= 1
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -293,6 +296,8 @@ def test_bad_arguments_are_refused(tmp_path):
     studies.sample_study(SEED, 0, "huge")
   with pytest.raises(ValueError, match="corrupt"):
     studies.generate(tmp_path, 1, SEED, size="tiny", corrupt=5)
+  with pytest.raises(ValueError, match="difficulty"):
+    studies.sample_study(SEED, 0, "tiny", difficulty="brutal")
   spec = studies.sample_study(SEED, 0, "tiny")
   with pytest.raises(ValueError, match="transfer syntax"):
     writers.write_series(tmp_path / "x", np.zeros(spec.geometry.shape, np.int16), spec.geometry,
@@ -307,3 +312,343 @@ def test_generate_with_worker_processes_writes_the_same_files(tmp_path):
   two = studies.generate(tmp_path / "two", 3, 7, size="tiny", num_test=1, corrupt=1, workers=2)
   a, b = digest(pathlib.Path(one)), digest(pathlib.Path(two))
   assert len(a) > 10 and a == b
+
+
+# --- Difficulty levels ------------------------------------------------------------------------
+
+# content_digest() of the `data` fixture's folder (easy, the default) written by the original
+# generator (commit 72f601e): decoded pixels and key tags of every DICOM file, mask arrays and
+# affines, the CSVs, and ground_truth.json's original fields. Decoded values rather than file bytes,
+# so a newer JPEG-LS / JPEG 2000 encoder does not count as a change of the generator.
+EASY_DIGEST = "72743cba9f6bdab240829aec219d719a1a9a105746d3fa689d09505c07b49a9f"
+ORIGINAL_FIELDS = ("split", "num_slices", "num_files", "shape", "reversed", "first_number",
+                   "transfer_syntax", "has_segmentation", "fractured", "corrupt_files", "vertebrae",
+                   "pixel_spacing", "slice_spacing", "orientation", "signed", "rescale_intercept",
+                   "instance_number", "padding_outside_circle", "fracture_slices", "fracture_parts")
+HARD_SEED = 0  # its first six tiny "hard" studies: dental metal, two plates, three without metal
+
+
+def content_digest(root: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  for p in sorted(root.rglob("*")):
+    if not p.is_file():
+      continue
+    h.update(str(p.relative_to(root)).encode())
+    if p.suffix == ".dcm":
+      try:
+        with warnings.catch_warnings():
+          warnings.simplefilter("ignore")
+          ds = pydicom.dcmread(p)
+          pixels = ds.pixel_array
+      except (pydicom.errors.InvalidDicomError, ValueError, AttributeError, EOFError, OSError,
+              RuntimeError):  # a damaged file: its bytes
+        h.update(p.read_bytes())
+        continue
+      h.update(pixels.tobytes())
+      h.update(repr([str(ds.file_meta.TransferSyntaxUID)] + [str(ds.get(k)) for k in (
+          "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+          "InstanceNumber", "RescaleIntercept", "PixelRepresentation", "BitsStored",
+          "SOPInstanceUID")]).encode())
+    elif p.suffix == ".nii":
+      img = nib.load(p)
+      h.update(np.asarray(img.dataobj).tobytes())
+      h.update(np.round(img.affine, 6).tobytes())
+    elif p.name == "ground_truth.json":
+      gt = json.loads(p.read_text())
+      original = {u: {k: s[k] for k in ORIGINAL_FIELDS} for u, s in gt["studies"].items()}
+      h.update(json.dumps(original, sort_keys=True).encode())
+    else:
+      h.update(p.read_bytes())
+  return h.hexdigest()
+
+
+def test_easy_reproduces_the_original_generator(data):
+  root, gt = data
+  assert gt["difficulty"] == "easy" and gt["segmented_fraction"] == 0.5
+  assert content_digest(root) == EASY_DIGEST
+  for s in gt["studies"].values():
+    assert s["difficulty"] == "easy" and s["scene"] is None and not s["mimics"]
+    assert set(s["fractures"]) == set(s["fractured"])
+    assert all(f["kind"] in ("cleft", "dens") and f["width_mm"] >= 2.5 for fs in
+               s["fractures"].values() for f in fs)
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hard")
+  studies.generate(root, 6, HARD_SEED, size="tiny", num_test=0, difficulty="hard")
+  return root, json.loads((root / "ground_truth.json").read_text())
+
+
+def test_realistic_levels_are_deterministic_for_any_worker_count(hard, tmp_path):
+  root, gt = hard
+  again = studies.generate(tmp_path / "again", 6, HARD_SEED, size="tiny", num_test=0,
+                           difficulty="hard", workers=2)
+  first = _tree_hashes(root)
+  assert len(first) > 100 and first == _tree_hashes(pathlib.Path(again))
+  # The same patients, labels and scanner settings as the easy level of the seed.
+  for uid, s in gt["studies"].items():
+    easy = studies.sample_study(HARD_SEED, s["index"], "tiny")
+    assert [studies.anat.CERVICAL[i] for i in easy.fractured] == s["fractured"]
+    assert easy.uid == uid and easy.geometry.shape == tuple(s["shape"])
+  # Masks for the RSNA share of studies by default (at least one).
+  assert gt["segmented_fraction"] == pytest.approx(87 / 2019)
+  assert sum(s["has_segmentation"] for s in gt["studies"].values()) == 1
+
+
+def test_ground_truth_describes_what_was_generated(hard):
+  _, gt = hard
+  assert gt["difficulty"] == "hard"
+  for s in gt["studies"].values():
+    assert s["difficulty"] == "hard" and s["pose"] is not None and s["bone_density"] > 0
+    assert s["scene"]["slab_mm"] == pytest.approx(s["slice_thickness"], abs=1e-3)
+    assert set(s["fractures"]) == set(s["fractured"])
+    for fs in s["fractures"].values():
+      for f in fs:
+        assert f["kind"] in ("cleft", "dens", "compression")
+        if f["kind"] == "compression":
+          assert 0.1 <= f["height_loss"] <= 0.3 and f["band_mm"] > 0
+        else:
+          assert 0 < f["width_mm"] <= 2.5 and f["depth"] <= 0.7
+    for m in s["mimics"]:
+      assert m["kind"] in ("vascular_channel", "schmorl_node", "bone_island",
+                           "c1_posterior_arch_cleft") and m["vertebra"] in VERTEBRAE
+  # Mimics in intact patients too.
+  assert any(s["mimics"] for s in gt["studies"].values() if not s["fractured"])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_metal_and_its_streaks_where_ground_truth_lists_them(hard):
+  root, gt = hard
+  metal = {}
+  for uid, s in gt["studies"].items():
+    metal[uid] = [a for a in s["artifacts"] if a["kind"] == "metal"]
+    hu = read_series(root / "train_images" / uid).volume
+    assert (hu.max() >= 2500) == bool(metal[uid]), uid  # metal saturates; bone stays below
+  assert 0 < sum(map(bool, metal.values())) < len(metal)
+  assert {a["source"] for m in metal.values() for a in m} == {"dental", "plate"}
+  for uid, s in gt["studies"].items():
+    if not metal[uid]:
+      continue
+    spec = studies.sample_study(HARD_SEED, s["index"], "tiny", difficulty="hard", uid=uid)
+    with_streaks = studies.make_study(spec).hu.astype(np.int32)
+    without = studies.make_study(dataclasses.replace(
+        spec, scene=dataclasses.replace(spec.scene, metal=()))).hu
+    diff = with_streaks - without
+    z = spec.geometry.positions[:, 2]
+    reach = np.zeros(len(z), bool)
+    for m in spec.scene.metal:
+      reach |= np.abs(z - m.center[2]) <= m.half_z + spec.scene.slab_mm / 2
+    changed = diff.any(axis=(1, 2))
+    assert changed.any() and not changed[~reach].any()  # only slices whose slab meets metal
+    # Streaks reach far from the objects: changes 20 mm away from every one of them.
+    x0, y0 = spec.geometry.in_plane_xy()
+    s0 = int(np.flatnonzero(changed)[0])
+    x, y = x0 + spec.geometry.positions[s0, 0], y0 + spec.geometry.positions[s0, 1]
+    far = np.ones(x.shape, bool)
+    for m in spec.scene.metal:
+      far &= np.hypot(x - m.center[0], y - m.center[1]) > 20
+    assert np.abs(diff[s0][far & (without[s0] > -500)]).max() > 30
+
+
+def _around(bone, px: float, spacing: float, width_mm: float, depth_mm: float):
+  """A fine axial grid centred on a bone."""
+  n, s = round(width_mm / px), round(depth_mm / spacing)
+  c = bone.center
+  return geometry.axial_geometry((s, n, n), (px, px), spacing, (float(c[0]), float(c[1])),
+                                 float(c[2]) + (s - 1) * spacing / 2)
+
+
+def _plain(spec, name: str, g, slab: float, samples: int, **changes):
+  """The study on grid g with no noise, texture, padding or damage, and bone `name` without
+  mimics (its interior is its cancellous value)."""
+  bone = spec.anatomy.vertebra(name)
+  bones = tuple(dataclasses.replace(b, pits=(), densities=()) if b is bone else b
+                for b in spec.anatomy.bones)
+  fields = {"anatomy": dataclasses.replace(spec.anatomy, bones=bones), "geometry": g,
+            "scene": dataclasses.replace(spec.scene, slab_mm=slab, slab_samples=samples),
+            "noise_seed": None, "pad_circle": False, "corrupt": (), "breaks": (),
+            "compressions": ()}
+  return dataclasses.replace(spec, **{**fields, **changes})
+
+
+@pytest.mark.parametrize("px", [0.25, 1.4])
+def test_hairline_cleft_width_in_the_dicom_pixels(tmp_path, px):
+  """A 1 mm hairline through trabecular bone: the dip it leaves in the written pixels has the
+  area of a 1 mm gap (fine pixels: also its full width at half depth), however coarse the grid."""
+  spec = studies.sample_study(SEED, 2, "tiny", difficulty="realistic", fractured=(),
+                              transfer_syntax="explicit")
+  bone = spec.anatomy.vertebra("C4")
+  width = 1.0
+  hairline = fractures.Break(4, "body", (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), width,
+                             (0.0, 0.0, 0.0), 30.0, depth=1.0, subtype="hairline")
+  g = _around(bone, px, 1.0, 40.0, 5.0)
+  intact = _plain(spec, "C4", g, 1.0, 3)
+  broken = dataclasses.replace(intact, breaks=(hairline,))
+  entry, _ = studies.write_study(broken, tmp_path)
+  assert entry["fractures"]["C4"][0]["width_mm"] == width
+  written = read_series(tmp_path / "train_images" / spec.uid).volume
+  s, r, _ = np.rint(g.to_index(bone.center)).astype(int)
+  dip = studies.make_study(intact).hu[s, r].astype(np.float64) - written[s, r]
+  assert dip.min() >= -1  # nothing brighter
+  across = abs(bone.axes[0, 0])  # the row crosses the plane at this cosine
+  contrast = bone.cancellous_hu - render.HEMATOMA_HU
+  assert dip.sum() * px * across / contrast == pytest.approx(width, rel=0.12)
+  if px < 0.5:
+    assert (dip > dip.max() / 2).sum() * px * across == pytest.approx(width, abs=2 * px)
+
+
+def test_compression_height_loss_in_the_mask(tmp_path):
+  spec = studies.sample_study(SEED, 5, "tiny", difficulty="realistic", fractured=(),
+                              has_segmentation=True, transfer_syntax="explicit")
+  bone = spec.anatomy.vertebra("C5")
+  a, b, h = bone.landmarks["body"][3:6]
+  g = _around(bone, 0.5, 0.5, 44.0, 30.0)
+  x0, y0 = g.in_plane_xy()
+
+  def body_heights(comps, name):
+    sp = _plain(spec, "C5", g, 0.5, 1, compressions=comps)
+    studies.write_study(sp, tmp_path / name)
+    series = read_series(tmp_path / name / "train_images" / spec.uid)
+    mask = load_mask(tmp_path / name / "segmentations" / f"{spec.uid}.nii", series)
+    s, r, c = np.nonzero(mask == 5)
+    u, v, w = bone.local(x0[r, c] + g.positions[s, 0], y0[r, c] + g.positions[s, 1],
+                         g.positions[s, 2])
+    heights = []
+    for lo, hi in ((-0.8 * b, -0.4 * b), (0.2 * b, 0.6 * b)):  # anterior, posterior
+      col = (np.abs(u) < a / 3) & (v > lo) & (v < hi)
+      heights.append(float(w[col].max() - w[col].min()))
+    return heights, series.volume, mask
+
+  (front, back), intact_hu, _ = body_heights((), "intact")
+  assert front == pytest.approx(h, abs=1.0) and back == pytest.approx(h, abs=1.0)
+  crush = fractures.Compression(5, 0.3, "crush", 3.0, 200.0, (a, b, h))
+  (front_c, back_c), crushed_hu, mask = body_heights((crush,), "crush")
+  assert front_c / front == pytest.approx(0.7, abs=0.06)
+  assert back_c / back == pytest.approx(0.7, abs=0.06)
+  wedge = fractures.Compression(5, 0.3, "wedge", 3.0, 200.0, (a, b, h))
+  (front_w, back_w), _, _ = body_heights((wedge,), "wedge")
+  assert front_w < back_w - 1.5 and front_w / front == pytest.approx(0.7, abs=0.08)
+  # The mask is the HU's bone: the lost height above the collapsed endplate is disc, not bone.
+  lost = (mask == 0) & (intact_hu > 200) & (crushed_hu < 150)
+  assert lost.sum() > 50
+  # A sclerotic band under the new endplate.
+  band = (mask == 5) & (crushed_hu > intact_hu + 100)
+  assert band.sum() > 50
+
+
+def test_slab_averaging_spreads_a_thin_plate_over_the_slices_its_slab_meets():
+  spec = studies.sample_study(SEED, 0, "tiny", difficulty="realistic")
+  cx, cy = (float(x) for x in spec.anatomy.vertebra("C4").center[:2])
+  z0, thick, hu = 1.0, 1.0, 2000.0  # a 1 mm plate between slices at z = 2 and 0
+  plate = anatomy_lib.Bone(label=0, name="plate", center=np.array([cx, cy, z0]), axes=np.eye(3),
+                           parts={"plate": (shapes.Prim("cyl", (0, 0, 30, 30, -thick / 2,
+                                                                thick / 2)),)},
+                           cortical_hu=hu, cancellous_hu=hu, cortex_mm=0.5)
+  g = geometry.axial_geometry((11, 16, 16), (0.5, 0.5), 2.0, (cx, cy), 10.0)
+  empty = dataclasses.replace(spec.anatomy, bones=())
+  with_plate = dataclasses.replace(spec.anatomy, bones=(plate,))
+
+  def draw(anatomy, slab, samples):
+    scene = dataclasses.replace(spec.scene, slab_mm=slab, slab_samples=samples)
+    return render.render(anatomy, g, scene=scene).hu.astype(np.float64)
+
+  background = draw(empty, 2.0, 1)
+  assert np.array_equal(draw(with_plate, 2.0, 1), background)  # point samples miss it
+  seen = (draw(with_plate, 6.0, 13) - background)[:, 8, 8] / (hu - background[:, 8, 8])
+  z = g.positions[:, 2]
+  meets = np.abs(z - z0) < 3.0 + thick / 2
+  assert np.array_equal(seen > 0.01, meets)  # 4 slabs of 6 mm meet it
+  assert seen.sum() * 2.0 == pytest.approx(thick, rel=0.1)  # its thickness, spread out
+  assert seen.max() == pytest.approx(thick / 6.0, abs=0.05)
+
+
+def test_realistic_noise_is_correlated_in_bone():
+  def neighbour_correlation(noisy, clean, labels):
+    n = noisy.astype(np.float64) - clean
+    bone = (labels >= 1) & (labels <= 7)
+    pair = bone[:, :, :-1] & bone[:, :, 1:]
+    return np.corrcoef(n[:, :, :-1][pair], n[:, :, 1:][pair])[0, 1]
+
+  spec = studies.sample_study(SEED, 1, "tiny", difficulty="realistic", pad_circle=False)
+  quiet = dataclasses.replace(spec, scene=dataclasses.replace(
+      spec.scene, texture_hu=0.0, marrow_hu=0.0, streak_hu=0.0, metal=()))
+  clean = studies.make_study(dataclasses.replace(quiet, noise_seed=None))
+  noisy = studies.make_study(quiet)
+  expected = np.exp(-1.0 / (4 * spec.scene.noise_corr_px ** 2))  # Gaussian kernel, 1 pixel apart
+  corr = neighbour_correlation(noisy.hu, clean.hu, clean.labels)
+  assert corr > 0.3 and corr == pytest.approx(expected, abs=0.1)
+  easy = studies.sample_study(SEED, 1, "tiny", pad_circle=False)
+  white = render.render(easy.anatomy, easy.geometry, easy.breaks)
+  assert abs(neighbour_correlation(studies.make_study(easy).hu, white.hu, white.labels)) < 0.1
+
+
+def test_texture_makes_cancellous_bone_uneven():
+  spec = studies.sample_study(SEED, 1, "tiny", difficulty="realistic", pad_circle=False)
+  no_noise = dataclasses.replace(spec.scene, noise_hu=0.0, streak_hu=0.0, metal=())
+  textured = studies.make_study(dataclasses.replace(spec, scene=no_noise))
+  flat = studies.make_study(dataclasses.replace(spec, scene=no_noise, noise_seed=None))
+  body = flat.labels == 4
+  assert np.std((textured.hu.astype(np.float64) - flat.hu)[body]) > 5
+
+
+def _find(difficulty: str, test, size: str = "tiny") -> studies.StudySpec:
+  for i in range(200):
+    spec = studies.sample_study(SEED, i, size, difficulty=difficulty)
+    if test(spec):
+      return spec
+  raise AssertionError("no such study in 200")
+
+
+def test_mimics_and_head_rotation_show_in_the_pixels_and_masks():
+  spec = _find("hard", lambda s: any(m["kind"] == "c1_posterior_arch_cleft"
+                                     for m in s.notes["mimics"])
+               and abs(s.notes["pose"]["head_rotation_deg"]) > 8, "small")
+  c1 = spec.anatomy.vertebra("C1")
+  _, cv, _, _, rb, _ = c1.landmarks["ring"]
+  arch = c1.center + np.array([0.0, cv + rb, 0.0]) @ c1.axes  # the posterior arch's middle
+  g = _around(dataclasses.replace(c1, center=arch), 0.5, 1.0, 100.0, 1.0)
+  x0, y0 = g.in_plane_xy()
+  u, v, w = c1.local(x0 + g.positions[0, 0], y0 + g.positions[0, 1],
+                     np.full(x0.shape, g.positions[0, 2], np.float32))
+  gap = next(pit for pit, _ in c1.pits if pit.kind == "cyl")  # the cleft: (u, v, half width..)
+  midline = ((np.abs(u - gap.params[0]) < gap.params[2] - 0.3) & (np.abs(v - cv - rb) < 1.0)
+             & (np.abs(w) < 2.0))
+  cleft = studies.make_study(dataclasses.replace(spec, geometry=g, noise_seed=None))
+  whole = dataclasses.replace(spec.anatomy, bones=tuple(
+      dataclasses.replace(b, pits=()) if b is c1 else b for b in spec.anatomy.bones))
+  intact = studies.make_study(dataclasses.replace(spec, anatomy=whole, geometry=g,
+                                                  noise_seed=None))
+  assert (intact.labels[0][midline] == 1).all() and not (cleft.labels[0][midline] == 1).any()
+  assert cleft.hu[0][midline].max() < 300  # a gap, with a cortical rim beside it
+  # Head rotation: C1's lateral axis (its longest) turns by the ground truth's angle against T1's.
+  whole = studies.make_study(dataclasses.replace(spec, noise_seed=None))
+  g = spec.geometry
+  x0, y0 = g.in_plane_xy()
+
+  def lateral_angle(label):
+    s, r, c = np.nonzero(whole.labels == label)
+    xyz = np.stack([x0[r, c] + g.positions[s, 0], y0[r, c] + g.positions[s, 1], g.positions[s, 2]])
+    xyz -= xyz.mean(axis=1, keepdims=True)
+    major = np.linalg.eigh(xyz @ xyz.T)[1][:, -1]
+    return np.degrees(np.arctan2(major[1], major[0]))
+
+  turn = (lateral_angle(1) - lateral_angle(8) + 90) % 180 - 90
+  assert turn == pytest.approx(spec.notes["pose"]["head_rotation_deg"], abs=2.5)
+
+
+def test_vascular_channels_are_dark_lines_in_intact_bodies():
+  spec = _find("realistic", lambda s: not s.fractured and any(
+      m["kind"] == "vascular_channel" for m in s.notes["mimics"]))
+  name = next(m["vertebra"] for m in spec.notes["mimics"] if m["kind"] == "vascular_channel")
+  bone = spec.anatomy.vertebra(name)
+  g = _around(bone, 0.3, 0.5, 40.0, 10.0)
+  sp = dataclasses.replace(spec, geometry=g, noise_seed=None, scene=dataclasses.replace(
+      spec.scene, slab_mm=0.5, slab_samples=1))
+  ph = studies.make_study(sp)
+  plain = dataclasses.replace(spec.anatomy, bones=tuple(
+      dataclasses.replace(b, pits=()) if b is bone else b for b in spec.anatomy.bones))
+  without = studies.make_study(dataclasses.replace(sp, anatomy=plain))
+  label = anatomy_lib.CERVICAL.index(name) + 1
+  darker = (without.labels == label) & (ph.hu < without.hu - 100)
+  assert darker.sum() > 10 and not ph.fracture.any()

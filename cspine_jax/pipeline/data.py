@@ -24,7 +24,8 @@ def generate(syn: ml_collections.ConfigDict, data_dir: pathlib.Path, workers: in
   """Writes the synthetic RSNA-format set ``syn`` describes into ``data_dir`` (once)."""
   if not (data_dir / "train.csv").exists():
     synthetic.generate(data_dir, syn.num_studies, syn.seed, size=syn.size,
-                       segmented_fraction=syn.get("segmented_fraction", 0.5), workers=workers)
+                       segmented_fraction=syn.get("segmented_fraction", 0.5), workers=workers,
+                       difficulty=syn.get("difficulty", "easy"))
   return {"data_dir": str(data_dir)}
 
 

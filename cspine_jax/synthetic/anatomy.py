@@ -43,6 +43,10 @@ class Bone:
   cortical_hu, cancellous_hu, cortex_mm: the shell and the interior.
   landmarks:    named local points/sizes the fracture sampler aims at.
   max_bounds:   optional (2, 3) local box the bone is clipped to (only part of the skull is drawn).
+  pits:         (primitive, rim mm) cut out of the bone with a thin cortical rim of their own
+                (vascular channels, congenital clefts, Schmorl's nodes; also out of the mask).
+  densities:    (primitive, HU) added to the bone's value inside the primitive (bone islands,
+                endplate sclerosis).
   """
   label: int
   name: str
@@ -56,6 +60,8 @@ class Bone:
   cortex_mm: float = 1.3
   landmarks: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
   max_bounds: np.ndarray | None = None
+  pits: tuple[tuple[Prim, float], ...] = ()
+  densities: tuple[tuple[Prim, float], ...] = ()
 
   def local(self, x: np.ndarray, y: np.ndarray, z: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,8 +215,12 @@ def _lordosis(z: np.ndarray, z1: float, z7: float, y0: float, depth: float) -> n
 
 
 def sample_anatomy(rng: np.random.Generator, *, center: tuple[float, float] = (0.0, 0.0),
-                   z_c1: float = 0.0) -> Anatomy:
-  """Draw one patient: size, lordosis, vertebral heights, bone densities, soft tissue."""
+                   z_c1: float = 0.0, disc_scale: dict[str, float] | None = None) -> Anatomy:
+  """Draw one patient: size, lordosis, vertebral heights, bone densities, soft tissue.
+
+  disc_scale: level name -> factor on the height of the disc above it (degenerative narrowing);
+  the draws from rng are the same with or without it.
+  """
   k = float(rng.uniform(0.92, 1.08))
   depth = float(rng.uniform(3.0, 11.0)) * k
   cx = center[0] + float(rng.uniform(-4, 4))
@@ -225,6 +235,8 @@ def sample_anatomy(rng: np.random.Generator, *, center: tuple[float, float] = (0
     else:
       h = (16.5 + 0.8 * (i - 7)) * k * float(rng.uniform(0.95, 1.05))
     disc = float(rng.uniform(4.0, 5.5)) * k
+    if disc_scale and name in disc_scale:
+      disc *= disc_scale[name]
     heights[name] = h
     zc[name] = bottom - disc - h / 2
     bottom = zc[name] - h / 2

@@ -3,6 +3,12 @@
 Soft tissue is drawn slice by slice in 2D (the slices are axial); every bone is evaluated in 3D only
 inside the index box its local bounds project to, so a 512 x 512 x 300 study costs a few seconds.
 Edges get partial-volume blending over one pixel, cortical shells come from the signed distance.
+
+Without a ``Scene`` (the "easy" level) slices are point-sampled and noise is white. With one, each
+slice averages sub-slices across its slab (bones are drawn at every sub-slice over soft tissue drawn
+at the slice's centre; labels come from the centre sub-slice, fracture voxels from any), bones get
+their texture, pits, densities and compressions, clefts their covered share of each voxel, and
+metal / shoulder streaks and correlated noise come last (``artifacts``).
 """
 from __future__ import annotations
 
@@ -11,12 +17,19 @@ import dataclasses
 import numpy as np
 
 from cspine_jax.synthetic import anatomy as anat
+from cspine_jax.synthetic import artifacts
+from cspine_jax.synthetic import texture as texture_lib
 from cspine_jax.synthetic.fractures import Break
+from cspine_jax.synthetic.fractures import Compression
 from cspine_jax.synthetic.geometry import Geometry
+from cspine_jax.synthetic.realism import Scene
+from cspine_jax.synthetic.shapes import Prim
 from cspine_jax.synthetic.shapes import ellipse
 
 HU_MIN, HU_MAX = -1024, 3071
-GAP_HU = 45.0  # hematoma / fracture cleft
+GAP_HU = 45.0  # hematoma / fracture cleft (easy level)
+HEMATOMA_HU = 60.0  # what a realistic cleft tends to
+_TEXTURE_STREAM = 3
 
 
 @dataclasses.dataclass
@@ -126,27 +139,57 @@ class _Block:
       out.append(slice(lo, hi))
     return tuple(out)
 
-  def union(self, prims, shift=(0.0, 0.0, 0.0)) -> np.ndarray:
+  def union(self, prims, shift=(0.0, 0.0, 0.0), warp=None) -> np.ndarray:
+    """Distance to the union of prims (moved by shift; warp maps the block's local coordinates to
+    the primitives', for a compressed body whose bounds the warp only shrinks)."""
     out = np.full(self.u.shape, _FAR, np.float32)
     sh = np.asarray(shift, np.float64)
     for prim in prims:
       sl = self.sub(prim.bounds() + sh)
       if sl is not None:
-        out[sl] = np.minimum(out[sl], prim.sdf(self.u[sl] - sh[0], self.v[sl] - sh[1],
-                                               self.w[sl] - sh[2]))
+        if warp is None:
+          out[sl] = np.minimum(out[sl], prim.sdf(self.u[sl] - sh[0], self.v[sl] - sh[1],
+                                                 self.w[sl] - sh[2]))
+        else:
+          out[sl] = np.minimum(out[sl], prim.sdf(*warp(self.u[sl] - sh[0], self.v[sl] - sh[1],
+                                                       self.w[sl] - sh[2])))
     return out
 
 
 _FAR = 1e3
 
 
-def _draw_bone(blk: _Block, breaks: list[Break], vol, lab, frac) -> None:
-  """Draw one bone into the views vol / lab / frac (the block's box)."""
+def _compressed_soft(bone: anat.Bone, comp: Compression) -> tuple[tuple[Prim, float], ...]:
+  """The bone's soft blobs with the disc above reaching down into the collapsed height."""
+  if not bone.soft:
+    return bone.soft
+  disc, hu = bone.soft[0]
+  p = list(disc.params)
+  p[4] -= comp.loss * comp.body[2]
+  return ((dataclasses.replace(disc, params=tuple(p)), hu),) + bone.soft[1:]
+
+
+def _cleft_cover(side: np.ndarray, gap: float, footprint: float) -> np.ndarray:
+  """Share of a voxel (of extent `footprint` across the plane) that a gap of width `gap` covers;
+  its sum over a line across the plane is the gap, whatever the voxel size."""
+  a = np.abs(side)
+  return np.clip((np.minimum(a + footprint / 2, gap / 2) - np.maximum(a - footprint / 2, -gap / 2))
+                 / footprint, 0.0, 1.0)
+
+
+def _draw_bone(blk: _Block, breaks: list[Break], vol, lab, frac, *, comp: Compression | None = None,
+               texture: texture_lib.Texture | None = None, dz: float = 0.0) -> None:
+  """Draw one bone into the views vol / lab / frac (the block's box).
+
+  comp: the bone's compression; texture: its trabecular texture; dz: the sub-slice spacing, the
+  voxels' extent along z for the clefts of realistic breaks (those with a depth).
+  """
   bone, px = blk.bone, blk.px
   u, v, w = blk.u, blk.v, blk.w
-  for prim, hu in bone.soft:
+  for prim, hu in (bone.soft if comp is None else _compressed_soft(bone, comp)):
     _blend(vol, blk.union((prim,)), hu, px)
-  part_sdf = {name: blk.union(prims) for name, prims in bone.parts.items()}
+  part_sdf = {name: blk.union(prims, warp=comp.warp if comp is not None and name == "body" else None)
+              for name, prims in bone.parts.items()}
   sides = []
   for br in breaks:
     side = ((u - br.point[0]) * br.normal[0] + (v - br.point[1]) * br.normal[1]
@@ -164,15 +207,40 @@ def _draw_bone(blk: _Block, breaks: list[Break], vol, lab, frac) -> None:
   # Cortical shell within cortex_mm of the surface, cancellous inside.
   cortex = max(bone.cortex_mm, 0.75 * px)
   wc = np.clip((sdf + cortex) / px + 0.5, 0.0, 1.0)
+  for pit, rim in bone.pits:  # cut out, with a thin cortical rim of its own
+    d = blk.union((pit,))
+    wc = np.maximum(wc, np.clip((rim - d) / px + 0.5, 0.0, 1.0))
+    sdf = np.maximum(sdf, -d)
   value = bone.cancellous_hu + (bone.cortical_hu - bone.cancellous_hu) * wc
+  if texture is not None:
+    inside = sdf < 0.5 * px  # where the bone's value shows
+    value[inside] += texture.sample(u[inside], v[inside], w[inside]) * (1.0 - 0.6 * wc[inside])
+  for prim, hu in bone.densities:
+    value += hu * np.clip(0.5 - blk.union((prim,)) / px, 0.0, 1.0)
   region = None
+  if comp is not None:
+    below = comp.top(u, v) - w  # depth under the collapsed endplate
+    band = (np.clip(0.5 + (comp.band_mm / 2 - np.abs(below - comp.band_mm / 2)) / px, 0.0, 1.0)
+            * (part_sdf["body"] < 0))
+    value += comp.band_hu * band
+    region = (band >= 0.5) & (sdf < 0)
+  axes = np.asarray(bone.axes, np.float64)
   for br, side in zip(breaks, sides):
     near = ((u - br.point[0]) ** 2 + (v - br.point[1]) ** 2 + (w - br.point[2]) ** 2
             < br.radius ** 2)
-    gw = (np.clip(0.5 + (br.gap / 2 - np.abs(side)) / px, 0.0, 1.0)
-          * (near & (part_sdf[br.part] < px)))
-    value += gw * (GAP_HU - value)
-    hit = (gw >= 0.5) & (part_sdf[br.part] < 0) & (sdf < 0)
+    if br.depth is None:
+      gw = (np.clip(0.5 + (br.gap / 2 - np.abs(side)) / px, 0.0, 1.0)
+            * (near & (part_sdf[br.part] < px)))
+      value += gw * (GAP_HU - value)
+      hit = (gw >= 0.5) & (part_sdf[br.part] < 0) & (sdf < 0)
+    else:
+      n = axes.T @ np.asarray(br.normal)  # the plane's normal in LPS
+      footprint = px * (abs(n[0]) + abs(n[1])) + max(dz, 0.1 * px) * abs(n[2])
+      cover = _cleft_cover(side, br.gap, footprint)
+      gw = cover * (near & (part_sdf[br.part] < px))
+      value += gw * br.depth * (HEMATOMA_HU - value)
+      hit = ((cover >= 0.5 * min(1.0, br.gap / footprint)) & near & (part_sdf[br.part] < 0)
+             & (sdf < 0))
     region = hit if region is None else region | hit
   _blend(vol, sdf, value, px)
   if bone.label > 0:
@@ -182,14 +250,22 @@ def _draw_bone(blk: _Block, breaks: list[Break], vol, lab, frac) -> None:
 
 
 def render(anatomy: anat.Anatomy, geometry: Geometry, breaks: tuple[Break, ...] = (),
-           noise_seed: int | None = None, chunk: int = 24) -> Phantom:
+           noise_seed: int | None = None, chunk: int = 24, *,
+           compressions: tuple[Compression, ...] = (), scene: Scene | None = None) -> Phantom:
   """Render the phantom on the geometry's grid (sorted order: index 0 = top slice).
 
   noise_seed: seed of the scanner noise (None = noiseless); the same seed gives the same noise, so
   two renders that differ only in `breaks` differ only where the fractures are.
+  compressions, scene: a realistic study's compression fractures and rendering (module docstring);
+  scene None is the easy level's renderer. With a scene, noise_seed None also drops the texture,
+  the streaks and the noise, leaving the noiseless anatomy.
   """
   if abs(geometry.normal[2]) < 0.999:
     raise ValueError("render supports axial slices only (ImageOrientationPatient in the x-y plane)")
+  if scene is not None:
+    return _render_scene(anatomy, geometry, breaks, compressions, scene, noise_seed, chunk)
+  if compressions:
+    raise ValueError("compression fractures need a realistic scene")
   s_total, h, w = geometry.shape
   px = float(min(geometry.pixel_spacing))
   x0, y0 = geometry.in_plane_xy()
@@ -221,3 +297,83 @@ def render(anatomy: anat.Anatomy, geometry: Geometry, breaks: tuple[Break, ...] 
       vol += anatomy.noise_hu * noise_rng.standard_normal(vol.shape, dtype=np.float32)
     hu[s0:s1] = np.clip(np.rint(vol), HU_MIN, HU_MAX)
   return Phantom(hu=hu, labels=labels, fracture=fracture)
+
+
+def _shifted(geometry: Geometry, dz: float) -> Geometry:
+  """The same grid moved dz mm along z (a sub-slice of every slice)."""
+  return dataclasses.replace(geometry, positions=geometry.positions + np.array([0.0, 0.0, dz]))
+
+
+def _render_scene(anatomy: anat.Anatomy, geometry: Geometry, breaks: tuple[Break, ...],
+                  compressions: tuple[Compression, ...], scene: Scene, noise_seed: int | None,
+                  chunk: int) -> Phantom:
+  s_total, h, w = geometry.shape
+  px = float(min(geometry.pixel_spacing))
+  x0, y0 = geometry.in_plane_xy()
+  pos = geometry.positions.astype(np.float32)
+  hu = np.empty((s_total, h, w), np.int16)
+  labels = np.zeros((s_total, h, w), np.uint8)
+  fracture = np.zeros((s_total, h, w), np.uint8)
+  n = max(int(scene.slab_samples), 1)
+  dz = scene.slab_mm / n
+  centre = n // 2
+  subs = [_shifted(geometry, scene.slab_mm * ((j + 0.5) / n - 0.5)) for j in range(n)]
+  boxes = [[(bone, _index_box(bone, g)) for bone in anatomy.bones] for g in subs]
+  by_label: dict[int, list[Break]] = {}
+  for br in breaks:
+    by_label.setdefault(br.label, []).append(br)
+  comp_of = {c.label: c for c in compressions}
+  textured = noise_seed is not None and (scene.texture_hu > 0 or scene.marrow_hu > 0)
+  textures = {id(bone): texture_lib.make(bone, np.random.default_rng([scene.seed, _TEXTURE_STREAM, i]),
+                                         scene.texture_hu, scene.marrow_hu, px)
+              for i, bone in enumerate(anatomy.bones) if textured and bone.name != "metal"}
+  overlap = max(round(scene.slab_mm / max(geometry.slice_spacing, 1e-3)), 1)
+  for s0 in range(0, s_total, chunk):
+    s1 = min(s0 + chunk, s_total)
+    soft = np.stack([_soft_tissue(anatomy, geometry, x0 + pos[s, 0], y0 + pos[s, 1], s, px)
+                     for s in range(s0, s1)])
+    acc = np.zeros_like(soft)
+    for j, g in enumerate(subs):
+      vol = soft.copy()
+      lab = labels[s0:s1] if j == centre else np.zeros(soft.shape, np.uint8)
+      frac_j = np.zeros(soft.shape, np.uint8)
+      zj = g.positions[:, 2].astype(np.float32)
+      for bone, box in boxes[j]:
+        if box is None or box[0].stop <= s0 or box[0].start >= s1:
+          continue
+        a, b = max(box[0].start, s0), min(box[0].stop, s1)
+        rs, cs = box[1], box[2]
+        x = (x0[rs, cs][None] + pos[a:b, 0, None, None])
+        y = (y0[rs, cs][None] + pos[a:b, 1, None, None])
+        z = np.broadcast_to(zj[a:b, None, None], x.shape)
+        blk = _Block(bone, g, (slice(a, b), rs, cs), x, y, z, px)
+        view = (slice(a - s0, b - s0), rs, cs)
+        _draw_bone(blk, by_label.get(bone.label, []) if bone.label else [], vol[view], lab[view],
+                   frac_j[view], comp=comp_of.get(bone.label) if bone.label else None,
+                   texture=textures.get(id(bone)), dz=dz)
+      acc += vol
+      np.copyto(fracture[s0:s1], frac_j, where=frac_j > 0)
+    vol = acc / np.float32(n)
+    if noise_seed is not None:
+      for s in range(s0, s1):
+        _artifacts(anatomy, scene, vol[s - s0], x0 + pos[s, 0], y0 + pos[s, 1], float(pos[s, 2]),
+                   s, px, overlap, noise_seed)
+    hu[s0:s1] = np.clip(np.rint(vol), HU_MIN, HU_MAX)
+  return Phantom(hu=hu, labels=labels, fracture=fracture)
+
+
+def _artifacts(anatomy: anat.Anatomy, scene: Scene, sl: np.ndarray, x: np.ndarray, y: np.ndarray,
+               z: float, s: int, px: float, overlap: int, noise_seed: int) -> None:
+  """Streaks and noise of one slice, in place."""
+  ramp = artifacts.shoulder_ramp(z, scene.shoulder_z)
+  body = None
+  streaks = artifacts.metal_streaks(x, y, z, scene.metal, scene.slab_mm, px)
+  if scene.streak_hu > 0 and ramp > 0:
+    more = artifacts.shoulder_streaks(noise_seed, s, x, y, anatomy.profile(z)["spine_y"],
+                                      scene.streak_hu * ramp, px)
+    streaks = more if streaks is None else streaks + more
+  if streaks is not None:
+    body = artifacts.inside_body(sl)
+    sl += streaks * body
+  sigma = scene.noise_hu * (1.0 + scene.shoulder_gain * ramp)
+  sl += np.float32(sigma) * artifacts.noise(noise_seed, s, sl.shape, scene.noise_corr_px, overlap)

@@ -6,6 +6,11 @@
 generator ``default_rng([seed, i])``, so the same seed gives byte-identical files and the first
 studies do not change when more are asked for.
 
+``difficulty`` names a level (``difficulty.LEVELS``). "easy" is the original generator, file for
+file. The realistic levels draw the same patient, labels and scanner settings from that generator
+and everything they add (degeneration, mimics, pose, their fractures, metal, the scene) from a
+second one, ``default_rng([seed, i, REALISM_STREAM])``.
+
 Lower-level pieces for reuse: ``sample_study`` (one study's description), ``make_study`` (its HU,
 labels and fracture voxels), ``write_study`` (its files and ground-truth entry).
 """
@@ -22,7 +27,9 @@ import pandas as pd
 
 from cspine_jax import labels as labels_lib
 from cspine_jax.synthetic import anatomy as anat
+from cspine_jax.synthetic import difficulty as difficulty_lib
 from cspine_jax.synthetic import fractures as frac
+from cspine_jax.synthetic import realism
 from cspine_jax.synthetic import writers
 from cspine_jax.synthetic.geometry import Geometry
 from cspine_jax.synthetic.geometry import axial_geometry
@@ -31,6 +38,7 @@ from cspine_jax.synthetic.render import render
 
 GROUND_TRUTH_VERSION = 1
 PADDING_HU = -2000  # what some scanners store outside the reconstruction circle
+REALISM_STREAM = 0x4EA1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +79,15 @@ class StudySpec:
   fractured: tuple[int, ...]
   breaks: tuple[frac.Break, ...]
   options: writers.SeriesOptions
-  noise_seed: int
+  noise_seed: int | None  # None: noiseless (and, realistic, no texture or streaks)
   pad_circle: bool
   has_segmentation: bool
   corrupt: tuple[str, ...] = ()  # corruption modes of the last sorted slices (feet end), in order
+  compressions: tuple[frac.Compression, ...] = ()
+  scene: realism.Scene | None = None  # None: the easy level's rendering
+  difficulty: str = "easy"
+  notes: dict = dataclasses.field(default_factory=dict)  # bone density, degeneration, mimics, pose,
+  # artifacts, as ground_truth.json describes them
 
 
 def _pick(rng: np.random.Generator, weighted):
@@ -90,18 +103,24 @@ def study_uid(seed: int, index: int) -> str:
 
 
 def sample_study(seed: int, index: int, size: str = "small", *, split: str = "train",
-                 has_segmentation: bool = False, uid: str | None = None, **overrides
-                 ) -> StudySpec:
-  """Draw study `index` of `seed`. overrides replace drawn fields (e.g. fractured=(1,),
-  reversed=True, transfer_syntax="j2k") for tests that need a particular case."""
+                 has_segmentation: bool = False, uid: str | None = None, difficulty: str = "easy",
+                 **overrides) -> StudySpec:
+  """Draw study `index` of `seed` at a difficulty level. overrides replace drawn fields (e.g.
+  fractured=(1,), reversed=True, transfer_syntax="j2k") for tests that need a particular case."""
   if size not in SIZES:
     raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
+  level = difficulty_lib.level(difficulty)
   spec = SIZES[size]
   rng = np.random.default_rng([seed, index])
+  more = np.random.default_rng([seed, index, REALISM_STREAM]) if level.realistic else None
   # Scanner coordinates: arbitrary table position, the neck near the image centre.
   origin = (float(rng.uniform(-30, 30)), float(rng.uniform(-180, 40)))
   z_c1 = float(rng.uniform(-250, 150))
-  anatomy = anat.sample_anatomy(rng, center=origin, z_c1=z_c1)
+  disc_scale = realism.sample_disc_scale(more, level) if more is not None else None
+  anatomy = anat.sample_anatomy(rng, center=origin, z_c1=z_c1, disc_scale=disc_scale)
+  notes: dict = {}
+  if more is not None:
+    anatomy, notes = realism.dress(more, level, anatomy, disc_scale)
   top, bottom = anat.spine_extent(anatomy)
 
   side = int(_pick(rng, spec.images))
@@ -143,12 +162,21 @@ def sample_study(seed: int, index: int, size: str = "small", *, split: str = "tr
   options = dataclasses.replace(
       options, **{k: overrides.pop(k) for k in list(overrides) if k in opt_fields})
   pad_circle = overrides.pop("pad_circle", pad_circle)
+  compressions, scene = (), None
+  if more is not None:
+    if level.slab_scale != 1.0:
+      slab = (options.slice_thickness or geometry.slice_spacing) * level.slab_scale
+      options = dataclasses.replace(options, slice_thickness=round(slab, 3))
+    breaks, compressions = frac.sample_realistic(more, anatomy, tuple(sorted(fractured)), level)
+    anatomy, scene, notes["artifacts"] = realism.scene(more, level, anatomy, geometry,
+                                                       options.slice_thickness)
   study = StudySpec(uid=options.study_uid, split=split, anatomy=anatomy, geometry=geometry,
                     fractured=tuple(sorted(fractured)), breaks=breaks, options=options,
                     noise_seed=noise_seed,
                     # Padding below -1024 HU needs signed storage.
                     pad_circle=bool(pad_circle and options.signed),
-                    has_segmentation=has_segmentation)
+                    has_segmentation=has_segmentation, compressions=compressions, scene=scene,
+                    difficulty=level.name, notes=notes)
   if overrides:
     study = dataclasses.replace(study, **overrides)
   labels_lib.check_uid(study.uid)
@@ -158,7 +186,11 @@ def sample_study(seed: int, index: int, size: str = "small", *, split: str = "tr
 def make_study(spec: StudySpec) -> Phantom:
   """Render the study: HU (with scanner noise and, for some scanners, padding outside the
   reconstruction circle), labels and fracture voxels, in sorted order."""
-  ph = render(spec.anatomy, spec.geometry, spec.breaks, noise_seed=spec.noise_seed)
+  if spec.scene is None and not spec.compressions:
+    ph = render(spec.anatomy, spec.geometry, spec.breaks, noise_seed=spec.noise_seed)
+  else:
+    ph = render(spec.anatomy, spec.geometry, spec.breaks, noise_seed=spec.noise_seed,
+                compressions=spec.compressions, scene=spec.scene)
   if spec.pad_circle:
     s, h, w = ph.hu.shape
     r = np.arange(h)[:, None] - (h - 1) / 2
@@ -221,8 +253,14 @@ def write_study(spec: StudySpec, root: pathlib.Path | str, phantom: Phantom | No
   for label, n, _ in boxes:
     fracture_slices.setdefault(anat.CERVICAL[label - 1], []).append(n)
   parts: dict[str, list[str]] = {}
+  described: dict[str, list[dict]] = {}
   for b in spec.breaks:
     parts.setdefault(anat.CERVICAL[b.label - 1], []).append(b.part)
+    described.setdefault(anat.CERVICAL[b.label - 1], []).append(b.describe())
+  for c in spec.compressions:
+    parts.setdefault(anat.CERVICAL[c.label - 1], []).append("body")
+    described.setdefault(anat.CERVICAL[c.label - 1], []).append(c.describe())
+  sc = spec.scene
   o = spec.options
   entry = {
       "split": spec.split,
@@ -245,6 +283,18 @@ def write_study(spec: StudySpec, root: pathlib.Path | str, phantom: Phantom | No
       "padding_outside_circle": spec.pad_circle,
       "fracture_slices": fracture_slices,
       "fracture_parts": parts,
+      "difficulty": spec.difficulty,
+      "fractures": described,
+      "slice_thickness": o.slice_thickness,
+      "scene": None if sc is None else {
+          "slab_mm": round(sc.slab_mm, 4), "slab_samples": sc.slab_samples,
+          "noise_hu": round(sc.noise_hu, 2), "noise_corr_px": round(sc.noise_corr_px, 3),
+          "texture_hu": round(sc.texture_hu, 2), "marrow_hu": round(sc.marrow_hu, 2)},
+      "artifacts": spec.notes.get("artifacts", []),
+      "mimics": spec.notes.get("mimics", []),
+      "degeneration": spec.notes.get("degeneration", []),
+      "pose": spec.notes.get("pose"),
+      "bone_density": spec.notes.get("bone_density"),
   }
   rows = [(spec.uid, float(x0), float(y0), float(x1 - x0), float(y1 - y0), n)
           for _, n, (x0, y0, x1, y1) in boxes] if spec.split == "train" else []
@@ -252,20 +302,27 @@ def write_study(spec: StudySpec, root: pathlib.Path | str, phantom: Phantom | No
 
 
 def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str = "small", *,
-             num_test: int | None = None, segmented_fraction: float = 0.5, corrupt: int = 0,
-             progress: bool = False, workers: int = 1) -> pathlib.Path:
+             num_test: int | None = None, segmented_fraction: float | None = None, corrupt: int = 0,
+             progress: bool = False, workers: int = 1, difficulty: str = "easy") -> pathlib.Path:
   """Write a synthetic RSNA 2022 folder with num_studies train and num_test test studies.
 
   num_test:            default max(1, num_studies // 10) (0 allowed).
-  segmented_fraction:  share of train studies with segmentations/<UID>.nii (at least one if > 0).
+  segmented_fraction:  share of train studies with segmentations/<UID>.nii (at least one if > 0);
+                       None: the difficulty's (easy 0.5, realistic and hard the RSNA share, 87 of
+                       2,019).
   corrupt:             number of damaged .dcm files (truncated / garbled / empty), placed at the
                        feet end of train studies (preferring ones without a mask), listed in
                        ground_truth.json's corrupt_files and excluded from num_slices / shape.
   workers:             studies written by this many spawned processes (each study depends only
                        on its own seed and index, so the files are the same for any count).
+  difficulty:          "easy" (the original generator, byte-identical files), "realistic" or
+                       "hard" (``difficulty.LEVELS``).
   """
   if num_studies < 1:
     raise ValueError(f"num_studies must be >= 1, got {num_studies}")
+  level = difficulty_lib.level(difficulty)
+  if segmented_fraction is None:
+    segmented_fraction = level.segmented_fraction
   out = pathlib.Path(out_dir)
   num_test = max(1, num_studies // 10) if num_test is None else num_test
   total = num_studies + num_test
@@ -285,7 +342,7 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   out.mkdir(parents=True, exist_ok=True)
   studies, train_rows, box_rows = {}, [], []
   jobs = [(seed, i, size, "train" if i < num_studies else "test", i in segmented,
-           tuple(corrupt_of.get(i, ())), out) for i in range(total)]
+           tuple(corrupt_of.get(i, ())), out, level.name) for i in range(total)]
   if workers > 1:
     # spawn, not fork: the caller may have started JAX (threads) already.
     pool = concurrent.futures.ProcessPoolExecutor(
@@ -309,16 +366,17 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   writers.write_csv(out / "train.csv", writers.TRAIN_COLUMNS, train_rows)
   writers.write_csv(out / "train_bounding_boxes.csv", writers.BOX_COLUMNS, box_rows)
   (out / "ground_truth.json").write_text(json.dumps(
-      {"version": GROUND_TRUTH_VERSION, "seed": seed, "size": size, "studies": studies},
+      {"version": GROUND_TRUTH_VERSION, "seed": seed, "size": size, "difficulty": level.name,
+       "segmented_fraction": segmented_fraction, "studies": studies},
       indent=1) + "\n")
   return out
 
 
 def _write_one(job) -> tuple[str, dict, list]:
   """Samples and writes study ``index`` (a picklable job for the worker processes)."""
-  seed, i, size, split, has_segmentation, corrupt, out = job
+  seed, i, size, split, has_segmentation, corrupt, out, difficulty = job
   spec = sample_study(seed, i, size, split=split, has_segmentation=has_segmentation,
-                      uid=study_uid(seed, i))
+                      uid=study_uid(seed, i), difficulty=difficulty)
   if corrupt:
     spec = dataclasses.replace(spec, corrupt=corrupt)
   entry, rows = write_study(spec, out)
