@@ -145,6 +145,8 @@ def sample_study(seed: int, index: int, size: str = "small", *, split: str = "tr
   fractured = overrides.pop("fractured", None)
   if fractured is None:
     fractured = frac.sample_fractured(rng)
+  # Drawn at every level, so the draws after it (storage, order, noise seed) are the easy level's;
+  # the realistic levels replace these breaks below.
   breaks = frac.sample_breaks(rng, anatomy, tuple(fractured), px)
   signed, intercept, bits = _pick(rng, STORAGE_WEIGHTS)
   r = rng.random()
