@@ -243,3 +243,72 @@ def test_each_stage_preprocesses_as_its_models_records_were_made(tmp_path):
                               task=types.SimpleNamespace(name="stage2"))
   with pytest.raises(ensemble.PredictError, match="stage2_options is missing"):
     spec_lib._options(old, {}, "stage2_options", path)
+
+
+@pytest.fixture
+def marked(monkeypatch):
+  """Each stage-1 image carries its slice index (what `_stage1` reads), as in the first test."""
+  real_images = study_lib.slice_images
+
+  def mark(loaded, options):
+    images = real_images(loaded, options).copy()
+    images[:, 0, 0, 1] = np.arange(len(images))
+    return images
+
+  monkeypatch.setattr(study_lib, "slice_images", mark)
+
+
+PRIOR = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
+
+
+def test_a_study_whose_stage2_outputs_are_not_finite_falls_back_and_the_run_goes_on(
+    tmp_path, studies, marked):
+  """A non-finite stage-2 output used to raise in top_n_overall outside the per-study handling,
+  ending the whole run; now that study alone gets the prior and an error entry."""
+  def nan_for_the_second_study(seqs, vertebra):
+    probs = _stage2(seqs, vertebra)
+    probs[7:14] = np.where(np.arange(7) == 2, np.nan, probs[7:14])  # study 2's C3
+    return probs
+
+  models = spec_lib.Models(stage1=_stage1, stage2=nan_for_the_second_study, options=OPTIONS)
+  folders = predict.find_studies(studies)
+  result = predict.run(folders, models, PRIOR, batch_size=16, studies_per_batch=2,
+                       on_study=predict.json_writer(tmp_path / "json"))
+  first, second, unreadable = result.results
+  assert first.error is None and np.all(np.isfinite(first.probs))
+  assert second.error == "Stage2Error: stage 2 gave non-finite probabilities for C3"
+  np.testing.assert_allclose(second.probs, PRIOR)
+  assert "SeriesError" in unreadable.error
+  paths = predict.write_outputs(result, tmp_path / "submission.csv")
+  wide = metrics.read_predictions(paths["submission"])
+  assert len(wide) == 3 and np.isfinite(wide[list(labels.TARGETS)].to_numpy(float)).all()
+  errors = json.loads(paths["errors"].read_text())
+  assert [e["folder"] for e in errors] == [str(folders[1]), str(folders[2])]
+  info = json.loads((tmp_path / "json" / f"{folders[1].name}.json").read_text())
+  assert info["status"] == "fallback" and "non-finite" in info["error"]
+
+
+def test_a_stage2_call_that_raises_is_retried_per_study(studies, marked):
+  calls = []
+
+  def flaky(seqs, vertebra):
+    calls.append(len(seqs))
+    if len(calls) == 1:
+      raise RuntimeError("device lost")
+    return _stage2(seqs, vertebra)
+
+  folders = predict.find_studies(studies)[:2]
+  models = spec_lib.Models(stage1=_stage1, stage2=flaky, options=OPTIONS)
+  result = predict.run(folders, models, PRIOR, batch_size=16, studies_per_batch=2)
+  assert [r.error for r in result.results] == [None, None]  # each alone went through
+  assert len(calls) == 3
+
+  def broken(seqs, vertebra):
+    raise RuntimeError("bad weights")
+
+  models = spec_lib.Models(stage1=_stage1, stage2=broken, options=OPTIONS)
+  result = predict.run(folders, models, PRIOR, batch_size=16, studies_per_batch=2)
+  assert [r.error for r in result.results] == ["stage 2 failed: RuntimeError: bad weights"] * 2
+  for r in result.results:
+    np.testing.assert_allclose(r.probs, PRIOR)
+

@@ -7,9 +7,10 @@ slices) -> vertebra ranges and boxes (``localize.derive``) -> refined boxes (``l
 -> crops (``pp.crops.vertebra_images``, the training preprocessing) -> stage 2 (fold ensemble,
 batched over the vertebrae of several studies) -> patient_overall = top-N (``aggregate``).
 
-A study that cannot be read or processed, or in which stage 1 finds no vertebra with confidence
-(``localize.derive.check_found``: a series of other anatomy), gets the prior's probabilities and
-an error entry, and the run goes on; a folder whose name is not a StudyInstanceUID and whose files
+A study that cannot be read or processed, in which stage 1 finds no vertebra with confidence
+(``localize.derive.check_found``: a series of other anatomy), or whose stage-2 outputs are not
+finite probabilities, gets the prior's probabilities and an error entry, and the run goes on; a
+folder whose name is not a StudyInstanceUID and whose files
 carry none cannot be named in a submission, so it is only reported. A folder of several series is
 read by its series with the most axial slices (``series_uid``).
 """
@@ -201,16 +202,42 @@ def run(folders: Sequence[pathlib.Path],
   results: list[StudyResult] = []
   pending: list[tuple[StudyResult, dicom.Series, np.ndarray]] = []
 
+  def fall_back(res: StudyResult, series: dicom.Series | None, error: str) -> None:
+    res.error = error
+    res.probs = prior.copy() if res.uid is not None else None
+    if res.uid is None:
+      res.error += " (and no StudyInstanceUID: neither the folder name nor the files give one)"
+    if on_study:
+      on_study(res, series)
+
+  def stage2(seqs: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    """(7,) probabilities per study, or the exception that stage 2 raised on it alone."""
+    try:
+      x = np.concatenate(seqs)
+      vertebra = np.tile(np.arange(NUM_VERTEBRAE), len(seqs))
+      (probs,) = ensemble.in_batches(models.stage2, [x, vertebra], batch_size)
+      return list(np.asarray(probs, np.float64).reshape(len(seqs), NUM_VERTEBRAE))
+    except Exception as e:  # noqa: BLE001 - find the study it fails on; the others go on
+      if len(seqs) == 1:
+        return [e]
+      return [out for one in seqs for out in stage2([one])]
+
   def flush():
     if not pending:
       return
     start = time.perf_counter()
-    seqs = np.concatenate([c for _, _, c in pending])
-    vertebra = np.tile(np.arange(NUM_VERTEBRAE), len(pending))
-    (probs,) = ensemble.in_batches(models.stage2, [seqs, vertebra], batch_size)
-    probs = np.clip(probs.reshape(len(pending), NUM_VERTEBRAE), 0.0, 1.0)
+    outputs = stage2([c for _, _, c in pending])
     seconds["stage2"] += time.perf_counter() - start
-    for (res, series, _), p in zip(pending, probs):
+    for (res, series, _), p in zip(pending, outputs):
+      if isinstance(p, Exception):
+        fall_back(res, series, f"stage 2 failed: {type(p).__name__}: {p}")
+        continue
+      if not np.all(np.isfinite(p)):
+        bad = [v for v, x in zip(labels_lib.VERTEBRAE, p) if not np.isfinite(x)]
+        fall_back(res, series, f"Stage2Error: stage 2 gave non-finite probabilities for "
+                  f"{', '.join(bad)}")
+        continue
+      p = np.clip(p, 0.0, 1.0)
       res.probs = np.concatenate([aggregate.top_n_overall(p, models.top_n)[None], p])
       if on_study:
         on_study(res, series)
@@ -247,12 +274,7 @@ def run(folders: Sequence[pathlib.Path],
       seconds["refine"] += t2 - t1
       seconds["crops"] += time.perf_counter() - t2
     except Exception as e:  # noqa: BLE001 - one bad study must not stop the run
-      res.error = f"{type(e).__name__}: {e}"
-      res.probs = prior.copy() if res.uid is not None else None
-      if res.uid is None:
-        res.error += " (and no StudyInstanceUID: neither the folder name nor the files give one)"
-      if on_study:
-        on_study(res, series)
+      fall_back(res, series, f"{type(e).__name__}: {e}")
       bar.update()
       continue
     if res.uid is None:
