@@ -83,10 +83,13 @@ def main(argv) -> int:
       series_uid=None if _SERIES.value == "strict" else _SERIES.value)
   paths = predict.write_outputs(result, out)
   unnamed = sum(r.uid is None for r in result.results)
-  fallback = sum(r.uid is not None and r.error is not None for r in result.results)
+  twice = sum(r.duplicate_of is not None for r in result.results)
+  fallback = sum(r.status == "fallback" and r.uid is not None for r in result.results)
   per = {k: v / max(len(folders), 1) for k, v in result.seconds.items()}
   print(f"predict: {len(folders)} studies ({fallback} fell back to the prior" +
         (f", {unnamed} without a StudyInstanceUID have no rows" if unnamed else "") +
+        (f", {twice} repeating an earlier folder's StudyInstanceUID have no rows" if twice
+         else "") +
         f") -> {paths['submission']}; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
   print("seconds per study: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
   return 0

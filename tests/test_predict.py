@@ -1,4 +1,5 @@
 """Inference from DICOM (infer.predict, ensemble, spec): submission, fallbacks, the run folder."""
+import dataclasses
 import json
 import shutil
 
@@ -311,4 +312,35 @@ def test_a_stage2_call_that_raises_is_retried_per_study(studies, marked):
   assert [r.error for r in result.results] == ["stage 2 failed: RuntimeError: bad weights"] * 2
   for r in result.results:
     np.testing.assert_allclose(r.probs, PRIOR)
+
+
+def test_two_folders_of_one_study_give_one_set_of_rows(tmp_path, real_data_dir, marked):
+  """Folders named otherwise whose files carry the same StudyInstanceUID: the first one's rows;
+  the second has none and an error entry naming both folders (duplicate rows would be a silently
+  wrong submission)."""
+  src = real_data_dir / "totalseg_ct" / "dicom_jpeg_lossless"
+  root = tmp_path / "test_images"
+  for name in ("scan_a", "scan_b"):
+    shutil.copytree(src, root / name)
+  folders = predict.find_studies(root)
+  result = predict.run(folders, _models(), PRIOR, batch_size=8,
+                       on_study=predict.json_writer(tmp_path / "json"))
+  uid = result.results[0].uid
+  assert uid == result.results[1].uid and uid.startswith("1.2.826.0.1.3680043.8.498.")
+  a, b = result.results
+  assert a.error is None and b.duplicate_of == str(folders[0]) and b.probs is None
+  assert str(folders[0]) in b.error and str(folders[1]) in b.error and "DuplicateStudy" in b.error
+  paths = predict.write_outputs(result, tmp_path / "submission.csv")
+  sub = pd.read_csv(paths["submission"], dtype={"row_id": str})
+  assert sub["row_id"].tolist() == [f"{uid}_{t}" for t in labels.TARGETS]
+  np.testing.assert_allclose(sub["fractured"], np.round(a.probs, 6))
+  (error,) = json.loads(paths["errors"].read_text())
+  assert error["folder"] == str(folders[1]) and str(folders[0]) in error["reason"]
+  assert json.loads((tmp_path / "json" / f"{uid}.json").read_text())["status"] == "ok"
+  info = json.loads((tmp_path / "json" / f"scan_b{predict.DUPLICATE_SUFFIX}").read_text())
+  assert info["status"] == "duplicate" and info["duplicate_of"] == str(folders[0])
+  # A Run with one UID twice (no run makes one) refuses to become a submission.
+  twice = predict.Run([a, dataclasses.replace(a, folder="other")], {})
+  with pytest.raises(ValueError, match=uid):
+    twice.wide()
 

@@ -10,9 +10,10 @@ batched over the vertebrae of several studies) -> patient_overall = top-N (``agg
 A study that cannot be read or processed, in which stage 1 finds no vertebra with confidence
 (``localize.derive.check_found``: a series of other anatomy), or whose stage-2 outputs are not
 finite probabilities, gets the prior's probabilities and an error entry, and the run goes on; a
-folder whose name is not a StudyInstanceUID and whose files
-carry none cannot be named in a submission, so it is only reported. A folder of several series is
-read by its series with the most axial slices (``series_uid``).
+folder whose name is not a StudyInstanceUID and whose files carry none cannot be named in a
+submission, so it is only reported, and so is a folder whose StudyInstanceUID an earlier folder
+already has (the first keeps the study's rows). A folder of several series is read by its series
+with the most axial slices (``series_uid``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+DUPLICATE_SUFFIX = ".duplicate.json"  # <folder name>.duplicate.json: a study given twice
 # decode: the decoders' own time (summed over processes; stage-1 images included, made there);
 # wait: the model thread blocked on the readers (nothing decoded yet).
 STAGES = ("decode", "wait", "stage1", "refine", "crops", "stage2")
@@ -59,10 +61,18 @@ class StudyResult:
   shape: tuple[int, int, int] | None = None
   error: str | None = None
   notes: tuple[str, ...] = ()  # the reader's notes on the series (``dicom.Series.warnings``)
+  # The earlier folder of the same StudyInstanceUID: this one has no rows (``error`` says why).
+  duplicate_of: str | None = None
+
+  @property
+  def status(self) -> str:
+    return "duplicate" if self.duplicate_of else "fallback" if self.error else "ok"
 
   def to_json(self, numbers: np.ndarray | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"StudyInstanceUID": self.uid, "folder": self.folder,
-                           "status": "fallback" if self.error else "ok"}
+                           "status": self.status}
+    if self.duplicate_of:
+      out["duplicate_of"] = self.duplicate_of
     if self.error:
       out["error"] = self.error
     if self.probs is not None:
@@ -85,6 +95,10 @@ class Run:
 
   def wide(self) -> pd.DataFrame:
     rows = [r for r in self.results if r.uid is not None and r.probs is not None]
+    uids = [r.uid for r in rows]
+    if len(set(uids)) != len(uids):  # :func:`run` leaves later folders of a UID without rows
+      twice = sorted({u for u in uids if uids.count(u) > 1})
+      raise ValueError(f"StudyInstanceUID given by several study folders: {twice}")
     probs = np.array([r.probs for r in rows]).reshape(-1, 8)
     return aggregate.wide_frame([r.uid for r in rows], probs[:, 1:], probs[:, 0])
 
@@ -201,6 +215,8 @@ def run(folders: Sequence[pathlib.Path],
   seconds = dict.fromkeys(STAGES, 0.0)
   results: list[StudyResult] = []
   pending: list[tuple[StudyResult, dicom.Series, np.ndarray]] = []
+  # StudyInstanceUID -> the first folder that gave it (that folder's rows are the study's).
+  first: dict[str, str] = {}
 
   def fall_back(res: StudyResult, series: dicom.Series | None, error: str) -> None:
     res.error = error
@@ -258,6 +274,14 @@ def run(folders: Sequence[pathlib.Path],
     seconds["decode"] += dt
     res = StudyResult(uid=study_uid(folder, series), folder=str(folder))
     results.append(res)
+    bar.update()
+    if res.uid is not None and first.setdefault(res.uid, res.folder) != res.folder:
+      res.duplicate_of = first[res.uid]
+      res.error = (f"DuplicateStudy: StudyInstanceUID {res.uid} is also that of "
+                   f"{res.duplicate_of}, whose rows the submission has; {res.folder} is left out")
+      if on_study:
+        on_study(res, series)
+      continue
     try:
       if error is not None:
         raise error
@@ -275,18 +299,15 @@ def run(folders: Sequence[pathlib.Path],
       seconds["crops"] += time.perf_counter() - t2
     except Exception as e:  # noqa: BLE001 - one bad study must not stop the run
       fall_back(res, series, f"{type(e).__name__}: {e}")
-      bar.update()
       continue
     if res.uid is None:
       res.error = "no StudyInstanceUID: neither the folder name nor the files give one"
       if on_study:
         on_study(res, series)
-      bar.update()
       continue
     pending.append((res, series, seqs))
     if len(pending) >= studies_per_batch:
       flush()
-    bar.update()
   flush()
   bar.close()
   return Run(results, seconds)
@@ -303,13 +324,16 @@ def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path
 
 
 def json_writer(json_dir: str | os.PathLike) -> Callable[[StudyResult, dicom.Series | None], None]:
-  """A callback writing each finished study's JSON as soon as it is known."""
+  """A callback writing each finished study's JSON as soon as it is known (``<uid>.json``;
+  ``<folder>.json`` without a UID, ``<folder>.duplicate.json`` for a UID given twice)."""
   json_dir = pathlib.Path(json_dir)
   json_dir.mkdir(parents=True, exist_ok=True)
 
   def write(res: StudyResult, series: dicom.Series | None) -> None:
-    name = res.uid or pathlib.Path(res.folder).name
+    folder = pathlib.Path(res.folder).name
+    name = (f"{folder}{DUPLICATE_SUFFIX}" if res.duplicate_of else
+            f"{res.uid or folder}.json")
     numbers = series.numbers if series is not None else None
-    files.write_json(json_dir / f"{name}.json", res.to_json(numbers))
+    files.write_json(json_dir / name, res.to_json(numbers))
 
   return write
