@@ -344,3 +344,96 @@ def test_two_folders_of_one_study_give_one_set_of_rows(tmp_path, real_data_dir, 
   with pytest.raises(ValueError, match=uid):
     twice.wide()
 
+
+def _run_to_files(folders, models, json_dir, out, fingerprint, **kwargs):
+  done = predict.finished(folders, json_dir, fingerprint)
+  result = predict.run(folders, models, PRIOR, batch_size=8, studies_per_batch=1,
+                       on_study=predict.json_writer(json_dir, fingerprint), done=done, **kwargs)
+  paths = predict.write_outputs(result, out)
+  return done, paths["submission"].read_bytes(), paths["errors"].read_bytes()
+
+
+def test_a_killed_prediction_resumes_to_the_same_submission(tmp_path, studies, marked,
+                                                             monkeypatch):
+  """What `python -m cspine_jax.predict` does when started again after a kill: the studies whose
+  JSON the same run folder wrote are taken as they are, the others predicted; the submission is
+  byte-identical to an unbroken run's. JSON that is missing, unreadable or of another run folder
+  is redone."""
+  shorter = studies / "1.2.826.0.1.3680043.10002"  # a study that differs from the first
+  for f in sorted(shorter.iterdir())[:4]:
+    f.unlink()
+  for name in ("scan_x", "scan_y"):  # named otherwise: the files' UID, the second a duplicate
+    shutil.copytree(studies / "1.2.826.0.1.3680043.10001", studies / name)
+  folders = predict.find_studies(studies)
+  assert len(folders) == 5
+  fp = "fingerprint-1"
+  # The unbroken run.
+  done, want_sub, want_err = _run_to_files(folders, _models(), tmp_path / "a", tmp_path / "a.csv",
+                                           fp)
+  assert done == {}
+  want = metrics.read_predictions(tmp_path / "a.csv")
+  assert len(want) == 4 and want.iloc[0]["C1"] != want.iloc[1]["C1"]
+  assert len(json.loads(want_err)) == 2  # the unreadable study and the duplicate
+  # Killed while stage 2 ran on the second study (studies_per_batch=1: one call per study).
+  read = []  # the slice count of each study that stage 1 ran on
+  real_locate = predict.locate
+
+  def locate(series, *args):
+    read.append(series.volume.shape[0])
+    return real_locate(series, *args)
+
+  monkeypatch.setattr(predict, "locate", locate)
+
+  def killed(seqs, vertebra):
+    if len(read) == 2:
+      raise KeyboardInterrupt
+    return _stage2(seqs, vertebra)
+
+  with pytest.raises(KeyboardInterrupt):
+    _run_to_files(folders, spec_lib.Models(stage1=_stage1, stage2=killed, options=OPTIONS),
+                  tmp_path / "b", tmp_path / "b.csv", fp)
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [f"{folders[0].name}.json"]
+  assert not (tmp_path / "b.csv").exists()
+  # Started again: only the others are predicted (stage 1 sees their slices; the duplicate is
+  # read, then left out).
+  read.clear()
+  models = _models()
+  done, sub, err = _run_to_files(folders, models, tmp_path / "b", tmp_path / "b.csv", fp)
+  assert list(done) == [str(folders[0])] and read == [16, 20]  # 10002 (16 slices), scan_x
+  assert sub == want_sub and err == want_err
+  # One study's JSON gone, the duplicate's cut short: those two are done again.
+  (tmp_path / "b" / f"{folders[1].name}.json").unlink()
+  dup = tmp_path / "b" / f"scan_y{predict.DUPLICATE_SUFFIX}"
+  dup.write_text(dup.read_text()[:40])
+  read.clear()
+  done, sub, err = _run_to_files(folders, models, tmp_path / "b", tmp_path / "b.csv", fp)
+  assert sorted(done) == sorted(str(folders[i]) for i in (0, 2, 3)) and read == [16]
+  assert sub == want_sub and err == want_err
+  # Another run folder (or other options, run_fingerprint): nothing of the old results is taken.
+  assert len(predict.finished(folders, tmp_path / "b", fp)) == 5
+  assert predict.finished(folders, tmp_path / "b", "other") == {}
+
+
+def test_the_run_fingerprint_changes_with_the_run_folder_and_options(tmp_path):
+  run = tmp_path / "run"
+  ckpt = run / "stage2" / "fold_0" / "checkpoints" / "5"
+  ckpt.mkdir(parents=True)
+  (ckpt / "state").write_bytes(b"weights")
+  (run / "stage2" / "fold_0" / "log.txt").write_text("not part of the models")
+  (run / spec_lib.SPEC).write_text('{"top_n": 7}')
+
+  def fp(**kw):
+    return predict.run_fingerprint(run, **{"top_n": 7, "prior": PRIOR, "series_uid": "auto",
+                                           **kw})
+
+  first = fp()
+  assert fp() == first
+  (run / "stage2" / "fold_0" / "log.txt").write_text("training went on")
+  assert fp() == first
+  assert fp(top_n=3) != first and fp(prior=PRIOR * 0.5) != first and fp(series_uid=None) != first
+  (run / spec_lib.SPEC).write_text('{"top_n": 6}')
+  assert fp() != first
+  (run / spec_lib.SPEC).write_text('{"top_n": 7}')
+  assert fp() == first
+  (ckpt / "state").write_bytes(b"other weights")  # a retrained model
+  assert fp() != first

@@ -14,16 +14,23 @@ folder whose name is not a StudyInstanceUID and whose files carry none cannot be
 submission, so it is only reported, and so is a folder whose StudyInstanceUID an earlier folder
 already has (the first keeps the study's rows). A folder of several series is read by its series
 with the most axial slices (``series_uid``).
+
+A long run resumes: each study's JSON (:func:`json_writer`) carries the run's
+:func:`run_fingerprint`, and :func:`finished` turns the JSON files of the same run folder and
+options back into results, which :func:`run` takes as ``done`` and does not predict again.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import pathlib
 import time
 from typing import Any
 from typing import Callable
+from typing import Mapping
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +52,7 @@ from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+FINGERPRINT = "run_fingerprint"  # the key of a study JSON's :func:`run_fingerprint`
 DUPLICATE_SUFFIX = ".duplicate.json"  # <folder name>.duplicate.json: a study given twice
 # decode: the decoders' own time (summed over processes; stage-1 images included, made there);
 # wait: the model thread blocked on the readers (nothing decoded yet).
@@ -85,6 +93,18 @@ class StudyResult:
       out["vertebrae"] = {name: _vertebra_json(p, numbers, self.shape)
                           for name, p in zip(labels_lib.VERTEBRAE, self.vertebrae)}
     return out
+
+  @classmethod
+  def from_json(cls, data: dict[str, Any]) -> "StudyResult":
+    """The result a study JSON holds (what a submission needs: no vertebra predictions); raises
+    KeyError, TypeError or ValueError on a JSON of another shape."""
+    probs, uid = data.get("probabilities"), data["StudyInstanceUID"]
+    return cls(uid=None if uid is None else labels_lib.check_uid(uid), folder=str(data["folder"]),
+               probs=None if probs is None else np.array([float(probs[t])
+                                                          for t in labels_lib.TARGETS]),
+               shape=tuple(data["shape"]) if data.get("shape") is not None else None,
+               error=data.get("error"), notes=tuple(data.get("reader_notes", ())),
+               duplicate_of=data.get("duplicate_of"))
 
 
 @dataclasses.dataclass
@@ -203,20 +223,28 @@ def run(folders: Sequence[pathlib.Path],
         decode_workers: int = 0,
         on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
         progress: bool = False,
-        series_uid: str | None = dicom.AUTO_SERIES) -> Run:
+        series_uid: str | None = dicom.AUTO_SERIES,
+        done: Mapping[str, StudyResult] | None = None) -> Run:
   """Predicts every study folder; failures fall back to ``prior`` (8 probabilities).
 
   ``decode_workers`` > 0 decodes that many studies at once in separate processes (the reader is
   the bottleneck on a GPU host); 0 reads in one background thread. ``series_uid``: which series
   of a folder that holds several (``dicom.read_series``; by default the one with the most axial
   slices, the choice in the study's ``reader_notes``; None: such a folder falls back).
+  ``done``: results already known by folder (``str(folder)``, :func:`finished`), taken as they
+  are; the run's results are in the order of ``folders`` either way.
   """
   prior = np.asarray(prior, np.float64)
   seconds = dict.fromkeys(STAGES, 0.0)
-  results: list[StudyResult] = []
+  done = dict(done or {})
+  by_folder: dict[str, StudyResult] = {}
   pending: list[tuple[StudyResult, dicom.Series, np.ndarray]] = []
   # StudyInstanceUID -> the first folder that gave it (that folder's rows are the study's).
   first: dict[str, str] = {}
+  for folder in folders:
+    res = done.get(str(folder))
+    if res is not None and res.uid is not None and res.duplicate_of is None:
+      first.setdefault(res.uid, res.folder)
 
   def fall_back(res: StudyResult, series: dicom.Series | None, error: str) -> None:
     res.error = error
@@ -259,9 +287,10 @@ def run(folders: Sequence[pathlib.Path],
         on_study(res, series)
     pending.clear()
 
-  bar = tqdm.tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
+  todo = [f for f in folders if str(f) not in done]
+  bar = tqdm.tqdm(total=len(todo), unit="study", desc="predict", disable=not progress)
   prepare = functools.partial(reader.stage1_inputs, options=models.stage1_options)
-  stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare,
+  stream = reader.read_studies(todo, workers=decode_workers, prepare=prepare,
                                series_uid=series_uid)
   while True:
     t0 = time.perf_counter()
@@ -273,7 +302,7 @@ def run(folders: Sequence[pathlib.Path],
     series, inputs = loaded if loaded is not None else (None, {})
     seconds["decode"] += dt
     res = StudyResult(uid=study_uid(folder, series), folder=str(folder))
-    results.append(res)
+    by_folder[str(folder)] = res
     bar.update()
     if res.uid is not None and first.setdefault(res.uid, res.folder) != res.folder:
       res.duplicate_of = first[res.uid]
@@ -310,7 +339,53 @@ def run(folders: Sequence[pathlib.Path],
       flush()
   flush()
   bar.close()
-  return Run(results, seconds)
+  by_folder.update(done)
+  return Run([by_folder[str(f)] for f in folders], seconds)
+
+
+def run_fingerprint(run_dir: str | os.PathLike, *, top_n: int, prior: np.ndarray,
+                    series_uid: str | None) -> str:
+  """What a study's prediction depends on besides its own files: RUN/inference.json's bytes, the
+  run's checkpoints (every file under a ``checkpoints/`` folder of RUN/stage1, stage2 and
+  box_refine, by its path, size and modification time: a retrained or replaced model changes
+  it; a copied run folder only costs predicting again), top-N, the prior and the series choice."""
+  run_dir = pathlib.Path(run_dir)
+  h = hashlib.sha256()
+  spec_path = run_dir / spec.SPEC
+  h.update(spec_path.read_bytes() if spec_path.exists() else b"no inference.json")
+  for stage in ("stage1", "stage2", "box_refine"):
+    for path in sorted((run_dir / stage).rglob("*")):
+      rel = path.relative_to(run_dir)
+      if path.is_file() and "checkpoints" in rel.parts:
+        st = path.stat()
+        h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+  h.update(json.dumps({"top_n": int(top_n), "prior": np.asarray(prior, np.float64).tolist(),
+                       "series": series_uid}).encode())
+  return h.hexdigest()
+
+
+def finished(folders: Sequence[pathlib.Path], json_dir: str | os.PathLike,
+             fingerprint: str) -> dict[str, StudyResult]:
+  """The results (by ``str(folder)``) that the study JSON files in ``json_dir`` hold for
+  ``folders`` and that a run of the same ``fingerprint`` wrote; a JSON that cannot be read, or
+  of another run folder or options, is ignored (its study is predicted again)."""
+  json_dir = pathlib.Path(json_dir)
+  wanted = {os.path.abspath(f): str(f) for f in folders}
+  out: dict[str, StudyResult] = {}
+  if not json_dir.is_dir():
+    return out
+  for path in sorted(json_dir.glob("*.json")):
+    try:
+      data = json.loads(path.read_text())
+      if not isinstance(data, dict) or data.get(FINGERPRINT) != fingerprint:
+        continue
+      res = StudyResult.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    key = wanted.get(os.path.abspath(res.folder))
+    if key is not None:
+      out[key] = dataclasses.replace(res, folder=key)
+  return out
 
 
 def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path]:
@@ -323,9 +398,11 @@ def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path
   return {"submission": out, "errors": errors}
 
 
-def json_writer(json_dir: str | os.PathLike) -> Callable[[StudyResult, dicom.Series | None], None]:
+def json_writer(json_dir: str | os.PathLike, fingerprint: str | None = None
+                ) -> Callable[[StudyResult, dicom.Series | None], None]:
   """A callback writing each finished study's JSON as soon as it is known (``<uid>.json``;
-  ``<folder>.json`` without a UID, ``<folder>.duplicate.json`` for a UID given twice)."""
+  ``<folder>.json`` without a UID, ``<folder>.duplicate.json`` for a UID given twice), with the
+  run's ``fingerprint`` (:func:`run_fingerprint`) when given, so that a rerun can resume."""
   json_dir = pathlib.Path(json_dir)
   json_dir.mkdir(parents=True, exist_ok=True)
 
@@ -334,6 +411,9 @@ def json_writer(json_dir: str | os.PathLike) -> Callable[[StudyResult, dicom.Ser
     name = (f"{folder}{DUPLICATE_SUFFIX}" if res.duplicate_of else
             f"{res.uid or folder}.json")
     numbers = series.numbers if series is not None else None
-    files.write_json(json_dir / name, res.to_json(numbers))
+    data = res.to_json(numbers)
+    if fingerprint is not None:
+      data[FINGERPRINT] = fingerprint
+    files.write_json(json_dir / name, data)
 
   return write
