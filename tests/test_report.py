@@ -62,9 +62,20 @@ def test_auc_and_results_table():
   assert res["model"].tolist() == ["3D CNN", "Two-stage", "mine", "Prior (train means)"]
   assert res["score"][1] == pytest.approx(metrics.competition_loss(lab, pred))
   assert res["score"][3] == pytest.approx(metrics.competition_loss(lab, prior))
-  assert res["seed_score"][1] == pytest.approx(0.3691)
+  # The seed's published score stands beside the model of the same name, whatever order the
+  # models came in; a model the seed did not have, and the prior, get none ("-" in the text).
+  seed = dict(zip(res["model"], res["seed_score"]))
+  assert seed["3D CNN"] == tables.SEED_SCORES["3D CNN"] != seed["Two-stage"]
+  assert seed["Two-stage"] == tables.SEED_SCORES["Two-stage"]
+  assert np.isnan(seed["mine"]) and np.isnan(seed["Prior (train means)"])
   text = tables.format_table(res, "Results")
-  assert text.startswith("Results") and "Two-stage" in text
+  lines = text.splitlines()
+  assert lines[0] == "Results" and lines[1].split() == list(res.columns)
+  rows = {line.split()[0]: line.split() for line in lines[2:]}
+  assert rows["Two-stage"][2] == f"{metrics.competition_loss(lab, pred):.4f}"
+  assert rows["Two-stage"][-1] == f"{tables.SEED_SCORES['Two-stage']:.4f}"
+  assert rows["3D"][-1] == f"{tables.SEED_SCORES['3D CNN']:.4f}"
+  assert rows["mine"][-1] == "-" and rows["Prior"][-1] == "-"
 
 
 def test_results_table_on_a_subset_of_studies():
