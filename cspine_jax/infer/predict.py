@@ -95,7 +95,7 @@ class StudyResult:
     return out
 
   @classmethod
-  def from_json(cls, data: dict[str, Any]) -> "StudyResult":
+  def from_json(cls, data: dict[str, Any]) -> StudyResult:
     """The result a study JSON holds (what a submission needs: no vertebra predictions); raises
     KeyError, TypeError or ValueError on a JSON of another shape."""
     probs, uid = data.get("probabilities"), data["StudyInstanceUID"]
