@@ -35,12 +35,13 @@ from cspine_jax.pipeline import runner  # noqa: E402
 _NUM_STUDIES = flags.DEFINE_integer("num_studies", 8, "full-size training studies to generate")
 _WORKERS = flags.DEFINE_integer("workers", 2, "worker processes of the data steps")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default: a temporary one)")
-_DIFFICULTY = flags.DEFINE_string("difficulty", None, "generator difficulty (default: the config's)")
+X
 _CORES = flags.DEFINE_integer("cores", 16, "cores of the host the projection is for")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "the records' image size (paper: 224)")
 _REAL_STUDIES = 2019
 # The steps whose work grows with the data (per study), as the pipeline titles them.
-DATA_STEPS = ("generate synthetic studies", "prepare stage-1 records", "prepare box-refiner records",
+DATA_STEPS = ("generate synthetic studies", "prepare stage-1 records",
+              "prepare box-refiner records",
               "stage-1 pseudo-labels", "prepare stage-2 records", "prepare 3D CNN records",
               "prepare 2D slice records", "predict the held-out test studies (from DICOM)")
 
