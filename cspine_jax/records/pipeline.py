@@ -16,14 +16,12 @@ writing the same shard.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
-import signal
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ import numpy as np
 import tqdm
 
 from cspine_jax import labels as labels_lib
+from cspine_jax import workers as workers_lib
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.pp import image as image_lib
 from cspine_jax.pp import options as options_lib
@@ -179,31 +178,6 @@ def is_done(task_dir: pathlib.Path, uid: str) -> bool:
   return ((task_dir / shard_name(uid)).exists() or (task_dir / f"{uid}{BAD_SUFFIX}").exists())
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies (Linux)
-PARENT_POLL_S = 1.0  # how often a worker checks that its parent lives (where prctl is missing)
-
-
-def _end_with_parent(parent_pid: int | None) -> None:
-  """Worker initializer: the worker is killed when its parent dies (Linux: PR_SET_PDEATHSIG;
-  elsewhere, and as a second guard, a thread that ends it once its parent process is gone).
-  ``parent_pid``: the pool's process where the worker's parent is that process (fork, spawn)."""
-  if sys.platform.startswith("linux"):
-    try:
-      ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-      pass
-  parent = os.getppid()
-  if parent_pid is not None and parent != parent_pid:  # it died before prctl took effect
-    os._exit(1)
-
-  def watch():
-    while os.getppid() == parent:
-      time.sleep(PARENT_POLL_S)
-    os._exit(1)
-
-  threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib.Path, workers: int,
              progress: bool, start_method: str) -> None:
   tqdm.tqdm.monitor_interval = 0  # No monitor thread: the pool may fork.
@@ -227,7 +201,7 @@ def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib
     # A forkserver's workers are its children, not this process's.
     parent = os.getpid() if method in ("fork", "spawn") else None
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                                initializer=_end_with_parent,
+                                                initializer=workers_lib.end_with_parent,
                                                 initargs=(parent,)) as pool:
       futures = [pool.submit(run_study, plan.task, s, plan.options, str(task_dir)) for s in todo]
       try:
