@@ -20,12 +20,13 @@ flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
 
-# Real scanner files made by others (see ../shared/data/real/README.md).
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+# Real scanner files made by others, kept in the repository (tests/fixtures/real/README.md: source
+# and licence).
+REAL_DATA = REPO / "tests" / "fixtures" / "real"
 
 
 @pytest.fixture(scope="session")
 def real_data_dir():
   if not REAL_DATA.exists():
-    pytest.fail(f"real CT fixtures missing: {REAL_DATA} (the shared/ folder beside the checkout)")
+    pytest.fail(f"real CT fixtures missing: {REAL_DATA}")
   return REAL_DATA
