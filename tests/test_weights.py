@@ -304,7 +304,7 @@ def test_pretrained_from_the_same_folds_training_run(tmp_path):
     loop.build_model(config, seed=0, fold=2)
 
 
-# ------------------------------------------------------------ timm tags through the Hugging Face cache
+# ----------------------------------------------------- timm tags through the Hugging Face cache
 # Made-up tags whose architectures map to the fixtures' encoders; the hub never hears of them.
 ATTO_TAG = "convnext_atto.cspine_fixture"
 TF_TEST_TAG = "tf_efficientnetv2_test.cspine_fixture"
@@ -337,7 +337,8 @@ def test_timm_tags_name_their_encoders():
     pretrained.timm_model_name("efficientnetv2_rw_s.ra2_in1k")
   with pytest.raises(pretrained.WeightsError, match="not a timm tag"):
     pretrained.converted_dir("../convnext_tiny")
-  assert pretrained.is_test_size("convnext_test") and pretrained.is_test_size("efficientnet_v2_tf_test")
+  assert pretrained.is_test_size("convnext_test")
+  assert pretrained.is_test_size("efficientnet_v2_tf_test")
   assert not pretrained.is_test_size("convnext_atto")
 
 

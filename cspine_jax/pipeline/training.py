@@ -51,17 +51,15 @@ def _check_pretrained(name: str, model: ml_collections.ConfigDict) -> None:
 
 
 def learning_curves(run_dir: pathlib.Path, name: str) -> None:
-  """learning_curves.png beside every log of a trained model, and one over its folds."""
+  """learning_curves.png beside every log of a trained model, and one over all its runs (a panel
+  per fold and member)."""
   logs = [p for p in sorted(run_dir.rglob("log.jsonl")) if p.stat().st_size > 0]
   for log in logs:
     fold = log.parent.name if log.parent != run_dir else "fold"
     plots.learning_curves({f"{name}/{fold}": log}, log.parent / "learning_curves.png")
-  folds = {
-      f"{name}/{p.parent.name}": p for p in logs
-      if p.parent.name.startswith("fold_") and "_member_" not in p.parent.name
-  }
-  if folds:
-    plots.learning_curves(folds, run_dir / "learning_curves.png")
+  runs = {f"{name}/{p.parent.name}": p for p in logs if p.parent.name.startswith("fold_")}
+  if runs:
+    plots.learning_curves(runs, run_dir / "learning_curves.png")
 
 
 def train(config: ml_collections.ConfigDict, run_dir: pathlib.Path,

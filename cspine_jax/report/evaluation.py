@@ -37,8 +37,9 @@ def read_labels(path: str | os.PathLike) -> pd.DataFrame:
   bad = np.argwhere((values != 0) & (values != 1))
   if len(bad):
     i, j = bad[0]
-    raise labels_lib.TableError(f"{path}: row_id {wide['StudyInstanceUID'].iloc[i]}_"
-                                f"{labels_lib.TARGETS[j]}: fractured={values[i, j]:g} is not 0 or 1")
+    row_id = f"{wide['StudyInstanceUID'].iloc[i]}_{labels_lib.TARGETS[j]}"
+    raise labels_lib.TableError(f"{path}: row_id {row_id}: fractured={values[i, j]:g} is not 0 "
+                                "or 1")
   wide[list(labels_lib.TARGETS)] = values.astype(np.int64)
   return wide
 
