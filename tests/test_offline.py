@@ -47,7 +47,7 @@ def test_offline_install_from_a_wheel_folder(tmp_path):
   wheels = tmp_path / "wheels"
   _run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation",
         "--no-index", "-w", wheels], cwd=tmp_path)
-  (wheel,) = wheels.glob("cspine_jax-*.whl")
+  assert [w.name for w in wheels.iterdir()] == ["cspine_jax-0.1.0-py3-none-any.whl"]
   venv = tmp_path / "venv"
   _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
   python = venv / "bin" / "python"

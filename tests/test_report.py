@@ -152,6 +152,7 @@ def test_learning_curves_one_panel_per_model_smoothed_legend_outside(tmp_path, m
   each model name's panels together, the training loss raw (faint) under its moving average, one
   legend for the figure outside the panels; the pipeline draws a model's runs, members included."""
   import matplotlib.pyplot as plt
+
   from cspine_jax.pipeline import training
   names = ["stage1/fold_0", "stage1/fold_1"] + [
       f"stage2/fold_{f}{m}" for f in (0, 1) for m in ("", "_member_1", "_member_2")]

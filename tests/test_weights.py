@@ -7,8 +7,8 @@ import os
 import pathlib
 import shutil
 import subprocess
-import types
 import sys
+import types
 
 import jax
 import numpy as np
@@ -366,7 +366,8 @@ def test_timm_pretrained_is_found_at_model_build_never_downloaded(tmp_path, monk
   folder (which wins); a tag on neither names the fetch command; the wrong encoder is refused;
   'none' is a random start. huggingface_hub's download is never called."""
   from configs import stage2
-  from cspine_jax.train import loop, warm_start
+  from cspine_jax.train import loop
+  from cspine_jax.train import warm_start
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
   monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "weights"))
 

@@ -6,7 +6,6 @@ path.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 from typing import Any, Mapping
