@@ -144,3 +144,61 @@ def test_the_prior_of_a_fold_is_its_training_folds_means():
   assert res["model"].tolist() == ["Two-stage", tables.FOLD_PRIOR]
   with pytest.raises(ValueError, match="no labelled study outside its fold"):
     tables.prior_predictions(lab, [a], {u: 0 for u in (a, b, c, d)})
+
+
+def _training_log(path, seed, steps=120, val_every=30):
+  """A JSON-lines training log: a noisy falling loss, validation lines every ``val_every``."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for s in range(steps):
+    lines.append({"step": s, "loss": 1 / (1 + s / 20) + 0.2 * rng.normal(), "grad_norm": 1.0})
+    if s % val_every == val_every - 1:
+      lines.append({"step": s, "val_loss": 0.5 + 0.1 * rng.random(), "score": 0.6})
+  path.write_text("\n".join(json.dumps(line) for line in lines))
+  return path
+
+
+def test_learning_curves_one_panel_per_model_smoothed_legend_outside(tmp_path, monkeypatch):
+  """Several models per fold (stage 2: 2 folds x 3 members) stay readable: a panel per model run,
+  each model name's panels together, the training loss raw (faint) under its moving average, one
+  legend for the figure outside the panels; the pipeline draws a model's runs, members included."""
+  import matplotlib.pyplot as plt
+
+  from cspine_jax.pipeline import training
+  names = ["stage1/fold_0", "stage1/fold_1"] + [
+      f"stage2/fold_{f}{m}" for f in (0, 1) for m in ("", "_member_1", "_member_2")]
+  logs = {n: _training_log(tmp_path / f"log{i}.jsonl", i) for i, n in enumerate(names)}
+  fig = plots.learning_curves_figure(logs)
+  panels = [ax for ax in fig.axes if ax.get_title()]
+  twins = [ax for ax in fig.axes if not ax.get_title()]  # the validation metric's right axes
+  assert [ax.get_title() for ax in panels] == names and len(twins) == len(names)
+  # 4 to a row, stage 2 on rows of its own: stage1 | stage2 x4 | stage2 x2.
+  rows = [ax.get_subplotspec().rowspan.start for ax in panels]
+  assert rows == [0, 0, 1, 1, 1, 1, 2, 2]
+  assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+      "train loss", "train loss (EMA)", "val loss", "val metric (right axis)"]
+  raw, smoothed = panels[0].get_lines()[:2]
+  assert raw.get_alpha() < 1 and smoothed.get_alpha() == 1
+  y = pd.Series(raw.get_ydata())
+  np.testing.assert_allclose(smoothed.get_ydata(), plots.smooth(y))
+  assert np.abs(np.diff(smoothed.get_ydata())).sum() < 0.5 * np.abs(np.diff(y)).sum()
+  plt.close(fig)
+  out = plots.learning_curves(logs, tmp_path / "curves.png")
+  assert Image.open(out).size[0] > 1000  # four panels wide
+  # pipeline.training: a PNG beside each run, and one over all runs (members too).
+  run = tmp_path / "stage2"
+  for name in names[2:]:
+    (run / name.split("/")[1]).mkdir(parents=True)
+    _training_log(run / name.split("/")[1] / "log.jsonl", 0)
+  drawn = {}
+  real = plots.learning_curves
+
+  def spy(runs, path, *args):
+    drawn[path] = list(runs)
+    return real(runs, path, *args)
+
+  monkeypatch.setattr(plots, "learning_curves", spy)
+  training.learning_curves(run, "stage2")
+  assert drawn[run / "learning_curves.png"] == sorted(names[2:])
+  assert all((run / n.split("/")[1] / "learning_curves.png").exists() for n in names[2:])
