@@ -7,9 +7,11 @@ generator ``default_rng([seed, i])``, so the same seed gives byte-identical file
 studies do not change when more are asked for.
 
 ``difficulty`` names a level (``difficulty.LEVELS``). "easy" is the original generator, file for
-file. The realistic levels draw the same patient, labels and scanner settings from that generator
-and everything they add (degeneration, mimics, pose, their fractures, metal, the scene) from a
-second one, ``default_rng([seed, i, REALISM_STREAM])``.
+file, ground_truth.json included (a file without a "difficulty" key is easy). The realistic levels
+draw the same patient, labels and scanner settings from that generator and everything they add
+(degeneration, mimics, pose, their fractures, metal, the scene) from a second one,
+``default_rng([seed, i, REALISM_STREAM])``; their ground_truth.json also names the level, the mask
+share and, per study, each fracture, mimic, degenerated disc, artifact, the pose and the scene.
 
 Lower-level pieces for reuse: ``sample_study`` (one study's description), ``make_study`` (its HU,
 labels and fracture voxels), ``write_study`` (its files and ground-truth entry).
@@ -20,12 +22,14 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
 import pathlib
 
 import numpy as np
 import pandas as pd
 
 from cspine_jax import labels as labels_lib
+from cspine_jax import workers as workers_lib
 from cspine_jax.synthetic import anatomy as anat
 from cspine_jax.synthetic import difficulty as difficulty_lib
 from cspine_jax.synthetic import fractures as frac
@@ -285,6 +289,12 @@ def write_study(spec: StudySpec, root: pathlib.Path | str, phantom: Phantom | No
       "padding_outside_circle": spec.pad_circle,
       "fracture_slices": fracture_slices,
       "fracture_parts": parts,
+  }
+  rows = [(spec.uid, float(x0), float(y0), float(x1 - x0), float(y1 - y0), n)
+          for _, n, (x0, y0, x1, y1) in boxes] if spec.split == "train" else []
+  if not difficulty_lib.level(spec.difficulty).realistic:  # the original generator's entry
+    return entry, rows
+  entry.update({
       "difficulty": spec.difficulty,
       "fractures": described,
       "slice_thickness": o.slice_thickness,
@@ -297,9 +307,7 @@ def write_study(spec: StudySpec, root: pathlib.Path | str, phantom: Phantom | No
       "degeneration": spec.notes.get("degeneration", []),
       "pose": spec.notes.get("pose"),
       "bone_density": spec.notes.get("bone_density"),
-  }
-  rows = [(spec.uid, float(x0), float(y0), float(x1 - x0), float(y1 - y0), n)
-          for _, n, (x0, y0, x1, y1) in boxes] if spec.split == "train" else []
+  })
   return entry, rows
 
 
@@ -346,9 +354,11 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
   jobs = [(seed, i, size, "train" if i < num_studies else "test", i in segmented,
            tuple(corrupt_of.get(i, ())), out, level.name) for i in range(total)]
   if workers > 1:
-    # spawn, not fork: the caller may have started JAX (threads) already.
+    # spawn, not fork: the caller may have started JAX (threads) already. Workers end with this
+    # process, so a killed command leaves none writing into the folder.
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"))
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=workers_lib.end_with_parent, initargs=(os.getpid(),))
     done = pool.map(_write_one, jobs)
   else:
     pool, done = None, map(_write_one, jobs)
@@ -367,10 +377,10 @@ def generate(out_dir: pathlib.Path | str, num_studies: int, seed: int, size: str
       pool.shutdown(cancel_futures=True)
   writers.write_csv(out / "train.csv", writers.TRAIN_COLUMNS, train_rows)
   writers.write_csv(out / "train_bounding_boxes.csv", writers.BOX_COLUMNS, box_rows)
-  (out / "ground_truth.json").write_text(json.dumps(
-      {"version": GROUND_TRUTH_VERSION, "seed": seed, "size": size, "difficulty": level.name,
-       "segmented_fraction": segmented_fraction, "studies": studies},
-      indent=1) + "\n")
+  truth = {"version": GROUND_TRUTH_VERSION, "seed": seed, "size": size}
+  if level.realistic:  # an easy set's file stays the original generator's (no key: easy)
+    truth.update(difficulty=level.name, segmented_fraction=segmented_fraction)
+  (out / "ground_truth.json").write_text(json.dumps({**truth, "studies": studies}, indent=1) + "\n")
   return out
 
 
