@@ -35,7 +35,7 @@ from cspine_jax.pipeline import runner  # noqa: E402
 _NUM_STUDIES = flags.DEFINE_integer("num_studies", 8, "full-size training studies to generate")
 _WORKERS = flags.DEFINE_integer("workers", 2, "worker processes of the data steps")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (default: a temporary one)")
-X
+_DIFFICULTY = flags.DEFINE_string("difficulty", None, "generator difficulty (default: the demo's)")
 _CORES = flags.DEFINE_integer("cores", 16, "cores of the host the projection is for")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "the records' image size (paper: 224)")
 _REAL_STUDIES = 2019
