@@ -10,6 +10,7 @@ from PIL import Image
 
 from cspine_jax.records import cnn3d
 from cspine_jax.records import folds
+from cspine_jax.records import pipeline as records_pipeline
 from cspine_jax.records import shards
 from cspine_jax.records import slices2d
 from cspine_jax.pp import crops as crops_lib
@@ -396,6 +397,49 @@ def test_group_k_fold_is_sklearns_and_keeps_a_study_together():
   assert load.max() - load.min() <= max(weights.values())  # balanced by rows, not by studies
   with pytest.raises(ValueError, match="at least 5 studies"):
     folds.group_k_fold({"1.2.3": 1}, 5)
+
+
+def _split_folder(root, n=14, segmented=9):
+  """A data folder as make_plan reads it: train.csv, a slice folder per study (its file count
+  differs), masks for the first ``segmented``."""
+  uids = [f"1.2.826.{i}" for i in range(n)]
+  rows = ["StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7"]
+  for i, uid in enumerate(uids):
+    rows.append(f"{uid},{i % 3 == 0:d},{i % 3 == 0:d},0,0,0,0,0,0")
+    (root / "train_images" / uid).mkdir(parents=True)
+    for j in range(5 + 7 * i % 23):
+      (root / "train_images" / uid / f"{j}.dcm").touch()
+    if i < segmented:
+      (root / "segmentations").mkdir(exist_ok=True)
+      (root / "segmentations" / f"{uid}.nii").touch()
+  (root / "train.csv").write_text("\n".join(rows) + "\n")
+  return uids
+
+
+def test_group_split_is_per_stage_and_the_localisers_share_theirs(tmp_path):
+  """fold_method="group": stage 1 and the box refiner split the segmented studies alike (by their
+  slices: pseudo-labels give a study the stage-1 model *and* the refiner that held it out), stage
+  2 splits every study apart; "stratified" is one split for every set."""
+  uids = _split_folder(tmp_path)
+  group = options_lib.Options(num_folds=3, fold_method="group")
+  plans = {t: records_pipeline.make_plan(tmp_path, t, group) for t in ("stage1", "box_refine",
+                                                                      "stage2")}
+  slices = {u: 5 + 7 * i % 23 for i, u in enumerate(uids)}
+  assert plans["stage1"].folds == plans["box_refine"].folds == folds.group_k_fold(
+      {u: slices[u] for u in uids[:9]}, 3)
+  assert {s.uid for s in plans["stage1"].studies} == set(uids[:9])
+  assert plans["stage2"].folds == folds.group_k_fold(dict.fromkeys(uids, 1), 3)
+  assert all(s.fold == plans["stage1"].folds[s.uid] for s in plans["stage1"].studies)
+  strat = options_lib.Options(num_folds=3)
+  want = folds.assign_folds({u: int(i % 3 == 0) for i, u in enumerate(uids)}, 3, 0)
+  for task in ("stage1", "box_refine", "stage2"):
+    assert records_pipeline.make_plan(tmp_path, task, strat).folds == want
+  # The refiner's inputs are windowed where inference makes them: min-max records refused.
+  with pytest.raises(records_pipeline.PrepareError, match="box_refine records need"):
+    records_pipeline.make_plan(tmp_path, "box_refine", options_lib.Options(intensity="minmax"))
+  with pytest.raises(records_pipeline.PrepareError, match="at least 20 studies"):
+    records_pipeline.make_plan(tmp_path, "stage1", options_lib.Options(num_folds=20,
+                                                                       fold_method="group"))
 
 
 def test_options_identity_keeps_old_sets_and_resolves_each_task():

@@ -9,7 +9,9 @@ import pytest
 from configs import rsna
 from cspine_jax.io import vertebrae
 from cspine_jax.pipeline import data
+from cspine_jax.models import pretrained
 from cspine_jax.pipeline import runner
+from cspine_jax.pipeline import training
 from cspine_jax.pp import image as image_lib
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
@@ -21,16 +23,14 @@ from cspine_jax.train import checkpoints
 @pytest.mark.parametrize("variant", ["", "seed"])
 def test_paper_size_configs_build_with_every_difference_on_its_side(variant):
   c = rsna.get_config(variant)
-  side = 2 if variant == "seed" else 1
-  for row in rsna.DIFFERENCES:
-    assert rsna._get(c, row[0]) == row[side], row[0]
+  for d in rsna.DIFFERENCES:
+    for path in d.fields:
+      assert rsna._get(c, path) == (d.seed if variant == "seed" else d.project), path
   options = data.options_of(c.prepare)
   want = {"": ((224, 224), (224, 224)), "seed": ((384, 384), (320, 320))}[variant]
   assert (options.for_task("stage1").image_size, options.for_task("stage2").image_size) == want
   assert options.for_task("box_refine").intensity == "window"
   assert c.models.stage2.model.encoder == "convnext_tiny" and c.prepare.num_folds == 5
-  assert c.models.stage1.model.pretrained == "timm:convnext_tiny.fb_in22k_ft_in1k"
-  assert c.models.multi_head.model.pretrained == "timm:tf_efficientnetv2_s.in21k_ft_in1k"
   assert c.models.stage2.model.dtype == "bfloat16" and c.workers > 2
   assert c.models.stage2.input.workers > 2
   # A field of the method reaches every model (references), as in the demo.
@@ -38,14 +38,53 @@ def test_paper_size_configs_build_with_every_difference_on_its_side(variant):
   assert c.models.stage2.num_folds == 3 and c.models.stage1.prepare.num_folds == 3
 
 
+@pytest.mark.parametrize("variant", ["", "seed"])
+def test_paper_size_encoders_start_from_the_imagenet_weights_made_for_them(variant):
+  """Every full-size encoder names the timm tag whose weights load into it (load_timm refuses
+  another encoder), and the method refuses a random start unless it is asked for."""
+  c = rsna.get_config(variant)
+  assert c.require_pretrained
+  for name, m in c.models.items():
+    if "encoder" not in m.model:
+      continue
+    tag = m.model.pretrained
+    assert tag.startswith(pretrained.TIMM_SCHEME), name
+    assert pretrained.timm_model_name(tag[len(pretrained.TIMM_SCHEME):]) == m.model.encoder, name
+  assert c.models.stage1.model.pretrained == "timm:convnext_tiny.fb_in22k_ft_in1k"
+  assert c.models.multi_head.model.pretrained == "timm:tf_efficientnetv2_s.in21k_ft_in1k"
+  run = pathlib.Path("/nonexistent/run")
+  c.models.stage1.model.pretrained = None
+  with pytest.raises(ValueError, match="models.stage1: its convnext_tiny encoder would start "
+                     "from random weights"):
+    training.model_config(c, "stage1", run)
+  c.models.stage1.model.pretrained = "none"  # --config.models.stage1.model.pretrained=none
+  assert training.model_config(c, "stage1", run).model.pretrained == "none"
+  tiny = rsna.get_config("seed_tiny" if variant else "tiny")
+  assert not tiny.require_pretrained and tiny.models.stage1.model.pretrained is None
+  training.model_config(tiny, "stage1", run)  # test-size encoders start at random
+
+
 def test_each_difference_differs_and_either_side_is_one_override_away():
-  for path, ours, seed in rsna.DIFFERENCES:
-    assert ours != seed, path
+  fields = [f for d in rsna.DIFFERENCES for f in d.fields]
+  assert len(fields) == len(set(fields))
+  for d in rsna.DIFFERENCES:
+    assert d.seed != d.project and d.what and d.why, d.fields
   c = rsna.get_config("seed")
   c.prepare.intensity = "window"  # the project's value on the seed's config
   assert data.options_of(c.prepare).intensity == "window"
   with pytest.raises(ValueError, match="unknown variant"):
     rsna.get_config("seed_small")
+
+
+def test_markdown_table_has_a_row_per_difference_with_both_values():
+  rows = rsna.markdown_table().splitlines()
+  assert rows[0] == "| What | Field | Seed | Project | Why |"
+  assert len(rows) == 2 + len(rsna.DIFFERENCES)
+  for d, row in zip(rsna.DIFFERENCES, rows[2:]):
+    cells = [x.strip() for x in row.strip("|").split("|")]
+    assert cells[0] == d.what and cells[4] == d.why
+    assert cells[1].split("<br>") == [f"`{f}`" for f in d.fields]
+  assert "| `384x384` | `224x224` |" in rows[2] and "| `minmax` | `window` |" in rsna.markdown_table()
 
 
 @pytest.fixture(scope="module")
