@@ -84,7 +84,8 @@ def test_markdown_table_has_a_row_per_difference_with_both_values():
     cells = [x.strip() for x in row.strip("|").split("|")]
     assert cells[0] == d.what and cells[4] == d.why
     assert cells[1].split("<br>") == [f"`{f}`" for f in d.fields]
-  assert "| `384x384` | `224x224` |" in rows[2] and "| `minmax` | `window` |" in rsna.markdown_table()
+  assert "| `384x384` | `224x224` |" in rows[2]
+  assert "| `minmax` | `window` |" in rsna.markdown_table()
 
 
 @pytest.fixture(scope="module")
