@@ -11,7 +11,9 @@ def prepare() -> ml_collections.ConfigDict:
   """``pp.options.Options`` of the record sets (part of each set's identity), every field."""
   return ml_collections.ConfigDict(dict(
       image_size=(224, 224), window_level=400.0, window_width=1800.0, num_folds=5, fold_seed=0,
-      stage2_slices=24, crop_margin=0.1, cube_size=64, cnn3d_crop=False, stage2_locate="mask"))
+      stage2_slices=24, crop_margin=0.1, cube_size=64, cnn3d_crop=False, stage2_locate="mask",
+      intensity="window", fov_mask=False, resize="antialias", fold_method="stratified",
+      square_crop=False, slice_targets="centre"))
 
 
 def base(task: str) -> ml_collections.ConfigDict:
@@ -38,17 +40,27 @@ def base(task: str) -> ml_collections.ConfigDict:
   # random init). Nothing is downloaded.
   c.model.pretrained = ml_collections.config_dict.placeholder(str)
 
+  # schedule: "warmup_cosine" (warmup_*, end_factor) or "cosine_restarts" (restart_epochs, min_lr;
+  # per_epoch holds each epoch's rate): train.steps.make_schedule.
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, weight_decay=1e-5, b1=0.9, b2=0.999, clip_norm=1.0,
-      warmup_steps=-1, warmup_fraction=0.05, end_factor=0.0))
+      warmup_steps=-1, warmup_fraction=0.05, end_factor=0.0, schedule="warmup_cosine",
+      restart_epochs=5, min_lr=1e-6, per_epoch=True))
 
   c.input = ml_collections.ConfigDict(dict(batch_size=8, workers=2))
   # coarse_slices_prob / coarse_slices: inputs.augment.AugmentOptions (thick-slice re-sampling;
-  # off here).
-  c.input.augment = ml_collections.ConfigDict(dict(enabled=True, max_rotation_deg=10.0, flip_prob=0.5,
-                                                   coarse_slices_prob=0.0, coarse_slices=(4, 12)))
+  # off here); the seed's albumentations transforms, each off at probability 0, and fov_mask.
+  c.input.augment = ml_collections.ConfigDict(dict(
+      enabled=True, max_rotation_deg=10.0, flip_prob=0.5, coarse_slices_prob=0.0,
+      coarse_slices=(4, 12), brightness=0.2, contrast=0.2, brightness_contrast_prob=0.0,
+      hue=40.0, saturation=40.0, value=0.0, hsv_prob=0.0, shift=0.2, scale=0.3,
+      ssr_rotation_deg=30.0, ssr_prob=0.0, cutout_holes=4, cutout_size=0.2, cutout_prob=0.0,
+      fov_mask=False))
 
-  c.loss = ml_collections.ConfigDict(dict(box="smooth_l1", box_weight=1.0))
+  # ratio_weight: the seed head's ratio L1 (stage 1, model.head="ratio"); positive_weight: stage
+  # 2's weight of a fractured vertebra (None: the metric's 2).
+  c.loss = ml_collections.ConfigDict(dict(box="smooth_l1", box_weight=1.0, ratio_weight=0.5))
+  c.loss.positive_weight = ml_collections.config_dict.placeholder(float)
   c.eval = ml_collections.ConfigDict(dict(overall="top_n", top_n=7))
 
   # members: models per fold, each from its own seed (fold_k, fold_k_member_1, ...); their

@@ -476,3 +476,118 @@ def test_stack_records_batches_arrays_and_drops_strings():
   recs[2]["image"] = np.zeros((3,), np.uint8)
   with pytest.raises(ValueError, match="field 'image': record 2 has shape"):
     loader_lib.stack_records(recs)
+
+
+# ---- the seed's albumentations transforms --------------------------------------------------------
+SEED_AUGMENT = augment_lib.AugmentOptions(
+    max_rotation_deg=0.0, brightness_contrast_prob=0.5, hsv_prob=0.5, ssr_prob=0.5,
+    cutout_prob=0.5, fov_mask=True)
+
+
+def test_brightness_contrast_is_albumentations_by_max():
+  img = jnp.asarray(_smooth_image(8, 10)[None])
+  out = np.asarray(augment_lib.brightness_contrast(img, jnp.array([1.2]), jnp.array([-0.1])))
+  want = np.clip(np.asarray(img, np.float32) * 1.2 - 25.5, 0, 255)
+  np.testing.assert_allclose(out, want, atol=1e-4)
+  opts = augment_lib.AugmentOptions(brightness_contrast_prob=0.5)
+  alpha, beta = (np.asarray(v) for v in augment_lib.brightness_contrast_draws(
+      jax.random.key(0), 512, opts))
+  on = alpha != 1.0
+  assert 0.4 < on.mean() < 0.6 and (beta[~on] == 0).all()  # p 0.5, untouched when off
+  assert 0.8 <= alpha.min() and alpha.max() <= 1.2 and np.abs(beta).max() <= 0.2
+
+
+def test_hsv_shift_on_three_slices_as_the_seed():
+  # Zero shifts give the image back; a hue shift of 60 (120 degrees) hands red to green.
+  img = jnp.asarray(_smooth_image(9, 11)[None])
+  same = np.asarray(augment_lib.shift_hsv(img, jnp.zeros((1, 3))))
+  np.testing.assert_allclose(same, np.asarray(img, np.float32), atol=1e-3)
+  red = jnp.asarray([[[[200, 10, 10]]]], jnp.uint8)
+  np.testing.assert_allclose(np.asarray(augment_lib.shift_hsv(red, jnp.array([[60.0, 0, 0]]))),
+                             [[[[10, 200, 10]]]], atol=1e-3)
+  # Equal slices (a grey pixel) get saturation 40: the other two slices darken by 40/255 of it,
+  # which is what the transform does to a 2.5D image: it mixes the slices.
+  grey = jnp.full((1, 1, 1, 3), 150, jnp.uint8)
+  out = np.asarray(augment_lib.shift_hsv(grey, jnp.array([[0.0, 40.0, 0.0]])))[0, 0, 0]
+  np.testing.assert_allclose(out, [150, 150 * (1 - 40 / 255), 150 * (1 - 40 / 255)], atol=1e-3)
+  # One draw per sample, shared by the images of a sequence.
+  seq = jnp.asarray(np.repeat(_smooth_image(6, 6)[None, None], 4, axis=1))
+  shifted = np.asarray(augment_lib.shift_hsv(seq, jnp.array([[25.0, -30.0, 0.0]])))
+  for k in range(1, 4):
+    np.testing.assert_array_equal(shifted[0, k], shifted[0, 0])
+
+
+def test_shift_scale_rotate_moves_scales_and_its_box_follows():
+  img = np.zeros((1, 32, 40, 3), np.uint8)
+  img[:, 8:16, 10:20] = 200
+  box = jnp.asarray([[10 / 40, 8 / 32, 20 / 40, 16 / 32]])
+  zero = jnp.zeros(1)
+  no = jnp.array([False])
+  # A shift of a quarter of the width and an eighth of the height: whole pixels, exact.
+  moved = np.asarray(augment_lib.rotate_flip(jnp.asarray(img), zero, no, jnp.ones(1),
+                                             jnp.array([[0.25, 0.125]])))
+  np.testing.assert_array_equal(moved[0, 12:20, 20:30], 200)
+  assert moved[0].sum() == img[0].sum()
+  np.testing.assert_allclose(augment_lib.rotate_flip_boxes(box, zero, no, 32, 40, jnp.ones(1),
+                                                           jnp.array([[0.25, 0.125]])),
+                             [[20 / 40, 12 / 32, 30 / 40, 20 / 32]], atol=1e-6)
+  # Scale 2 about the centre (20, 16): the square doubles, pixels (0, 2) of it at (x-20)*2+20.
+  big = np.asarray(augment_lib.rotate_flip(jnp.asarray(img), zero, no, jnp.array([2.0]), None))
+  assert (big[0, 1:15, 1:19] == 200).all() and not big[0, 17:, :].any()
+  np.testing.assert_allclose(augment_lib.rotate_flip_boxes(box, zero, no, 32, 40, jnp.array([2.0])),
+                             [[0.0, 0.0, 20 / 40, 16 / 32]], atol=1e-6)
+  # Without a scale or a shift it is the rotation alone, to the bit.
+  angle = jnp.array([7.5])
+  np.testing.assert_array_equal(
+      np.asarray(augment_lib.rotate_flip(jnp.asarray(img), angle, no)),
+      np.asarray(augment_lib.rotate_flip(jnp.asarray(img), angle, no, jnp.ones(1),
+                                         jnp.zeros((1, 2)))))
+  turn, scale, shift = (np.asarray(v) for v in augment_lib.ssr_draws(
+      jax.random.key(1), 512, augment_lib.AugmentOptions(ssr_prob=0.5)))
+  on = scale != 1.0
+  assert 0.4 < on.mean() < 0.6 and not turn[~on].any() and not shift[~on].any()
+  assert np.abs(turn).max() <= 30 and 0.7 <= scale.min() and scale.max() <= 1.3
+  assert np.abs(shift).max() <= 0.2
+
+
+def test_cutout_holes_and_the_field_of_view():
+  opts = augment_lib.AugmentOptions(cutout_prob=1.0, cutout_holes=1, cutout_size=0.25)
+  rect = np.asarray(augment_lib.cutout_draws(jax.random.key(2), 64, opts, 32, 40))
+  assert rect.shape == (64, 1, 4)
+  hh, hw = rect[..., 1] - rect[..., 0], rect[..., 3] - rect[..., 2]
+  assert hh.max() == 8 and hw.max() == 10 and (hh <= 8).all() and (hw <= 10).all()  # clipped
+  seq = jnp.full((1, 3, 32, 40, 3), 100, jnp.uint8)
+  r = jnp.asarray([[[4, 12, 5, 15], [30, 32, 0, 3]]])
+  out = np.asarray(augment_lib.cutout(seq, r))
+  zero = out == 0
+  assert zero.sum() == 3 * 3 * (8 * 10 + 2 * 3)  # two holes in each of the 3 images, 3 channels
+  assert zero[0, :, 4:12, 5:15].all() and (out[~zero] == 100).all()
+  masked = np.asarray(augment_lib.fov_mask(jnp.full((2, 16, 16, 3), 9.0)))
+  from cspine_jax.pp import image as image_lib
+  disc = image_lib.fov_mask((16, 16))
+  assert (masked[:, disc] == 9).all() and not masked[:, ~disc].any()
+
+
+def test_the_seeds_augmentation_is_keyed_by_the_step_and_leaves_the_old_draws_alone():
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 255, (16, 24, 24, 3), dtype=np.uint8),
+           "box": np.tile(np.array([0.2, 0.3, 0.6, 0.7], np.float32), (16, 1))}
+  run = jax.jit(lambda b, k: augment_lib.device_inputs(b, "image", key=k, augment=SEED_AUGMENT))
+  a, again, other = run(batch, jax.random.key(3)), run(batch, jax.random.key(3)), run(
+      batch, jax.random.key(4))
+  np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(again["image"]))
+  assert not np.allclose(np.asarray(a["image"]), np.asarray(other["image"]))
+  # The circle was applied last: the corners hold the normalised zero.
+  zero = augment_lib.normalize(np.zeros((1, 1, 1, 3), np.uint8))[0, 0, 0]
+  np.testing.assert_allclose(np.asarray(a["image"])[:, 0, 0], np.tile(zero, (16, 1)), atol=1e-6)
+  # The flip draws are those of a run without the seed's transforms (own streams).
+  plain = augment_lib.AugmentOptions(max_rotation_deg=0.0)
+  flips = [np.asarray(augment_lib.augment_draws(jax.random.key(3), 16, o)[1])
+           for o in (plain, SEED_AUGMENT)]
+  np.testing.assert_array_equal(*flips)
+  # from_config: a config's fields, the rest at their defaults; off when disabled.
+  got = augment_lib.from_config({"enabled": True, "hsv_prob": 0.5, "coarse_slices": [4, 12]})
+  assert got.hsv_prob == 0.5 and got.ssr_prob == 0.0 and got.coarse_slices == (4, 12)
+  assert augment_lib.from_config({"enabled": False}) is None
+  with pytest.raises(ValueError, match="hsv_prob"):
+    augment_lib.AugmentOptions(hsv_prob=2.0)

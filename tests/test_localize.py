@@ -222,3 +222,58 @@ def test_box_smoothing_denoises_per_slice_boxes():
     spec_lib.write_spec(d, rules=rules)
     spec = json.loads((pathlib.Path(d) / spec_lib.SPEC).read_text())
   assert derive_lib.Rules(**spec["rules"]) == rules
+
+
+def _ratio_mask():
+  """60 slices; each vertebra's footprint swells and shrinks over its slices, so its area ratio
+  rises from small values to 1 and falls again, as in a real spine."""
+  m = np.zeros((60, 40, 40), np.uint8)
+  for v in range(7):
+    first = 2 + 7 * v
+    for k in range(9):
+      r = 1 + min(k, 8 - k) * 2
+      m[first + k, 20 - r // 2:20 + r // 2 + 1, 4 + 4 * v:4 + 4 * v + r] = v + 1
+  return m
+
+
+def test_rolling_mean_is_pandas_centred_rolling_mean():
+  import pandas as pd
+  x = np.random.default_rng(0).random((12, 3))
+  for window, periods in ((5, 3), (4, 2), (3, 3)):
+    want = pd.DataFrame(x).rolling(window, min_periods=periods, center=True).mean().to_numpy()
+    np.testing.assert_allclose(ranges_lib.rolling_mean(x, window, periods), want, atol=1e-12)
+
+
+def test_seed_decoder_on_an_oracle_gives_its_ranges_and_one_box_per_study(tmp_path):
+  import pandas as pd
+  mask = _ratio_mask()
+  sl = labels.slice_labels(mask)
+  ratio = sl.area_ratio.astype(np.float64)  # what the seed's head regresses, here exact
+  boxes = sl.box / 40.0
+  rules = derive_lib.Rules(decode="rolling", threshold=0.3, box_rule="study")
+  preds = derive_lib.derive(ratio, boxes, np.arange(200, 260), rules)
+  rolled = pd.DataFrame(ratio).rolling(5, min_periods=3, center=True).mean().to_numpy()
+  truth = labels.vertebra_extents(mask)
+  shown = (ratio > 0.3).any(axis=1)
+  b = sl.box[shown]
+  study_box = np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]) / 40.0
+  for v, p in enumerate(preds):
+    over = np.flatnonzero(rolled[:, v] > 0.3)  # the seed's window_range(thresh=0.3)
+    assert p.present and (p.first_index, p.last_index) == (over[0], over[-1])
+    assert p.first_number == 200 + over[0]
+    # Inside the true range, trimmed at the faint ends (the seed's 24 slices skip them).
+    assert truth[v].first < p.first_index and p.last_index < truth[v].last
+    np.testing.assert_allclose(p.box, study_box, atol=1e-9)  # every vertebra: the study's box
+  # The project's decoders on the same outputs keep one box per vertebra.
+  own = derive_lib.derive(ratio, boxes, None, derive_lib.Rules(decode="rolling", threshold=0.3))
+  assert len({p.box for p in own}) == 7
+  # A vertebra never over the threshold is absent; the rules travel through the inference spec.
+  faint = ratio.copy()
+  faint[:, 3] = np.minimum(faint[:, 3], 0.25)
+  assert not derive_lib.derive(faint, boxes, None, rules)[3].present
+  path = spec_lib.write_spec(tmp_path, rules=rules)
+  assert derive_lib.Rules(**json.loads(path.read_text())["rules"]) == rules
+  with pytest.raises(ValueError, match="box_rule"):
+    derive_lib.Rules(box_rule="slice")
+  with pytest.raises(ValueError, match="min_periods"):
+    derive_lib.Rules(decode="rolling", rolling_window=3, rolling_min_periods=4)

@@ -271,3 +271,41 @@ def test_registry_chooses_the_layer_form_for_the_models_devices(monkeypatch):
     assert build({**cfg, "dw_method": "lax"}, jax.devices()[:1]).encoder.dw_method == "lax"
   with pytest.raises(ValueError, match="chosen by registry.make_model"):
     convnext.ConvNeXt("test", dw_method="auto", rngs=nnx.Rngs(0))
+
+
+def test_seed_stage1_head_outputs_and_its_box_ratio_loss():
+  from cspine_jax.train import tasks
+  m = registry.make_model({"name": "stage1", "encoder": "convnext_test", "head": "ratio"},
+                          rngs=registry.make_rngs(0), devices=jax.devices())
+  assert isinstance(m, stage1.Stage1Model) and m.head == "ratio"
+  assert not hasattr(m, "presence_head")  # no presence head: 11 outputs, box then ratios
+  assert m.box_ratio_head.kernel.value.shape[-1] == 11
+  m.eval()
+  out = _apply(m, _images((3, 32, 32, 3)))
+  assert set(out) == {"box", "ratio"} and out["box"].shape == (3, 4)
+  assert out["ratio"].shape == (3, 7)
+  # Raw regression: the predictions clip it to [0, 1] (as the seed's inference does).
+  raw = {"box": jnp.asarray([[-0.2, 0.1, 0.5, 1.4]] * 2), "ratio": jnp.full((2, 7), 1.3)}
+  pred = tasks.get("stage1").predict(raw)
+  np.testing.assert_allclose(pred["box_pred"][0], [0.0, 0.1, 0.5, 1.0])
+  np.testing.assert_allclose(pred["presence_prob"], 1.0)
+  # The seed's loss: 0.5 x L1 of the box on images whose largest ratio exceeds 0.5
+  # + 0.5 x L1 of the seven ratios; the box of a weakly shown image does not count.
+  task = tasks.get("stage1", box_loss="l1", box_weight=0.5, ratio_weight=0.5)
+  area = np.zeros((2, 7), np.float32)
+  area[0, 2] = 0.9
+  area[1, 3] = 0.4
+  batch = {"area": jnp.asarray(area), "box": jnp.asarray([[0.0, 0.0, 0.5, 0.5]] * 2),
+           "presence": jnp.asarray((area > 0).astype(np.float32))}
+  out = {"box": jnp.asarray([[0.1, 0.0, 0.5, 0.3], [0.9, 0.9, 0.9, 0.9]]),
+         "ratio": jnp.asarray(area) + 0.07}
+  loss, metrics = task.loss(out, batch, jnp.ones(2))
+  np.testing.assert_allclose(metrics["box_loss"], (0.1 + 0.2) / 4, rtol=1e-6)  # row 0 only
+  np.testing.assert_allclose(metrics["ratio_l1"], 0.07, rtol=1e-5)
+  np.testing.assert_allclose(loss, 0.5 * 0.075 + 0.5 * 0.07, rtol=1e-5)
+  # The project's head and loss are unchanged by the new path.
+  assert tasks.get("stage1").loss(
+      {"presence": jnp.zeros((2, 7)), "box": batch["box"], "area": jnp.zeros((2, 7))}, batch,
+      jnp.ones(2))[1].keys() >= {"presence_bce", "box_loss", "area_bce"}
+  with pytest.raises(ValueError, match="head"):
+    stage1.Stage1Model(_encoder(), head="boxes", rngs=registry.make_rngs(0))

@@ -10,6 +10,7 @@ from PIL import Image
 
 from cspine_jax.records import cnn3d
 from cspine_jax.records import folds
+from cspine_jax.records import pipeline as records_pipeline
 from cspine_jax.records import shards
 from cspine_jax.records import slices2d
 from cspine_jax.pp import crops as crops_lib
@@ -301,3 +302,163 @@ def test_window_at_read_equals_window_after(tmp_path, tsyntax):
       crops_lib.vertebra_images(hu.series.volume, ext, opts))
   with pytest.raises(study_lib.StudyError, match=r"read in window \(400.0, 1800.0\)"):
     study_lib.windowed(win.series.volume, options_lib.Options(window_level=300.0), win.window)
+
+
+# ----------------------------------------------------------------------------- the seed's options
+
+
+def test_minmax_maps_each_slice_by_its_own_range_truncated():
+  rng = np.random.default_rng(0)
+  hu = np.stack([rng.uniform(-1000, 2000, (6, 7)), rng.uniform(-50, 50, (6, 7)),
+                 np.full((6, 7), 30.0)]).astype(np.float32)
+  out = image_lib.minmax(hu)
+  assert out.dtype == np.uint8
+  for s in range(2):  # each slice spans 0..255 by its own range, truncated as the seed's cast
+    x = hu[s].astype(np.float64)
+    want = np.floor((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+    assert np.abs(out[s].astype(int) - want).max() <= 1 and out[s].min() == 0
+    assert out[s].max() == 255
+  assert not out[2].any()  # a constant slice: 0
+  # A crop keeps its whole slice's range (stage 2 crops after mapping, as the seed does).
+  opts = options_lib.Options(intensity="minmax")
+  crop = hu[:2, 1:3, 2:5]
+  np.testing.assert_array_equal(image_lib.to_uint8(crop, opts, whole=hu[:2]), out[:2, 1:3, 2:5])
+  # The window ignores the slice's range: the same HU, the same grey, in every slice.
+  assert image_lib.to_uint8(hu, options_lib.Options())[2].tolist() == image_lib.window(
+      hu[2], 400, 1800).tolist()
+
+
+def test_slice_imager_minmax_and_the_circular_field_of_view():
+  y, x = np.mgrid[:64, :64]
+  hu = (x * 10.0 - 300 + y).astype(np.float32)  # a ramp: its own min and max at the corners
+  plain = image_lib.SliceImager(options_lib.Options(image_size=(32, 32), intensity="minmax"))(hu)
+  # The slice's own range to 0..255 (the seed maps, then resizes: within a grey level of it).
+  ref = image_lib.resize_slices(image_lib.minmax(hu[None]), (32, 32))[0]
+  assert np.abs(plain.astype(int) - ref).max() <= 1 and plain.max() - plain.min() > 240
+  masked = image_lib.SliceImager(options_lib.Options(image_size=(32, 32), intensity="minmax",
+                                                     fov_mask=True))(hu)
+  disc = image_lib.fov_mask((32, 32))
+  np.testing.assert_array_equal(masked[disc], plain[disc])
+  assert not masked[~disc].any() and plain[~disc].any()
+  assert not masked[0, 0] and not masked[0, -1] and not masked[-1, 0] and not masked[-1, -1]
+  assert abs(disc.mean() - np.pi / 4) < 0.03  # the inscribed disc
+
+
+def test_linear_resize_takes_two_taps_whatever_the_factor():
+  w = image_lib.resize_weights(512, 384, antialias=False)
+  assert ((w > 0).sum(axis=1) <= 2).all() and np.allclose(w.sum(1), 1)
+  src = (np.arange(384) + 0.5) * 512 / 384 - 0.5  # cv2's source coordinate of each output
+  np.testing.assert_allclose(w @ np.arange(512, dtype=np.float32), np.clip(src, 0, 511),
+                             atol=1e-4)
+  assert ((image_lib.resize_weights(512, 384) > 0).sum(axis=1) > 2).any()  # antialias is wider
+  # Enlarging, the two agree.
+  np.testing.assert_array_equal(image_lib.resize_weights(100, 320, antialias=False),
+                                image_lib.resize_weights(100, 320))
+
+
+def test_square_crop_grows_the_short_side_about_the_centre():
+  assert crops_lib.crop_box((100, 50, 140, 150), 0.0, 512, 512, square=True) == (70, 50, 170, 150)
+  assert crops_lib.crop_box((10, 50, 210, 90), 0.0, 512, 512, square=True) == (10, 0, 210, 170)
+  # Clipped to the image, as the seed's square_bbox.
+  assert crops_lib.crop_box((0, 10, 20, 110), 0.0, 512, 512, square=True) == (0, 10, 60, 110)
+  assert crops_lib.crop_box((100, 50, 140, 150), 0.0, 512, 512) == (100, 50, 140, 150)
+
+
+def test_neighbour_targets_are_the_three_slices_max_and_counted_boxes():
+  from cspine_jax.records import stage1
+  area = np.zeros((5, 7), np.float32)
+  area[1, 0], area[2, 0], area[3, 1] = 0.4, 1.0, 0.8
+  presence = (area > 0).astype(np.float32)
+  boxes = np.zeros((5, 4), np.float32)
+  boxes[1], boxes[2], boxes[3] = (0.1, 0.1, 0.3, 0.3), (0.2, 0.2, 0.4, 0.4), (0.3, 0.1, 0.6, 0.5)
+  p, a, b = stage1.neighbour_targets(presence, area, boxes)
+  np.testing.assert_allclose(a[:, 0], [0.4, 1.0, 1.0, 1.0, 0.0])
+  np.testing.assert_allclose(a[:, 1], [0, 0, 0.8, 0.8, 0.8])
+  np.testing.assert_array_equal(p[:, 0], [1, 1, 1, 1, 0])
+  # Slice 1's image: slices 0, 1, 2; only slice 2 has an area above 0.5: its box, not slice 1's.
+  np.testing.assert_allclose(b[1], boxes[2])
+  np.testing.assert_allclose(b[2], [0.2, 0.1, 0.6, 0.5])  # slices 2 and 3 counted, 1 not
+  np.testing.assert_allclose(b[0], boxes[0])  # none counted: its own (empty) box
+
+
+def test_group_k_fold_is_sklearns_and_keeps_a_study_together():
+  from sklearn.model_selection import GroupKFold
+  rng = np.random.default_rng(3)
+  weights = {f"1.2.{i}": int(rng.integers(100, 700)) for i in range(23)}
+  weights.update({f"1.3.{i}": 7 for i in range(9)})  # equal weights: ties as sklearn breaks them
+  rows = [u for u in sorted(weights, key=lambda _: rng.random()) for _ in range(weights[u])]
+  want = {}
+  for k, (_, test) in enumerate(GroupKFold(5).split(rows, groups=rows)):
+    for i in test:
+      assert want.setdefault(rows[i], k) == k  # a study in one fold
+  got = folds.group_k_fold(weights, 5)
+  assert got == want
+  load = np.bincount(list(got.values()), weights=[weights[u] for u in got], minlength=5)
+  assert load.max() - load.min() <= max(weights.values())  # balanced by rows, not by studies
+  with pytest.raises(ValueError, match="at least 5 studies"):
+    folds.group_k_fold({"1.2.3": 1}, 5)
+
+
+def _split_folder(root, n=14, segmented=9):
+  """A data folder as make_plan reads it: train.csv, a slice folder per study (its file count
+  differs), masks for the first ``segmented``."""
+  uids = [f"1.2.826.{i}" for i in range(n)]
+  rows = ["StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7"]
+  for i, uid in enumerate(uids):
+    rows.append(f"{uid},{i % 3 == 0:d},{i % 3 == 0:d},0,0,0,0,0,0")
+    (root / "train_images" / uid).mkdir(parents=True)
+    for j in range(5 + 7 * i % 23):
+      (root / "train_images" / uid / f"{j}.dcm").touch()
+    if i < segmented:
+      (root / "segmentations").mkdir(exist_ok=True)
+      (root / "segmentations" / f"{uid}.nii").touch()
+  (root / "train.csv").write_text("\n".join(rows) + "\n")
+  return uids
+
+
+def test_group_split_is_per_stage_and_the_localisers_share_theirs(tmp_path):
+  """fold_method="group": stage 1 and the box refiner split the segmented studies alike (by their
+  slices: pseudo-labels give a study the stage-1 model *and* the refiner that held it out), stage
+  2 splits every study apart; "stratified" is one split for every set."""
+  uids = _split_folder(tmp_path)
+  group = options_lib.Options(num_folds=3, fold_method="group")
+  plans = {t: records_pipeline.make_plan(tmp_path, t, group) for t in ("stage1", "box_refine",
+                                                                      "stage2")}
+  slices = {u: 5 + 7 * i % 23 for i, u in enumerate(uids)}
+  assert plans["stage1"].folds == plans["box_refine"].folds == folds.group_k_fold(
+      {u: slices[u] for u in uids[:9]}, 3)
+  assert {s.uid for s in plans["stage1"].studies} == set(uids[:9])
+  assert plans["stage2"].folds == folds.group_k_fold(dict.fromkeys(uids, 1), 3)
+  assert all(s.fold == plans["stage1"].folds[s.uid] for s in plans["stage1"].studies)
+  strat = options_lib.Options(num_folds=3)
+  want = folds.assign_folds({u: int(i % 3 == 0) for i, u in enumerate(uids)}, 3, 0)
+  for task in ("stage1", "box_refine", "stage2"):
+    assert records_pipeline.make_plan(tmp_path, task, strat).folds == want
+  # The refiner's inputs are windowed where inference makes them: min-max records refused.
+  with pytest.raises(records_pipeline.PrepareError, match="box_refine records need"):
+    records_pipeline.make_plan(tmp_path, "box_refine", options_lib.Options(intensity="minmax"))
+  with pytest.raises(records_pipeline.PrepareError, match="at least 20 studies"):
+    records_pipeline.make_plan(tmp_path, "stage1", options_lib.Options(num_folds=20,
+                                                                       fold_method="group"))
+
+
+def test_options_identity_keeps_old_sets_and_resolves_each_task():
+  # The new fields at their defaults are not in the identity: a set made before them is resumed.
+  assert set(options_lib.Options().to_json()) == {
+      "image_size", "window_level", "window_width", "num_folds", "fold_seed", "stage2_slices",
+      "crop_margin", "cube_size", "cnn3d_crop", "stage2_locate"}
+  opts = options_lib.Options(intensity="minmax", fold_method="group", by_task={
+      "stage1": {"image_size": [384, 384], "fov_mask": True}, "stage2": {"square_crop": True}})
+  back = options_lib.Options.from_json(json.loads(json.dumps(opts.to_json())))
+  assert back == opts and hash(back) == hash(opts)
+  s1 = opts.for_task("stage1")
+  assert s1.image_size == (384, 384) and s1.fov_mask and s1.intensity == "minmax"
+  assert s1.by_task == () and "by_task" not in s1.to_json()
+  assert opts.for_task("stage2").square_crop and not opts.for_task("stage2").fov_mask
+  assert opts.for_task("cnn3d").image_size == (224, 224)
+  with pytest.raises(ValueError, match="may set only"):
+    options_lib.Options(by_task={"stage1": {"num_folds": 3}})  # the split is shared
+  with pytest.raises(ValueError, match="unknown record set"):
+    options_lib.Options(by_task={"stage3": {"fov_mask": True}})
+  with pytest.raises(ValueError, match="intensity"):
+    options_lib.Options(intensity="hu")

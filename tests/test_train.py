@@ -147,6 +147,29 @@ def test_schedule_warmup_and_cosine():
   assert float(s(5)) == pytest.approx(5e-4)
 
 
+def test_schedule_cosine_with_warm_restarts_as_torch_steps_it_per_epoch():
+  # torch's CosineAnnealingWarmRestarts(T_0=5, eta_min=1e-6) stepped once an epoch (the seed):
+  # epoch e runs at eta_min + (lr - eta_min) (1 + cos(pi (e mod 5) / 5)) / 2, restarting at 5, 10.
+  lr, eta_min, per_epoch = 1e-4, 1e-6, 7
+  s = steps.make_schedule(lr, 15 * per_epoch, 0, kind="cosine_restarts", steps_per_epoch=per_epoch,
+                          restart_epochs=5, min_lr=eta_min)
+  curve = np.array([float(s(t)) for t in range(15 * per_epoch)]).reshape(15, per_epoch)
+  assert (curve == curve[:, :1]).all()  # one rate per epoch
+  want = eta_min + (lr - eta_min) * (1 + np.cos(np.pi * (np.arange(15) % 5) / 5)) / 2
+  np.testing.assert_allclose(curve[:, 0], want, rtol=1e-6)
+  assert curve[0, 0] == pytest.approx(lr) and curve[5, 0] == pytest.approx(lr)  # restarts
+  assert curve[4, 0] == pytest.approx(eta_min + (lr - eta_min) * (1 + np.cos(0.8 * np.pi)) / 2)
+  # Moving every step instead: the cosine reaches down to eta_min at the end of each cycle.
+  smooth = steps.make_schedule(lr, 100, 0, kind="cosine_restarts", steps_per_epoch=10,
+                               restart_epochs=2, min_lr=eta_min, per_epoch=False)
+  assert float(smooth(10)) == pytest.approx((lr + eta_min) / 2, rel=1e-5)
+  assert float(smooth(19)) < 2e-6 and float(smooth(20)) == pytest.approx(lr)
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    steps.make_schedule(lr, 100, 0, kind="cosine_restarts")
+  with pytest.raises(ValueError, match="unknown schedule"):
+    steps.make_schedule(lr, 100, 0, kind="step")
+
+
 def _records(tmp_path, n=42):
   return write_task_shards(tmp_path / "records", "stage2", n, size=16)
 

@@ -5,7 +5,10 @@ per-slice boxes over the range, restricted to the slices where no vertebra above
 called present (the vertebra above reaches down into this one's top slices with its arch and
 spinous process and would widen it, while the one below starts inside this one's outline), then
 combined, smoothed and calibrated as ``localize.boxes`` says; the confidence is the mean presence
-over the range (absent: 1 - the peak probability).
+over the range (absent: 1 - the peak probability). ``box_rule="study"`` is the seed's instead: one
+box for the whole study, the union of the boxes of every slice where some vertebra's value
+exceeds the threshold, given to each located vertebra (stage 2 then crops it square,
+``pp.options.Options.square_crop``).
 
 Found or only placed: ``require_all`` and the template place all seven vertebrae in any series, a
 chest CT included. A study is *found* when some located vertebra's confidence reaches the
@@ -30,6 +33,7 @@ from cspine_jax.localize import ranges as ranges_lib
 Stage1Fn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+BOX_RULES = ("vertebra", "study")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,11 @@ class Rules:
   box_offsets: boxes_lib.BoxOffsets | None = None
   # Gaussian smoothing of the per-slice boxes along the slices, sigma = this x the C1..C7 span.
   box_smoothing: float = 0.0
+  # "vertebra": a box per vertebra over its range; "study": one box per study (the seed's).
+  box_rule: str = "vertebra"
+  # decode="rolling": the centred window and the fewest slices inside the series it needs.
+  rolling_window: int = 5
+  rolling_min_periods: int = 3
 
   def __post_init__(self):
     if self.decode not in ranges_lib.DECODERS:
@@ -63,6 +72,11 @@ class Rules:
     if not 0.0 <= self.box_smoothing <= 1.0:
       raise ValueError(f"box_smoothing must be in [0, 1] (of the C1..C7 span), got "
                        f"{self.box_smoothing}")
+    if self.box_rule not in BOX_RULES:
+      raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
+    if not 1 <= self.rolling_min_periods <= self.rolling_window:
+      raise ValueError(f"rolling needs 1 <= min_periods <= window, got {self.rolling_min_periods}, "
+                       f"{self.rolling_window}")
 
 
 def derive(
@@ -96,6 +110,9 @@ def derive(
     if rules.template is None:
       raise ValueError('decode="template" needs Rules.template (label_dataset fits it from masks)')
     runs = ranges_lib.template_ranges(presence, rules.template, rules.threshold)
+  elif rules.decode == "rolling":
+    runs = ranges_lib.rolling_ranges(presence, rules.threshold, rules.rolling_window,
+                                     rules.rolling_min_periods)
   else:
     runs = [ranges_lib.longest_run(called[:, v], presence[:, v]) for v in range(NUM_VERTEBRAE)]
   if rules.decode != "threshold":
@@ -107,6 +124,10 @@ def derive(
   if rules.box_smoothing > 0 and located:
     span = max(r[1] for r in located) - min(r[0] for r in located) + 1
     boxes = boxes_lib.smooth_boxes(boxes, rules.box_smoothing * span)
+  study_box = None
+  if rules.box_rule == "study":
+    shown = (presence > rules.threshold).any(axis=1)
+    study_box = boxes_lib.combine_boxes(boxes[shown], rules.box_quantile)
   out = []
   for v in range(NUM_VERTEBRAE):
     run = runs[v]
@@ -115,11 +136,14 @@ def derive(
       continue
     first, last = run
     span = slice(first, last + 1)
-    below_nothing_above = ~called[span, :v].any(axis=1)
-    chosen = boxes[span][below_nothing_above] if below_nothing_above.any() else boxes[span]
-    if not boxes_lib.valid_boxes(np.clip(chosen, 0, 1)).any():
-      chosen = boxes[span]
-    box = boxes_lib.combine_boxes(chosen, rules.box_quantile)
+    if study_box is not None:
+      box = study_box
+    else:
+      below_nothing_above = ~called[span, :v].any(axis=1)
+      chosen = boxes[span][below_nothing_above] if below_nothing_above.any() else boxes[span]
+      if not boxes_lib.valid_boxes(np.clip(chosen, 0, 1)).any():
+        chosen = boxes[span]
+      box = boxes_lib.combine_boxes(chosen, rules.box_quantile)
     if rules.box_offsets is not None:
       box = boxes_lib.offset_box(box, rules.box_offsets[v])
     out.append(

@@ -15,6 +15,10 @@
 * ``threshold``: the slices whose probability reaches the threshold; of their contiguous runs the
   longest wins (ties: the larger summed probability), so a stray confident slice cannot stretch
   the range. No slice over the threshold: absent.
+* ``rolling`` (the seed's ``window_range``): each vertebra's per-slice value averaged over a
+  centred window of 5 slices (at least 3 of them inside the series, pandas' rolling mean); the
+  range runs from the first to the last slice whose mean exceeds the threshold (0.3 in the seed,
+  on its regressed area ratios). None over it: absent.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 from cspine_jax import labels as labels_lib
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
-DECODERS = ("ordered", "template", "threshold")
+DECODERS = ("ordered", "template", "threshold", "rolling")
 # A vertebra layout: per vertebra (start, end) as fractions of the C1-top..C7-bottom span.
 Template = tuple[tuple[float, float], ...]
 
@@ -146,3 +150,30 @@ def template_ranges(presence: np.ndarray, template: Template, threshold: float =
     if score[i] > best_score:
       best_score, best = float(score[i]), (first[i], last[i])
   return [(int(a), int(b)) for a, b in zip(*best)]
+
+
+def rolling_mean(values: np.ndarray, window: int = 5, min_periods: int = 3) -> np.ndarray:
+  """(S, ...) -> the centred rolling mean along axis 0 as pandas' ``rolling(window,
+  min_periods, center=True).mean()``: slices i - window // 2 .. + window - 1, those inside the
+  series averaged, NaN where fewer than ``min_periods`` are."""
+  v = np.asarray(values, np.float64)
+  s = v.shape[0]
+  cum = np.concatenate([np.zeros((1,) + v.shape[1:]), np.cumsum(v, axis=0)])
+  lo = np.clip(np.arange(s) - window // 2, 0, s)
+  hi = np.clip(np.arange(s) - window // 2 + window, 0, s)
+  count = (hi - lo).reshape((s,) + (1,) * (v.ndim - 1))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = (cum[hi] - cum[lo]) / count
+  return np.where(count >= min_periods, mean, np.nan)
+
+
+def rolling_ranges(presence: np.ndarray, threshold: float = 0.3, window: int = 5,
+                   min_periods: int = 3) -> list[tuple[int, int] | None]:
+  """Per vertebra (first, last) of the slices whose :func:`rolling_mean` exceeds ``threshold``
+  (module docstring, ``rolling``), or None."""
+  mean = rolling_mean(presence, window, min_periods)
+  out: list[tuple[int, int] | None] = []
+  for v in range(mean.shape[1]):
+    over = np.flatnonzero(np.nan_to_num(mean[:, v], nan=-np.inf) > threshold)
+    out.append((int(over[0]), int(over[-1])) if len(over) else None)
+  return out

@@ -13,7 +13,9 @@ dict):
   in_chans           encoder input channels (default 3; cnn3d default 1)
   stage2:            lstm_hidden (None = encoder width), lstm_layers (1), attention_hidden,
                      vertebra_embedding (0 = off), dropout (0.0)
-  stage1, box_refine: dropout
+  stage1:            dropout, head ("presence": presence + area + box heads; "ratio": the
+                     seed's one linear layer, box and area ratios)
+  box_refine:        dropout
   single/multi_head: head_hidden (multi only), dropout
   cnn3d:             channels ((32, 64, 128)), hidden ((256,)), dropout (0.3)
 """
@@ -102,7 +104,8 @@ def make_model(cfg: Mapping[str, Any], *, rngs: nnx.Rngs,
                                 vertebra_embedding=_get(cfg, "vertebra_embedding", 0),
                                 dropout=dropout, rngs=rngs)
   if name == "stage1":
-    return stage1.Stage1Model(encoder, dropout=dropout, rngs=rngs)
+    return stage1.Stage1Model(encoder, dropout=dropout, head=_get(cfg, "head", "presence"),
+                              rngs=rngs)
   if name == "box_refine":
     return box_refine.BoxRefiner(encoder, dropout=dropout, rngs=rngs)
   heads = "single" if name == "single_head" else "multi"

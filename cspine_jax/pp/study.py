@@ -1,7 +1,8 @@
 """One study read for preprocessing: its series (and aligned mask), its vertebrae and labels.
 
 A study is read once (``io.dicom.read_series``, plus ``io.nifti.load_mask`` when it has a
-segmentation), windowed (and resized) slice by slice as it is decoded when the options say so
+segmentation), mapped to uint8 (window or per-slice min-max; and resized) slice by slice as it is
+decoded when the options say so
 (:func:`load`). Its vertebrae come from the mask, or from the ``--vertebrae`` file's stage-1
 predictions (:func:`extents`). Everything a worker process needs travels in a small picklable
 :class:`StudyInput`; the arrays never cross process boundaries.
@@ -56,33 +57,42 @@ class Extent:
 class Loaded:
   """A study read from disk: the series and, when requested and available, its aligned mask.
 
-  window: the (level, width) the reader already applied (``series.volume`` is then uint8), or
-  None when the volume holds HU.
+  window: the intensity map the reader already applied (``series.volume`` is then uint8): the
+  window's (level, width), or "minmax" (:func:`intensity_key`); None when the volume holds HU.
   planes: the (H, W) the reader resized every windowed slice to (``series.volume`` then holds
   :class:`SliceImager`'s uint8 images; ``series.shape`` is still the DICOM grid), or None.
   """
   study: StudyInput
   series: dicom.Series
   mask: np.ndarray | None
-  window: tuple[float, float] | None = None
+  window: tuple[float, float] | str | None = None
   planes: tuple[int, int] | None = None
+
+
+def intensity_key(options: options_lib.Options) -> tuple[float, float] | str:
+  """How ``options`` map CT values to uint8: the window's (level, width), or "minmax"."""
+  if options.intensity == "minmax":
+    return "minmax"
+  return (options.window_level, options.window_width)
 
 
 def load(study: StudyInput, *, with_mask: bool, options: options_lib.Options | None = None,
          planes: bool = False) -> Loaded:
   """Reads the series (and the mask when ``with_mask`` and the study has one).
 
-  With ``options`` the volume is read already windowed (uint8, options' window), each slice while
-  it is hot in cache: a quarter of the memory and no second pass over a float32 volume. With
-  ``planes`` too, each slice is also resized to ``options.image_size`` as it is read
-  (:class:`SliceImager`: what :func:`slice_images` needs, a twentieth of the memory).
+  With ``options`` the volume is read already mapped to uint8 (options' window, or each slice's
+  min-max), each slice while it is hot in cache: a quarter of the memory and no second pass over a
+  float32 volume. With ``planes`` too, each slice is also resized to ``options.image_size`` as it
+  is read (:class:`SliceImager`: what :func:`slice_images` needs, a twentieth of the memory).
   """
-  win = None if options is None else (options.window_level, options.window_width)
+  win = None if options is None else intensity_key(options)
   if planes and options is None:
     raise ValueError("load(planes=True) needs the options (window and image size)")
   map_hu = None
   if planes:
     map_hu = image_lib.SliceImager(options)
+  elif win == "minmax":
+    map_hu = image_lib.minmax  # the reader hands one whole slice at a time
   elif win is not None:
     map_hu = functools.partial(image_lib.window, level=win[0], width=win[1])
   series = dicom.read_series(study.image_dir, warn=False, map_hu=map_hu)
@@ -97,15 +107,26 @@ def load(study: StudyInput, *, with_mask: bool, options: options_lib.Options | N
 
 
 def windowed(volume: np.ndarray, options: options_lib.Options,
-             applied: tuple[float, float] | None = None) -> np.ndarray:
-  """``volume`` (or a crop of it) in options' window as uint8: windowed here when it holds HU,
-  returned as is when ``applied`` (``Loaded.window``) says the reader applied that window."""
-  wanted = (options.window_level, options.window_width)
+             applied: tuple[float, float] | str | None = None,
+             whole: np.ndarray | None = None) -> np.ndarray:
+  """``volume`` (or a crop of it) as options' uint8 (window or min-max): mapped here when it holds
+  HU (min-max over the slices of ``whole`` when ``volume`` is a crop of them), returned as is when
+  ``applied`` (``Loaded.window``) says the reader applied that map."""
+  wanted = intensity_key(options)
   if applied is None:
-    return image_lib.window(volume, *wanted)
-  if tuple(applied) != wanted:
-    raise StudyError(f"volume was read in window {tuple(applied)}, the options ask for {wanted}")
+    return image_lib.to_uint8(volume, options, whole)
+  if _key(applied) != wanted:
+    raise StudyError(f"volume was read in {_describe(applied)}, the options ask for "
+                     f"{_describe(wanted)}")
   return volume
+
+
+def _key(applied: tuple[float, float] | str) -> tuple[float, float] | str:
+  return applied if isinstance(applied, str) else tuple(applied)
+
+
+def _describe(key: tuple[float, float] | str) -> str:
+  return "per-slice min-max" if key == "minmax" else f"window {tuple(key)}"
 
 
 def slice_images(loaded: Loaded, options: options_lib.Options) -> np.ndarray:
@@ -115,12 +136,12 @@ def slice_images(loaded: Loaded, options: options_lib.Options) -> np.ndarray:
   same :class:`SliceImager`: the same bytes either way (training records and inference agree).
   """
   volume = loaded.series.volume
-  wanted = (options.window_level, options.window_width)
+  wanted = intensity_key(options)
   if loaded.planes is not None:
     if loaded.window != wanted or tuple(loaded.planes) != options.image_size:
       raise StudyError(f"{loaded.series.folder}: slices were read as {loaded.planes} images in "
-                       f"window {loaded.window}, the options ask for {options.image_size} in "
-                       f"window {wanted}")
+                       f"{_describe(loaded.window)}, the options ask for {options.image_size} "
+                       f"in {_describe(wanted)}")
     planes = volume
   elif loaded.window is None:
     imager = image_lib.SliceImager(options)

@@ -1,10 +1,15 @@
-"""Deterministic stratified K-fold split, grouped by study.
+"""Deterministic K-fold splits, grouped by study.
 
 Every record of a study carries the study's fold, so a study never straddles train and validation
-(the grouping the method asks for, GroupKFold on StudyInstanceUID). Studies are stratified on
-patient_overall so every fold sees the same share of fractured patients. The split depends only on
-the set of study ids, their strata, ``num_folds`` and ``seed``: not on row order, not on the library
-version (no sklearn shuffling), so every record set of one data folder agrees on the folds.
+(the grouping the method asks for, GroupKFold on StudyInstanceUID).
+
+* :func:`assign_folds` (``Options.fold_method="stratified"``): studies stratified on
+  patient_overall so every fold sees the same share of fractured patients.
+* :func:`group_k_fold` (``"group"``, the seed's): sklearn's ``GroupKFold`` (no shuffle): the
+  heaviest study first, each to the fold with the fewest rows so far.
+
+Both depend only on the study ids and their strata or weights, ``num_folds`` (and ``seed``): not
+on row order, not on the library version, so the record sets split from the same population agree.
 """
 from __future__ import annotations
 
@@ -35,3 +40,23 @@ def assign_folds(strata: Mapping[str, int], num_folds: int = 5, seed: int = 0) -
 def fold_counts(folds: Mapping[str, int], num_folds: int) -> list[int]:
   """Number of studies per fold."""
   return np.bincount(np.asarray(list(folds.values()), np.int64), minlength=num_folds).tolist()
+
+
+def group_k_fold(weights: Mapping[str, int], num_folds: int = 5) -> dict[str, int]:
+  """``{uid: rows}`` -> ``{uid: fold}`` as sklearn's GroupKFold(num_folds) splits rows grouped by
+  uid: groups by decreasing weight (equal weights: the later uid first, as its stable sort
+  reversed), each to the fold holding the fewest rows so far (ties: the lowest fold)."""
+  if num_folds < 1:
+    raise ValueError(f"num_folds must be >= 1, got {num_folds}")
+  uids = sorted(weights)
+  if len(uids) < num_folds:
+    raise ValueError(f"GroupKFold needs at least {num_folds} studies (one per fold), got "
+                     f"{len(uids)}")
+  sizes = np.asarray([int(weights[u]) for u in uids], np.int64)
+  load = np.zeros(num_folds, np.int64)
+  folds: dict[str, int] = {}
+  for i in np.argsort(sizes, kind="stable")[::-1]:
+    k = int(np.argmin(load))
+    load[k] += sizes[i]
+    folds[uids[i]] = k
+  return folds

@@ -59,8 +59,10 @@ class PrepareError(ValueError):
 class Plan:
   """Everything decided before any study is read: the studies, their folds, the run's identity.
 
-  ``folds`` covers every train.csv study (all record sets of a folder agree on it); ``studies``
-  only those the task uses.
+  ``options`` are the task's own (``Options.for_task``). ``folds`` covers the population the task
+  is split over: every train.csv study for the stratified split (all record sets of a folder
+  agree on it); for the group split the segmented studies (stage1, box_refine: both split alike)
+  or every study (the others). ``studies`` only those the task uses.
   """
   task: str
   data_dir: pathlib.Path
@@ -101,13 +103,24 @@ def _sha256(path: str | os.PathLike) -> str:
   return h.hexdigest()
 
 
+# Record sets of the segmented studies: under the group split they are split among themselves
+# (by their slices, as the seed splits stage 1's rows), apart from the sets of every study.
+SEGMENTED_TASKS = ("stage1", "box_refine")
+
+
 def make_plan(data_dir: str | os.PathLike,
               task: str,
               options: options_lib.Options,
               vertebrae_file: str | os.PathLike | None = None) -> Plan:
-  """Reads the CSVs (UIDs validated before they become paths), assigns folds, lists the studies."""
+  """Reads the CSVs (UIDs validated before they become paths), assigns folds, lists the studies;
+  ``options`` become the task's own (their ``by_task`` fields applied)."""
   if task not in TASKS:
     raise PrepareError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+  options = options.for_task(task)
+  if task == "box_refine" and options.intensity != "window":
+    # Its inputs are windowed where inference makes them (infer.pseudo_labels, infer.predict).
+    raise PrepareError("box_refine records need intensity='window' (the box refiner's inference "
+                       f"windows its crops), got {options.intensity!r}")
   data_dir = pathlib.Path(data_dir).resolve()
   train_csv = data_dir / "train.csv"
   if not train_csv.is_file():
@@ -115,8 +128,8 @@ def make_plan(data_dir: str | os.PathLike,
   train = labels_lib.read_train_csv(train_csv)
   uids = [labels_lib.check_uid(u) for u in train["StudyInstanceUID"]]
   targets = train[list(labels_lib.TARGETS)].to_numpy(np.int64)
-  folds = folds_lib.assign_folds(dict(zip(uids, targets[:, 0].tolist())), options.num_folds,
-                                 options.fold_seed)
+  paths = {uid: study_lib.study_paths(data_dir, uid) for uid in uids}
+  folds = split(task, options, uids, targets[:, 0].tolist(), paths)
   box_numbers: dict[str, list[int]] = {}
   boxes_csv = data_dir / "train_bounding_boxes.csv"
   if boxes_csv.is_file():
@@ -126,20 +139,43 @@ def make_plan(data_dir: str | os.PathLike,
   located = vertebrae_lib.read_vertebrae(vertebrae_file) if vertebrae_file else {}
   studies = []
   for uid, row in sorted(zip(uids, targets.tolist())):
-    image_dir, mask = study_lib.study_paths(data_dir, uid)
+    image_dir, mask = paths[uid]
     studies.append(study_lib.StudyInput(
-        uid=uid, image_dir=image_dir, mask_path=mask, fold=folds[uid], labels=tuple(row),
+        uid=uid, image_dir=image_dir, mask_path=mask, fold=folds.get(uid, -1), labels=tuple(row),
         vertebrae=located.get(uid), fracture_numbers=tuple(sorted(set(box_numbers.get(uid, ()))))))
   skipped = {s.uid: r for s in studies if (r := TASKS[task].skip_reason(s)) is not None}
   studies = [s for s in studies if s.uid not in skipped]
+  unsplit = [s.uid for s in studies if s.fold < 0]
+  if unsplit:  # the task uses a study outside the population it was split over
+    raise PrepareError(f"{task}: {len(unsplit)} studies have no fold ({', '.join(unsplit[:3])})")
   return Plan(task, data_dir, options, studies, folds, skipped,
               None if vertebrae_file is None else str(vertebrae_file),
               None if vertebrae_file is None else _sha256(vertebrae_file))
 
 
+def split(task: str, options: options_lib.Options, uids: Sequence[str],
+          overall: Sequence[int], paths: dict[str, tuple[str, str | None]]) -> dict[str, int]:
+  """``{uid: fold}`` by ``options.fold_method`` (see ``Options``): stratified on patient_overall
+  over every study, or GroupKFold over the task's population (the segmented studies weighted by
+  their slice files for SEGMENTED_TASKS, else every study alike: the seed's stage-2 rows are one
+  per located vertebra, seven for nearly every study)."""
+  if options.fold_method == "stratified":
+    return folds_lib.assign_folds(dict(zip(uids, overall)), options.num_folds, options.fold_seed)
+  if task in SEGMENTED_TASKS:
+    weights = {u: _num_files(paths[u][0]) for u in uids if paths[u][1] is not None}
+  else:
+    weights = dict.fromkeys(uids, 1)
+  try:
+    return folds_lib.group_k_fold(weights, options.num_folds)
+  except ValueError as e:
+    raise PrepareError(f"{task}: {e}") from e
+
+
 def records_of(task: str, study: study_lib.StudyInput, options: options_lib.Options):
-  """The records of one study for ``task`` (a generator; raises when the study cannot be used)."""
-  return TASKS[task].process(study, options)
+  """The records of one study for ``task`` (a generator; raises when the study cannot be used),
+  made with the task's own options (``Options.for_task``: the same whether or not the caller
+  resolved them, as the Beam and TFDS builders do not)."""
+  return TASKS[task].process(study, options.for_task(task))
 
 
 def shard_name(uid: str) -> str:

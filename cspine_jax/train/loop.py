@@ -80,12 +80,7 @@ def make_data(config: ml_collections.ConfigDict, records_dir: pathlib.Path, fold
 
 
 def _augment(config) -> augment_lib.AugmentOptions | None:
-  aug = config.input.augment
-  if not aug.enabled:
-    return None
-  return augment_lib.AugmentOptions(max_rotation_deg=aug.max_rotation_deg, flip_prob=aug.flip_prob,
-                                  coarse_slices_prob=aug.coarse_slices_prob,
-                                  coarse_slices=tuple(aug.coarse_slices))
+  return augment_lib.from_config(config.input.augment)
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -125,16 +120,24 @@ def build_model(config: ml_collections.ConfigDict, seed: int, fold: int | None =
 
 
 def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed: int,
-                 model: nnx.Module | None = None, fold: int | None = None) -> steps_lib.Trainer:
+                 model: nnx.Module | None = None, fold: int | None = None,
+                 steps_per_epoch: int | None = None) -> steps_lib.Trainer:
   """The model (built from ``seed`` unless given), AdamW + schedule, and the steps; the train step
-  augments as ``config.input.augment`` says, its draws keyed by ``seed`` and the step."""
+  augments as ``config.input.augment`` says, its draws keyed by ``seed`` and the step.
+  ``steps_per_epoch``: what an epoch of ``optimizer.restart_epochs`` is (cosine_restarts)."""
   opt = config.optimizer
   warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(opt.warmup_fraction * total_steps)
-  schedule = steps_lib.make_schedule(opt.lr, total_steps, warmup, opt.end_factor)
+  schedule = steps_lib.make_schedule(
+      opt.lr, total_steps, warmup, opt.end_factor, kind=opt.get("schedule", "warmup_cosine"),
+      steps_per_epoch=steps_per_epoch, restart_epochs=opt.get("restart_epochs", 5),
+      min_lr=opt.get("min_lr", 1e-6), per_epoch=opt.get("per_epoch", True))
   tx = steps_lib.make_tx(schedule, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
                          b1=opt.b1, b2=opt.b2)
-  task = tasks_lib.get(config.task, box_loss=config.loss.box, box_weight=config.loss.box_weight,
-                       presence_pos_weight=config.loss.get("presence_pos_weight", 1.0))
+  loss = config.loss
+  task = tasks_lib.get(config.task, box_loss=loss.box, box_weight=loss.box_weight,
+                       presence_pos_weight=loss.get("presence_pos_weight", 1.0),
+                       ratio_weight=loss.get("ratio_weight", 0.5),
+                       positive_weight=loss.get("positive_weight", None))
   if model is None:
     model = build_model(config, seed, fold, devices=list(mesh.devices.flat))
   trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding,
@@ -260,7 +263,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   tc = config.train
   total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * data.steps_per_epoch
   seed = config.seed + fold + MEMBER_SEED_STRIDE * member
-  trainer = make_trainer(config, total_steps, mesh, seed, fold=fold)
+  trainer = make_trainer(config, total_steps, mesh, seed, fold=fold,
+                         steps_per_epoch=data.steps_per_epoch)
   loader = loader_lib.make_loader(data.train, config.task, batch_size=data.local_batch, train=True,
                                  seed=seed, workers=config.input.workers)
   it = iter(loader)

@@ -1,10 +1,13 @@
 """Training losses on logits, weighted like the competition metric (metrics.py holds the weights).
 
-* stage 2 (one vertebra per sample): BCE weighted 1 for a negative, 2 for a positive vertebra.
+* stage 2 (one vertebra per sample): BCE weighted 1 for a negative, 2 for a positive vertebra (or
+  another positive weight: the seed's weighted BCE normalises each sample by its own weight, so
+  with one target per sample it is the plain BCE, a positive weight of 1).
 * 3D CNN and the 2D slice models: 8 targets (patient_overall, C1..C7) with the metric's 7/14 and
   1/2 weights (``metrics.weighted_mean``), averaged over the batch.
 * stage 1: BCE on the 7 presence targets (positives optionally up-weighted) + L1 / smooth-L1 on
-  the normalised box for the slices that show any vertebra.
+  the normalised box for the slices that show any vertebra; or the seed's: L1 on the box of the
+  images with an area ratio above 0.5 and L1 on the 7 ratios (:func:`ratio_l1`).
 All losses take an optional per-sample ``mask`` (0 for padding rows) and run under jit.
 """
 from __future__ import annotations
@@ -27,10 +30,13 @@ def bce(logits: Array, labels: Array) -> Array:
   return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32))
 
 
-def vertebra_bce(logits: Array, labels: Array, mask: Array | None = None) -> Array:
-  """Per-vertebra samples: BCE weighted like the metric's vertebra targets (1 neg / 2 pos)."""
+def vertebra_bce(logits: Array, labels: Array, mask: Array | None = None,
+                 positive_weight: float | None = None) -> Array:
+  """Per-vertebra samples: BCE weighted like the metric's vertebra targets (1 neg / 2 pos), or 1
+  for a negative and ``positive_weight`` for a positive."""
   labels = labels.astype(jnp.float32)
-  w = metrics.NEGATIVE_WEIGHTS[1] + labels * (metrics.POSITIVE_WEIGHTS[1] - metrics.NEGATIVE_WEIGHTS[1])
+  pos = metrics.POSITIVE_WEIGHTS[1] if positive_weight is None else positive_weight
+  w = metrics.NEGATIVE_WEIGHTS[1] + labels * (pos - metrics.NEGATIVE_WEIGHTS[1])
   if mask is not None:
     w = w * mask
   return _masked_mean(bce(logits, labels), w)
@@ -62,6 +68,12 @@ def box_loss(pred: Array, target: Array, weight: Array, kind: str = "smooth_l1",
   else:
     raise ValueError(f"unknown box loss {kind!r}; expected 'l1' or 'smooth_l1'")
   return _masked_mean(jnp.mean(per, axis=-1), weight)
+
+
+def ratio_l1(pred: Array, target: Array, mask: Array | None = None) -> Array:
+  """Mean absolute error over (B, 7) area ratios (the seed regresses them without a sigmoid)."""
+  per = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+  return _masked_mean(per, jnp.ones_like(per) if mask is None else mask)
 
 
 def presence_bce(logits: Array, labels: Array, mask: Array | None = None,

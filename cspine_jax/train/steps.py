@@ -26,9 +26,37 @@ from cspine_jax.train import sharding as sharding_lib
 from cspine_jax.train.tasks import Task
 
 
-def make_schedule(lr: float, total_steps: int, warmup_steps: int, end_factor: float = 0.0
-                  ) -> optax.Schedule:
-  """Linear warmup to ``lr`` then cosine decay to ``lr * end_factor`` at ``total_steps``."""
+SCHEDULES = ("warmup_cosine", "cosine_restarts")
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int, end_factor: float = 0.0, *,
+                  kind: str = "warmup_cosine", steps_per_epoch: int | None = None,
+                  restart_epochs: float = 5, min_lr: float = 1e-6,
+                  per_epoch: bool = True) -> optax.Schedule:
+  """The learning rate of each optimizer step.
+
+  ``"warmup_cosine"``: linear warmup to ``lr`` then cosine decay to ``lr * end_factor`` at
+  ``total_steps``. ``"cosine_restarts"`` (torch's CosineAnnealingWarmRestarts, T_mult 1, the
+  seed's): a cosine from ``lr`` to ``min_lr`` over ``restart_epochs`` epochs of
+  ``steps_per_epoch`` steps, then from ``lr`` again; ``per_epoch`` holds each epoch's rate for
+  all its steps, as the seed steps its scheduler once an epoch (else it moves every step).
+  """
+  if kind == "cosine_restarts":
+    if not steps_per_epoch or steps_per_epoch < 1 or restart_epochs <= 0:
+      raise ValueError("cosine_restarts needs steps_per_epoch >= 1 and restart_epochs > 0, got "
+                       f"{steps_per_epoch}, {restart_epochs}")
+    period = float(restart_epochs) * steps_per_epoch
+
+    def restarts(step):
+      t = jnp.asarray(step, jnp.float32)
+      if per_epoch:
+        t = jnp.floor(t / steps_per_epoch) * steps_per_epoch
+      phase = jnp.mod(t, period) / period
+      return min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * phase))
+
+    return restarts
+  if kind != "warmup_cosine":
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
   total_steps = max(int(total_steps), 1)
   warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
   return optax.warmup_cosine_decay_schedule(

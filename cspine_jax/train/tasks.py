@@ -8,7 +8,8 @@ per-study wide frame scored by ``metrics.competition_loss``.
 Model outputs accepted (``models.make_model``): stage 2 ``(B,)``/``(B, 1)`` logits; 3D CNN ``(B, 8)``
 logits; slice models a dict with ``presence`` (or ``vertebra``) (B, 7) and ``fracture`` (B, 7 or 8)
 logits, or a ``(B, 14)`` array (presence then fracture); stage 1 a dict with ``presence`` (B, 7)
-logits, ``box`` (B, 4) normalised box and optionally ``area_logits`` (or ``area`` as logits).
+logits, ``box`` (B, 4) normalised box and optionally ``area_logits`` (or ``area`` as logits), or
+the seed's head: ``box`` (B, 4) and ``ratio`` (B, 7), both regressed as they are.
 """
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ def _stage2_logits(outputs: Any) -> Array:
   return z.reshape(z.shape[0])
 
 
-def _stage2_loss(outputs, batch, mask):
+def _stage2_loss(outputs, batch, mask, positive_weight: float | None = None):
   z = _stage2_logits(outputs)
-  loss = losses.vertebra_bce(z, batch["label"], mask)
+  loss = losses.vertebra_bce(z, batch["label"], mask, positive_weight)
   return loss, {"loss": loss}
 
 
@@ -153,7 +154,9 @@ def _stage1_outputs(outputs: Any) -> dict[str, Array]:
 
 
 def _stage1_loss(outputs, batch, mask, box_kind: str = "smooth_l1", box_weight: float = 1.0,
-                 presence_pos_weight: float = 1.0):
+                 presence_pos_weight: float = 1.0, ratio_weight: float = 0.5):
+  if isinstance(outputs, Mapping) and "ratio" in outputs:
+    return _stage1_ratio_loss(outputs, batch, mask, box_kind, box_weight, ratio_weight)
   out = _stage1_outputs(outputs)
   presence = losses.presence_bce(out["presence"], batch["presence"], mask, presence_pos_weight)
   shown = (jnp.max(batch["presence"], axis=-1) > 0).astype(jnp.float32) * mask
@@ -170,7 +173,22 @@ def _stage1_loss(outputs, batch, mask, box_kind: str = "smooth_l1", box_weight: 
   return loss, metrics_
 
 
+def _stage1_ratio_loss(outputs, batch, mask, box_kind: str, box_weight: float,
+                       ratio_weight: float):
+  """The seed's stage-1 loss ("box_ratio"): ``box_weight`` x the box loss over the images whose
+  largest area ratio exceeds 0.5 + ``ratio_weight`` x the L1 of the seven ratios."""
+  shown = (jnp.max(batch["area"], axis=-1) > 0.5).astype(jnp.float32) * mask
+  box = losses.box_loss(outputs["box"], batch["box"], shown, box_kind)
+  ratio = losses.ratio_l1(outputs["ratio"], batch["area"], mask)
+  loss = box_weight * box + ratio_weight * ratio
+  return loss, {"box_loss": box, "ratio_l1": ratio, "loss": loss}
+
+
 def _stage1_predict(outputs):
+  if isinstance(outputs, Mapping) and "ratio" in outputs:
+    # The seed's rule: its regressed ratios stand for presence, clipped like the boxes.
+    return {"presence_prob": jnp.clip(outputs["ratio"].astype(jnp.float32), 0.0, 1.0),
+            "box_pred": jnp.clip(outputs["box"].astype(jnp.float32), 0.0, 1.0)}
   out = _stage1_outputs(outputs)
   return {"presence_prob": jax.nn.sigmoid(out["presence"].astype(jnp.float32)),
           "box_pred": out["box"].astype(jnp.float32)}
@@ -202,15 +220,21 @@ TASKS = {t.name: t for t in (STAGE1, STAGE2, CNN3D, SLICES2D, BOX_REFINE)}
 
 
 def get(name: str, *, box_loss: str = "smooth_l1", box_weight: float = 1.0,
-        presence_pos_weight: float = 1.0) -> Task:
-  """The task by name; ``box_loss``/``box_weight`` configure stage 1's box regression and
-  ``presence_pos_weight`` the weight of its positive presence targets."""
+        presence_pos_weight: float = 1.0, ratio_weight: float = 0.5,
+        positive_weight: float | None = None) -> Task:
+  """The task by name; ``box_loss``/``box_weight`` configure stage 1's box regression,
+  ``presence_pos_weight`` the weight of its positive presence targets and ``ratio_weight`` the
+  seed head's ratio L1; ``positive_weight`` stage 2's weight of a fractured vertebra (None: the
+  metric's 2, against 1 for a negative)."""
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
   if name == "stage1":
     return dataclasses.replace(STAGE1, loss=functools.partial(
         _stage1_loss, box_kind=box_loss, box_weight=box_weight,
-        presence_pos_weight=presence_pos_weight))
+        presence_pos_weight=presence_pos_weight, ratio_weight=ratio_weight))
+  if name == "stage2" and positive_weight is not None:
+    return dataclasses.replace(STAGE2, loss=functools.partial(_stage2_loss,
+                                                              positive_weight=positive_weight))
   if name == "box_refine":
     return dataclasses.replace(BOX_REFINE, loss=functools.partial(_box_refine_loss,
                                                                   box_kind=box_loss))
