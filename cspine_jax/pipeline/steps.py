@@ -113,6 +113,13 @@ def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str
     arrow = f"{', '.join(_short(p, workdir) for p in s.inputs) or '-'} -> " \
             f"{', '.join(_short(p, workdir) for p in s.outputs) or '-'}"
     log(f"  {mark:4s} {s.name:18s} {arrow}")
+  done = [s.name for s in steps if s not in todo and rows[s.name]["state"] == "done"]
+  if done:
+    log(f"  ({', '.join(done)}: finished earlier with the same settings; not run again, their "
+        "recorded results stand)")
+  if not todo:
+    log(f"[{prefix}] nothing to run: every step finished earlier with these settings "
+        f"({workdir / STATE_FILE})")
   save()
   start = time.perf_counter()
   for s in todo:
