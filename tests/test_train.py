@@ -223,6 +223,9 @@ def test_distributed_environment_detection():
   assert runtime.lost_processes(RuntimeError(
       "The following tasks are unhealthy (stopped sending heartbeats):\n1\n3\nThe tasks")) == [1, 3]
   assert runtime.lost_processes(RuntimeError("Connection closed by peer [127.0.0.1]:2")) == []
+  assert runtime.lost_processes(RuntimeError(
+      "DEADLINE_EXCEEDED: Barrier timed out. Id: x::0.\n# of tasks that reached the barrier: 2/4.\n"
+      "The first task at the barrier: 0. Some timed out task names:\n1\n3\n\n\nRPC: /x")) == [1, 3]
 
 
 def test_a_rerun_says_where_it_starts():

@@ -255,17 +255,26 @@ def selection_score(scores: dict[str, float], select_by: str) -> float:
 def _process_lost(error: BaseException, workdir: pathlib.Path, step: int,
                   last_good: int | None) -> ProcessLostError:
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  lost = runtime.lost_processes(error)
-  who = (f"JAX process(es) {lost} stopped sending heartbeats (for "
-         f"{runtime.heartbeat_timeout()} s, {runtime.HEARTBEAT_ENV})" if lost else
-         "another process has most likely stopped; the JAX distributed service names it and ends "
-         f"every process within its heartbeat timeout ({runtime.heartbeat_timeout()} s, "
-         f"{runtime.HEARTBEAT_ENV})")
+  heartbeat = runtime.heartbeat_timeout()
+  wait = max(1.0, heartbeat / 2)
+  # Named by the error itself, or by who does not come to a barrier of the survivors (sooner
+  # than the heartbeat timeout, after which the distributed service ends this process).
+  named = runtime.lost_processes(error)
+  lost = named or runtime.missing_processes(wait)
+  s = "es" if len(lost) > 1 else ""
+  if named:
+    who = f"JAX process{s} {', '.join(map(str, lost))} sent no heartbeat for {heartbeat} s"
+  elif lost:
+    who = (f"JAX process{s} {', '.join(map(str, lost))} did not come to a barrier of the others "
+           f"within {wait:g} s (gone, or held in the step by one that is gone)")
+  else:
+    who = "another process has most likely stopped"
   return ProcessLostError(
       f"JAX process {jax.process_index()} of {jax.process_count()} ({workdir}): step {step + 1} "
-      f"could not reach the other processes ({first}): {who}. The last checkpoint is "
-      f"{'step ' + str(last_good) if last_good is not None else 'none'}: run the same command "
-      "on every process again to resume from it")
+      f"could not reach the other processes ({first}): {who}; the JAX distributed service ends "
+      f"every process once one has sent no heartbeat for {heartbeat} s ({runtime.HEARTBEAT_ENV})."
+      f" The last checkpoint is {'step ' + str(last_good) if last_good is not None else 'none'}: "
+      "run the same command on every process again to resume from it")
 
 
 def resume_note(name: str, restored: int | None, total_steps: int, stop_at: int) -> str | None:

@@ -93,14 +93,30 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 def lost_processes(error: BaseException) -> list[int]:
-  """The processes the distributed service declared dead in ``error``'s text (empty when it
-  names none: a collective that lost its peer says only the peer's address)."""
+  """The processes that ``error``'s text names as gone: declared dead by the distributed service
+  or missing at a barrier (empty when it names none: a collective that lost its peer says only
+  the peer's address)."""
   text = str(error)
   found = {int(i) for i in re.findall(r"[Tt]ask (\d+) heartbeat timeout", text)}
-  listed = re.search(r"stopped sending heartbeats\):\s*([\d,\s]+)", text)
-  if listed:
-    found |= {int(i) for i in re.findall(r"\d+", listed.group(1))}
+  for pattern in (r"stopped sending heartbeats\):\s*([\d,\s]+)",
+                  r"[Ss]ome timed out task names:\s*([\d,\s]+)"):
+    listed = re.search(pattern, text)
+    if listed:
+      found |= {int(i) for i in re.findall(r"\d+", listed.group(1))}
   return sorted(found)
+
+
+def missing_processes(timeout_s: float,
+                      name: str = "cspine_jax/after_a_failed_collective") -> list[int]:
+  """After a collective failed: the processes that do not reach the barrier ``name`` within
+  ``timeout_s`` (every process that saw the failure calls this), or those the distributed service
+  declares dead meanwhile; empty when all came. Wait less than the heartbeat timeout: once it has
+  passed, the service ends this process (naming the dead one in its own log line)."""
+  try:
+    _client().wait_at_barrier(name, int(timeout_s * 1000), None)
+  except Exception as e:  # pylint: disable=broad-except  # the barrier's error names who is missing
+    return lost_processes(e)
+  return []
 
 
 def _client():
