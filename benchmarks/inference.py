@@ -10,7 +10,8 @@ timings do not depend on the weights), ``--folds`` copies each as the fold ensem
 The baselines measured in the same run: the decode-only floor (every study read with the same
 readers, nothing else; ``--decode_workers 0,8`` measures each reader count in turn) and the
 host-side stage-1 image building alone; the ratio says how much the models and crops add on top
-of reading the files.
+of reading the files. Last, the hours that rate projects for the RSNA training studies and the
+hidden Kaggle test set on the measured machine.
 """
 from __future__ import annotations
 
@@ -49,6 +50,22 @@ _REFINE_PASSES = flags.DEFINE_integer(
 _DECODE_WORKERS = flags.DEFINE_string(
     "decode_workers", "0", "decoder processes, or a comma list of counts measured in turn (0: "
     "one reader thread)")
+
+# The RSNA 2022 training set (train.csv) and, assumed from the competition's data page, its hidden
+# test set and a scoring notebook's run-time limit.
+TRAIN_STUDIES = 2019
+KAGGLE_TEST_STUDIES = 1500  # assumed ("roughly 1,500"): not verified here
+KAGGLE_HOURS = 9.0  # assumed
+
+
+def projection(seconds_per_study: float, slices: float, how: str) -> str:
+  """The hours ``seconds_per_study`` projects for the training studies and the Kaggle test set."""
+  hours = lambda n: n * seconds_per_study / 3600
+  test = hours(KAGGLE_TEST_STUDIES)
+  return (f"projected at {seconds_per_study:.3f} s/study ({how}, studies of {slices:.0f} slices "
+          f"on average): the {TRAIN_STUDIES:,} training studies {hours(TRAIN_STUDIES):.2f} h; "
+          f"the hidden Kaggle test set (assumed {KAGGLE_TEST_STUDIES:,} studies) {test:.2f} h "
+          f"(assumed limit {KAGGLE_HOURS:.0f} h: {'within' if test <= KAGGLE_HOURS else 'OVER'})")
 
 
 def fresh_models(folds: int, image_size: int, variant: str = "cpu",
@@ -147,10 +164,13 @@ def main(argv) -> int:
           f"stage-1 image building alone (host): {images_s:.3f} s/study")
     print(f"end to end: {total:.3f} s/study; ratio to the decode floor: {total / floor:.2f}x "
           f"({how})")
+    rate = total
     if len(stamps) > first:  # without the readers' start: what a long test set would see
-      print(f"after the first {first} results: "
-            f"{(stamps[-1] - stamps[first - 1]) / (len(stamps) - first):.3f} s/study "
+      rate = (stamps[-1] - stamps[first - 1]) / (len(stamps) - first)
+      print(f"after the first {first} results: {rate:.3f} s/study "
             f"over {len(stamps) - first} studies")
+    print(projection(rate, slices, f"{how}, {jax.devices()[0].device_kind}, "
+                     f"{os.cpu_count()} CPU cores"))
   if tmp is not None:
     tmp.cleanup()
   return 0

@@ -2,13 +2,18 @@
 
     python -m cspine_jax.predict --studies DIR --workdir RUN --out submission.csv
         [--prior train.csv|prior.json] [--top_n 7] [--json_dir D] [--png_dir D] [--batch_size 32]
-        [--decode_workers N] [--series auto|strict|UID] [--noprogress]
+        [--decode_workers N] [--series auto|strict|UID] [--noresume] [--noprogress]
 
 DIR is a ``test_images/`` folder of study folders or one study folder. Writes the long-format
 submission (``row_id,fractured``; 8 rows per study), one JSON per study (probabilities, ranges,
 boxes), ``<out>.errors.json`` listing every study that fell back to the prior (with the reason)
 and, with ``--png_dir``, a picture per study (``cspine_jax.infer.predict``). Exit status 2 when
 the run cannot start (no studies, a bad run folder or prior).
+
+Killed and started again with the same command, it goes on after the studies it finished: their
+JSON files hold their results and the run folder's fingerprint (RUN/inference.json, the
+checkpoints, top-N, the prior, --series), and a study whose JSON is missing, unreadable or from
+another run folder is predicted again; the submission is the one an unbroken run writes.
 """
 import pathlib
 import sys
@@ -47,6 +52,9 @@ _SERIES = flags.DEFINE_string(
     "most axial slices (noted in the study's JSON), 'strict' lets such a study fall back, or a "
     "SeriesInstanceUID")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_RESUME = flags.DEFINE_bool("resume", True, "take the studies whose JSON in --json_dir this run "
+                            "folder and these options already wrote as done (--noresume: "
+                            "predict every study again)")
 
 
 def main(argv) -> int:
@@ -67,7 +75,15 @@ def main(argv) -> int:
     print(f"predict: error: {e}", file=sys.stderr)
     return 2
   json_dir = _JSON_DIR.value or out.with_name(out.stem + "_studies")
-  writers = [predict.json_writer(json_dir)]
+  series_uid = None if _SERIES.value == "strict" else _SERIES.value
+  fingerprint = predict.run_fingerprint(run_dir, top_n=models.top_n, prior=prior,
+                                        series_uid=series_uid)
+  done = predict.finished(folders, json_dir, fingerprint) if _RESUME.value else {}
+  if done:
+    print(f"predict: resuming: {len(done)} of {len(folders)} studies already predicted with "
+          f"this run folder (their JSON in {json_dir}); predicting the other "
+          f"{len(folders) - len(done)}")
+  writers = [predict.json_writer(json_dir, fingerprint)]
   if _PNG_DIR.value:
     writers.append(study_png.png_writer(_PNG_DIR.value))
   workers = _DECODE_WORKERS.value
@@ -80,13 +96,17 @@ def main(argv) -> int:
       decode_workers=predict.default_decode_workers() if workers is None else workers,
       on_study=lambda res, series: [w(res, series) for w in writers],
       progress=_PROGRESS.value,
-      series_uid=None if _SERIES.value == "strict" else _SERIES.value)
+      series_uid=series_uid,
+      done=done)
   paths = predict.write_outputs(result, out)
   unnamed = sum(r.uid is None for r in result.results)
-  fallback = sum(r.uid is not None and r.error is not None for r in result.results)
-  per = {k: v / max(len(folders), 1) for k, v in result.seconds.items()}
+  twice = sum(r.duplicate_of is not None for r in result.results)
+  fallback = sum(r.status == "fallback" and r.uid is not None for r in result.results)
+  per = {k: v / max(len(folders) - len(done), 1) for k, v in result.seconds.items()}
   print(f"predict: {len(folders)} studies ({fallback} fell back to the prior" +
         (f", {unnamed} without a StudyInstanceUID have no rows" if unnamed else "") +
+        (f", {twice} repeating an earlier folder's StudyInstanceUID have no rows" if twice
+         else "") +
         f") -> {paths['submission']}; errors -> {paths['errors']}; per-study JSON -> {json_dir}")
   print("seconds per study: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
   return 0

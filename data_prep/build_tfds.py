@@ -3,7 +3,8 @@
     python -m data_prep.build_tfds --data_dir RSNA --out TFDS_DIR
         --task {stage1,box_refine,stage2,cnn3d,slices2d} [--vertebrae FILE]
         [--image_size 224[,224]] [...the other preprocessing flags of data_prep.prepare...]
-        [--beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"]
+        [--beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,\
+direct_running_mode=multi_processing"]
 
 The same per-study code as ``data_prep.prepare`` (``cspine_jax.records.tfds_builder``); Dataflow,
 Flink or Spark through the runner options. Read it back with

@@ -84,6 +84,34 @@ def test_tfds_beam_build_equals_local(data, tmp_path, task):
   assert isinstance(reopened[0][tfds_builder.pipeline.TASKS[task].KEY_FIELDS[0]], (bytes, str))
 
 
+def test_the_paper_options_build_the_predefined_config_on_two_beam_workers(data, tmp_path):
+  """The README's command with the default (paper) options: they name a predefined config, which
+  TFDS refused to take as a new config object. Built by two Beam worker processes
+  (multi_processing), the decoded records are the local command's."""
+  paper = options_lib.Options()
+  local = pipeline.prepare(data, tmp_path / "local", "stage2", paper, progress=False)
+  assert local["num_records"] > 0
+  want = _multiset(pipeline.read_task(tmp_path / "local", "stage2"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "data_prep.build_tfds", "--data_dir", str(data), "--out",
+       str(tmp_path / "tfds"), "--task", "stage2", "--beam_pipeline_options",
+       "runner=DirectRunner,direct_running_mode=multi_processing,direct_num_workers=2"],
+      capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  version_dir = tmp_path / "tfds" / "cspine_records" / "stage2" / tfds_builder.VERSION
+  assert proc.stdout.strip().splitlines()[-1] == (
+      f"cspine_records/stage2/{tfds_builder.VERSION}: {local['num_records']} examples in "
+      f"{version_dir}")
+  assert proc.stderr.count("Python sdk harness exiting") == 2  # two worker processes ran it
+  source = tfds.builder_from_directory(version_dir).as_data_source()["train"]
+  assert _multiset(source[i] for i in range(len(source))) == want
+  # The library call with no options takes the same predefined config.
+  builder = tfds_builder.build(data, tmp_path / "tfds_lib", "stage2")
+  assert builder.builder_config is tfds_builder.CspineRecords.builder_configs["stage2"]
+  source = builder.as_data_source()["train"]
+  assert _multiset(source[i] for i in range(len(source))) == want
+
+
 def test_plain_beam_pipeline_equals_local_and_resumes(data, tmp_path):
   local = pipeline.prepare(data, tmp_path / "local", "cnn3d", OPTS, progress=False)
   m = beam_lib.build_records(data, tmp_path / "beam", "cnn3d", OPTS,

@@ -385,3 +385,45 @@ def test_bias_add_and_layer_norm_cpu_forms_match_autodiff():
   norm = nnx.LayerNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
   norm.scale[...], norm.bias[...] = s, t
   _close(layers.layer_norm(x, s, t, 1e-6, method="shifted"), norm(x))
+
+
+def _ffi(target, results, *args, stride=(1, 1), padding=(3, 3), **attrs):
+  out = [jax.ShapeDtypeStruct(s, jnp.float32) for s in results]
+  return jax.ffi.ffi_call(target, out)(
+      *args, sh=np.int64(stride[0]), sw=np.int64(stride[1]), ph=np.int64(padding[0]),
+      pw=np.int64(padding[1]), **attrs)
+
+
+def test_native_targets_refuse_shapes_and_strides_they_cannot_run():
+  """The C++ handlers check every extent their loops index by (batch, channels, bias length) and
+  the strides (a divisor) and return an error, where they would read past a buffer or crash."""
+  _load("native")
+  rs = np.random.RandomState(0)
+  x = rs.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  k = rs.standard_normal((7, 7, 4)).astype(np.float32)
+  b = np.zeros(4, np.float32)
+  fwd, norm = "cspine_depthwise_forward", "cspine_depthwise_forward_normalized"
+  igrad, kgrad = "cspine_depthwise_input_grad", "cspine_depthwise_kernel_grad"
+  (y,) = _ffi(fwd, [(2, 8, 8, 4)], x, k, b)  # the shapes that fit run
+  _close(y, layers.depthwise_conv2d(x, k[:, :, None], b, padding=3, method="lax"))
+  empty = np.zeros((0,), np.float32)
+  bad = [
+      (lambda: _ffi(fwd, [(3, 8, 8, 4)], x, k, b), r"forward: want .*got x \(2, 8, 8, 4\).* y \(3"),
+      (lambda: _ffi(fwd, [(2, 8, 8, 4)], x, k, b[:3]), r"bias \(3\)"),
+      (lambda: _ffi(fwd, [(2, 8, 8, 4)], x, k, b, stride=(0, 1)), r"strides > 0.*stride \(0, 1\)"),
+      (lambda: _ffi(fwd, [(2, 8, 8, 4)], x, k, b, padding=(-1, 3)), r"padding \(-1, 3\)"),
+      (lambda: _ffi(norm, [(3, 8, 8, 4), (3, 8, 8)], x, k, b, empty, empty, eps=np.float32(1e-6)),
+       r"forward normalized: want .* y \(3, 8, 8, 4\)"),
+      (lambda: _ffi(norm, [(2, 8, 8, 4), (2, 8, 8)], x, k, np.zeros(9, np.float32), empty, empty,
+                    eps=np.float32(1e-6)), r"forward normalized: .*bias \(9\)"),
+      (lambda: _ffi(norm, [(2, 8, 8, 4), (2, 8, 8)], x, k, b, empty, empty, stride=(1, -2),
+                    eps=np.float32(1e-6)), r"forward normalized: want strides > 0"),
+      (lambda: _ffi(igrad, [(3, 8, 8, 4)], x, k), r"input grad: .*got g \(2, 8, 8, 4\).* dx \(3"),
+      (lambda: _ffi(igrad, [(2, 8, 8, 4)], x, k, stride=(2, 0)), r"input grad: want strides > 0"),
+      (lambda: _ffi(kgrad, [(7, 7, 4)], x, x[:1]), r"kernel grad: .*g \(1, 8, 8, 4\)"),
+      (lambda: _ffi(kgrad, [(7, 7, 4)], x, x, stride=(0, 0)), r"kernel grad: want strides > 0"),
+  ]
+  for call, message in bad:
+    with pytest.raises(Exception, match=message) as e:
+      jax.block_until_ready(call())
+    assert "INVALID_ARGUMENT" in str(e.value) or "Invalid argument" in str(e.value), e.value

@@ -63,6 +63,34 @@ def test_long_format_gives_the_same_score(files):
   assert not any(line.startswith("fold ") for line in lines)  # no fold column there
 
 
+def test_labels_in_the_kaggle_answer_format(files, tmp_path):
+  """--labels (and --train_labels) may be Kaggle's long answer file (row_id,fractured, 0/1; extra
+  columns such as Usage ignored): the same labels, score and reports as train.csv; a value other
+  than 0/1 or a missing row is named."""
+  paths, labels_frame, _ = files
+  long = aggregate.to_long(labels_frame).sample(frac=1.0, random_state=0)  # any row order
+  long["Usage"] = "Public"
+  answers = tmp_path / "solution.csv"
+  long.to_csv(answers, index=False)
+  got = evaluation.read_labels(answers)
+  want = labels_frame.sort_values("StudyInstanceUID").reset_index(drop=True)
+  pd.testing.assert_frame_equal(got.sort_values("StudyInstanceUID").reset_index(drop=True), want,
+                                check_dtype=True)
+  wide_score, wide_blocks = evaluation.evaluate(paths["train"], str(paths["wide"]))
+  long_score, long_blocks = evaluation.evaluate(answers, str(paths["wide"]), train_labels=answers)
+  assert long_score == pytest.approx(wide_score, abs=1e-12)
+  assert long_blocks[0] == wide_blocks[0]  # studies and positives counted alike
+  soft = long.copy()
+  soft.loc[soft["row_id"] == f"{labels_frame['StudyInstanceUID'][3]}_C2", "fractured"] = 0.5
+  soft.to_csv(tmp_path / "soft.csv", index=False)
+  with pytest.raises(evaluation.INPUT_ERRORS,
+                     match=r"soft.csv: row_id 1.2.826.3_C2: fractured=0.5 is not 0 or 1"):
+    evaluation.read_labels(tmp_path / "soft.csv")
+  long[long["row_id"] != "1.2.826.7_C5"].to_csv(tmp_path / "hole.csv", index=False)
+  with pytest.raises(evaluation.INPUT_ERRORS, match=r"hole.csv: no row for 1.2.826.7_C5"):
+    evaluation.read_labels(tmp_path / "hole.csv")
+
+
 def test_missing_studies_are_an_error_unless_subset(files):
   paths, labels_frame, wide = files
   with pytest.raises(metrics.PredictionError,
@@ -126,7 +154,9 @@ def test_prior_without_folds_says_it_is_in_sample_and_takes_train_labels(files, 
 
 def test_cli_prints_reports_then_the_score_line(files, tmp_path):
   paths, labels_frame, wide = files
-  rc, lines, err = _cli("--labels", paths["train"], "--predictions", paths["long"])
+  answers = tmp_path / "solution.csv"  # --labels in Kaggle's long answer format
+  aggregate.to_long(labels_frame).to_csv(answers, index=False)
+  rc, lines, err = _cli("--labels", answers, "--predictions", paths["long"])
   assert rc == 0, err
   assert lines[-1].startswith("competition_score: ")
   assert float(lines[-1].split()[-1]) == pytest.approx(

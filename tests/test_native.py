@@ -1,6 +1,7 @@
 """The native depthwise kernels (models/cpu/native.py, models/cpu/depthwise_cpu.cc): how they are built,
 cached, loaded only where asked and turned off, and that they run under a sharded jit. Their
 numerics against lax are in test_depthwise.py (every case, forward and both gradients)."""
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -56,16 +57,86 @@ def test_a_failing_compiler_gives_an_error_that_shows_its_output(tmp_path, monke
   assert not list((tmp_path / "cache").glob("*.so*"))  # no half-written library left behind
 
 
-def test_a_broken_cached_library_is_built_again(tmp_path, monkeypatch):
-  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(tmp_path))
+def _planted_library(tmp_path, marker):
+  """A loadable shared object that, once loaded, writes `marker` (what a planted library could
+  do with this process's rights)."""
+  src = tmp_path / "planted.cc"
+  src.write_text('#include <cstdio>\n'
+                 f'__attribute__((constructor)) static void planted() {{ '
+                 f'std::FILE* f = std::fopen("{marker}", "w"); if (f) std::fclose(f); }}\n')
+  out = tmp_path / "planted.so"
+  subprocess.run([native._compiler(), "-shared", "-fPIC", str(src), "-o", str(out)],  # pylint: disable=protected-access
+                 check=True, capture_output=True)
+  return out.read_bytes()
+
+
+def test_a_cached_library_is_loaded_only_if_it_is_the_one_built_here(tmp_path, monkeypatch):
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(cache))
   path = native.library_path(native._compiler())  # pylint: disable=protected-access
-  path.write_bytes(b"not a shared object")  # e.g. a copy cut short
+  assert cache.stat().st_mode & 0o777 == 0o700  # made private
+  # A replaced (or cut-short, or foreign) file under the library's name is not loaded: its hash is
+  # not the one recorded at build time, so it is built again.
+  marker = tmp_path / "planted-was-loaded"
+  path.write_bytes(_planted_library(tmp_path, marker))
+  assert not native.verified(path)
   lib = native.load()
-  assert hasattr(lib, "CspineDepthwiseForward")
-  assert path.stat().st_size > 10_000
+  assert not marker.exists()
+  assert hasattr(lib, "CspineDepthwiseForward") and path.stat().st_size > 10_000
+  assert native.verified(path)
+  assert (cache / (path.name + native.HASH_SUFFIX)).read_text().strip() == (
+      hashlib.sha256(path.read_bytes()).hexdigest())
+  # A library without its recorded hash is not trusted either.
+  (cache / (path.name + native.HASH_SUFFIX)).unlink()
+  assert not native.verified(path)
   # The key covers the source, compiler, flags, jaxlib and CPU: another CPU gets its own file.
   monkeypatch.setattr(native, "_cpu_signature", lambda: "model name: another CPU")
   assert native.library_path(native._compiler()) != path  # pylint: disable=protected-access
+
+
+def test_a_cache_folder_other_users_could_write_is_refused(tmp_path, monkeypatch):
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  shared.chmod(0o777)
+  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(shared))
+  with pytest.raises(native.NativeBuildError,
+                     match=r"refusing the native kernel cache .*shared: its group or other users "
+                     r"can write it \(mode 777\)"):
+    native.load()
+  assert not list(shared.iterdir())  # nothing built or loaded there
+  # A folder of another user (even a private one) and a link are refused too.
+  own = tmp_path / "own"
+  own.mkdir(mode=0o700)
+  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(own))
+  assert native.cache_dir() == own
+  real_uid = os.getuid()
+  monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
+  with pytest.raises(native.NativeBuildError, match=f"belongs to user id {real_uid}, not"):
+    native.cache_dir()
+  monkeypatch.setattr(os, "getuid", lambda: real_uid)
+  (tmp_path / "link").symlink_to(own)
+  monkeypatch.setenv("CSPINE_NATIVE_CACHE", str(tmp_path / "link"))
+  with pytest.raises(native.NativeBuildError, match="not a folder"):
+    native.cache_dir()
+
+
+def test_a_refused_cache_folder_means_the_xla_form_with_a_warning(tmp_path):
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  shared.chmod(0o777)
+  code = ("import jax; from flax import nnx; from cspine_jax.models import registry; "
+          "from cspine_jax.models.cpu import native; "
+          "ok = native.load_once(); "
+          "m = nnx.eval_shape(lambda: registry.make_model({'name': 'stage2', 'encoder': "
+          "'convnext_test'}, rngs=nnx.Rngs(0), devices=jax.devices()[:1])); "
+          "print(ok, m.encoder.dw_method)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CSPINE_NATIVE_CACHE=str(shared))
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, check=True)
+  assert done.stdout.split() == ["False", "shifted"]
+  assert "native depthwise kernels unavailable, the XLA form is used" in done.stderr
+  assert f"refusing the native kernel cache {shared}" in done.stderr
+  assert not list(shared.iterdir())
 
 
 @pytest.mark.parametrize("env,devices,want", [({}, 1, ["shifted", "True", "native"]),
@@ -133,17 +204,26 @@ def test_a_batch_sharded_over_eight_devices_gives_the_single_device_result(loade
     np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
 
 
-def test_an_unwritable_home_builds_into_the_temporary_directory(tmp_path, monkeypatch):
+def test_an_unwritable_home_builds_into_a_private_temporary_folder(tmp_path, monkeypatch):
   home = tmp_path / "home"
   home.mkdir()
   home.chmod(0o500)  # read-only home (root ignores modes, so the refusal is faked below too)
+  tmp = tmp_path / "tmp"
+  tmp.mkdir(mode=0o777)
   monkeypatch.delenv("CSPINE_NATIVE_CACHE", raising=False)
   monkeypatch.setattr(pathlib.Path, "home", staticmethod(lambda: home))
+  monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp))
   real_access = os.access
   monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(home))
                       else real_access(p, mode))
   try:
-    assert native.cache_dir().parent == pathlib.Path(tempfile.gettempdir())
+    folder = native.cache_dir()
+    assert folder == tmp / f"cspine_jax_native_{os.getuid()}"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    # The shared temporary directory is where another user could make that folder first.
+    folder.chmod(0o777)
+    with pytest.raises(native.NativeBuildError, match="refusing the native kernel cache"):
+      native.cache_dir()
   finally:
     home.chmod(0o700)
 

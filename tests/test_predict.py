@@ -1,4 +1,5 @@
 """Inference from DICOM (infer.predict, ensemble, spec): submission, fallbacks, the run folder."""
+import dataclasses
 import json
 import shutil
 
@@ -243,3 +244,196 @@ def test_each_stage_preprocesses_as_its_models_records_were_made(tmp_path):
                               task=types.SimpleNamespace(name="stage2"))
   with pytest.raises(ensemble.PredictError, match="stage2_options is missing"):
     spec_lib._options(old, {}, "stage2_options", path)
+
+
+@pytest.fixture
+def marked(monkeypatch):
+  """Each stage-1 image carries its slice index (what `_stage1` reads), as in the first test."""
+  real_images = study_lib.slice_images
+
+  def mark(loaded, options):
+    images = real_images(loaded, options).copy()
+    images[:, 0, 0, 1] = np.arange(len(images))
+    return images
+
+  monkeypatch.setattr(study_lib, "slice_images", mark)
+
+
+PRIOR = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
+
+
+def test_a_study_whose_stage2_outputs_are_not_finite_falls_back_and_the_run_goes_on(
+    tmp_path, studies, marked):
+  """A non-finite stage-2 output used to raise in top_n_overall outside the per-study handling,
+  ending the whole run; now that study alone gets the prior and an error entry."""
+  def nan_for_the_second_study(seqs, vertebra):
+    probs = _stage2(seqs, vertebra)
+    probs[7:14] = np.where(np.arange(7) == 2, np.nan, probs[7:14])  # study 2's C3
+    return probs
+
+  models = spec_lib.Models(stage1=_stage1, stage2=nan_for_the_second_study, options=OPTIONS)
+  folders = predict.find_studies(studies)
+  result = predict.run(folders, models, PRIOR, batch_size=16, studies_per_batch=2,
+                       on_study=predict.json_writer(tmp_path / "json"))
+  first, second, unreadable = result.results
+  assert first.error is None and np.all(np.isfinite(first.probs))
+  assert second.error == "Stage2Error: stage 2 gave non-finite probabilities for C3"
+  np.testing.assert_allclose(second.probs, PRIOR)
+  assert "SeriesError" in unreadable.error
+  paths = predict.write_outputs(result, tmp_path / "submission.csv")
+  wide = metrics.read_predictions(paths["submission"])
+  assert len(wide) == 3 and np.isfinite(wide[list(labels.TARGETS)].to_numpy(float)).all()
+  errors = json.loads(paths["errors"].read_text())
+  assert [e["folder"] for e in errors] == [str(folders[1]), str(folders[2])]
+  info = json.loads((tmp_path / "json" / f"{folders[1].name}.json").read_text())
+  assert info["status"] == "fallback" and "non-finite" in info["error"]
+
+
+def test_a_stage2_call_that_raises_is_retried_per_study(studies, marked):
+  calls = []
+
+  def flaky(seqs, vertebra):
+    calls.append(len(seqs))
+    if len(calls) == 1:
+      raise RuntimeError("device lost")
+    return _stage2(seqs, vertebra)
+
+  folders = predict.find_studies(studies)[:2]
+  models = spec_lib.Models(stage1=_stage1, stage2=flaky, options=OPTIONS)
+  result = predict.run(folders, models, PRIOR, batch_size=16, studies_per_batch=2)
+  assert [r.error for r in result.results] == [None, None]  # each alone went through
+  assert len(calls) == 3
+
+  def broken(seqs, vertebra):
+    raise RuntimeError("bad weights")
+
+  models = spec_lib.Models(stage1=_stage1, stage2=broken, options=OPTIONS)
+  result = predict.run(folders, models, PRIOR, batch_size=16, studies_per_batch=2)
+  assert [r.error for r in result.results] == ["stage 2 failed: RuntimeError: bad weights"] * 2
+  for r in result.results:
+    np.testing.assert_allclose(r.probs, PRIOR)
+
+
+def test_two_folders_of_one_study_give_one_set_of_rows(tmp_path, real_data_dir, marked):
+  """Folders named otherwise whose files carry the same StudyInstanceUID: the first one's rows;
+  the second has none and an error entry naming both folders (duplicate rows would be a silently
+  wrong submission)."""
+  src = real_data_dir / "totalseg_ct" / "dicom_jpeg_lossless"
+  root = tmp_path / "test_images"
+  for name in ("scan_a", "scan_b"):
+    shutil.copytree(src, root / name)
+  folders = predict.find_studies(root)
+  result = predict.run(folders, _models(), PRIOR, batch_size=8,
+                       on_study=predict.json_writer(tmp_path / "json"))
+  uid = result.results[0].uid
+  assert uid == result.results[1].uid and uid.startswith("1.2.826.0.1.3680043.8.498.")
+  a, b = result.results
+  assert a.error is None and b.duplicate_of == str(folders[0]) and b.probs is None
+  assert str(folders[0]) in b.error and str(folders[1]) in b.error and "DuplicateStudy" in b.error
+  paths = predict.write_outputs(result, tmp_path / "submission.csv")
+  sub = pd.read_csv(paths["submission"], dtype={"row_id": str})
+  assert sub["row_id"].tolist() == [f"{uid}_{t}" for t in labels.TARGETS]
+  np.testing.assert_allclose(sub["fractured"], np.round(a.probs, 6))
+  (error,) = json.loads(paths["errors"].read_text())
+  assert error["folder"] == str(folders[1]) and str(folders[0]) in error["reason"]
+  assert json.loads((tmp_path / "json" / f"{uid}.json").read_text())["status"] == "ok"
+  info = json.loads((tmp_path / "json" / f"scan_b{predict.DUPLICATE_SUFFIX}").read_text())
+  assert info["status"] == "duplicate" and info["duplicate_of"] == str(folders[0])
+  # A Run with one UID twice (no run makes one) refuses to become a submission.
+  twice = predict.Run([a, dataclasses.replace(a, folder="other")], {})
+  with pytest.raises(ValueError, match=uid):
+    twice.wide()
+
+
+def _run_to_files(folders, models, json_dir, out, fingerprint, **kwargs):
+  done = predict.finished(folders, json_dir, fingerprint)
+  result = predict.run(folders, models, PRIOR, batch_size=8, studies_per_batch=1,
+                       on_study=predict.json_writer(json_dir, fingerprint), done=done, **kwargs)
+  paths = predict.write_outputs(result, out)
+  return done, paths["submission"].read_bytes(), paths["errors"].read_bytes()
+
+
+def test_a_killed_prediction_resumes_to_the_same_submission(tmp_path, studies, marked,
+                                                             monkeypatch):
+  """What `python -m cspine_jax.predict` does when started again after a kill: the studies whose
+  JSON the same run folder wrote are taken as they are, the others predicted; the submission is
+  byte-identical to an unbroken run's. JSON that is missing, unreadable or of another run folder
+  is redone."""
+  shorter = studies / "1.2.826.0.1.3680043.10002"  # a study that differs from the first
+  for f in sorted(shorter.iterdir())[:4]:
+    f.unlink()
+  for name in ("scan_x", "scan_y"):  # named otherwise: the files' UID, the second a duplicate
+    shutil.copytree(studies / "1.2.826.0.1.3680043.10001", studies / name)
+  folders = predict.find_studies(studies)
+  assert len(folders) == 5
+  fp = "fingerprint-1"
+  # The unbroken run.
+  done, want_sub, want_err = _run_to_files(folders, _models(), tmp_path / "a", tmp_path / "a.csv",
+                                           fp)
+  assert done == {}
+  want = metrics.read_predictions(tmp_path / "a.csv")
+  assert len(want) == 4 and want.iloc[0]["C1"] != want.iloc[1]["C1"]
+  assert len(json.loads(want_err)) == 2  # the unreadable study and the duplicate
+  # Killed while stage 2 ran on the second study (studies_per_batch=1: one call per study).
+  read = []  # the slice count of each study that stage 1 ran on
+  real_locate = predict.locate
+
+  def locate(series, *args):
+    read.append(series.volume.shape[0])
+    return real_locate(series, *args)
+
+  monkeypatch.setattr(predict, "locate", locate)
+
+  def killed(seqs, vertebra):
+    if len(read) == 2:
+      raise KeyboardInterrupt
+    return _stage2(seqs, vertebra)
+
+  with pytest.raises(KeyboardInterrupt):
+    _run_to_files(folders, spec_lib.Models(stage1=_stage1, stage2=killed, options=OPTIONS),
+                  tmp_path / "b", tmp_path / "b.csv", fp)
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [f"{folders[0].name}.json"]
+  assert not (tmp_path / "b.csv").exists()
+  # Started again: only the others are predicted (stage 1 sees their slices; the duplicate is
+  # read, then left out).
+  read.clear()
+  models = _models()
+  done, sub, err = _run_to_files(folders, models, tmp_path / "b", tmp_path / "b.csv", fp)
+  assert list(done) == [str(folders[0])] and read == [16, 20]  # 10002 (16 slices), scan_x
+  assert sub == want_sub and err == want_err
+  # One study's JSON gone, the duplicate's cut short: those two are done again.
+  (tmp_path / "b" / f"{folders[1].name}.json").unlink()
+  dup = tmp_path / "b" / f"scan_y{predict.DUPLICATE_SUFFIX}"
+  dup.write_text(dup.read_text()[:40])
+  read.clear()
+  done, sub, err = _run_to_files(folders, models, tmp_path / "b", tmp_path / "b.csv", fp)
+  assert sorted(done) == sorted(str(folders[i]) for i in (0, 2, 3)) and read == [16]
+  assert sub == want_sub and err == want_err
+  # Another run folder (or other options, run_fingerprint): nothing of the old results is taken.
+  assert len(predict.finished(folders, tmp_path / "b", fp)) == 5
+  assert predict.finished(folders, tmp_path / "b", "other") == {}
+
+
+def test_the_run_fingerprint_changes_with_the_run_folder_and_options(tmp_path):
+  run = tmp_path / "run"
+  ckpt = run / "stage2" / "fold_0" / "checkpoints" / "5"
+  ckpt.mkdir(parents=True)
+  (ckpt / "state").write_bytes(b"weights")
+  (run / "stage2" / "fold_0" / "log.txt").write_text("not part of the models")
+  (run / spec_lib.SPEC).write_text('{"top_n": 7}')
+
+  def fp(**kw):
+    return predict.run_fingerprint(run, **{"top_n": 7, "prior": PRIOR, "series_uid": "auto",
+                                           **kw})
+
+  first = fp()
+  assert fp() == first
+  (run / "stage2" / "fold_0" / "log.txt").write_text("training went on")
+  assert fp() == first
+  assert fp(top_n=3) != first and fp(prior=PRIOR * 0.5) != first and fp(series_uid=None) != first
+  (run / spec_lib.SPEC).write_text('{"top_n": 6}')
+  assert fp() != first
+  (run / spec_lib.SPEC).write_text('{"top_n": 7}')
+  assert fp() == first
+  (ckpt / "state").write_bytes(b"other weights")  # a retrained model
+  assert fp() != first

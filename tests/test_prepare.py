@@ -327,25 +327,93 @@ def test_interrupted_run_resumes_to_the_same_records(data, built, tmp_path, monk
   assert not [p for p in task_dir.iterdir() if shards.TMP_MARK in p.name]
 
 
-def test_killed_cli_run_resumes(data, built, tmp_path):
-  """A real SIGKILL of the command (2 workers), then the same command again."""
+# The command, with each study held back a while in the worker before its shard is complete (the
+# task's `process` patched before the workers fork), so that a kill lands mid-run.
+SLOW_PREPARE = """
+import runpy, sys, time
+from cspine_jax.records import pipeline
+task, delay = pipeline.TASKS[sys.argv[1]], float(sys.argv[2])
+original = task.process
+def slow(study, options):
+  time.sleep(delay)
+  yield from original(study, options)
+task.process = slow
+sys.argv = ["prepare", *sys.argv[3:]]
+runpy.run_module("data_prep.prepare", run_name="__main__")
+"""
+
+
+def _children(pid):
+  """The live processes whose parent is ``pid``."""
+  out = []
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid and fields[0] != "Z":
+      out.append(int(stat.parent.name))
+  return out
+
+
+def _alive(pid):
+  try:
+    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != "Z"
+
+
+def _running_with(text):
+  """Live processes whose command line holds ``text``."""
+  out = []
+  for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+    try:
+      if text in cmdline.read_bytes().decode(errors="replace") and _alive(int(cmdline.parent.name)):
+        out.append(int(cmdline.parent.name))
+    except (OSError, ValueError):
+      continue
+  return out
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_killed_cli_run_resumes(data, built, tmp_path, start_method):
+  """A real SIGKILL of the command (2 workers) while studies remain: its workers end with it (a
+  worker left behind would wait forever, or race the restarted run on its shard), and the same
+  command again finishes with the records of an unbroken run."""
   root, _ = data
-  out, _ = built
-  reference = collections.Counter(map(shards.canonical, pipeline.read_task(out, "slices2d")))
-  args = [sys.executable, "-m", "data_prep.prepare", *_cli_args(root, tmp_path, "slices2d"),
-          "--workers", "2"]
-  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  task_dir = tmp_path / "slices2d"
-  deadline = time.time() + 60
+  out, manifests = built
+  reference = collections.Counter(map(shards.canonical, pipeline.read_task(out, "cnn3d")))
+  total = manifests["cnn3d"]["num_studies"]
+  assert total >= 4
+  args = [*_cli_args(root, tmp_path, "cnn3d"), "--workers", "2", "--start_method", start_method]
+  proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "cnn3d", "1.0", *args], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  task_dir = tmp_path / "cnn3d"
+  deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
     if task_dir.exists() and any(task_dir.glob("*.array_record")):
       break
     time.sleep(0.02)
+  workers = _children(proc.pid)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  subprocess.run(args, cwd=REPO, check=True, capture_output=True)
-  again = collections.Counter(map(shards.canonical, pipeline.read_task(tmp_path, "slices2d")))
+  assert len(workers) >= 2, workers  # the pool's workers (and maybe a resource tracker)
+  deadline = time.time() + 10
+  while time.time() < deadline and any(map(_alive, workers)):
+    time.sleep(0.1)
+  assert not [w for w in workers if _alive(w)], "workers outlived the killed command"
+  assert not _running_with(str(tmp_path)), "a process of the killed run is still running"
+  # Killed mid-run: some studies written, others not (and no manifest).
+  written = len(list(task_dir.glob("*.array_record")))
+  assert 0 < written < total, (written, total)
+  assert not (task_dir / shards.MANIFEST).exists()
+  subprocess.run([sys.executable, "-m", "data_prep.prepare", *args], cwd=REPO, check=True,
+                 capture_output=True)
+  again = collections.Counter(map(shards.canonical, pipeline.read_task(tmp_path, "cnn3d")))
   assert again == reference
+  assert not [p for p in task_dir.iterdir() if shards.TMP_MARK in p.name]
 
 
 def test_bad_study_is_listed_and_the_rest_written(data, built, tmp_path):

@@ -1,8 +1,13 @@
 """Reading studies ahead of the models: decoder processes give what read_series gives, in order."""
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
 from cspine_jax.infer import reader
 from cspine_jax.io import dicom
@@ -91,3 +96,32 @@ def test_prepare_runs_in_the_decoders_and_arrays_come_back_mapped(tmp_path, real
     s2.volume[0, 0, 0] = 12345  # a private (copy-on-write) mapping: writable, affects no one
     assert s2.volume[0, 0, 0] == 12345
   assert _shm_blocks() <= before  # the mapped blocks' names were freed as they were taken
+
+
+_READ_FOREVER = """
+import itertools, pathlib, sys, time
+from cspine_jax.infer import reader
+folders = [pathlib.Path(p) for p in sys.argv[1:]]
+for item in reader.read_studies(list(itertools.islice(itertools.cycle(folders), 400)), workers=2,
+                                depth=1):
+  print("read", flush=True)
+  time.sleep(0.2)  # a slow consumer: the decoders wait with studies in flight
+"""
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_decoder_processes_end_with_a_killed_parent(tmp_path, real_data_dir):
+  from test_prepare import _alive, _children
+  folders = [f for f in _folders(tmp_path, real_data_dir) if f.name != "study1"]
+  proc = subprocess.Popen([sys.executable, "-c", _READ_FOREVER, *map(str, folders)],
+                          cwd=pathlib.Path(__file__).resolve().parents[1],
+                          stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "read"
+  workers = _children(proc.pid)
+  assert len(workers) >= 2, workers
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(map(_alive, workers)):
+    time.sleep(0.1)
+  assert not [w for w in workers if _alive(w)], "decoder processes outlived their parent"

@@ -1,10 +1,12 @@
 """Unit tests of the record-set pieces that need no study on disk: folds, shards, the vertebrae
-file, and the image helpers (window, resize, 2.5D, crops, depth resampling, fracture targets)."""
+file, and the image helpers (window, resize, 2.5D, crops, depth resampling, fracture targets); the
+resampler is compared with PIL on a slice of the real CT fixture."""
 import collections
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cspine_jax.records import cnn3d
 from cspine_jax.records import folds
@@ -14,6 +16,7 @@ from cspine_jax.pp import crops as crops_lib
 from cspine_jax.pp import image as image_lib
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
+from cspine_jax.io import dicom
 from cspine_jax.io import vertebrae
 
 
@@ -152,6 +155,40 @@ def test_resize_and_stack_25d():
   np.testing.assert_array_equal(img[2, 0, 0], [10, 20, 30])
   np.testing.assert_array_equal(img[4, 0, 0], [30, 40, 40])
   np.testing.assert_array_equal(image_lib.stack_25d(res, [1])[0, 3, 3], [0, 10, 20])
+
+
+@pytest.fixture(scope="module")
+def ct_slice(real_data_dir):
+  """A real CT slice (512 x 512, an abdomen) in the bone window, as the records see it."""
+  series = dicom.read_series(real_data_dir / "totalseg_ct" / "dicom_jpeg_lossless", warn=False)
+  return image_lib.window(series.volume[10], 400, 1800)
+
+
+# Shrinking the whole slice (stage 1's 512 -> 224, a small anisotropic size) and enlarging a
+# 64 x 48 crop of it (stage 2's vertebra crops are enlarged to the image size), square or not.
+RESIZES = [(None, (224, 224)), (None, (96, 80)), (None, (37, 301)),
+           ((200, 264, 220, 268), (224, 224)), ((200, 264, 220, 268), (160, 97)),
+           ((200, 264, 220, 268), (500, 13))]
+
+
+@pytest.mark.parametrize("crop,size", RESIZES)
+def test_resize_matches_pil_bilinear_on_a_ct_slice(ct_slice, crop, size):
+  """The banded resampler is PIL's Image.resize(..., BILINEAR) (antialiased when shrinking): on
+  float32 planes within float32 rounding (1e-4 of a grey level); on uint8 slices within one grey
+  level, and on few pixels (PIL's 8-bit path rounds to uint8 between its two passes and uses
+  fixed-point weights; ours rounds once)."""
+  image = ct_slice if crop is None else ct_slice[crop[0]:crop[1], crop[2]:crop[3]]
+  assert image.std() > 10  # structure to resample, not a flat plane
+  pil = lambda img, mode=None: np.asarray(Image.fromarray(img, mode).resize(size[::-1],
+                                                                             Image.BILINEAR))
+  plane = image_lib.resize_plane(image.astype(np.float32), size)
+  np.testing.assert_allclose(plane, pil(image.astype(np.float32), "F"), rtol=0, atol=1e-4)
+  ours = image_lib.resize_slices(image[None], size)[0]
+  diff = np.abs(ours.astype(np.int16) - pil(image))
+  assert ours.shape == size and diff.max() <= 1 and diff.mean() < 0.2, (diff.max(), diff.mean())
+  # The weights themselves: rows of PIL's filter (each sums to 1).
+  w = image_lib.resize_weights(image.shape[0], size[0])
+  np.testing.assert_allclose(w.sum(1), 1, atol=1e-6)
 
 
 def test_evenly_spaced_paper_example():

@@ -62,9 +62,20 @@ def test_auc_and_results_table():
   assert res["model"].tolist() == ["3D CNN", "Two-stage", "mine", "Prior (train means)"]
   assert res["score"][1] == pytest.approx(metrics.competition_loss(lab, pred))
   assert res["score"][3] == pytest.approx(metrics.competition_loss(lab, prior))
-  assert res["seed_score"][1] == pytest.approx(0.3691)
+  # The seed's published score stands beside the model of the same name, whatever order the
+  # models came in; a model the seed did not have, and the prior, get none ("-" in the text).
+  seed = dict(zip(res["model"], res["seed_score"]))
+  assert seed["3D CNN"] == tables.SEED_SCORES["3D CNN"] != seed["Two-stage"]
+  assert seed["Two-stage"] == tables.SEED_SCORES["Two-stage"]
+  assert np.isnan(seed["mine"]) and np.isnan(seed["Prior (train means)"])
   text = tables.format_table(res, "Results")
-  assert text.startswith("Results") and "Two-stage" in text
+  lines = text.splitlines()
+  assert lines[0] == "Results" and lines[1].split() == list(res.columns)
+  rows = {line.split()[0]: line.split() for line in lines[2:]}
+  assert rows["Two-stage"][2] == f"{metrics.competition_loss(lab, pred):.4f}"
+  assert rows["Two-stage"][-1] == f"{tables.SEED_SCORES['Two-stage']:.4f}"
+  assert rows["3D"][-1] == f"{tables.SEED_SCORES['3D CNN']:.4f}"
+  assert rows["mine"][-1] == "-" and rows["Prior"][-1] == "-"
 
 
 def test_results_table_on_a_subset_of_studies():
@@ -133,3 +144,61 @@ def test_the_prior_of_a_fold_is_its_training_folds_means():
   assert res["model"].tolist() == ["Two-stage", tables.FOLD_PRIOR]
   with pytest.raises(ValueError, match="no labelled study outside its fold"):
     tables.prior_predictions(lab, [a], {u: 0 for u in (a, b, c, d)})
+
+
+def _training_log(path, seed, steps=120, val_every=30):
+  """A JSON-lines training log: a noisy falling loss, validation lines every ``val_every``."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for s in range(steps):
+    lines.append({"step": s, "loss": 1 / (1 + s / 20) + 0.2 * rng.normal(), "grad_norm": 1.0})
+    if s % val_every == val_every - 1:
+      lines.append({"step": s, "val_loss": 0.5 + 0.1 * rng.random(), "score": 0.6})
+  path.write_text("\n".join(json.dumps(line) for line in lines))
+  return path
+
+
+def test_learning_curves_one_panel_per_model_smoothed_legend_outside(tmp_path, monkeypatch):
+  """Several models per fold (stage 2: 2 folds x 3 members) stay readable: a panel per model run,
+  each model name's panels together, the training loss raw (faint) under its moving average, one
+  legend for the figure outside the panels; the pipeline draws a model's runs, members included."""
+  import matplotlib.pyplot as plt
+
+  from cspine_jax.pipeline import training
+  names = ["stage1/fold_0", "stage1/fold_1"] + [
+      f"stage2/fold_{f}{m}" for f in (0, 1) for m in ("", "_member_1", "_member_2")]
+  logs = {n: _training_log(tmp_path / f"log{i}.jsonl", i) for i, n in enumerate(names)}
+  fig = plots.learning_curves_figure(logs)
+  panels = [ax for ax in fig.axes if ax.get_title()]
+  twins = [ax for ax in fig.axes if not ax.get_title()]  # the validation metric's right axes
+  assert [ax.get_title() for ax in panels] == names and len(twins) == len(names)
+  # 4 to a row, stage 2 on rows of its own: stage1 | stage2 x4 | stage2 x2.
+  rows = [ax.get_subplotspec().rowspan.start for ax in panels]
+  assert rows == [0, 0, 1, 1, 1, 1, 2, 2]
+  assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+      "train loss", "train loss (EMA)", "val loss", "val metric (right axis)"]
+  raw, smoothed = panels[0].get_lines()[:2]
+  assert raw.get_alpha() < 1 and smoothed.get_alpha() == 1
+  y = pd.Series(raw.get_ydata())
+  np.testing.assert_allclose(smoothed.get_ydata(), plots.smooth(y))
+  assert np.abs(np.diff(smoothed.get_ydata())).sum() < 0.5 * np.abs(np.diff(y)).sum()
+  plt.close(fig)
+  out = plots.learning_curves(logs, tmp_path / "curves.png")
+  assert Image.open(out).size[0] > 1000  # four panels wide
+  # pipeline.training: a PNG beside each run, and one over all runs (members too).
+  run = tmp_path / "stage2"
+  for name in names[2:]:
+    (run / name.split("/")[1]).mkdir(parents=True)
+    _training_log(run / name.split("/")[1] / "log.jsonl", 0)
+  drawn = {}
+  real = plots.learning_curves
+
+  def spy(runs, path, *args):
+    drawn[path] = list(runs)
+    return real(runs, path, *args)
+
+  monkeypatch.setattr(plots, "learning_curves", spy)
+  training.learning_curves(run, "stage2")
+  assert drawn[run / "learning_curves.png"] == sorted(names[2:])
+  assert all((run / n.split("/")[1] / "learning_curves.png").exists() for n in names[2:])

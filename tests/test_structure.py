@@ -15,7 +15,8 @@ PACKAGE = "cspine_jax"
 
 # Bottom to top. Each entry names module prefixes; the first match decides a module's layer.
 LAYERS = (
-    ("core", ("cspine_jax.labels", "cspine_jax.metrics", "cspine_jax.aggregate")),
+    ("core", ("cspine_jax.labels", "cspine_jax.metrics", "cspine_jax.aggregate",
+              "cspine_jax.workers")),
     ("io", ("cspine_jax.io",)),
     ("synthetic", ("cspine_jax.synthetic",)),
     ("pp", ("cspine_jax.pp",)),

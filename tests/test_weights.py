@@ -1,10 +1,14 @@
 """timm -> Flax weights: ConvNeXt features equal timm's, strict key/shape checks, stem adaptation,
 orbax import folders and the importer CLI. No torch: fixtures are committed safetensors files made
 by tests/fixtures/timm/make_fixtures.py."""
+import hashlib
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -147,11 +151,12 @@ def test_in_chans_adaptation_equals_timm(name, stem_key):
   assert pretrained.adapt_stem_kernel(k, 3) is k
 
 
-def _cli(*argv):
+def _cli(*argv, env=None):
   """(exit status, stdout, stderr) of ``python -m cspine_jax.weights ARGV`` (never imported here:
   absl flags are process-global)."""
   proc = subprocess.run([sys.executable, "-m", "cspine_jax.weights", *map(str, argv)],
-                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+                        env=None if env is None else {**os.environ, **env})
   return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -204,8 +209,8 @@ def test_cli_stem_adaptation_and_usage_errors(tmp_path):
                             "--out", tmp_path / "one", "--in-chans", "1")
   assert rc == 0 and "stem adapted from 3 to 1 channels" in stdout, (stdout, stderr)
   assert json.loads((tmp_path / "one" / pretrained.META_FILE).read_text())["in_chans"] == 1
-  rc, _, stderr = _cli("fetch", "--model", "convnext_atto")
-  assert rc != 0 and "unknown command 'fetch'; expected one of: import" in stderr
+  rc, _, stderr = _cli("export", "--model", "convnext_atto")
+  assert rc != 0 and "unknown command 'export'; expected one of: fetch, import" in stderr
   rc, _, stderr = _cli("import", "--model", "convnext_atto")
   assert rc != 0 and "import needs --source, --out" in stderr
 
@@ -297,3 +302,144 @@ def test_pretrained_from_the_same_folds_training_run(tmp_path):
   config.model.pretrained = str(runs / "fold_{fold}")
   with pytest.raises(pretrained.WeightsError, match="fold_2: cannot restore its model"):
     loop.build_model(config, seed=0, fold=2)
+
+
+# ----------------------------------------------------- timm tags through the Hugging Face cache
+# Made-up tags whose architectures map to the fixtures' encoders; the hub never hears of them.
+ATTO_TAG = "convnext_atto.cspine_fixture"
+TF_TEST_TAG = "tf_efficientnetv2_test.cspine_fixture"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(cache: pathlib.Path, tag: str, source: pathlib.Path) -> pathlib.Path:
+  """``source`` as huggingface_hub lays out timm/<tag>/model.safetensors in its cache: the bytes
+  in blobs/<sha256>, refs/main naming a commit, snapshots/<commit>/ linking to the blob."""
+  repo = cache / f"models--timm--{tag}"
+  blob = repo / "blobs" / hashlib.sha256(source.read_bytes()).hexdigest()
+  blob.parent.mkdir(parents=True)
+  shutil.copyfile(source, blob)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(COMMIT)
+  snapshot = repo / "snapshots" / COMMIT
+  snapshot.mkdir(parents=True)
+  (snapshot / pretrained.HUB_FILE).symlink_to(os.path.relpath(blob, snapshot))
+  return snapshot / pretrained.HUB_FILE
+
+
+def test_timm_tags_name_their_encoders():
+  assert pretrained.timm_model_name("convnext_tiny.fb_in22k_ft_in1k") == "convnext_tiny"
+  assert pretrained.timm_model_name("tf_efficientnetv2_s.in21k_ft_in1k") == "efficientnet_v2_tf_s"
+  assert pretrained.timm_model_name("efficientnetv2_s") == "efficientnet_v2_s"
+  assert pretrained.timm_model_name(ATTO_TAG) == "convnext_atto"
+  with pytest.raises(pretrained.WeightsError, match="'resnet50' .* has no encoder here"):
+    pretrained.timm_model_name("resnet50.a1_in1k")
+  with pytest.raises(pretrained.WeightsError, match="unknown efficientnet_v2 variant 'rw_s'"):
+    pretrained.timm_model_name("efficientnetv2_rw_s.ra2_in1k")
+  with pytest.raises(pretrained.WeightsError, match="not a timm tag"):
+    pretrained.converted_dir("../convnext_tiny")
+  assert pretrained.is_test_size("convnext_test")
+  assert pretrained.is_test_size("efficientnet_v2_tf_test")
+  assert not pretrained.is_test_size("convnext_atto")
+
+
+def test_fetch_cli_offline_from_the_hugging_face_cache(tmp_path):
+  """`weights fetch TAG` with HF_HUB_OFFLINE=1 takes the file huggingface_hub cached under HF_HOME
+  and converts it into the weights cache; again: kept; a tag not cached: a clear error."""
+  _hub_cache(tmp_path / "hf" / "hub", ATTO_TAG, CONVNEXT)
+  _hub_cache(tmp_path / "hf" / "hub", TF_TEST_TAG, FIXTURES / "tf_efficientnetv2_test.safetensors")
+  env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": "",
+         pretrained.CACHE_ENV: str(tmp_path / "weights")}
+  rc, stdout, stderr = _cli("fetch", ATTO_TAG, TF_TEST_TAG, env=env)
+  assert rc == 0, stderr
+  assert f"model.pretrained='timm:{ATTO_TAG}'" in stdout and "converted" in stdout
+  for tag, model in ((ATTO_TAG, "convnext_atto"), (TF_TEST_TAG, "efficientnet_v2_tf_test")):
+    meta = json.loads((tmp_path / "weights" / tag / pretrained.META_FILE).read_text())
+    assert meta["model"] == model and COMMIT in meta["source"], meta["source"]
+  rc, stdout, stderr = _cli("fetch", ATTO_TAG, "convnext_atto.not_cached", env=env)
+  assert rc == 1 and "already converted as convnext_atto" in stdout
+  assert ("timm/convnext_atto.not_cached/model.safetensors: not in the Hugging Face cache "
+          f"{tmp_path / 'hf' / 'hub'}") in stderr, stderr
+
+
+def test_timm_pretrained_is_found_at_model_build_never_downloaded(tmp_path, monkeypatch):
+  """model.pretrained='timm:TAG' builds from the Hugging Face cache, then from the converted
+  folder (which wins); a tag on neither names the fetch command; the wrong encoder is refused;
+  'none' is a random start. huggingface_hub's download is never called."""
+  from configs import stage2
+  from cspine_jax.train import loop
+  from cspine_jax.train import warm_start
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "weights"))
+
+  def no_download(*args, **kwargs):
+    raise AssertionError(f"download during a model build: {args}")
+
+  monkeypatch.setattr(pretrained.huggingface_hub, "hf_hub_download", no_download)
+  hub_file = _hub_cache(tmp_path / "hub", ATTO_TAG, CONVNEXT)
+  want = pretrained.build_encoder("convnext_atto", abstract=True)
+  pretrained.load_pretrained(want, CONVNEXT)
+  want = pretrained.encoder_arrays(want)
+
+  def check(encoder):
+    got = pretrained.encoder_arrays(encoder)
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+  config = stage2.get_config("cpu")
+  config.model.encoder = "convnext_atto"
+  config.model.pretrained = f"timm:{ATTO_TAG}"
+  assert pretrained.resolve_timm(ATTO_TAG) == hub_file
+  check(loop.build_model(config, seed=0).encoder)
+  # The converted folder is preferred (the hub copy may go: e.g. only the converted cache is
+  # carried to an offline machine).
+  pretrained.import_timm(hub_file, "convnext_atto", pretrained.converted_dir(ATTO_TAG))
+  shutil.rmtree(tmp_path / "hub")
+  assert pretrained.resolve_timm(ATTO_TAG) == tmp_path / "weights" / ATTO_TAG
+
+  def holder(name="convnext_atto"):  # what init_encoder needs of a model: its encoder
+    return types.SimpleNamespace(encoder=pretrained.build_encoder(name, abstract=True))
+
+  model = holder()
+  report = warm_start.init_encoder(model, f"timm:{ATTO_TAG}", fold=None)
+  assert report.source == str(tmp_path / "weights" / ATTO_TAG)
+  check(model.encoder)
+  # Nowhere on this machine: the error says what to run.
+  with pytest.raises(pretrained.WeightsError,
+                     match="run `python -m cspine_jax.weights fetch convnext_atto.elsewhere`"):
+    warm_start.init_encoder(holder(), "timm:convnext_atto.elsewhere", fold=0)
+  # Weights for another encoder (the TF EfficientNetV2 into a ConvNeXt; the same shapes into the
+  # non-TF EfficientNetV2 would load silently wrong).
+  with pytest.raises(pretrained.WeightsError, match="holds efficientnet_v2_tf_test weights; the "
+                     "encoder is efficientnet_v2_test"):
+    warm_start.init_encoder(holder("efficientnet_v2_test"), f"timm:{TF_TEST_TAG}", fold=0)
+  # 'none': an explicit random start, the model left as built.
+  model = holder()
+  assert warm_start.init_encoder(model, "none", fold=0) is None
+  assert isinstance(model.encoder.stem_conv.kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+def test_require_pretrained_refuses_a_silent_random_start(tmp_path):
+  """A method config with require_pretrained=True refuses a full-size encoder whose
+  model.pretrained is unset, and names the fix; 'none', a timm tag, init_from and test-size
+  encoders pass."""
+  from configs import demo
+  from cspine_jax.pipeline import training
+  run = tmp_path / "run"
+  config = demo.get_config()
+  config.require_pretrained = True
+  for name in config.models:  # the demo's test-size encoders start at random, as always
+    training.model_config(config, name, run)
+  config.models.stage1.model.encoder = "convnext_tiny"
+  with pytest.raises(ValueError, match=r"models.stage1: its convnext_tiny encoder would start from "
+                     r"random weights.*'timm:convnext_tiny.fb_in22k_ft_in1k' \(after `python -m "
+                     r"cspine_jax.weights fetch convnext_tiny.fb_in22k_ft_in1k`\), or 'none'"):
+    training.model_config(config, "stage1", run)
+  for value in ("none", "timm:convnext_tiny.fb_in22k_ft_in1k"):
+    config.models.stage1.model.pretrained = value
+    assert training.model_config(config, "stage1", run).model.pretrained == value
+  config.models.stage2.model.encoder = "convnext_tiny"  # starts from the box refiner's encoder
+  assert "box_refine" in training.model_config(config, "stage2", run).model.pretrained
+  config.models.stage1.model.pretrained = None
+  config.require_pretrained = False
+  assert training.model_config(config, "stage1", run).model.pretrained is None

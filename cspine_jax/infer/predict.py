@@ -7,21 +7,30 @@ slices) -> vertebra ranges and boxes (``localize.derive``) -> refined boxes (``l
 -> crops (``pp.crops.vertebra_images``, the training preprocessing) -> stage 2 (fold ensemble,
 batched over the vertebrae of several studies) -> patient_overall = top-N (``aggregate``).
 
-A study that cannot be read or processed, or in which stage 1 finds no vertebra with confidence
-(``localize.derive.check_found``: a series of other anatomy), gets the prior's probabilities and
-an error entry, and the run goes on; a folder whose name is not a StudyInstanceUID and whose files
-carry none cannot be named in a submission, so it is only reported. A folder of several series is
-read by its series with the most axial slices (``series_uid``).
+A study that cannot be read or processed, in which stage 1 finds no vertebra with confidence
+(``localize.derive.check_found``: a series of other anatomy), or whose stage-2 outputs are not
+finite probabilities, gets the prior's probabilities and an error entry, and the run goes on; a
+folder whose name is not a StudyInstanceUID and whose files carry none cannot be named in a
+submission, so it is only reported, and so is a folder whose StudyInstanceUID an earlier folder
+already has (the first keeps the study's rows). A folder of several series is read by its series
+with the most axial slices (``series_uid``).
+
+A long run resumes: each study's JSON (:func:`json_writer`) carries the run's
+:func:`run_fingerprint`, and :func:`finished` turns the JSON files of the same run folder and
+options back into results, which :func:`run` takes as ``done`` and does not predict again.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import pathlib
 import time
 from typing import Any
 from typing import Callable
+from typing import Mapping
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +52,8 @@ from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 
 NUM_VERTEBRAE = labels_lib.NUM_VERTEBRAE
+FINGERPRINT = "run_fingerprint"  # the key of a study JSON's :func:`run_fingerprint`
+DUPLICATE_SUFFIX = ".duplicate.json"  # <folder name>.duplicate.json: a study given twice
 # decode: the decoders' own time (summed over processes; stage-1 images included, made there);
 # wait: the model thread blocked on the readers (nothing decoded yet).
 STAGES = ("decode", "wait", "stage1", "refine", "crops", "stage2")
@@ -58,10 +69,18 @@ class StudyResult:
   shape: tuple[int, int, int] | None = None
   error: str | None = None
   notes: tuple[str, ...] = ()  # the reader's notes on the series (``dicom.Series.warnings``)
+  # The earlier folder of the same StudyInstanceUID: this one has no rows (``error`` says why).
+  duplicate_of: str | None = None
+
+  @property
+  def status(self) -> str:
+    return "duplicate" if self.duplicate_of else "fallback" if self.error else "ok"
 
   def to_json(self, numbers: np.ndarray | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"StudyInstanceUID": self.uid, "folder": self.folder,
-                           "status": "fallback" if self.error else "ok"}
+                           "status": self.status}
+    if self.duplicate_of:
+      out["duplicate_of"] = self.duplicate_of
     if self.error:
       out["error"] = self.error
     if self.probs is not None:
@@ -75,6 +94,18 @@ class StudyResult:
                           for name, p in zip(labels_lib.VERTEBRAE, self.vertebrae)}
     return out
 
+  @classmethod
+  def from_json(cls, data: dict[str, Any]) -> StudyResult:
+    """The result a study JSON holds (what a submission needs: no vertebra predictions); raises
+    KeyError, TypeError or ValueError on a JSON of another shape."""
+    probs, uid = data.get("probabilities"), data["StudyInstanceUID"]
+    return cls(uid=None if uid is None else labels_lib.check_uid(uid), folder=str(data["folder"]),
+               probs=None if probs is None else np.array([float(probs[t])
+                                                          for t in labels_lib.TARGETS]),
+               shape=tuple(data["shape"]) if data.get("shape") is not None else None,
+               error=data.get("error"), notes=tuple(data.get("reader_notes", ())),
+               duplicate_of=data.get("duplicate_of"))
+
 
 @dataclasses.dataclass
 class Run:
@@ -84,6 +115,10 @@ class Run:
 
   def wide(self) -> pd.DataFrame:
     rows = [r for r in self.results if r.uid is not None and r.probs is not None]
+    uids = [r.uid for r in rows]
+    if len(set(uids)) != len(uids):  # :func:`run` leaves later folders of a UID without rows
+      twice = sorted({u for u in uids if uids.count(u) > 1})
+      raise ValueError(f"StudyInstanceUID given by several study folders: {twice}")
     probs = np.array([r.probs for r in rows]).reshape(-1, 8)
     return aggregate.wide_frame([r.uid for r in rows], probs[:, 1:], probs[:, 0])
 
@@ -188,37 +223,74 @@ def run(folders: Sequence[pathlib.Path],
         decode_workers: int = 0,
         on_study: Callable[[StudyResult, dicom.Series | None], None] | None = None,
         progress: bool = False,
-        series_uid: str | None = dicom.AUTO_SERIES) -> Run:
+        series_uid: str | None = dicom.AUTO_SERIES,
+        done: Mapping[str, StudyResult] | None = None) -> Run:
   """Predicts every study folder; failures fall back to ``prior`` (8 probabilities).
 
   ``decode_workers`` > 0 decodes that many studies at once in separate processes (the reader is
   the bottleneck on a GPU host); 0 reads in one background thread. ``series_uid``: which series
   of a folder that holds several (``dicom.read_series``; by default the one with the most axial
   slices, the choice in the study's ``reader_notes``; None: such a folder falls back).
+  ``done``: results already known by folder (``str(folder)``, :func:`finished`), taken as they
+  are; the run's results are in the order of ``folders`` either way.
   """
   prior = np.asarray(prior, np.float64)
   seconds = dict.fromkeys(STAGES, 0.0)
-  results: list[StudyResult] = []
+  done = dict(done or {})
+  by_folder: dict[str, StudyResult] = {}
   pending: list[tuple[StudyResult, dicom.Series, np.ndarray]] = []
+  # StudyInstanceUID -> the first folder that gave it (that folder's rows are the study's).
+  first: dict[str, str] = {}
+  for folder in folders:
+    res = done.get(str(folder))
+    if res is not None and res.uid is not None and res.duplicate_of is None:
+      first.setdefault(res.uid, res.folder)
+
+  def fall_back(res: StudyResult, series: dicom.Series | None, error: str) -> None:
+    res.error = error
+    res.probs = prior.copy() if res.uid is not None else None
+    if res.uid is None:
+      res.error += " (and no StudyInstanceUID: neither the folder name nor the files give one)"
+    if on_study:
+      on_study(res, series)
+
+  def stage2(seqs: list[np.ndarray]) -> list[np.ndarray | Exception]:
+    """(7,) probabilities per study, or the exception that stage 2 raised on it alone."""
+    try:
+      x = np.concatenate(seqs)
+      vertebra = np.tile(np.arange(NUM_VERTEBRAE), len(seqs))
+      (probs,) = ensemble.in_batches(models.stage2, [x, vertebra], batch_size)
+      return list(np.asarray(probs, np.float64).reshape(len(seqs), NUM_VERTEBRAE))
+    except Exception as e:  # noqa: BLE001 - find the study it fails on; the others go on
+      if len(seqs) == 1:
+        return [e]
+      return [out for one in seqs for out in stage2([one])]
 
   def flush():
     if not pending:
       return
     start = time.perf_counter()
-    seqs = np.concatenate([c for _, _, c in pending])
-    vertebra = np.tile(np.arange(NUM_VERTEBRAE), len(pending))
-    (probs,) = ensemble.in_batches(models.stage2, [seqs, vertebra], batch_size)
-    probs = np.clip(probs.reshape(len(pending), NUM_VERTEBRAE), 0.0, 1.0)
+    outputs = stage2([c for _, _, c in pending])
     seconds["stage2"] += time.perf_counter() - start
-    for (res, series, _), p in zip(pending, probs):
+    for (res, series, _), p in zip(pending, outputs):
+      if isinstance(p, Exception):
+        fall_back(res, series, f"stage 2 failed: {type(p).__name__}: {p}")
+        continue
+      if not np.all(np.isfinite(p)):
+        bad = [v for v, x in zip(labels_lib.VERTEBRAE, p) if not np.isfinite(x)]
+        fall_back(res, series, f"Stage2Error: stage 2 gave non-finite probabilities for "
+                  f"{', '.join(bad)}")
+        continue
+      p = np.clip(p, 0.0, 1.0)
       res.probs = np.concatenate([aggregate.top_n_overall(p, models.top_n)[None], p])
       if on_study:
         on_study(res, series)
     pending.clear()
 
-  bar = tqdm.tqdm(total=len(folders), unit="study", desc="predict", disable=not progress)
+  todo = [f for f in folders if str(f) not in done]
+  bar = tqdm.tqdm(total=len(todo), unit="study", desc="predict", disable=not progress)
   prepare = functools.partial(reader.stage1_inputs, options=models.stage1_options)
-  stream = reader.read_studies(folders, workers=decode_workers, prepare=prepare,
+  stream = reader.read_studies(todo, workers=decode_workers, prepare=prepare,
                                series_uid=series_uid)
   while True:
     t0 = time.perf_counter()
@@ -230,7 +302,15 @@ def run(folders: Sequence[pathlib.Path],
     series, inputs = loaded if loaded is not None else (None, {})
     seconds["decode"] += dt
     res = StudyResult(uid=study_uid(folder, series), folder=str(folder))
-    results.append(res)
+    by_folder[str(folder)] = res
+    bar.update()
+    if res.uid is not None and first.setdefault(res.uid, res.folder) != res.folder:
+      res.duplicate_of = first[res.uid]
+      res.error = (f"DuplicateStudy: StudyInstanceUID {res.uid} is also that of "
+                   f"{res.duplicate_of}, whose rows the submission has; {res.folder} is left out")
+      if on_study:
+        on_study(res, series)
+      continue
     try:
       if error is not None:
         raise error
@@ -247,27 +327,65 @@ def run(folders: Sequence[pathlib.Path],
       seconds["refine"] += t2 - t1
       seconds["crops"] += time.perf_counter() - t2
     except Exception as e:  # noqa: BLE001 - one bad study must not stop the run
-      res.error = f"{type(e).__name__}: {e}"
-      res.probs = prior.copy() if res.uid is not None else None
-      if res.uid is None:
-        res.error += " (and no StudyInstanceUID: neither the folder name nor the files give one)"
-      if on_study:
-        on_study(res, series)
-      bar.update()
+      fall_back(res, series, f"{type(e).__name__}: {e}")
       continue
     if res.uid is None:
       res.error = "no StudyInstanceUID: neither the folder name nor the files give one"
       if on_study:
         on_study(res, series)
-      bar.update()
       continue
     pending.append((res, series, seqs))
     if len(pending) >= studies_per_batch:
       flush()
-    bar.update()
   flush()
   bar.close()
-  return Run(results, seconds)
+  by_folder.update(done)
+  return Run([by_folder[str(f)] for f in folders], seconds)
+
+
+def run_fingerprint(run_dir: str | os.PathLike, *, top_n: int, prior: np.ndarray,
+                    series_uid: str | None) -> str:
+  """What a study's prediction depends on besides its own files: RUN/inference.json's bytes, the
+  run's checkpoints (every file under a ``checkpoints/`` folder of RUN/stage1, stage2 and
+  box_refine, by its path, size and modification time: a retrained or replaced model changes
+  it; a copied run folder only costs predicting again), top-N, the prior and the series choice."""
+  run_dir = pathlib.Path(run_dir)
+  h = hashlib.sha256()
+  spec_path = run_dir / spec.SPEC
+  h.update(spec_path.read_bytes() if spec_path.exists() else b"no inference.json")
+  for stage in ("stage1", "stage2", "box_refine"):
+    for path in sorted((run_dir / stage).rglob("*")):
+      rel = path.relative_to(run_dir)
+      if path.is_file() and "checkpoints" in rel.parts:
+        st = path.stat()
+        h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+  h.update(json.dumps({"top_n": int(top_n), "prior": np.asarray(prior, np.float64).tolist(),
+                       "series": series_uid}).encode())
+  return h.hexdigest()
+
+
+def finished(folders: Sequence[pathlib.Path], json_dir: str | os.PathLike,
+             fingerprint: str) -> dict[str, StudyResult]:
+  """The results (by ``str(folder)``) that the study JSON files in ``json_dir`` hold for
+  ``folders`` and that a run of the same ``fingerprint`` wrote; a JSON that cannot be read, or
+  of another run folder or options, is ignored (its study is predicted again)."""
+  json_dir = pathlib.Path(json_dir)
+  wanted = {os.path.abspath(f): str(f) for f in folders}
+  out: dict[str, StudyResult] = {}
+  if not json_dir.is_dir():
+    return out
+  for path in sorted(json_dir.glob("*.json")):
+    try:
+      data = json.loads(path.read_text())
+      if not isinstance(data, dict) or data.get(FINGERPRINT) != fingerprint:
+        continue
+      res = StudyResult.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    key = wanted.get(os.path.abspath(res.folder))
+    if key is not None:
+      out[key] = dataclasses.replace(res, folder=key)
+  return out
 
 
 def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path]:
@@ -280,14 +398,22 @@ def write_outputs(result: Run, out: str | os.PathLike) -> dict[str, pathlib.Path
   return {"submission": out, "errors": errors}
 
 
-def json_writer(json_dir: str | os.PathLike) -> Callable[[StudyResult, dicom.Series | None], None]:
-  """A callback writing each finished study's JSON as soon as it is known."""
+def json_writer(json_dir: str | os.PathLike, fingerprint: str | None = None
+                ) -> Callable[[StudyResult, dicom.Series | None], None]:
+  """A callback writing each finished study's JSON as soon as it is known (``<uid>.json``;
+  ``<folder>.json`` without a UID, ``<folder>.duplicate.json`` for a UID given twice), with the
+  run's ``fingerprint`` (:func:`run_fingerprint`) when given, so that a rerun can resume."""
   json_dir = pathlib.Path(json_dir)
   json_dir.mkdir(parents=True, exist_ok=True)
 
   def write(res: StudyResult, series: dicom.Series | None) -> None:
-    name = res.uid or pathlib.Path(res.folder).name
+    folder = pathlib.Path(res.folder).name
+    name = (f"{folder}{DUPLICATE_SUFFIX}" if res.duplicate_of else
+            f"{res.uid or folder}.json")
     numbers = series.numbers if series is not None else None
-    files.write_json(json_dir / f"{name}.json", res.to_json(numbers))
+    data = res.to_json(numbers)
+    if fingerprint is not None:
+      data[FINGERPRINT] = fingerprint
+    files.write_json(json_dir / name, data)
 
   return write

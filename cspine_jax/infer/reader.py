@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cspine_jax import workers as workers_lib
 from cspine_jax.io import dicom
 from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
@@ -173,7 +174,9 @@ def read_studies(folders: Sequence[pathlib.Path], workers: int = 0, depth: int =
     return
   # spawn: the parent has JAX's threads running, which fork must not copy.
   ctx = multiprocessing.get_context("spawn")
-  with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+  with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                              initializer=workers_lib.end_with_parent,
+                              initargs=(os.getpid(),)) as pool:
     ahead = workers + max(depth, 0)
     futures = collections.deque(pool.submit(_read_to_shared, f, prepare, series_uid)
                                 for f in folders[:ahead])

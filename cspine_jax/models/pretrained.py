@@ -15,6 +15,15 @@ Two entry points:
   timm file once and saves the Flax parameters and BatchNorm statistics with orbax in
   `DIR/params` plus `DIR/encoder.json` (model name, variant, in_chans, source, shapes).
 
+ImageNet weights by their timm tag (`"timm:convnext_tiny.fb_in22k_ft_in1k"` as
+`config.model.pretrained`): `python -m cspine_jax.weights fetch TAG` downloads the Hugging Face
+hub file `timm/TAG` / `model.safetensors` (`fetch_timm`; with `HF_HUB_OFFLINE=1` it takes the
+file from the local Hugging Face cache, `HF_HOME` / `HF_HUB_CACHE`) and converts it into
+`weights_cache_dir()/TAG` (`CSPINE_JAX_WEIGHTS`, default `~/.cache/cspine_jax/weights`).
+Building a model only looks (`resolve_timm`): the converted folder, else the file in the Hugging
+Face cache; nothing is downloaded during training, and weights found nowhere raise a WeightsError
+that names the fetch command.
+
 Model names are `<family>_<variant>`: `convnext_{atto,femto,pico,nano,tiny,small,test}`,
 `efficientnet_v2_{s,tf_s,test,tf_test}`. timm's `tf_efficientnetv2_s.*` weights need
 `efficientnet_v2_tf_s` (TF "SAME" padding, BN eps 1e-3); `efficientnetv2_s` ones need
@@ -34,15 +43,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 from typing import Any, Sequence
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
 from safetensors import numpy as safetensors_np
 
 from cspine_jax.models import convnext, efficientnet_v2
@@ -54,6 +67,22 @@ _WRAPPERS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _NORM_LEAF = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _MAX_LISTED = 25
+
+
+# config.model.pretrained = TIMM_SCHEME + a timm tag: ImageNet weights from the caches below.
+TIMM_SCHEME = "timm:"
+HUB_ORG = "timm"
+HUB_FILE = "model.safetensors"
+CACHE_ENV = "CSPINE_JAX_WEIGHTS"  # where fetched weights are kept converted
+# ImageNet weights (timm tags) the seed method's full-size encoders start from.
+SEED_TAGS = {"convnext_tiny": "convnext_tiny.fb_in22k_ft_in1k",
+             "efficientnet_v2_tf_s": "tf_efficientnetv2_s.in21k_ft_in1k"}
+# Encoder sizes made for tests only; every other size starts from ImageNet weights at full scale.
+TEST_VARIANTS = ("test", "tf_test")
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)?")
+# timm architecture prefix -> this project's model-name prefix (variant follows both).
+_TIMM_ARCHS = (("tf_efficientnetv2_", "efficientnet_v2_tf_"),
+               ("efficientnetv2_", "efficientnet_v2_"), ("convnext_", "convnext_"))
 
 
 class WeightsError(ValueError):
@@ -151,6 +180,11 @@ def parse_model_name(name: str) -> tuple[Family, str]:
       return fam, variant
   raise WeightsError(f"unknown model name {name!r}; expected one of "
                      f"{[f.name + '_<variant>' for f in FAMILIES.values()]}")
+
+
+def is_test_size(name: str) -> bool:
+  """Whether encoder ``name`` is one of the small test sizes (random init is their normal start)."""
+  return parse_model_name(name)[1] in TEST_VARIANTS
 
 
 def build_encoder(name: str, *, in_chans: int = 3, abstract: bool = False,
@@ -431,14 +465,16 @@ def read_converted(folder: str | pathlib.Path) -> tuple[dict[str, Any], Converte
 
 # ------------------------------------------------------------------------------ entry points
 def load_pretrained(encoder: nnx.Module, path: str | pathlib.Path) -> LoadReport:
-  """Loads timm weights (a file) or imported weights (a folder of `save_converted`) into
-  `encoder` in place (a training run folder is ``train.warm_start``'s).
+  """Loads timm weights (a file, or ``"timm:<tag>"``: `load_timm`) or imported weights (a folder
+  of `save_converted`) into `encoder` in place (a training run folder is ``train.warm_start``'s).
 
   For `config.model.pretrained`: call right after building the encoder and before creating the
   optimizer. Every parameter and BatchNorm statistic is replaced, so the encoder may also be an
   abstract one from `nnx.eval_shape` (skips the random init). Raises WeightsError (a
   ValueError) naming the file and every mismatch; on error the encoder is left unchanged.
   """
+  if isinstance(path, str) and path.startswith(TIMM_SCHEME):
+    return load_timm(encoder, path[len(TIMM_SCHEME):])
   path = pathlib.Path(path)
   fam = family_of(encoder)
   if path.is_dir():
@@ -458,3 +494,148 @@ def import_timm(source: str | pathlib.Path, model: str, out_dir: str | pathlib.P
   report = load_pretrained(encoder, source)
   return save_converted(encoder, out_dir, model=model, source=str(source)), report
 
+
+
+# ------------------------------------------------------------------ timm tags (Hugging Face hub)
+def check_tag(tag: str) -> str:
+  """A timm tag ``<architecture>[.<weights>]`` as the hub names repositories, or WeightsError."""
+  if not _TAG_RE.fullmatch(tag):
+    raise WeightsError(f"{tag!r} is not a timm tag such as 'convnext_tiny.fb_in22k_ft_in1k'")
+  return tag
+
+
+def timm_model_name(tag: str) -> str:
+  """The encoder a timm tag's weights are for: 'convnext_tiny.fb_in22k_ft_in1k' ->
+  'convnext_tiny', 'tf_efficientnetv2_s.in21k_ft_in1k' -> 'efficientnet_v2_tf_s' (TF "SAME"
+  padding), 'efficientnetv2_s' -> 'efficientnet_v2_s'."""
+  arch = check_tag(tag).partition(".")[0]
+  for timm_prefix, prefix in _TIMM_ARCHS:
+    if arch.startswith(timm_prefix):
+      name = prefix + arch[len(timm_prefix):]
+      try:
+        parse_model_name(name)
+      except WeightsError as e:
+        raise WeightsError(f"timm architecture {arch!r} (tag {tag!r}): {e}") from None
+      return name
+  raise WeightsError(f"timm architecture {arch!r} (tag {tag!r}) has no encoder here; known: "
+                     f"{', '.join(p + '<variant>' for p, _ in _TIMM_ARCHS)}")
+
+
+def hub_cache_dir() -> pathlib.Path:
+  """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else huggingface_hub's
+  default (read at each call, so a process may set them after import)."""
+  if os.environ.get("HF_HUB_CACHE"):
+    return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+  if os.environ.get("HF_HOME"):
+    return pathlib.Path(os.environ["HF_HOME"]).expanduser() / "hub"
+  return pathlib.Path(hf_constants.HF_HUB_CACHE)
+
+
+def weights_cache_dir() -> pathlib.Path:
+  """Where fetched weights are kept converted: ``CSPINE_JAX_WEIGHTS``, else
+  ``$XDG_CACHE_HOME/cspine_jax/weights`` (``~/.cache/...``)."""
+  if os.environ.get(CACHE_ENV):
+    return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return pathlib.Path(cache).expanduser() / "cspine_jax" / "weights"
+
+
+def converted_dir(tag: str) -> pathlib.Path:
+  """The converted (imported) folder of a fetched tag."""
+  return weights_cache_dir() / check_tag(tag)
+
+
+def hub_repo(tag: str) -> str:
+  return f"{HUB_ORG}/{check_tag(tag)}"
+
+
+def cached_hub_file(tag: str) -> pathlib.Path | None:
+  """The tag's ``model.safetensors`` in the Hugging Face cache, or None; never downloads."""
+  found = huggingface_hub.try_to_load_from_cache(hub_repo(tag), HUB_FILE,
+                                                 cache_dir=hub_cache_dir())
+  return pathlib.Path(found) if isinstance(found, str) else None
+
+
+def fetch_command(tag: str) -> str:
+  return f"python -m cspine_jax.weights fetch {tag}"
+
+
+def resolve_timm(tag: str) -> pathlib.Path:
+  """The local weights of a timm tag: its converted folder, else the hub file in the Hugging Face
+  cache. Never downloads; WeightsError naming the fetch command when neither is there."""
+  converted = converted_dir(tag)
+  if (converted / META_FILE).is_file():
+    return converted
+  found = cached_hub_file(tag)
+  if found is not None:
+    return found
+  raise WeightsError(
+      f"{TIMM_SCHEME}{tag}: the weights are not on this machine (no {converted}, no "
+      f"{hub_repo(tag)}/{HUB_FILE} in the Hugging Face cache {hub_cache_dir()}); run "
+      f"`{fetch_command(tag)}` first (online, or offline with HF_HUB_OFFLINE=1 and the file in "
+      "the Hugging Face cache), or set model.pretrained='none' for a random start")
+
+
+def load_timm(encoder: nnx.Module, tag: str) -> LoadReport:
+  """``config.model.pretrained = "timm:<tag>"``: the tag's weights (`resolve_timm`) into
+  `encoder`, which must be the encoder they are for (`timm_model_name`)."""
+  name = timm_model_name(tag)
+  fam, variant = parse_model_name(name)
+  have = family_of(encoder)
+  if (have.name, getattr(encoder, "variant", None)) != (fam.name, variant):
+    raise WeightsError(f"{TIMM_SCHEME}{tag}: holds {name} weights; the encoder is "
+                       f"{have.name}_{getattr(encoder, 'variant', '?')} (model.encoder must be "
+                       f"{name!r})")
+  path = resolve_timm(tag)
+  if path.is_dir():
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("model") != name:
+      raise WeightsError(f"{path}: holds {meta.get('model')} weights, not {name} ({TIMM_SCHEME}"
+                         f"{tag}); delete it and run `{fetch_command(tag)}` again")
+  return load_pretrained(encoder, path)
+
+
+def download_hub_file(tag: str) -> pathlib.Path:
+  """The tag's ``model.safetensors`` through huggingface_hub: downloaded into the Hugging Face
+  cache when online, taken from it when ``HF_HUB_OFFLINE=1``; WeightsError when it cannot be had."""
+  repo, cache = hub_repo(tag), hub_cache_dir()
+  try:
+    return pathlib.Path(huggingface_hub.hf_hub_download(repo, HUB_FILE, cache_dir=cache,
+                                                        library_name="cspine_jax"))
+  except hf_errors.LocalEntryNotFoundError as e:
+    raise WeightsError(f"{repo}/{HUB_FILE}: not in the Hugging Face cache {cache} and it cannot "
+                       f"be downloaded (offline: HF_HUB_OFFLINE=1, or no network): {e}") from e
+  except (hf_errors.RepositoryNotFoundError,
+          hf_errors.EntryNotFoundError) as e:
+    raise WeightsError(f"{repo}/{HUB_FILE}: not on the Hugging Face hub (is {tag!r} a timm tag "
+                       f"with safetensors weights?): {e}") from e
+  except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
+    raise WeightsError(f"{repo}/{HUB_FILE}: download failed: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+  """What `fetch_timm` did: the converted folder, the hub file, whether it converted it now."""
+  folder: pathlib.Path
+  hub_file: pathlib.Path
+  model: str
+  converted: bool
+  num_tensors: int
+
+
+def fetch_timm(tag: str, *, model: str | None = None,
+               out: str | pathlib.Path | None = None) -> Fetched:
+  """Downloads (or, offline, finds in the Hugging Face cache) a timm tag's weights and converts
+  them for ``model`` (default: the tag's encoder) into ``out`` (default `converted_dir`). A folder
+  already converted for the same model is kept."""
+  name = model or timm_model_name(tag)
+  folder = pathlib.Path(out) if out is not None else converted_dir(tag)
+  hub_file = download_hub_file(tag)
+  if (folder / META_FILE).is_file():
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("model") != name:
+      raise WeightsError(f"{folder}: already holds {meta.get('model')} weights; converting "
+                         f"{tag} for {name} needs another --out (or delete it)")
+    return Fetched(folder.resolve(), hub_file, name, False, len(meta.get("shapes", {})))
+  folder, report = import_timm(hub_file, name, folder)
+  return Fetched(folder, hub_file, name, True, report.num_tensors)

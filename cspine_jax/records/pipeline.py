@@ -9,7 +9,9 @@ finishes without duplicating or losing a record; a restart with different option
 
 Each worker processes one study at a time (peak memory ~ one study) and sends back only a count or
 an error message. A study that fails lands in the manifest's ``bad_studies`` with the reason; the
-others are written.
+others are written. A worker ends when the process that started it dies (killed, say): left
+running, it would finish its study and then wait forever, and a restarted run would race it
+writing the same shard.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import numpy as np
 import tqdm
 
 from cspine_jax import labels as labels_lib
+from cspine_jax import workers as workers_lib
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.pp import image as image_lib
 from cspine_jax.pp import options as options_lib
@@ -191,10 +194,15 @@ def _run_all(plan: Plan, todo: Sequence[study_lib.StudyInput], task_dir: pathlib
       return
     if any(s.mask_path is not None for s in todo):
       from cspine_jax.io import nifti  # noqa: F401  # lazy: imported before the fork, so workers inherit nibabel
-    ctx = multiprocessing.get_context(resolve_start_method(start_method))
+    method = resolve_start_method(start_method)
+    ctx = multiprocessing.get_context(method)
     # Largest studies first: the last study to finish is then a small one (less idle tail).
     todo = sorted(todo, key=lambda s: -_num_files(s.image_dir))
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # A forkserver's workers are its children, not this process's.
+    parent = os.getpid() if method in ("fork", "spawn") else None
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                initializer=workers_lib.end_with_parent,
+                                                initargs=(parent,)) as pool:
       futures = [pool.submit(run_study, plan.task, s, plan.options, str(task_dir)) for s in todo]
       try:
         for f in concurrent.futures.as_completed(futures):

@@ -5,16 +5,18 @@ building and reading need no TensorFlow:
 
     python -m data_prep.build_tfds --data_dir RSNA --out TFDS_DIR --task stage2 \\
         [--image_size 224] [...same options as data_prep.prepare...] \\
-        --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2"
+        --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,\\
+direct_running_mode=multi_processing"
 
     ds = tfds.data_source("cspine_records/stage2", data_dir=TFDS_DIR)        # predefined configs
     ds = tfds.builder_from_directory(PATH_TO_VERSION_DIR).as_data_source()  # any config
 
-The predefined configs (``stage1``, ``stage2``, ``slices2d`` at 224, ``cnn3d`` at 224^3) follow the
-paper; other options get a config named ``<task>_<hash>``. With TensorFlow installed the stock CLI
-works too (it imports TensorFlow, which is why ``data_prep.build_tfds`` exists):
-``tfds build cspine_jax/records/tfds_builder.py --manual_dir RSNA --config stage2
---file_format array_record --beam_pipeline_options=...``.
+Without direct_running_mode the DirectRunner runs in one process whatever direct_num_workers
+says. The predefined configs (``stage1``, ``stage2``, ``slices2d`` at 224, ``cnn3d`` at 224^3)
+follow the paper: its options build them; other options get a config named ``<task>_<hash>``.
+With TensorFlow installed the stock CLI works too (it imports TensorFlow, which is why
+``data_prep.build_tfds`` exists): ``tfds build cspine_jax/records/tfds_builder.py --manual_dir
+RSNA --config stage2 --file_format array_record --beam_pipeline_options=...``.
 Strings come back from TFDS as bytes (``study_uid``).
 """
 from __future__ import annotations
@@ -99,9 +101,13 @@ def build(data_dir: str | os.PathLike, tfds_dir: str | os.PathLike, task: str,
           options: options_lib.Options | None = None, *, vertebrae_file: str | None = None,
           beam_pipeline_options: str | Sequence[str] | None = "runner=DirectRunner"
           ) -> CspineRecords:
-  """Builds one config with Beam (``download_and_prepare``) and returns the builder."""
+  """Builds one config with Beam (``download_and_prepare``) and returns the builder. The paper's
+  options build the predefined config of their task (TFDS refuses a new config object under a
+  predefined name); any others a config named by their hash."""
   options = options or _paper_options(task)
-  config = CspineConfig(task=task, options=options, vertebrae_file=vertebrae_file)
+  config = CspineRecords.builder_configs.get(config_name(task, options, vertebrae_file))
+  if config is None:
+    config = CspineConfig(task=task, options=options, vertebrae_file=vertebrae_file)
   builder = CspineRecords(config=config, data_dir=os.fspath(tfds_dir), file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(data_dir),

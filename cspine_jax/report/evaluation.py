@@ -1,8 +1,9 @@
 """Scores predictions with the competition metric and builds the evaluation report blocks.
 
 Predictions are wide (StudyInstanceUID, patient_overall, C1..C7) or Kaggle long (row_id,
-fractured). The first predictions are the ones scored; more (``NAME=PATH``) join them in the
-results table beside the constant-prior baseline. Used by ``evaluate.py``.
+fractured); so are the labels (train.csv, or a Kaggle answer file of 0/1 rows: `read_labels`). The
+first predictions are the ones scored; more (``NAME=PATH``) join them in the results table beside
+the constant-prior baseline. Used by ``evaluate.py``.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from cspine_jax import labels as labels_lib
@@ -18,6 +20,28 @@ from cspine_jax.report import plots, tables
 
 # What bad input raises (each names the file and the problem).
 INPUT_ERRORS = (labels_lib.TableError, metrics.PredictionError)
+
+
+def read_labels(path: str | os.PathLike) -> pd.DataFrame:
+  """Labels as train.csv's wide frame (StudyInstanceUID, patient_overall, C1..C7 int64 0/1) from
+  train.csv or from the Kaggle answer format (``row_id,fractured``: ``<UID>_<target>`` rows, 8 per
+  study, 0 or 1; other columns such as ``Usage`` are ignored)."""
+  try:
+    columns = pd.read_csv(path, nrows=0).columns
+  except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    raise labels_lib.TableError(f"{path}: cannot read CSV: {e}") from e
+  if not {"row_id", "fractured"} <= set(columns):
+    return labels_lib.read_train_csv(path)
+  wide = metrics.read_predictions(path)  # the one long -> wide reader (validated, in [0, 1])
+  values = wide[list(labels_lib.TARGETS)].to_numpy(np.float64)
+  bad = np.argwhere((values != 0) & (values != 1))
+  if len(bad):
+    i, j = bad[0]
+    row_id = f"{wide['StudyInstanceUID'].iloc[i]}_{labels_lib.TARGETS[j]}"
+    raise labels_lib.TableError(f"{path}: row_id {row_id}: fractured={values[i, j]:g} is not 0 "
+                                "or 1")
+  wide[list(labels_lib.TARGETS)] = values.astype(np.int64)
+  return wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +110,20 @@ def evaluate(labels: str | os.PathLike, predictions: str | Sequence[str], *,
              plot: str | os.PathLike | None = None) -> tuple[float, list[str]]:
   """(score of the first predictions, report blocks).
 
+  ``labels`` and ``train_labels`` are train.csv or Kaggle answer files (`read_labels`);
   ``predictions`` are paths or ``NAME=PATH``; ``folds`` a CSV with StudyInstanceUID and fold
   (default: the first predictions' own fold column, if any); ``subset`` scores only the labelled
   studies that were predicted; ``plot`` writes the first predictions' reliability diagram.
   Raises one of ``INPUT_ERRORS`` on bad input.
   """
-  label_frame = labels_lib.read_train_csv(labels)
+  label_frame = read_labels(labels)
   specs = [predictions] if isinstance(predictions, (str, os.PathLike)) else list(predictions)
   named = [tables.split_named(os.fspath(s), "predictions" if i == 0 else f"model {i + 1}")
            for i, s in enumerate(specs)]
   models = {name: metrics.read_predictions(path) for name, path in named}
   predictions_path = named[0][1]
   scored = models[named[0][0]]
-  train_frame = labels_lib.read_train_csv(train_labels) if train_labels else None
+  train_frame = read_labels(train_labels) if train_labels else None
   blocks = []
   if subset:
     predicted = label_frame["StudyInstanceUID"].isin(set(scored["StudyInstanceUID"]))

@@ -6,10 +6,9 @@ path.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
-from typing import Mapping
+from typing import Any, Mapping
 
 import matplotlib
 
@@ -103,49 +102,95 @@ def _group(name: str) -> tuple[str, str]:
   return (head, tail) if sep and tail.startswith("fold") else (name, "")
 
 
-def learning_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike,
-                    title: str = "Learning curves") -> pathlib.Path:
-  """One panel per model (logs named ``model/fold_k`` share a panel, one colour per fold).
+def smooth(values: pd.Series, span: int | None = None) -> pd.Series:
+  """Exponential moving average (bias-corrected, like TensorBoard's smoothing) of a loss curve;
+  ``span`` None: a fifteenth of its points, between 1 (no smoothing) and 50."""
+  if span is None:
+    span = int(min(max(round(len(values) / 15), 1), 50))
+  return values.ewm(span=span, adjust=True).mean()
 
-  Training loss solid, validation loss dashed (left axis); validation metric dotted (right axis).
+
+# How each curve is drawn: (colour, line style, width, alpha, legend label).
+_STYLES = {"raw": ("C0", "-", 0.8, 0.3, "train loss"),
+           "smooth": ("C0", "-", 1.6, 1.0, "train loss (EMA)"),
+           "val": ("C1", "--", 1.4, 1.0, "val loss"),
+           "score": ("C2", ":", 1.6, 1.0, "val metric (right axis)")}
+_MAX_COLUMNS = 4
+
+
+def _draw(ax, log: pd.DataFrame, handles: dict[str, Any]) -> None:
+  """One model's curves on ``ax``; its legend entries go to ``handles`` (one figure legend)."""
+  x_col, curves = curve_columns(log)
+  xs = log[x_col] if x_col else pd.Series(np.arange(len(log)), index=log.index)
+  twin = None
+  for c in curves:
+    ok = log[c].notna()
+    x, y = xs[ok], log[c][ok]
+    if c == TRAIN_KEY:
+      kinds = [("raw", y), ("smooth", smooth(y))]
+    elif c == VAL_KEY:
+      kinds = [("val", y)]
+    else:
+      if twin is None:
+        twin = ax.twinx()
+        twin.set_ylabel("val metric", fontsize=8)
+        twin.tick_params(labelsize=7)
+      kinds = [("score", y)]
+    for kind, values in kinds:
+      colour, ls, lw, alpha, label = _STYLES[kind]
+      (line,) = (twin if kind == "score" else ax).plot(
+          x, values, color=colour, ls=ls, lw=lw, alpha=alpha,
+          marker="." if kind in ("val", "score") and ok.sum() < 30 else None)
+      handles.setdefault(label, line)
+  ax.set_xlabel(x_col or "log line", fontsize=8)
+  ax.set_ylabel("loss", fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.grid(alpha=0.3)
+
+
+def learning_curves_figure(logs: Mapping[str, str | os.PathLike],
+                           title: str = "Learning curves") -> plt.Figure:
+  """One panel per model (a log: one fold's or one member's run), at most four to a row; the
+  panels of one model name (``stage2/fold_0``, ``stage2/fold_0_member_1``, ...) stay together
+  (a name with more than four starts and ends its own rows).
+
+  Training loss raw and faint, its moving average (`smooth`) over it; validation loss dashed;
+  validation metric dotted on a right axis. One legend for the figure, below the panels.
   """
   groups: dict[str, list[tuple[str, pd.DataFrame]]] = {}
   for name, log_path in logs.items():
-    g, member = _group(name)
-    groups.setdefault(g, []).append((member, read_jsonl(log_path)))
-  n = max(len(groups), 1)
-  cols = min(n, 3)
-  rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-  for ax in axes.ravel()[len(groups):]:
-    ax.axis("off")
-  for ax, (g, members) in zip(axes.ravel(), groups.items()):
-    twin = None
-    x_name = "log line"
-    for i, (member, log) in enumerate(members):
-      x_col, curves = curve_columns(log)
-      x_name = x_col or x_name
-      xs = log[x_col] if x_col else pd.Series(np.arange(len(log)))
-      for c in curves:
-        is_score = c in SCORE_KEYS
-        if is_score and twin is None:
-          twin = ax.twinx()
-          twin.set_ylabel("val metric", fontsize=8)
-        ok = log[c].notna()
-        style = ":" if is_score else ("--" if c == VAL_KEY else "-")
-        (twin if is_score else ax).plot(
-            xs[ok], log[c][ok], ls=style, marker="." if ok.sum() < 30 else None, lw=1.4,
-            color=f"C{i % 10}", label=f"{member} {c}".strip())
-    ax.set(title=g, xlabel=x_name, ylabel="loss")
-    ax.grid(alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()
-    if twin is not None:
-      h2, n2 = twin.get_legend_handles_labels()
-      handles, names = handles + h2, names + n2
-    if handles:
-      ax.legend(handles, names, fontsize=7, loc="best")
+    groups.setdefault(_group(name)[0], []).append((name, read_jsonl(log_path)))
+  cols = min(max(len(logs), 1), _MAX_COLUMNS)
+  rows: list[list[tuple[str, pd.DataFrame]]] = [[]]
+  for members in groups.values():  # whole models side by side; one that wraps has its own rows
+    if len(rows[-1]) + len(members) > cols and rows[-1]:
+      rows.append([])
+    for i in range(0, len(members), cols):
+      if i:
+        rows.append([])
+      rows[-1].extend(members[i:i + cols])
+    if len(members) > cols:
+      rows.append([])
+  rows = [row for row in rows if row] or [[]]
+  fig = plt.figure(figsize=(3.6 * cols + 0.4, 2.7 * len(rows) + 0.9), layout="constrained")
+  grid = fig.add_gridspec(len(rows), cols)
+  handles: dict[str, Any] = {}
+  for r, row in enumerate(rows):
+    for c, (name, log) in enumerate(row):
+      ax = fig.add_subplot(grid[r, c])
+      _draw(ax, log, handles)
+      ax.set_title(name, fontsize=9)
+  if handles:
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=len(handles) if cols > 2 else 2, fontsize=8, frameon=False)
   fig.suptitle(title)
-  return _save(fig, path)
+  return fig
+
+
+def learning_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike,
+                    title: str = "Learning curves") -> pathlib.Path:
+  """`learning_curves_figure` written to ``path``."""
+  return _save(learning_curves_figure(logs, title), path)
 
 
 def table_figure(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> pathlib.Path:
@@ -166,7 +211,8 @@ def table_figure(df: pd.DataFrame, path: str | os.PathLike, title: str = "") -> 
 def _save(fig, path: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
+  if fig.get_layout_engine() is None:
+    fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -2,9 +2,9 @@
 
 A benchmark is only evidence of learning fractures if cues that need no model of a fracture fail
 on it. The probe sees the same stage-2 records as stage 2 (a vertebra's 24 windowed slices in its
-crop) through a few hand-made features: the crop's intensity percentiles and histogram, and the
-share of dark pixels that bone encloses (a cleft or a gap inside a vertebral body), per slice and
-over the vertebra. Fitted per fold on the training folds' vertebrae, it predicts the held-out
+crop) through hand-made features: the crop's intensity percentiles and histogram, the share of
+dark pixels that bone encloses (a cleft or a gap inside a vertebral body) at several thresholds,
+edge strength and low percentiles inside bone, per slice and over the vertebra. Fitted per fold on the training folds' vertebrae, it predicts the held-out
 fold's, and patient_overall follows as for stage 2 (top-N), so its out-of-fold metric sits in the
 results table beside the models'. A benchmark level is honest when the probe stays near the
 prior while the method does clearly better.
@@ -28,32 +28,56 @@ from cspine_jax.inputs import loader as loader_lib
 NAME = "Shortcut probe (crop statistics)"
 PERCENTILES = (5, 25, 50, 75, 95, 99)
 HISTOGRAM_BINS = 16
-# uint8 grey levels of the records' bone window (level 400, width 1800 HU): bone above ~250 HU,
-# "dark" (soft tissue, fat, air) below ~100 HU.
-BONE_LEVEL = 106
-DARK_LEVEL = 85
+# uint8 grey levels of the records' bone window (level 400, width 1800 HU): bone from ~180-320
+# HU up, "dark" (soft tissue, fat, air, a cleft's blood) below ~-80..+140 HU; several of each, so
+# the probe does not hinge on one threshold.
+BONE_LEVELS = (96, 106, 116)
+DARK_LEVELS = (60, 75, 90)
 
 
-def enclosed_dark_fraction(slice_u8: np.ndarray) -> float:
+def enclosed_dark_fraction(slice_u8: np.ndarray, bone_level: int = BONE_LEVELS[1],
+                           dark_level: int = DARK_LEVELS[2]) -> float:
   """Share of the pixels inside bone's outline (holes of the bone mask filled) that are dark."""
-  bone = slice_u8 >= BONE_LEVEL
+  bone = slice_u8 >= bone_level
   if not bone.any():
     return 0.0
   filled = ndimage.binary_fill_holes(bone)
   inside = filled & ~bone
-  return float((inside & (slice_u8 < DARK_LEVEL)).sum() / max(filled.sum(), 1))
+  return float((inside & (slice_u8 < dark_level)).sum() / max(filled.sum(), 1))
+
+
+def slice_features(s: np.ndarray) -> list[float]:
+  """One slice: enclosed-dark and enclosed shares at each level pair, the edge strength inside
+  bone, and the low percentiles of the pixels inside bone."""
+  out = []
+  for bone_level in BONE_LEVELS:
+    bone = s >= bone_level
+    filled = ndimage.binary_fill_holes(bone)
+    inside = filled & ~bone
+    n = max(int(filled.sum()), 1)
+    out += [float((inside & (s < dark)).sum()) / n for dark in DARK_LEVELS]
+    out.append(float(inside.sum()) / n)
+  bone = ndimage.binary_fill_holes(s >= BONE_LEVELS[1])
+  edges = np.hypot(ndimage.sobel(s, 0), ndimage.sobel(s, 1))
+  out.append(float(edges[bone].mean()) / 255 if bone.any() else 0.0)
+  inside = s[bone]
+  out += list(np.percentile(inside, (1, 5, 10)) / 255) if inside.size else [0.0] * 3
+  return out
 
 
 def features(images: np.ndarray, vertebra: int) -> np.ndarray:
-  """One stage-2 sample ((T, H, W, 3) uint8, its slices in (T, C) order) -> a feature vector."""
+  """One stage-2 sample ((T, H, W, 3) uint8, its slices in (T, C) order) -> a feature vector:
+  the crop's intensity percentiles and histogram, :func:`slice_features` over its slices
+  (mean, max, min, spread) and the vertebra."""
   slices = np.moveaxis(np.asarray(images), -1, 1).reshape(-1, *images.shape[1:3])
-  pixels = slices.reshape(-1).astype(np.float32)
+  slices = slices.astype(np.float32)
+  pixels = slices.reshape(-1)
   hist = np.bincount((pixels * HISTOGRAM_BINS / 256).astype(np.int64),
                      minlength=HISTOGRAM_BINS)[:HISTOGRAM_BINS] / max(len(pixels), 1)
-  dark = np.array([enclosed_dark_fraction(s) for s in slices])
+  per = np.array([slice_features(s) for s in slices])
   onehot = np.eye(labels_lib.NUM_VERTEBRAE)[vertebra]
-  return np.concatenate([np.percentile(pixels, PERCENTILES) / 255.0, hist,
-                         [dark.mean(), dark.max(), np.percentile(dark, 90)], onehot])
+  return np.concatenate([np.percentile(pixels, PERCENTILES) / 255.0, hist, per.mean(0),
+                         per.max(0), per.min(0), per.std(0), onehot])
 
 
 def read_features(records_dir: str | pathlib.Path) -> pd.DataFrame:

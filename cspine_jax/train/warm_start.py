@@ -1,10 +1,12 @@
 """Where a model's image encoder starts: ImageNet weights, or another run's encoder of the same fold.
 
-``config.model.pretrained`` names a timm file or an imported folder (``models.pretrained``), or a
-training run folder (one holding ``checkpoints/``), whose model's encoder is copied. ``{fold}`` in
-the path becomes the fold being trained, so stage 2 of fold k can start from the encoder another
-model learned on fold k's training studies; a run of another fold is refused, since its model
-trained on this fold's validation studies.
+``config.model.pretrained`` names ImageNet weights by their timm tag (``"timm:<tag>"``, found in
+the local caches that ``python -m cspine_jax.weights fetch <tag>`` fills; never downloaded here), a
+timm file or an imported folder (``models.pretrained``), or a training run folder (one holding
+``checkpoints/``), whose model's encoder is copied. ``{fold}`` in the path becomes the fold being
+trained, so stage 2 of fold k can start from the encoder another model learned on fold k's
+training studies; a run of another fold is refused, since its model trained on this fold's
+validation studies. ``"none"`` (like None) is a random start, said explicitly.
 """
 from __future__ import annotations
 
@@ -41,12 +43,18 @@ def read_run_folder(folder: str | pathlib.Path) -> tuple[dict[str, Any], pretrai
   return meta, {k: (v, f"{folder.name}@{meta['step']}:{k}") for k, v in arrays.items()}
 
 
+# config.model.pretrained: a random start, said explicitly (a method that requires pretrained
+# encoders accepts it where it refuses an unset field).
+RANDOM_INIT = "none"
+
+
 def load_encoder(encoder: nnx.Module, path: str | pathlib.Path) -> pretrained.LoadReport:
-  """Copies weights into ``encoder`` from a timm file, an imported folder or a run folder; the
-  report's ``fold`` is the run's held-out fold (None for ImageNet weights)."""
+  """Copies weights into ``encoder`` from a timm tag (``"timm:<tag>"``), a timm file, an imported
+  folder or a run folder; the report's ``fold`` is the run's held-out fold (None for ImageNet
+  weights)."""
+  if not (pathlib.Path(path).is_dir() and (pathlib.Path(path) / "checkpoints").is_dir()):
+    return pretrained.load_pretrained(encoder, path)  # "timm:<tag>" stays a string
   path = pathlib.Path(path)
-  if not (path.is_dir() and (path / "checkpoints").is_dir()):
-    return pretrained.load_pretrained(encoder, path)
   meta, converted = read_run_folder(path)
   family = pretrained.family_of(encoder).name
   if meta["family"] != family:
@@ -57,8 +65,12 @@ def load_encoder(encoder: nnx.Module, path: str | pathlib.Path) -> pretrained.Lo
 
 
 def init_encoder(model: nnx.Module, path: str, fold: int | None,
-                 model_name: str | None = None) -> pretrained.LoadReport:
-  """``model``'s encoder from ``path`` (``{fold}`` filled in), refusing a run of another fold."""
+                 model_name: str | None = None) -> pretrained.LoadReport | None:
+  """``model``'s encoder from ``path`` (``{fold}`` filled in), refusing a run of another fold;
+  None (the model left as built) for ``"none"``."""
+  if path == RANDOM_INIT:
+    logging.info("encoder of %s: random init (model.pretrained=%r)", model_name, path)
+    return None
   if "{fold}" in path:
     if fold is None:
       raise ValueError(f"model.pretrained={path}: '{{fold}}' needs a fold to train")

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -176,20 +177,46 @@ void RunForward(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const
   });
 }
 
-// x NHWC, k (kh, kw, C) and y NHWC with the same channels.
+// Every handler checks what its loops index by before running them: the loops trust the shapes
+// (a batch, channel count or bias length that disagrees would read or write past a buffer) and
+// divide by the strides.
 using Dims = ffi::AnyBuffer::Dimensions;
 
-bool ForwardShapesFit(const Dims& xd, const Dims& kd, const Dims& yd) {
-  return xd.size() == 4 && kd.size() == 3 && yd.size() == 4 && kd[2] == xd[3] && yd[3] == xd[3];
+// x NHWC, k (kh, kw, C) and y NHWC with x's batch and channels, bias (C,), strides > 0 and
+// paddings >= 0.
+bool ForwardShapesFit(const Dims& xd, const Dims& kd, const Dims& yd, int64_t bias_count) {
+  return xd.size() == 4 && kd.size() == 3 && yd.size() == 4 && kd[2] == xd[3] &&
+         yd[0] == xd[0] && yd[3] == xd[3] && bias_count == xd[3];
+}
+
+bool StridesFit(int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  return sh > 0 && sw > 0 && ph >= 0 && pw >= 0;
+}
+
+ffi::Error BadStrides(const char* what, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  return ffi::Error::InvalidArgument(std::string(what) + ": want strides > 0 and paddings >= 0, " +
+                                     "got stride (" + std::to_string(sh) + ", " +
+                                     std::to_string(sw) + "), padding (" + std::to_string(ph) +
+                                     ", " + std::to_string(pw) + ")");
+}
+
+std::string Shape(const Dims& d) {
+  std::string out = "(";
+  for (size_t i = 0; i < d.size(); ++i) out += (i ? ", " : "") + std::to_string(d[i]);
+  return out + ")";
 }
 
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                             int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  if (!ForwardShapesFit(xd, kd, yd)) {
-    return ffi::Error::InvalidArgument("depthwise forward: want x NHWC, k (kh,kw,C), y NHWC");
+  if (!ForwardShapesFit(xd, kd, yd, bias.element_count())) {
+    return ffi::Error::InvalidArgument(
+        "depthwise forward: want x NHWC, k (kh,kw,C), bias (C,), y NHWC with x's N and C; got x " +
+        Shape(xd) + ", k " + Shape(kd) + ", bias " + Shape(bias.dimensions()) + ", y " +
+        Shape(yd));
   }
+  if (!StridesFit(sh, sw, ph, pw)) return BadStrides("depthwise forward", sh, sw, ph, pw);
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, ph, pw};
   RunForward(pool, g, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data());
   return ffi::Error::Success();
@@ -205,11 +232,17 @@ ffi::Error DepthwiseForwardNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
                                       int64_t ph, int64_t pw, float eps) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions(), rd = rstd->dimensions();
   const bool affine = scale.element_count() > 0;
-  if (!ForwardShapesFit(xd, kd, yd) || rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2] ||
+  if (!ForwardShapesFit(xd, kd, yd, bias.element_count()) || rd.size() != 3 || rd[0] != yd[0] ||
+      rd[1] != yd[1] || rd[2] != yd[2] ||
       (affine && (scale.element_count() != xd[3] || shift.element_count() != xd[3]))) {
     return ffi::Error::InvalidArgument(
-        "depthwise forward normalized: want x NHWC, k (kh,kw,C), scale and shift (C,) or empty, "
-        "y NHWC, rstd NHW");
+        "depthwise forward normalized: want x NHWC, k (kh,kw,C), bias (C,), scale and shift (C,) "
+        "or empty, y NHWC with x's N and C, rstd NHW; got x " + Shape(xd) + ", k " + Shape(kd) +
+        ", bias " + Shape(bias.dimensions()) + ", scale " + Shape(scale.dimensions()) +
+        ", shift " + Shape(shift.dimensions()) + ", y " + Shape(yd) + ", rstd " + Shape(rd));
+  }
+  if (!StridesFit(sh, sw, ph, pw)) {
+    return BadStrides("depthwise forward normalized", sh, sw, ph, pw);
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], sh, sw, ph, pw};
   const Norm norm{rstd->typed_data(), eps, affine ? scale.typed_data() : nullptr,
@@ -247,9 +280,13 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy,
                               ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx,
                               int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   auto gd = gy.dimensions(), kd = k.dimensions(), xd = dx->dimensions();
-  if (gd.size() != 4 || kd.size() != 3 || xd.size() != 4 || kd[2] != gd[3] || xd[3] != gd[3]) {
-    return ffi::Error::InvalidArgument("depthwise input grad: want g NHWC, k (kh,kw,C), dx NHWC");
+  if (gd.size() != 4 || kd.size() != 3 || xd.size() != 4 || kd[2] != gd[3] || xd[3] != gd[3] ||
+      xd[0] != gd[0]) {
+    return ffi::Error::InvalidArgument(
+        "depthwise input grad: want g NHWC, k (kh,kw,C), dx NHWC with g's N and C; got g " +
+        Shape(gd) + ", k " + Shape(kd) + ", dx " + Shape(xd));
   }
+  if (!StridesFit(sh, sw, ph, pw)) return BadStrides("depthwise input grad", sh, sw, ph, pw);
   const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], kd[0], kd[1], sh, sw, ph, pw};
   const float* gp = gy.typed_data();
   const float* kp = k.typed_data();
@@ -325,8 +362,11 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto xd = x.dimensions(), gd = gy.dimensions(), kd = dk->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || kd.size() != 3 || gd[3] != xd[3] || kd[2] != xd[3] ||
       gd[0] != xd[0]) {
-    return ffi::Error::InvalidArgument("depthwise kernel grad: want x, g NHWC, dk (kh,kw,C)");
+    return ffi::Error::InvalidArgument(
+        "depthwise kernel grad: want x, g NHWC with the same N and C, dk (kh,kw,C); got x " +
+        Shape(xd) + ", g " + Shape(gd) + ", dk " + Shape(kd));
   }
+  if (!StridesFit(sh, sw, ph, pw)) return BadStrides("depthwise kernel grad", sh, sw, ph, pw);
   const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], kd[0], kd[1], sh, sw, ph, pw};
   const float* xp = x.typed_data();
   const float* gp = gy.typed_data();

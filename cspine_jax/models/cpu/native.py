@@ -7,6 +7,11 @@ handlers for the CPU platform. Where that cannot be done (no compiler, a failed 
 CSPINE_NATIVE=0) it logs why once and returns False; models then take the XLA form ("shifted"),
 which computes the same. `loaded()` only reports; nothing else here builds.
 
+Loading a shared library runs its code, so the cache is guarded: the folder must be the user's
+own and writable by no one else (a new one is made 0700; another is refused, and the XLA form
+used), and a library is loaded only when its SHA-256 matches the one recorded beside it when it
+was built (``<library>.sha256``, written last and atomically); any other file is built again.
+
 Environment: CSPINE_NATIVE=0 turns the kernels off; CSPINE_NATIVE_CACHE sets the cache folder
 (default ~/.cache/cspine_jax/native, or a folder in the temporary directory where the home
 folder cannot be written); CXX names the compiler (default: g++, else c++, clang++).
@@ -20,6 +25,7 @@ import os
 import pathlib
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 
@@ -27,6 +33,8 @@ from absl import logging
 import jax
 import jaxlib
 import numpy as np
+
+from cspine_jax.io import files
 
 SOURCE = pathlib.Path(__file__).with_name("depthwise_cpu.cc")
 # ffi target name -> exported handler symbol.
@@ -36,6 +44,7 @@ TARGETS = {"cspine_depthwise_forward": "CspineDepthwiseForward",
            "cspine_depthwise_kernel_grad": "CspineDepthwiseKernelGrad"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 BUILD_TIMEOUT_S = 300
+HASH_SUFFIX = ".sha256"  # <library>.sha256: the library's SHA-256, recorded when it was built
 
 
 class NativeBuildError(RuntimeError):
@@ -63,17 +72,58 @@ def _cpu_signature() -> str:
 
 def cache_dir() -> pathlib.Path:
   """CSPINE_NATIVE_CACHE, else ~/.cache/cspine_jax/native, else (a home folder that cannot be
-  written, as on some CI runners) a per-user folder in the temporary directory."""
+  written, as on some CI runners) a per-user folder in the temporary directory; made 0700 where
+  missing, and refused (NativeBuildError) unless it is a folder of this user that no other user
+  can write: anyone who can put a file there could have it loaded into this process."""
   if os.environ.get("CSPINE_NATIVE_CACHE"):
-    return pathlib.Path(os.environ["CSPINE_NATIVE_CACHE"])
+    return private_dir(pathlib.Path(os.environ["CSPINE_NATIVE_CACHE"]))
   home = pathlib.Path.home() / ".cache" / "cspine_jax" / "native"
   try:
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.access(home, os.W_OK):
-      return home
+      return private_dir(home)
   except OSError:
     pass
-  return pathlib.Path(tempfile.gettempdir()) / f"cspine_jax_native_{os.getuid()}"
+  return private_dir(pathlib.Path(tempfile.gettempdir()) / f"cspine_jax_native_{os.getuid()}")
+
+
+def private_dir(path: pathlib.Path) -> pathlib.Path:
+  """``path``, made 0700 where missing; NativeBuildError unless it is a real folder (not a link)
+  owned by this user and not writable by its group or others."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+  except OSError as e:
+    raise NativeBuildError(f"native kernel cache {path}: cannot create it ({e})") from e
+  why = None
+  if not stat.S_ISDIR(st.st_mode):
+    why = "it is not a folder (a link or a file)"
+  elif st.st_uid != os.getuid():
+    why = f"it belongs to user id {st.st_uid}, not to this user ({os.getuid()})"
+  elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    why = f"its group or other users can write it (mode {stat.S_IMODE(st.st_mode):o})"
+  if why:
+    raise NativeBuildError(f"refusing the native kernel cache {path}: {why}, so another user "
+                           "could plant a library there; remove it, or set CSPINE_NATIVE_CACHE "
+                           "to a folder of your own (mode 700)")
+  return path
+
+
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _hash_path(library: pathlib.Path) -> pathlib.Path:
+  return library.with_name(library.name + HASH_SUFFIX)
+
+
+def verified(library: pathlib.Path) -> bool:
+  """Whether ``library`` is the file built here: its SHA-256 is the one recorded at build time."""
+  try:
+    return _hash_path(library).read_text().strip() == _sha256(library)
+  except OSError:
+    return False
 
 
 def library_path(compiler: str) -> pathlib.Path:
@@ -87,7 +137,7 @@ def library_path(compiler: str) -> pathlib.Path:
 
 def build(compiler: str, out: pathlib.Path) -> None:
   """Compiles the source into `out` (written under a temporary name, then renamed: processes
-  building at once each finish with a whole file)."""
+  building at once each finish with a whole file), then records its SHA-256 beside it."""
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
   os.close(fd)
@@ -97,7 +147,10 @@ def build(compiler: str, out: pathlib.Path) -> None:
     if done.returncode != 0:
       raise NativeBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                              f"{done.stderr[-2000:]}")
+    digest = _sha256(pathlib.Path(tmp))
     os.replace(tmp, out)
+    # Written last: a library without its hash (a build cut short here) is built again.
+    files.write_text(_hash_path(out), digest + "\n")
   except subprocess.TimeoutExpired as e:
     raise NativeBuildError(f"{' '.join(cmd)} took over {BUILD_TIMEOUT_S} s") from e
   finally:
@@ -106,15 +159,22 @@ def build(compiler: str, out: pathlib.Path) -> None:
 
 
 def load() -> ctypes.CDLL:
-  """The built library (building it first where the cache lacks it or holds a broken file)."""
+  """The built library (building it first where the cache lacks it, or holds a file whose hash
+  is not the one recorded when it was built: broken, cut short or replaced)."""
   compiler = _compiler()
   path = library_path(compiler)
   if path.exists():
-    try:
-      return ctypes.CDLL(str(path))
-    except OSError as e:  # a truncated or foreign file: build it again
-      logging.warning("native kernels: %s does not load (%s); building it again", path, e)
+    if verified(path):
+      try:
+        return ctypes.CDLL(str(path))
+      except OSError as e:  # e.g. built for a library no longer installed
+        logging.warning("native kernels: %s does not load (%s); building it again", path, e)
+    else:
+      logging.warning("native kernels: %s is not the library built here (its SHA-256 is not the "
+                      "one recorded in %s); building it again", path, _hash_path(path).name)
   build(compiler, path)
+  if not verified(path):  # another process replaced it since: load nothing unverified
+    raise NativeBuildError(f"{path} changed while it was being built; not loading it")
   try:
     return ctypes.CDLL(str(path))
   except OSError as e:
