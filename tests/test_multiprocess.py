@@ -1,12 +1,16 @@
 """Two JAX processes on this machine (``train.processes``, gloo collectives, one workdir): the
-losses of one process, a process killed mid-run, the others stopped, the run resumed; the
-two-process checkpoint read back by one process."""
+losses of one process, a process killed mid-run, the others stopped naming it, the run resumed; the
+two-process checkpoint read back by one process; what process 0 makes, the others wait for; a
+killed launcher takes its processes with it."""
 import io
 import json
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -107,3 +111,85 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path, monkeypa
   c = _train_losses(broken)
   for s in a:
     assert c[s] == pytest.approx(a[s], rel=1e-5), s
+
+
+_SLEEPER = """
+import os, pathlib, sys, time
+sys.path[:0] = [{repo!r}]
+from cspine_jax.train import runtime
+runtime.end_with_launcher()  # the first thing runtime.start() does
+pathlib.Path(sys.argv[1], os.environ["JAX_PROCESS_ID"]).write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except FileNotFoundError:
+    return False
+  return state != "Z"
+
+
+def test_a_killed_launcher_takes_its_processes_with_it(tmp_path):
+  # Left running, they would race the processes of the same command started again.
+  sleeper = tmp_path / "sleeper.py"
+  sleeper.write_text(_SLEEPER.format(repo=str(REPO)))
+  pids = tmp_path / "pids"
+  pids.mkdir()
+  launcher = subprocess.Popen([sys.executable, "-m", "cspine_jax.launch_local", "--processes=2",
+                               "--", str(sleeper), str(pids)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 60
+  while len(list(pids.iterdir())) < 2:
+    assert launcher.poll() is None and time.monotonic() < deadline
+    time.sleep(0.1)
+  children = [int(p.read_text()) for p in pids.iterdir()]
+  assert all(_alive(pid) for pid in children)
+  launcher.send_signal(signal.SIGKILL)
+  launcher.wait()
+  deadline = time.monotonic() + 10
+  while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not [pid for pid in children if _alive(pid)]
+
+
+# Process 0 makes a file slowly, then fails to make another: process 1 must find the first made
+# when on_first_process returns, and stop with process 0's error on the second.
+_MAKER = """
+import pathlib, sys, time
+sys.path[:0] = [{repo!r}]
+from cspine_jax.train import runtime
+runtime.maybe_initialize_distributed()
+from cspine_jax.pipeline import data
+out = pathlib.Path(sys.argv[1])
+
+def make():
+  time.sleep(3)
+  out.write_text("made")
+  return "result"
+
+def fail():
+  raise OSError("disk full")
+
+print("GOT", data.on_first_process(make, "the test file"), "FOUND", out.exists() and out.read_text())
+try:
+  data.on_first_process(fail, "the other file")
+except Exception as e:
+  print("ERROR", type(e).__name__, e)
+  raise SystemExit(2)
+"""
+
+
+def test_the_others_wait_for_what_process_0_makes(tmp_path):
+  maker = tmp_path / "maker.py"
+  maker.write_text(_MAKER.format(repo=str(REPO)))
+  out = io.StringIO()
+  outcome = processes.run([sys.executable, str(maker), str(tmp_path / "made")], 2, out=out,
+                          grace_s=30, heartbeat_s=HEARTBEAT_S)
+  text = out.getvalue()
+  assert "[p0] GOT result FOUND made" in text and "[p1] GOT None FOUND made" in text, text
+  assert outcome.codes == [2, 2], text
+  assert "[p0] ERROR OSError disk full" in text, text
+  assert ("[p1] ERROR RuntimeError JAX process 0 could not make the other file (failed: OSError: "
+          "disk full); process 1 stops too") in text, text

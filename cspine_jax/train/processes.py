@@ -7,7 +7,9 @@ process's stdout, each line prefixed ``[p<i>]`` (progress-bar redraws at most ev
 ``PROGRESS_EVERY_S``), or to ``<log_dir>/process_<i>.log``. SIGINT/SIGTERM are passed on to every
 process (a second one kills them). When one process fails, the others get ``grace_s`` seconds
 to stop by themselves (the JAX distributed service ends them once the failed one has missed its
-heartbeats) before they are terminated. The result is the worst exit status.
+heartbeats) before they are terminated. The result is the worst exit status. Each process is told
+this one's pid (``CSPINE_LAUNCHER_PID``) and, once ``train.runtime.start`` has run, ends with it:
+a launcher killed and started again never races the old run's processes in the same workdir.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def process_env(index: int, count: int, port: int, devices: int, *,
                 base: dict[str, str] | None = None, platform: str | None = "cpu",
                 heartbeat_s: int | None = None) -> dict[str, str]:
   """The environment of process ``index`` of ``count``: ``base`` (default: this one's) plus the
-  coordinator, the process set, ``devices`` host-platform devices, unbuffered Python output."""
+  coordinator, the process set, ``devices`` host-platform devices, unbuffered Python output and
+  this process as the launcher to end with."""
   env = dict(os.environ if base is None else base)
   env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count),
              JAX_PROCESS_ID=str(index), PYTHONUNBUFFERED="1")
@@ -53,6 +56,7 @@ def process_env(index: int, count: int, port: int, devices: int, *,
     env["JAX_PLATFORMS"] = platform
   if heartbeat_s is not None:
     env[runtime.HEARTBEAT_ENV] = str(int(heartbeat_s))
+  env[runtime.LAUNCHER_ENV] = str(os.getpid())
   return env
 
 

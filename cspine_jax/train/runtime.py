@@ -23,10 +23,12 @@ import re
 import jax
 from jax._src import distributed as jax_distributed  # the service's client: no public handle
 
+from cspine_jax import workers
 from cspine_jax.models.cpu import native
 
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 HEARTBEAT_ENV = "CSPINE_HEARTBEAT_TIMEOUT_S"
+LAUNCHER_ENV = "CSPINE_LAUNCHER_PID"  # set by train.processes: the launcher to end with
 DEFAULT_HEARTBEAT_S = 60
 # What a collective or the distributed service says when another process has gone.
 _PEER_FAILURE_MARKS = ("gloo", "connection closed", "connection reset", "heartbeat",
@@ -71,6 +73,27 @@ def heartbeat_timeout(env: dict[str, str] | None = None) -> int:
   if seconds < 1:
     raise ValueError(f"environment variable {HEARTBEAT_ENV}={value!r} must be at least 1")
   return seconds
+
+
+def end_with_launcher(env: dict[str, str] | None = None) -> None:
+  """A process started by ``launch_local`` (``CSPINE_LAUNCHER_PID``) ends when the launcher dies;
+  at once when it is gone already. Nothing when another process stands between them (a shell)."""
+  value = (os.environ if env is None else env).get(LAUNCHER_ENV)
+  if not value:
+    return
+  try:
+    pid = int(value)
+  except ValueError as e:
+    raise ValueError(f"environment variable {LAUNCHER_ENV}={value!r} is not a pid") from e
+  if os.getppid() == pid:
+    workers.end_with_parent(pid)
+    return
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    os._exit(1)  # the launcher died before this process got here
+  except PermissionError:
+    pass
 
 
 def maybe_initialize_distributed() -> None:
@@ -165,6 +188,7 @@ def compilation_cache(folder: str | os.PathLike) -> None:
 
 def start(*, cache_dir: str | os.PathLike | None = None) -> None:
   """The process-wide set-up of a run (each part once; calling it again changes nothing)."""
+  end_with_launcher()
   maybe_initialize_distributed()
   if jax.default_backend() == "cpu":
     keep_freed_host_memory()
