@@ -172,7 +172,8 @@ def make():
 def fail():
   raise OSError("disk full")
 
-print("GOT", data.on_first_process(make, "the test file"), "FOUND", out.exists() and out.read_text())
+got = data.on_first_process(make, "the test file")
+print("GOT", got, "FOUND", out.exists() and out.read_text())
 try:
   data.on_first_process(fail, "the other file")
 except Exception as e:

@@ -62,8 +62,9 @@ def distributed_args(env: dict[str, str] | None = None) -> dict[str, int]:
 
 
 def heartbeat_timeout(env: dict[str, str] | None = None) -> int:
-  """Seconds without a heartbeat after which a process counts as dead (``CSPINE_HEARTBEAT_TIMEOUT_S``,
-  default 60): how long the others wait for a killed one before they stop."""
+  """Seconds without a heartbeat after which a process counts as dead
+  (``CSPINE_HEARTBEAT_TIMEOUT_S``, default 60): how long the others wait for a killed one before
+  they stop."""
   env = os.environ if env is None else env
   value = env.get(HEARTBEAT_ENV) or str(DEFAULT_HEARTBEAT_S)
   try:
