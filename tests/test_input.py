@@ -76,22 +76,32 @@ def _ids(loader, limit=None):
   return out
 
 
-def _ids_per_process(src, **loader_kw):
-  """(shard options, record ids in loader order) for each of 2 processes' stage-2 loaders."""
-  for shard in range(2):
-    opts = grain.sharding.ShardOptions(shard, 2, drop_remainder=False)
-    loader = loader_lib.make_loader(src, "stage2", shard_options=opts, **loader_kw)
-    yield opts, [i for b in _ids(loader) for i in b]
+def _ids_per_process(src, count=2, **loader_kw):
+  """Record ids per batch of each of ``count`` processes' stage-2 loaders."""
+  for shard in range(count):
+    opts = grain.sharding.ShardOptions(shard, count, drop_remainder=False)
+    yield _ids(loader_lib.make_loader(src, "stage2", shard_options=opts, **loader_kw))
 
 
-def test_each_record_once_per_epoch_across_two_processes(tmp_path):
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_processes_read_the_one_process_batches_once_each(tmp_path, count):
+  # 22 records, global batch 2 * count: each global batch is one process's batch of that size,
+  # its rows split over the processes in order; no record twice in an epoch, the same remainder
+  # left out.
   write_task_shards(tmp_path, "stage2", 22)
   src = open_source(tmp_path, "stage2")
-  seen = []
-  for opts, ids in _ids_per_process(src, batch_size=1, train=True, seed=3, num_epochs=1):
-    assert len(ids) == loader_lib.local_num_records(22, opts)
-    seen += ids
-  assert sorted(seen) == list(range(22))
+  kw = dict(batch_size=2, train=True, seed=3, num_epochs=2)
+  one = _ids(loader_lib.make_loader(src, "stage2", shard_options=grain.sharding.NoSharding(),
+                                    **dict(kw, batch_size=2 * count)))
+  parts = list(_ids_per_process(src, count, **kw))
+  assert [len(p) for p in parts] == [len(one)] * count
+  assert len(one) == 2 * (22 // (2 * count))
+  for b, batch in enumerate(one):
+    assert sum((p[b] for p in parts), []) == batch
+  per_epoch = len(one) // 2
+  for epoch in range(2):
+    seen = sum((sum(p[epoch * per_epoch:(epoch + 1) * per_epoch], []) for p in parts), [])
+    assert len(seen) == len(set(seen)) == per_epoch * 2 * count
 
 
 def test_same_seed_same_order_other_seed_other_order(tmp_path):
@@ -107,33 +117,23 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
   assert sorted(sum(a[4:], [])) == list(range(16)) and sum(a[4:], []) != sum(a[:4], [])
 
 
-def test_process_shares_are_contiguous_and_cover_every_record_once():
-  ids = np.arange(10, 33)  # 23 ids
-  np.testing.assert_array_equal(loader_lib.process_share(ids, grain.sharding.NoSharding()), ids)
-  for count in (2, 3, 5):
-    for drop in (False, True):
-      parts = [loader_lib.process_share(ids, grain.sharding.ShardOptions(i, count, drop))
-               for i in range(count)]
-      sizes = [len(p) for p in parts]
-      assert sizes == [loader_lib.local_num_records(len(ids), grain.sharding.ShardOptions(
-          i, count, drop)) for i in range(count)]
-      if drop:  # equal parts; the last len % count ids are left out
-        assert set(sizes) == {len(ids) // count}
-        np.testing.assert_array_equal(np.concatenate(parts), ids[:sizes[0] * count])
-      else:  # every id once; the first parts are one longer
-        np.testing.assert_array_equal(np.concatenate(parts), ids)
-        assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
-
-
 def test_uneven_held_out_split_reads_every_record_once(tmp_path):
-  # 21 records over 2 processes: 11 + 10, in order.
+  # 21 records, 2 processes x 4: 3 global batches; the last (5 records) is 4 + 1 rows.
   write_task_shards(tmp_path, "stage2", 21)
   src = open_source(tmp_path, "stage2")
-  seen = []
-  for opts, ids in _ids_per_process(src, batch_size=4, train=False, seed=0):
-    assert len(ids) == loader_lib.local_num_records(21, opts) and ids == sorted(ids)
-    seen += ids
-  assert seen == list(range(21))
+  parts = list(_ids_per_process(src, batch_size=4, train=False, seed=0))
+  assert [[len(b) for b in p] for p in parts] == [[4, 4, 4], [4, 4, 1]]
+  assert sum((p[b] for b in range(3) for p in parts), []) == list(range(21))
+  # 5 records over 4 processes x 2: one global batch, the last two processes' parts empty, with
+  # the fields' shapes (evaluation pads them; every process runs the same steps)
+  write_task_shards(tmp_path / "five", "stage2", 5)
+  small = open_source(tmp_path / "five", "stage2")
+  for shard, want in enumerate([[0, 1], [2, 3], [4], []]):
+    loader = loader_lib.make_loader(small, "stage2", batch_size=2, train=False, seed=0,
+                                    shard_options=grain.sharding.ShardOptions(shard, 4))
+    (batch,) = list(loader)
+    assert batch["record_id"].tolist() == want
+    assert batch["images"].shape == (len(want), 8, 16, 16, 3)
 
 
 def _pil_rotate_flip(images: np.ndarray, angle: float, flip: bool) -> np.ndarray:
@@ -451,15 +451,15 @@ def test_each_epoch_drops_its_own_partial_batch(tmp_path):
 def test_too_few_training_records_for_a_batch_fail_clearly(tmp_path):
   write_task_shards(tmp_path, "stage1", 5)
   src = open_source(tmp_path, "stage1")
-  with pytest.raises(ValueError, match="5 training records .* no full batch of 8"):
+  with pytest.raises(ValueError, match="5 training records make no full batch of 8"):
     loader_lib.make_loader(src, "stage1", batch_size=8, train=True, seed=0,
                        shard_options=grain.sharding.NoSharding())
-  # evaluation keeps the short batch; a process whose share is empty reads nothing
+  # evaluation keeps the short batch
   assert _ids(loader_lib.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
                                  shard_options=grain.sharding.NoSharding())) == [list(range(5))]
-  empty = grain.sharding.ShardOptions(7, 8, drop_remainder=False)  # 5 records over 8 processes
-  assert _ids(loader_lib.make_loader(src, "stage1", batch_size=8, train=False, seed=0,
-                                 shard_options=empty)) == []
+  with pytest.raises(ValueError, match="5 training records .* no full batch of 8 .2 processes x 4"):
+    loader_lib.make_loader(src, "stage1", batch_size=4, train=True, seed=0,
+                           shard_options=grain.sharding.ShardOptions(1, 2))
 
 
 def test_stack_records_batches_arrays_and_drops_strings():

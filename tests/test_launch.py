@@ -1,8 +1,11 @@
 """launch.py and the configs: variants, command-line overrides, the paper defaults."""
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -103,8 +106,17 @@ def test_all_folds_on_a_generated_set(tmp_path, monkeypatch):
   again = runner.run(c, tmp_path / "run", log=lines.append)
   assert again == json.loads(json.dumps(out))
   assert "(0 to run)" in lines[0]
+  assert any("nothing to run: every step finished earlier with these settings" in l for l in lines)
+  assert any("data, records_stage2, train: finished earlier" in l for l in lines)
   steps = json.loads((tmp_path / "run" / "pipeline.json").read_text())["steps"]
   assert [s["state"] for s in steps] == ["done"] * 3
+  # Without pipeline.json the training step runs, finds every fold's last checkpoint and says so.
+  (tmp_path / "run" / "pipeline.json").unlink()
+  lines = []
+  runner.run(c, tmp_path / "run", log=lines.append)
+  for fold in (0, 1):
+    assert any(l.startswith(f"fold {fold} (") and "restored step 2 of 2 from its checkpoint; "
+               "training had finished, nothing left to train" in l for l in lines), lines
 
 
 @pytest.mark.slow
@@ -127,3 +139,77 @@ def test_launch_end_to_end(tmp_path):
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["finished"] and summary["best_score"] > 0
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ---- launch_local: several JAX processes on this machine --------------------------------------
+_CHILD = """
+import os, signal, sys, time
+i = int(os.environ["JAX_PROCESS_ID"])
+print("process", i, "of", os.environ["JAX_NUM_PROCESSES"], os.environ["XLA_FLAGS"],
+      os.environ["JAX_COORDINATOR_ADDRESS"], flush=True)
+signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(7)))
+sys.stdout.write("\\rbar 1\\rbar 2\\rbar 3\\n")
+sys.stdout.flush()
+if i == int(os.environ.get("FAIL", "-1")):
+  sys.exit(3)
+if os.environ.get("READY"):
+  open(os.environ["READY"] + str(i), "w").close()
+time.sleep(float(os.environ.get("SLEEP", "0")))
+"""
+
+
+def _child(tmp_path):
+  path = tmp_path / "child.py"
+  path.write_text(_CHILD)
+  return [sys.executable, str(path)]
+
+
+def test_processes_get_the_jax_environment_and_prefixed_output(tmp_path):
+  import io
+  from cspine_jax.train import processes
+  out = io.StringIO()
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
+  outcome = processes.run(_child(tmp_path), 3, devices=2, out=out, base_env=env)
+  assert outcome.codes == [0, 0, 0] and outcome.status == 0 and outcome.first_failure is None
+  text = out.getvalue()
+  for i in range(3):
+    line = next(l for l in text.splitlines() if l.startswith(f"[p{i}] process {i} of 3 "))
+    assert "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2 127.0.0.1:" in line
+  # A bar's redraws: the first, then one per PROGRESS_EVERY_S; its last line in full.
+  assert "[p0] bar 1" in text and "[p0] bar 2" not in text and "[p0] bar 3" in text
+  assert processes.command_of(["launch.py", "--x"]) == [sys.executable, "launch.py", "--x"]
+  assert processes.command_of(["--config=c.py"]) == [sys.executable, "launch.py", "--config=c.py"]
+  assert processes.command_of(["-m", "m"]) == [sys.executable, "-m", "m"]
+  assert processes.command_of(["echo", "x"]) == ["echo", "x"]
+  with pytest.raises(ValueError, match="after --"):
+    processes.command_of([])
+
+
+def test_one_failed_process_stops_the_others_after_the_grace_period(tmp_path):
+  import io
+  from cspine_jax.train import processes
+  out = io.StringIO()
+  env = dict(os.environ, FAIL="1", SLEEP="60")
+  outcome = processes.run(_child(tmp_path), 3, out=out, base_env=env, grace_s=1)
+  assert outcome.first_failure == 1 and outcome.codes == [7, 3, 7]
+  assert outcome.status == 7
+  text = out.getvalue()
+  assert "process 1 exited 3; the others get 1 s to stop" in text
+  assert "terminating them" in text and "[p0] got SIGTERM" in text
+
+
+def test_launch_local_passes_sigterm_on_and_exits_with_the_worst_status(tmp_path):
+  ready = tmp_path / "ready"
+  env = dict(os.environ, SLEEP="60", READY=str(ready))
+  proc = subprocess.Popen([sys.executable, "-m", "cspine_jax.launch_local", "--processes=2", "--",
+                           str(_child(tmp_path)[1])], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 120
+  while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  text, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 7, text
+  assert "SIGTERM: passing SIGTERM on to every process" in text
+  assert "[p0] got SIGTERM" in text and "[p1] got SIGTERM" in text

@@ -192,8 +192,11 @@ def test_kill_and_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
   # Interrupted run: stops (as if killed) after step 4, then a new call resumes from step 4.
   part = loop.train_fold(tiny_config(max_steps=6, stop_at_step=4), tmp_path / "part", records, 0)
   assert part["step"] == 4 and not part["finished"]
-  resumed = loop.train_fold(tiny_config(max_steps=6), tmp_path / "part", records, 0)
-  assert resumed["finished"]
+  lines = []
+  resumed = loop.train_fold(tiny_config(max_steps=6), tmp_path / "part", records, 0,
+                            log=lines.append)
+  assert resumed["finished"] and resumed["resumed_from"] == 4 and full["resumed_from"] is None
+  assert lines == [f"fold 0 ({tmp_path / 'part'}): resumed from the checkpoint of step 4 of 6"]
   a, b = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "part")
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   for s in a:
@@ -233,6 +236,28 @@ def test_distributed_environment_detection():
   assert runtime.distributed_args({"SLURM_JOB_ID": "7"}) == {}  # JAX detects SLURM by itself
   with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
     runtime.distributed_args({"JAX_PROCESS_ID": "two"})
+  assert runtime.heartbeat_timeout({}) == runtime.DEFAULT_HEARTBEAT_S
+  assert runtime.heartbeat_timeout({runtime.HEARTBEAT_ENV: "15"}) == 15
+  with pytest.raises(ValueError, match=runtime.HEARTBEAT_ENV):
+    runtime.heartbeat_timeout({runtime.HEARTBEAT_ENV: "0"})
+  # One process: no error is another process's fault.
+  assert not runtime.is_peer_failure(RuntimeError("Gloo all-reduce failed: Connection closed"))
+  assert runtime.lost_processes(RuntimeError("UNAVAILABLE: Task 1 heartbeat timeout. This")) == [1]
+  assert runtime.lost_processes(RuntimeError(
+      "The following tasks are unhealthy (stopped sending heartbeats):\n1\n3\nThe tasks")) == [1, 3]
+  assert runtime.lost_processes(RuntimeError("Connection closed by peer [127.0.0.1]:2")) == []
+  assert runtime.lost_processes(RuntimeError(
+      "DEADLINE_EXCEEDED: Barrier timed out. Id: x::0.\n# of tasks that reached the barrier: 2/4.\n"
+      "The first task at the barrier: 0. Some timed out task names:\n1\n3\n\n\nRPC: /x")) == [1, 3]
+
+
+def test_a_rerun_says_where_it_starts():
+  assert loop.resume_note("fold 0", None, 6, 6) is None
+  assert loop.resume_note("fold 0", 4, 6, 6) == "fold 0: resumed from the checkpoint of step 4 of 6"
+  assert loop.resume_note("fold 0", 6, 6, 6) == (
+      "fold 0: restored step 6 of 6 from its checkpoint; training had finished, nothing left to "
+      "train")
+  assert "nothing to train before train.stop_at_step=4" in loop.resume_note("fold 0", 4, 6, 4)
 
 
 class TinyImage(nnx.Module):

@@ -5,8 +5,10 @@ One pipeline for every task, in grain's dataset API: ``MapDataset.source`` over
 task's shards, decoded with ``records.schema.decode`` and stacked) -> ``to_iter_dataset`` (a read
 thread a couple of batches ahead) -> ``mp_prefetch`` (worker processes taking whole batches in
 turn). The images stay uint8 (the steps normalise and augment on the device, ``inputs.augment``).
-The records are shuffled by seed per epoch and split by JAX process; the iterator state goes into
-the training checkpoint, so a resumed run gets exactly the next batch.
+The records are shuffled by seed per epoch into global batches; each JAX process reads its slice
+of every global batch, so the batches (and the losses) do not depend on how many processes share
+them. The iterator state goes into the training checkpoint, so a resumed run gets exactly the next
+batch, with the same or another number of processes.
 """
 from __future__ import annotations
 
@@ -189,30 +191,37 @@ def stack_records(elements: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray
 
 
 class EpochBatches:
-  """A grain data source whose item k is the k-th batch this process reads, read whole in one call.
+  """A grain data source whose item k is this process's part of the k-th global batch.
 
-  Epoch ``k // batches_per_epoch`` visits the process's records (``source``, already its share) in
-  one numpy permutation of ``(seed, epoch)`` (in order without ``shuffle``); its batch ``b`` holds
-  positions ``b * batch_size ...`` of that order, decoded and stacked by :func:`stack_records`.
-  ``drop_remainder``: full batches only (each epoch drops its own last partial batch); otherwise
-  the epoch's last batch may be short. ``num_epochs=None`` repeats forever.
+  Epoch ``k // batches_per_epoch`` visits ``source`` in one numpy permutation of ``(seed, epoch)``
+  (in order without ``shuffle``); its global batch ``b`` holds positions ``b * G ... (b + 1) * G``
+  of that order, ``G = batch_size * shard_count``, and process ``shard_index`` reads its rows
+  ``shard_index * batch_size ...`` of it, decoded and stacked by :func:`stack_records`. Every
+  record of an epoch is read by one process, and the global batches are the ones a single process
+  with batch ``G`` reads. ``drop_remainder``: full global batches only (each epoch drops its own
+  last partial batch); otherwise the last global batch may be short, and a process's part of it
+  short or empty. ``num_epochs=None`` repeats forever.
 
   Why batches, not records: grain's per-item hand-over (read threads, futures, buffers) costs more
   than reading and decoding a small record, so an item per batch pays it once per batch.
   """
 
   def __init__(self, source: RecordSource, batch_size: int, *, shuffle: bool, seed: int,
-               drop_remainder: bool, num_epochs: int | None):
+               drop_remainder: bool, num_epochs: int | None, shard_index: int = 0,
+               shard_count: int = 1):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
     self._source = source
     self._batch_size = int(batch_size)
+    self._global_batch = int(batch_size) * int(shard_count)
+    self._shard_index = int(shard_index)
     self._shuffle = shuffle
     self._seed = int(seed)
     self._drop_remainder = drop_remainder
     self._num_epochs = num_epochs
-    n = len(source)
-    self.batches_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
+    self.batches_per_epoch = batches_per_epoch(len(source), self._global_batch, drop_remainder)
     self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) in use
 
   def __len__(self) -> int:
@@ -223,8 +232,9 @@ class EpochBatches:
     return self.batches_per_epoch * self._num_epochs
 
   def __repr__(self) -> str:
-    # Saved iterator states carry this and are checked against it: it names the batches.
-    return (f"EpochBatches({self._source!r}, batch_size={self._batch_size}, "
+    # Saved iterator states carry this and are checked against it: it names the global batches,
+    # which are the same whichever process, and however many, read them.
+    return (f"EpochBatches({self._source!r}, batch_size={self._global_batch}, "
             f"shuffle={self._shuffle}, seed={self._seed}, drop_remainder={self._drop_remainder}, "
             f"num_epochs={self._num_epochs})")
 
@@ -234,11 +244,12 @@ class EpochBatches:
     return state
 
   def positions(self, index: int) -> np.ndarray:
-    """The source positions that batch ``index`` holds."""
+    """The source positions that this process's part of batch ``index`` holds."""
     if index < 0 or index >= len(self):
       raise IndexError(f"batch {index} out of range [0, {len(self)})")
     epoch, b = divmod(int(index), self.batches_per_epoch)
-    pos = np.arange(b * self._batch_size, min((b + 1) * self._batch_size, len(self._source)))
+    start = b * self._global_batch + self._shard_index * self._batch_size
+    pos = np.arange(min(start, len(self._source)), min(start + self._batch_size, len(self._source)))
     if not self._shuffle:
       return pos
     if self._order is None or self._order[0] != epoch:
@@ -247,7 +258,16 @@ class EpochBatches:
     return self._order[1][pos]
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return stack_records([self._source[int(p)] for p in self.positions(index)])
+    pos = self.positions(index)
+    if len(pos) == 0:  # this process's part of a short last batch: no rows, the fields' shapes
+      return {k: v[:0] for k, v in stack_records([self._source[0]]).items()}
+    return stack_records([self._source[int(p)] for p in pos])
+
+
+def batches_per_epoch(num_records: int, global_batch: int, drop_remainder: bool) -> int:
+  """Global batches of ``global_batch`` in one pass over ``num_records`` (full ones only with
+  ``drop_remainder``)."""
+  return num_records // global_batch if drop_remainder else -(-num_records // global_batch)
 
 
 # An item is a batch of local reads: one thread two batches ahead keeps ahead of the step, where
@@ -313,40 +333,31 @@ class BatchIterator(grain.DatasetIterator):
 def make_loader(source: RecordSource, task: str, *, batch_size: int, train: bool, seed: int,
                 workers: int = 0, num_epochs: int | None = None,
                 shard_options: grain.sharding.ShardOptions | None = None) -> BatchLoader:
-  """A grain pipeline of uint8 batches: this process's share of ``source``, shuffled per epoch
-  (training) or in order, read a batch at a time (:class:`EpochBatches`); iterate it for batches.
+  """A grain pipeline of uint8 batches: this process's part (``batch_size`` rows) of each global
+  batch of ``source`` (:class:`EpochBatches`), shuffled per epoch (training) or in order, read a
+  batch at a time; iterate it for batches.
 
   Augmentation and normalisation happen in the steps (:func:`device_inputs`).
 
-  Training: shuffled by ``seed``, repeated (``num_epochs=None`` = forever), full batches only.
-  Evaluation: in order, one pass, the last batch may be short (the caller pads it).
-  ``shard_options`` defaults to this JAX process's share (``ShardByJaxProcess``): contiguous
-  record ranges (:func:`process_share`).
+  Training: shuffled by ``seed``, repeated (``num_epochs=None`` = forever), full global batches
+  only. Evaluation: in order, one pass; the last global batch may be short, so a process's last
+  batch may be short or empty (the caller pads it); every process reads the same number of
+  batches. ``shard_options`` (its index and count; the remainder rule is ``train``'s) defaults to
+  this JAX process among all (``ShardByJaxProcess``).
   """
   if len(source) == 0:
     raise ValueError(f"no records to load for task {task!r} from {source.paths[:1]}...")
   if task not in IMAGE_FIELD:
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(IMAGE_FIELD)}")
   if shard_options is None:
-    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=train)
-  share = process_share(source.indices, shard_options)
-  batches = EpochBatches(source.subset(share), batch_size, shuffle=train, seed=seed,
-                         drop_remainder=train, num_epochs=num_epochs if train else 1)
+    shard_options = grain.sharding.ShardByJaxProcess()
+  batches = EpochBatches(source, batch_size, shuffle=train, seed=seed, drop_remainder=train,
+                         num_epochs=num_epochs if train else 1,
+                         shard_index=shard_options.shard_index,
+                         shard_count=shard_options.shard_count)
   if train and batches.batches_per_epoch == 0:
-    raise ValueError(f"{len(share)} training records of this process make no full batch of "
-                     f"{batch_size} (task {task!r}, {source.paths[:1]}...)")
+    count = shard_options.shard_count
+    split = f"{count} processes x {batch_size}; " if count > 1 else ""
+    raise ValueError(f"{len(source)} training records make no full batch of {batch_size * count} "
+                     f"({split}task {task!r}, {source.paths[:1]}...)")
   return BatchLoader(batches, workers)
-
-
-def process_share(ids: np.ndarray, shard_options: grain.sharding.ShardOptions) -> np.ndarray:
-  """This process's contiguous part of ``ids``: with ``drop_remainder`` equal parts (the last
-  ``len % shard_count`` ids dropped), else the first ``len % shard_count`` parts one longer."""
-  count = shard_options.shard_count
-  if shard_options.drop_remainder:
-    ids = ids[:len(ids) - len(ids) % count]
-  return np.array_split(ids, count)[shard_options.shard_index]
-
-
-def local_num_records(num_records: int, shard_options: grain.sharding.ShardOptions) -> int:
-  """How many of ``num_records`` this process's share holds (:func:`process_share`)."""
-  return len(process_share(np.arange(num_records), shard_options))

@@ -5,14 +5,21 @@ import pathlib
 from typing import Any
 from typing import Callable
 
+import collections
+
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from cspine_jax import synthetic
 from cspine_jax.pp import options as options_lib
 from cspine_jax.records import pipeline as records_pipeline
 from cspine_jax.records import shards
+from cspine_jax.train import runtime
+
+# How long the other processes wait for process 0 to make something (record sets of the real data
+# take hours); a dead process 0 ends them sooner, after the heartbeat timeout.
+FIRST_PROCESS_WAIT_S = 7 * 24 * 3600
+_uses: collections.Counter = collections.Counter()  # calls so far per name, in this process
 
 
 def options_of(prepare: ml_collections.ConfigDict) -> options_lib.Options:
@@ -59,9 +66,25 @@ def has_records(records_dir: pathlib.Path, task: str) -> bool:
 
 
 def on_first_process(fn: Callable[[], Any], name: str) -> Any:
-  """``fn()`` on JAX process 0 only; every process waits for it at a barrier (what it writes,
-  the others read)."""
-  out = fn() if jax.process_index() == 0 else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"cspine_jax {name}")
-  return out
+  """``fn()`` on JAX process 0 only; the others wait until it has finished (what it writes, they
+  read) and stop with an error naming ``name`` when it failed. Returns ``fn()``'s result on
+  process 0, None on the others."""
+  if jax.process_count() == 1:
+    return fn()
+  # Keyed by name: a process that found the step done (it read pipeline.json after process 0
+  # finished it) skips it without waiting, and the next name still matches.
+  key = f"cspine_jax/first_process/{name}/{_uses[name]}"
+  _uses[name] += 1
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except BaseException as e:
+      runtime.share(key, f"failed: {type(e).__name__}: {e}")
+      raise
+    runtime.share(key, "ok")
+    return out
+  status = runtime.wait_for_shared(key, FIRST_PROCESS_WAIT_S)
+  if status != "ok":
+    raise RuntimeError(f"JAX process 0 could not make {name} ({status}); process "
+                       f"{jax.process_index()} stops too")
+  return None

@@ -3,19 +3,22 @@
 data (``config.data_dir``; none: a small synthetic set generated once beside the workdir and
 shared by later runs) -> the task's records (``config.records_dir``, default WORKDIR/records;
 prepared when missing) -> training (every fold with ``config.fold=-1``) -> WORKDIR/result.json.
-Process 0 makes what is missing while the others wait for it.
+Process 0 makes what is missing while the others wait for it, and alone writes the result and
+says what the training did (where it resumed, or that it had nothing left to train).
 """
 from __future__ import annotations
 
 import pathlib
 from typing import Callable
 
+import jax
 import ml_collections
 
 from cspine_jax.io import files
 from cspine_jax.pipeline import data
 from cspine_jax.pipeline import steps as steps_lib
 from cspine_jax.pipeline import training
+from cspine_jax.train import loop
 
 RESULT = "result.json"
 
@@ -67,9 +70,12 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           }))
 
   def train():
-    result = training.train(config, workdir, records_dir)
-    files.write_json(workdir / RESULT, result, default=str)
-    log(f"result: {workdir / RESULT}")
+    # The loop's notes (resumed at step N, nothing left to train) through this pipeline's log.
+    result = loop.train_and_evaluate(config, workdir, records_dir, log=log)
+    if jax.process_index() == 0:
+      training.learning_curves(workdir, config.model.get("name", task))
+      files.write_json(workdir / RESULT, result, default=str)
+      log(f"result: {workdir / RESULT}")
     return result
 
   out.append(

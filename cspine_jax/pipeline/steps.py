@@ -6,7 +6,9 @@ steps that are not done, and after every step rewrites WORKDIR/pipeline.json (at
 step its state, seconds, inputs, outputs, identity fingerprint and JSON result. A step counts as
 done when pipeline.json says it finished with the same fingerprint and its outputs exist; then
 its recorded result stands in. A step killed midway is run again and continues from what its own
-machinery kept (record shards, checkpoints, per-study outputs).
+machinery kept (record shards, checkpoints, per-study outputs). With several JAX processes every
+process runs the steps (a step that only process 0 should do says so itself) and JAX process 0
+alone writes pipeline.json.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Any
 from typing import Callable
 from typing import Iterable
 from typing import Sequence
+
+import jax
 
 from cspine_jax.io import files
 
@@ -103,6 +107,8 @@ def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str
   ]
 
   def save():
+    if jax.process_index() != 0:  # one writer; the others' view of the steps is the same
+      return
     files.write_json(workdir / STATE_FILE, {"workdir": str(workdir), "steps": list(rows.values())},
                      default=str)
 
@@ -113,6 +119,13 @@ def run(steps: Sequence[Step], workdir: str | os.PathLike, *, log: Callable[[str
     arrow = f"{', '.join(_short(p, workdir) for p in s.inputs) or '-'} -> " \
             f"{', '.join(_short(p, workdir) for p in s.outputs) or '-'}"
     log(f"  {mark:4s} {s.name:18s} {arrow}")
+  done = [s.name for s in steps if s not in todo and rows[s.name]["state"] == "done"]
+  if done:
+    log(f"  ({', '.join(done)}: finished earlier with the same settings; not run again, their "
+        "recorded results stand)")
+  if not todo:
+    log(f"[{prefix}] nothing to run: every step finished earlier with these settings "
+        f"({workdir / STATE_FILE})")
   save()
   start = time.perf_counter()
   for s in todo:

@@ -3,7 +3,11 @@
 One ``ocp.CheckpointManager`` per run directory saves, per step, three items together:
 ``state`` (the split (model, optimizer) NNX state as orbax's nested pytree: ``nnx.to_pure_dict``,
 RNG keys stored by orbax as their key data), ``data`` (the grain iterator state, one JSON file per
-process) and ``meta`` (JSON: step, epoch, task, model config, best score so far). It keeps the
+process) and ``meta`` (JSON: step, epoch, task, model config, best score so far). With several
+JAX processes every process calls save and restore: each writes its part of the state and its
+iterator file, process 0 the meta; a checkpoint written by one number of processes restores in
+another (the state is resharded; the input position is that of the global batches, the same in
+every process, see ``inputs.loader``). It keeps the
 last ``keep`` checkpoints plus the ``keep_best`` best by validation score, and saves
 asynchronously (every read waits for a pending save first). Before restoring, the saved array
 names and shapes are compared with the target, so a checkpoint of another model fails with a
@@ -112,6 +116,36 @@ def _frozen(iterator: Any) -> _FrozenIterator:
   return _FrozenIterator(state)
 
 
+class IteratorHandler(grain.checkpoint.CheckpointHandler):
+  """grain's handler (``process_<i>-of-<n>.json`` per process) that also restores a checkpoint of
+  another process count: the saved position counts global batches, so process 0's file stands
+  for every process (the iterator itself refuses a position of other batches)."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    index, count = jax.process_index(), jax.process_count()
+    if (pathlib.Path(directory) / f"process_{index}-of-{count}.json").exists():
+      return super().restore(directory, item=item)
+    saved = sorted(pathlib.Path(directory).glob("process_0-of-*.json"))
+    if not saved:
+      raise FileNotFoundError(f"{directory}: no saved input position (process_0-of-N.json)")
+    item.set_state(json.loads(saved[0].read_text()))
+    item.start_prefetch()  # as grain's own restore does
+    return item
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class Checkpointer:
   """Saves/restores training checkpoints under ``directory`` (see the module docstring)."""
 
@@ -135,7 +169,7 @@ class Checkpointer:
         self.directory, options=options,
         # The pytree handler (not the standard one) can also read a part: restore_model.
         item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                       DATA: grain.checkpoint.CheckpointHandler(),
+                       DATA: IteratorHandler(),
                        META: ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, iterator: Any, meta: Mapping[str, Any],
@@ -143,7 +177,7 @@ class Checkpointer:
     """Starts saving (asynchronously) ``state``, the iterator position and ``meta`` at ``step``."""
     args = ocp.args.Composite(**{
         STATE: ocp.args.PyTreeSave(nnx.to_pure_dict(state)),
-        DATA: grain.checkpoint.CheckpointSave(_frozen(iterator)),
+        DATA: IteratorSave(_frozen(iterator)),
         META: ocp.args.JsonSave(dict(meta, step=int(step))),
     })
     metrics = None if score is None else {"score": float(score)}
@@ -213,7 +247,7 @@ class Checkpointer:
     abstract = _abstract(target_state)
     items = {STATE: _restore_args(nnx.to_pure_dict(abstract)), META: ocp.args.JsonRestore()}
     if iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointRestore(iterator)
+      items[DATA] = IteratorRestore(iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     nnx.replace_by_pure_dict(abstract, restored[STATE])
     return abstract, dict(restored[META])

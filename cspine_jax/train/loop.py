@@ -5,7 +5,13 @@ of folds != k train, fold k is validated at the end of every epoch with the comp
 (stage 1: its BCE / box loss / presence accuracy), checkpoints keep the last K and the best
 validation score, and the best epoch's out-of-fold predictions are written as a wide CSV
 (StudyInstanceUID, patient_overall, C1..C7, fold). A NaN/Inf loss stops the run with its step
-number; the last good checkpoint stays. Each JAX process reads its own share of the records.
+number; the last good checkpoint stays.
+
+With several JAX processes every process runs this same code: each reads its rows of every global
+batch (``inputs.loader``), all save and restore the checkpoints together, validation gathers every
+process's predictions (the eval step's outputs are replicated), and process 0 alone writes the
+logs, out-of-fold CSVs and summaries and says where a run resumed. A step that loses another
+process raises :class:`ProcessLostError`.
 """
 from __future__ import annotations
 
@@ -17,7 +23,6 @@ import pathlib
 import time
 from typing import Any, Callable
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -32,12 +37,13 @@ from cspine_jax.io import files
 from cspine_jax.inputs import loader as loader_lib
 from cspine_jax.train import checkpoints as ckpt_lib
 from cspine_jax.train import logging as log_lib
+from cspine_jax.train import runtime
 from cspine_jax.train import sharding as sharding_lib
 from cspine_jax.train import steps as steps_lib
 from cspine_jax.train import tasks as tasks_lib
 from cspine_jax.train import warm_start
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,6 +55,10 @@ class NonFiniteLossError(FloatingPointError):
         f"training loss is {loss} at step {step} ({workdir}); stopped. The last good checkpoint is "
         f"{'step ' + str(last_good) if last_good is not None else 'none'} (kept); lower "
         "optimizer.lr or check the records")
+
+
+class ProcessLostError(RuntimeError):
+  """A step, evaluation or checkpoint could not reach the other JAX processes."""
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -71,8 +81,7 @@ def make_data(config: ml_collections.ConfigDict, records_dir: pathlib.Path, fold
     raise ValueError(f"input.batch_size {config.input.batch_size} does not split over "
                      f"{jax.process_count()} processes")
   local_batch = sharding_lib.check_batch_size(config.input.batch_size // jax.process_count(), mesh)
-  shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  per_epoch = loader_lib.local_num_records(len(train), shard) // local_batch
+  per_epoch = loader_lib.batches_per_epoch(len(train), config.input.batch_size, drop_remainder=True)
   if per_epoch < 1:
     raise ValueError(f"{records_dir / config.task}: {len(train)} training records (fold {fold}) "
                      f"make no full batch of {config.input.batch_size}")
@@ -166,23 +175,16 @@ def evaluate(trainer: steps_lib.Trainer, data: FoldData, config: ml_collections.
              fold: int) -> tuple[dict[str, float], pd.DataFrame | None]:
   """Held-out scores and (for the fracture models) the per-study wide predictions of fold k."""
   batch = data.local_batch
-  shard = grain.sharding.ShardByJaxProcess(drop_remainder=False)
   loader = loader_lib.make_loader(data.val, config.task, batch_size=batch, train=False,
                                  seed=config.seed, workers=config.input.workers)
-  # Every host runs the same number of steps (the largest share), padding with empty batches.
-  counts = [loader_lib.local_num_records(len(data.val), grain.sharding.ShardOptions(
-      i, shard.shard_count, False)) for i in range(shard.shard_count)]
-  num_batches = math.ceil(max(counts) / batch)
+  # Each process reads its rows of every global batch (the same number of batches everywhere,
+  # its last ones maybe short or empty), padded to the local batch; the step's outputs are
+  # replicated, so every process gets every process's predictions, once each.
   it = iter(loader)
-  template = None
   collected: dict[str, list[np.ndarray]] = {}
   sums: dict[str, float] = {}
   total = 0.0
-  for _ in range(num_batches):
-    local = next(it, None)
-    if local is None:
-      local = {k: v[:0] for k, v in template.items()}
-    template = template or local
+  for local in it:
     local = _pad(local, batch)
     out, m = trainer.eval_step(trainer.state, sharding_lib.shard_batch(local, trainer.mesh))
     out = jax.device_get(out)
@@ -253,10 +255,51 @@ def selection_score(scores: dict[str, float], select_by: str) -> float:
   return float(scores[select_by])
 
 
+def _process_lost(error: BaseException, workdir: pathlib.Path, step: int,
+                  last_good: int | None) -> ProcessLostError:
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  heartbeat = runtime.heartbeat_timeout()
+  wait = max(1.0, heartbeat / 2)
+  # Named by the error itself, or by who does not come to a barrier of the survivors (sooner
+  # than the heartbeat timeout, after which the distributed service ends this process).
+  named = runtime.lost_processes(error)
+  lost = named or runtime.missing_processes(wait)
+  s = "es" if len(lost) > 1 else ""
+  if named:
+    who = f"JAX process{s} {', '.join(map(str, lost))} sent no heartbeat for {heartbeat} s"
+  elif lost:
+    who = (f"JAX process{s} {', '.join(map(str, lost))} did not come to a barrier of the others "
+           f"within {wait:g} s (gone, or held in the step by one that is gone)")
+  else:
+    who = "another process has most likely stopped"
+  return ProcessLostError(
+      f"JAX process {jax.process_index()} of {jax.process_count()} ({workdir}): step {step + 1} "
+      f"could not reach the other processes ({first}): {who}; the JAX distributed service ends "
+      f"every process once one has sent no heartbeat for {heartbeat} s ({runtime.HEARTBEAT_ENV})."
+      f" The last checkpoint is {'step ' + str(last_good) if last_good is not None else 'none'}: "
+      "run the same command on every process again to resume from it")
+
+
+def resume_note(name: str, restored: int | None, total_steps: int, stop_at: int) -> str | None:
+  """What a run that found a checkpoint says (None when it starts from scratch)."""
+  if restored is None:
+    return None
+  if restored >= total_steps:
+    return (f"{name}: restored step {restored} of {total_steps} from its checkpoint; training had "
+            "finished, nothing left to train")
+  if restored >= stop_at:
+    return (f"{name}: restored step {restored} of {total_steps} from its checkpoint; nothing to "
+            f"train before train.stop_at_step={stop_at}")
+  return f"{name}: resumed from the checkpoint of step {restored} of {total_steps}"
+
+
 def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records_dir: pathlib.Path,
-               fold: int, member: int = 0) -> dict[str, Any]:
+               fold: int, member: int = 0,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) one fold in ``workdir``; returns its summary (also in summary.json).
-  ``member`` m > 0 is another model of the same fold, from its own seed (``train.members``)."""
+  ``member`` m > 0 is another model of the same fold, from its own seed (``train.members``).
+  ``log`` (process 0; default: this module's logger at INFO) hears where a resumed run starts."""
+  log = log or logger.info
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding_lib.make_mesh()
   data = make_data(config, records_dir, fold, mesh)
@@ -285,9 +328,12 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
     meta.update(best_score=saved.get("best_score"), best_step=saved.get("best_step"),
                 last_score=saved.get("last_score"))
     writer.truncate_after(step)
-    log.info("resumed %s at step %d", workdir, step)
   last_good = latest
   stop_at = tc.stop_at_step if tc.stop_at_step > 0 else total_steps
+  name = f"fold {fold}{f' member {member}' if member else ''} ({workdir})"
+  note = resume_note(name, None if latest is None else step, total_steps, stop_at)
+  if note and jax.process_index() == 0:
+    log(note)
   bar = _progress(total_steps, step, tc.progress)
   pending = None  # (step, metrics) of the previous step, checked after the next is dispatched
   window: dict[str, list[float]] = {}
@@ -356,6 +402,10 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
         last_good = step
     if pending is not None:
       record(pending, force=True)
+  except Exception as e:  # pylint: disable=broad-except  # re-raised, named when a peer has gone
+    if runtime.is_peer_failure(e):
+      raise _process_lost(e, workdir, step, last_good) from e
+    raise
   finally:
     it.close()
     if bar is not None:
@@ -365,7 +415,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: pathlib.Path, records
   summary = {"fold": fold, "member": member, "step": step, "total_steps": total_steps,
              "steps_per_epoch": data.steps_per_epoch, "select": select, "select_by": select_by,
              "best_score": meta["best_score"], "best_step": meta["best_step"],
-             "last_score": meta["last_score"], "finished": step >= total_steps}
+             "last_score": meta["last_score"], "finished": step >= total_steps,
+             "resumed_from": latest}
   if jax.process_index() == 0:
     files.write_json(workdir / "summary.json", summary)
   return summary
@@ -393,9 +444,10 @@ def average_members(frames: list[pd.DataFrame], config: ml_collections.ConfigDic
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                       records_dir: str | os.PathLike) -> dict[str, Any]:
+                       records_dir: str | os.PathLike,
+                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Trains the configured task on the record sets under ``records_dir``; ``config.fold = -1``
-  runs every fold and merges their OOF CSVs."""
+  runs every fold and merges their OOF CSVs. ``log``: see :func:`train_fold`."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   records_dir = pathlib.Path(records_dir)
@@ -403,10 +455,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if members < 1:
     raise ValueError(f"train.members must be >= 1; got {members}")
   if config.fold >= 0 and members == 1:
-    return train_fold(config, workdir, records_dir, config.fold)
+    return train_fold(config, workdir, records_dir, config.fold, log=log)
   num_folds = loader_lib.record_index(records_dir, config.task).num_folds
   folds = [config.fold] if config.fold >= 0 else list(range(num_folds))
-  results = [train_fold(config, member_dir(workdir, k, m), records_dir, k, member=m)
+  results = [train_fold(config, member_dir(workdir, k, m), records_dir, k, member=m, log=log)
              for k in folds for m in range(members)]
   out: dict[str, Any] = {"folds": results}
   if jax.process_index() == 0:

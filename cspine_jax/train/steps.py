@@ -115,7 +115,9 @@ class Trainer:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     self.graphdef, state = nnx.split((model, optimizer))
     self.state_shardings = sharding_lib.state_shardings(state, mesh, param_rule)
-    self.state = jax.device_put(state, self.state_shardings)
+    # Every process built the same state; check it, then each lays out its own devices' part.
+    sharding_lib.check_same_on_every_process(state, "the initial model/optimizer states")
+    self.state = sharding_lib.put(state, self.state_shardings)
     rep = sharding_lib.replicated(mesh)
     opts = compiler_options(mesh.devices.flat[0].platform)
     # Two programs: the inputs are made (augmented, normalised) by their own small jit, so XLA
