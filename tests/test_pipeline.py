@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from cspine_jax.pipeline import runner
 from cspine_jax.pipeline import steps as steps_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,3 +110,10 @@ def test_a_failing_step_is_recorded_and_stops_the_run(tmp_path):
     steps_lib.run([steps_lib.Step("a", "a", boom), steps_lib.Step("b", "b", lambda: 1)], tmp_path,
                   log=lambda _: None)
   assert _state(tmp_path) == {"a": "failed", "b": "todo"}
+
+
+def test_the_whole_method_refuses_several_processes():
+  """Each process would run the data, pseudo-label and evaluation steps over the same workdir."""
+  runner.check_one_process(1)
+  with pytest.raises(ValueError, match="runs in one JAX process, not 2"):
+    runner.check_one_process(2)

@@ -11,12 +11,24 @@ import pathlib
 from typing import Any
 from typing import Callable
 
+import jax
 import ml_collections
 
 from cspine_jax.pipeline import method
 from cspine_jax.pipeline import model
 from cspine_jax.pipeline import steps as steps_lib
 from cspine_jax.train import runtime
+
+
+def check_one_process(count: int) -> None:
+  """The method's data, pseudo-label and evaluation steps run in one process; several processes
+  would each run them over the same workdir."""
+  if count > 1:
+    raise ValueError(
+        f"a method config (the whole pipeline) runs in one JAX process, not {count}: run its "
+        "steps that train on several processes with their model configs (launch.py "
+        "--config=configs/stage2.py --config.records_dir=... on every process), and the others "
+        "(records, pseudo-labels, evaluation, predict) in one process")
 
 
 def is_method(config: ml_collections.ConfigDict) -> bool:
@@ -37,6 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   workdir = pathlib.Path(workdir).absolute()
   if is_method(config):
     runtime.start(cache_dir=workdir / "jax_cache")
+    check_one_process(jax.process_count())
     outcome = steps_lib.run(method.build(config, workdir, log), workdir, log=log,
                             only=steps_of(config))
     return method.summarize(outcome, config, workdir, log)
