@@ -1,4 +1,5 @@
 """launch.py and the configs: variants, command-line overrides, the paper defaults."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -17,6 +18,7 @@ from flax import nnx
 from configs import cnn3d, multi_head, single_head, stage1, stage2
 from cspine_jax import metrics
 from cspine_jax.pipeline import runner
+from cspine_jax.pp import options as options_lib
 from cspine_jax.train import loop
 import launch
 from test_train import TinySeq
@@ -38,7 +40,11 @@ def test_overrides_reach_every_field():
   c = _parse(f"--config={REPO}/configs/stage2.py:cpu", "--config.optimizer.lr=3e-4",
              "--config.data_dir=/data/rsna", "--config.fold=-1", "--config.train.epochs=3",
              "--config.model.dtype=bfloat16", "--config.input.augment.enabled=False",
-             "--config.prepare.image_size=(96, 96)")
+             "--config.prepare.image_size=(96, 96)", "--config.prepare.stage2_locate=vertebrae",
+             "--config.prepare.crop_margin=0.2", "--config.vertebrae_file=/runs/vertebrae.csv")
+  # Every pp.options.Options field is a prepare field (stage2_locate once ended in AttributeError).
+  assert (c.prepare.stage2_locate, c.prepare.crop_margin) == ("vertebrae", 0.2)
+  assert c.vertebrae_file == "/runs/vertebrae.csv"
   assert c.optimizer.lr == 3e-4 and c.data_dir == "/data/rsna" and c.fold == -1
   assert c.train.epochs == 3 and c.model.dtype == "bfloat16" and not c.input.augment.enabled
   assert tuple(c.prepare.image_size) == (96, 96)
@@ -61,6 +67,10 @@ def test_paper_defaults_and_cpu_variants():
     with pytest.raises(ValueError, match="unknown variant"):
       module.get_config("huge")
   assert multi_head.get_config().model.encoder == "efficientnet_v2_s"
+  fields = {f.name for f in dataclasses.fields(options_lib.Options)} - {"by_task"}  # method configs
+  for module in (stage1, stage2, cnn3d, single_head, multi_head):
+    missing = fields - set(module.get_config().prepare)
+    assert not missing, f"{module.__name__}: no --config.prepare.{sorted(missing)}"
   assert single_head.get_config().eval.overall == "max"
 
 
