@@ -58,6 +58,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from safetensors import numpy as safetensors_np
 
+from cspine_jax.io import files
 from cspine_jax.models import convnext, efficientnet_v2
 
 FORMAT = "cspine_jax.weights/1"
@@ -432,7 +433,7 @@ def save_converted(encoder: nnx.Module, out_dir: str | pathlib.Path, *, model: s
           "num_features": encoder.num_features, "source": str(source),
           "shapes": {k: list(v.shape) for k, v in arrays.items()},
           "dtypes": {k: str(v.dtype) for k, v in arrays.items()}}
-  (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+  files.write_json(out_dir / META_FILE, meta)  # last: its presence marks a complete folder
   return out_dir
 
 
