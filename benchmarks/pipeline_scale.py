@@ -68,6 +68,7 @@ def config(num_studies: int, workers: int, difficulty: str | None, image_size: i
     c.models[name].train.max_steps = 20
     c.models[name].train.members = 1
     c.models[name].train.eval_every = 1
+  c.models.cnn3d.input.batch_size = 2  # one volume a study: a fold of a few studies is a few records
   return c
 
 
