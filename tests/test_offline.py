@@ -90,6 +90,7 @@ def _unreadable_study(source: pathlib.Path, dest: pathlib.Path, uid: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # shares test_demo's tiny run (conftest)
 def test_predict_from_a_copied_run_folder_alone(tiny_run, tmp_path):
   """The tiny pipeline's run folder, cut down to the checkpoints, inference.json and prior.json
   and copied elsewhere, predicts the test studies (copied elsewhere too) with the original run
