@@ -19,6 +19,7 @@ from flax import nnx
 
 from cspine_jax.train import loop, processes
 from test_train import TinySeq, _read_log, _records, _train_losses, tiny_config
+import procs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 10
@@ -123,14 +124,6 @@ time.sleep(120)
 """
 
 
-def _alive(pid: int) -> bool:
-  try:
-    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-  except FileNotFoundError:
-    return False
-  return state != "Z"
-
-
 def test_a_killed_launcher_takes_its_processes_with_it(tmp_path):
   # Left running, they would race the processes of the same command started again.
   sleeper = tmp_path / "sleeper.py"
@@ -145,13 +138,10 @@ def test_a_killed_launcher_takes_its_processes_with_it(tmp_path):
     assert launcher.poll() is None and time.monotonic() < deadline
     time.sleep(0.1)
   children = [int(p.read_text()) for p in pids.iterdir()]
-  assert all(_alive(pid) for pid in children)
+  assert all(map(procs.alive, children))
   launcher.send_signal(signal.SIGKILL)
   launcher.wait()
-  deadline = time.monotonic() + 10
-  while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-    time.sleep(0.1)
-  assert not [pid for pid in children if _alive(pid)]
+  assert not procs.still_alive(children)
 
 
 # Process 0 makes a file slowly, then fails to make another: process 1 must find the first made

@@ -52,15 +52,9 @@ def studies(tmp_path, real_data_dir):
   return root
 
 
-def test_submission_format_fallback_and_error_report(tmp_path, studies, monkeypatch):
-  # The double marks each slice image with its index so ranges are predictable.
-  real_images = study_lib.slice_images
-  def marked(loaded, options):
-    images = real_images(loaded, options).copy()
-    images[:, 0, 0, 1] = np.arange(len(images))
-    return images
-  monkeypatch.setattr(study_lib, "slice_images", marked)
-  prior = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
+def test_submission_format_fallback_and_error_report(tmp_path, studies, marked):
+  # `marked`: each slice image carries its index, so ranges are predictable.
+  prior = PRIOR
   folders = predict.find_studies(studies)
   assert [f.name[-5:] for f in folders] == ["10001", "10002", "10003"]
   writers = [predict.json_writer(tmp_path / "json"), study_png.png_writer(tmp_path / "png")]
@@ -111,7 +105,7 @@ def test_a_series_where_stage1_finds_no_vertebra_gets_the_prior(tmp_path, studie
                            stage2=stage2_must_not_run,
                            options=OPTIONS,
                            rules=derive_lib.Rules(decode="ordered", require_all=True))
-  prior = np.array([0.2, 0.05, 0.1, 0.03, 0.04, 0.05, 0.06, 0.07])
+  prior = PRIOR
   folders = predict.find_studies(studies)
   result = predict.run(folders,
                        models,
@@ -248,7 +242,7 @@ def test_each_stage_preprocesses_as_its_models_records_were_made(tmp_path):
 
 @pytest.fixture
 def marked(monkeypatch):
-  """Each stage-1 image carries its slice index (what `_stage1` reads), as in the first test."""
+  """Each stage-1 image carries its slice index (what `_stage1` reads)."""
   real_images = study_lib.slice_images
 
   def mark(loaded, options):

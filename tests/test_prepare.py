@@ -23,6 +23,7 @@ from cspine_jax.pp import options as options_lib
 from cspine_jax.pp import study as study_lib
 from cspine_jax.io import vertebrae as vertebrae_lib
 from cspine_jax.synthetic import generate
+import procs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OPTS = options_lib.Options(image_size=(32, 32), num_folds=3, stage2_slices=6, cube_size=16)
@@ -343,39 +344,6 @@ runpy.run_module("data_prep.prepare", run_name="__main__")
 """
 
 
-def _children(pid):
-  """The live processes whose parent is ``pid``."""
-  out = []
-  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-    try:
-      fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-      continue
-    if int(fields[1]) == pid and fields[0] != "Z":
-      out.append(int(stat.parent.name))
-  return out
-
-
-def _alive(pid):
-  try:
-    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-  except OSError:
-    return False
-  return state != "Z"
-
-
-def _running_with(text):
-  """Live processes whose command line holds ``text``."""
-  out = []
-  for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
-    try:
-      if text in cmdline.read_bytes().decode(errors="replace") and _alive(int(cmdline.parent.name)):
-        out.append(int(cmdline.parent.name))
-    except (OSError, ValueError):
-      continue
-  return out
-
-
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_killed_cli_run_resumes(data, built, tmp_path, start_method):
@@ -396,15 +364,12 @@ def test_killed_cli_run_resumes(data, built, tmp_path, start_method):
     if task_dir.exists() and any(task_dir.glob("*.array_record")):
       break
     time.sleep(0.02)
-  workers = _children(proc.pid)
+  workers = procs.children(proc.pid)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert len(workers) >= 2, workers  # the pool's workers (and maybe a resource tracker)
-  deadline = time.time() + 10
-  while time.time() < deadline and any(map(_alive, workers)):
-    time.sleep(0.1)
-  assert not [w for w in workers if _alive(w)], "workers outlived the killed command"
-  assert not _running_with(str(tmp_path)), "a process of the killed run is still running"
+  assert not procs.still_alive(workers), "workers outlived the killed command"
+  assert not procs.running_with(str(tmp_path)), "a process of the killed run is still running"
   # Killed mid-run: some studies written, others not (and no manifest).
   written = len(list(task_dir.glob("*.array_record")))
   assert 0 < written < total, (written, total)

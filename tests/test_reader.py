@@ -4,13 +4,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from cspine_jax.infer import reader
 from cspine_jax.io import dicom
+import procs
 
 
 def _shm_blocks() -> set[str]:
@@ -111,17 +111,13 @@ for item in reader.read_studies(list(itertools.islice(itertools.cycle(folders), 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_decoder_processes_end_with_a_killed_parent(tmp_path, real_data_dir):
-  from test_prepare import _alive, _children
   folders = [f for f in _folders(tmp_path, real_data_dir) if f.name != "study1"]
   proc = subprocess.Popen([sys.executable, "-c", _READ_FOREVER, *map(str, folders)],
                           cwd=pathlib.Path(__file__).resolve().parents[1],
                           stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "read"
-  workers = _children(proc.pid)
+  workers = procs.children(proc.pid)
   assert len(workers) >= 2, workers
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  deadline = time.time() + 10
-  while time.time() < deadline and any(map(_alive, workers)):
-    time.sleep(0.1)
-  assert not [w for w in workers if _alive(w)], "decoder processes outlived their parent"
+  assert not procs.still_alive(workers), "decoder processes outlived their parent"

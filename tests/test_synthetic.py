@@ -7,7 +7,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import nibabel as nib
@@ -19,6 +18,7 @@ from cspine_jax.io.dicom import read_series
 from cspine_jax.io.nifti import load_mask
 from cspine_jax.synthetic import anatomy as anatomy_lib
 from cspine_jax.synthetic import fractures, geometry, render, shapes, studies, writers
+import procs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEED = 14
@@ -325,21 +325,16 @@ studies.generate(sys.argv[1], 400, 3, size="tiny", num_test=0, progress=True, wo
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_worker_processes_end_with_a_killed_generator(tmp_path):
-  from test_prepare import _alive  # lazy: another test module's /proc helpers
-  from test_prepare import _children  # lazy: another test module's /proc helpers
   proc = subprocess.Popen([sys.executable, "-u", "-c", _GENERATE_MANY, str(tmp_path / "out")],
                           cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline().startswith("[1/400]")
-    workers = _children(proc.pid)
+    workers = procs.children(proc.pid)
     assert len(workers) >= 2, workers
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  deadline = time.time() + 10
-  while time.time() < deadline and any(map(_alive, workers)):
-    time.sleep(0.1)
-  assert not [w for w in workers if _alive(w)], "generator processes outlived their parent"
+  assert not procs.still_alive(workers), "generator processes outlived their parent"
 
 
 # --- Difficulty levels ------------------------------------------------------------------------
