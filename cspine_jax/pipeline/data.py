@@ -1,11 +1,10 @@
 """The pipeline's data steps: the RSNA-format folder (generated when none is given) and record sets."""
 from __future__ import annotations
 
+import collections
 import pathlib
 from typing import Any
 from typing import Callable
-
-import collections
 
 import jax
 import ml_collections

@@ -88,10 +88,6 @@ def make_data(config: ml_collections.ConfigDict, records_dir: pathlib.Path, fold
   return FoldData(index, train, val, local_batch, per_epoch)
 
 
-def _augment(config) -> augment_lib.AugmentOptions | None:
-  return augment_lib.from_config(config.input.augment)
-
-
 # ---- model --------------------------------------------------------------------------------------
 # Above this many values (parameters and buffers) a CPU model is built eagerly: the one program's
 # unoptimised code then runs longer than the per-shape eager programs take to compile.
@@ -150,7 +146,8 @@ def make_trainer(config: ml_collections.ConfigDict, total_steps: int, mesh, seed
   if model is None:
     model = build_model(config, seed, fold, devices=list(mesh.devices.flat))
   trainer = steps_lib.Trainer(model, tx, task, mesh, config.train.param_sharding,
-                              augment=_augment(config), augment_seed=seed)
+                              augment=augment_lib.from_config(config.input.augment),
+                              augment_seed=seed)
   trainer.schedule = schedule
   return trainer
 
